@@ -1,0 +1,101 @@
+"""Audio of a video as frame-synchronous log-mel columns.
+
+The log-mel spectrogram (paper 000: 2048-point FFT, hop 1024, 128 mel bins) is computed once per
+video, then resampled along time to one column per video frame, frame i sitting at (i - 1) / fps.
+A frame's window of +-h frames is then a plain slice, whatever the video's frame rate and the
+audio's sample rate, and the narrower windows are centre crops of the widest one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torchaudio
+
+SILENCE = float(np.log(1e-6))  # log-mel value of digital silence and of padding
+WIDEST = 32  # half width, in frames, of the widest dynamic window (paper 000)
+
+
+@dataclass(frozen=True)
+class MelParams:
+    sample_rate: int = 32000  # not stated in paper 000; at hop 1024 it gives ~31 columns/s, ~1 per frame
+    n_fft: int = 2048
+    hop: int = 1024
+    n_mels: int = 128
+
+
+@dataclass
+class Media:
+    fps: Fraction | None  # None when the file could not be read
+    frames: int  # frames in the video stream (0 if unknown)
+    audio: np.ndarray | None  # mono float32 at the requested rate; None: no audio stream or unreadable
+    error: str | None = None  # why the file could not be read
+
+
+def read_media(path: Path | None, sample_rate: int) -> Media:
+    """Frame rate from the container, audio decoded with PyAV, mixed to mono and resampled."""
+    if path is None:
+        return Media(None, 0, None, "no video file")
+    try:
+        with av.open(str(path)) as container:
+            video = container.streams.video[0] if container.streams.video else None
+            fps = Fraction(video.average_rate or video.guessed_rate) if video else None
+            frames = int(video.frames) if video else 0
+            if not container.streams.audio:
+                return Media(fps, frames, None)
+            stream = container.streams.audio[0]
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+            chunks, start = [], None
+            for frame in container.decode(stream):
+                if start is None and frame.pts is not None:
+                    start = max(0.0, float(frame.pts * stream.time_base))
+                chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+            chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+    except (av.error.FFmpegError, IndexError, ValueError) as exc:
+        return Media(None, 0, None, f"{type(exc).__name__}: {exc}")
+    lead = np.zeros(int(round((start or 0.0) * sample_rate)), np.float32)
+    return Media(fps, frames, np.concatenate([lead, *chunks]).astype(np.float32))
+
+
+def log_mel(audio: np.ndarray, p: MelParams) -> np.ndarray:
+    """[n_mels, columns] natural-log mel power; column k is centred at k * hop / sample_rate."""
+    transform = torchaudio.transforms.MelSpectrogram(
+        sample_rate=p.sample_rate, n_fft=p.n_fft, hop_length=p.hop, n_mels=p.n_mels, power=2.0
+    )
+    with torch.no_grad():
+        mel = transform(torch.from_numpy(audio))
+    return torch.log(mel + 1e-6).numpy()
+
+
+def frame_columns(mel: np.ndarray | None, n_frames: int, fps: Fraction, p: MelParams, n_mels: int) -> np.ndarray:
+    """[n_mels, n_frames + 2 * WIDEST] float32: column WIDEST + i - 1 belongs to frame i.
+
+    Columns before frame 1, after the last frame, and past the end of the audio are silence, so
+    edge windows keep their width; `padding` tells how many of a window's columns that is.
+    """
+    out = np.full((n_mels, n_frames + 2 * WIDEST), SILENCE, np.float32)
+    if mel is None or mel.shape[1] == 0:
+        return out
+    pos = np.arange(n_frames) / float(fps) * p.sample_rate / p.hop  # fractional column of each frame
+    inside = pos <= mel.shape[1] - 1
+    lo = np.floor(pos[inside]).astype(int)
+    hi = np.minimum(lo + 1, mel.shape[1] - 1)
+    w = (pos[inside] - lo).astype(np.float32)
+    out[:, WIDEST : WIDEST + int(inside.sum())] = mel[:, lo] * (1 - w) + mel[:, hi] * w
+    return out
+
+
+def window(columns: np.ndarray, frame: int) -> np.ndarray:
+    """The widest window of frame `frame` (1-based): frames frame-32 .. frame+31, as in paper 000."""
+    return columns[:, frame - 1 : frame - 1 + 2 * WIDEST]
+
+
+def padding(frame: int, n_frames: int, audio_frames: int) -> tuple[int, int]:
+    """How many columns of the frame's widest window lie before frame 1 / after the audio or video."""
+    last = min(n_frames, audio_frames)
+    return max(0, WIDEST + 1 - frame), max(0, frame + WIDEST - 1 - last)

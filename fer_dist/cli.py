@@ -1,0 +1,183 @@
+"""`fer-dist`: a thin command line over the library functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fer_dist.affwild2 import CLASSES, LayoutError
+
+console = Console(stderr=True)
+out = Console()
+
+
+def bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
+    )
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from fer_dist.synth import synthesize
+
+    with bar() as progress:
+        task = progress.add_task("synthesizing videos", total=args.videos, info="")
+        total = synthesize(Path(args.out), args.videos, args.seed, args.workers, lambda: progress.advance(task))
+    console.print(f"{args.videos} videos, {total} labelled frames in {args.out}")
+    return 0
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    from fer_dist.affwild2 import discover
+    from fer_dist.audio import MelParams
+    from fer_dist.shard import PackParams, pack
+
+    if args.src != "affwild2":
+        raise LayoutError(f"--src {args.src}: only affwild2 is known")
+    videos = discover(
+        Path(args.root),
+        annotations=Path(args.annotations) if args.annotations else None,
+        crop_dirs=[Path(p) for p in args.crops] or None,
+        video_dirs=[Path(p) for p in args.video_dirs] or None,
+        test_list=Path(args.test_list) if args.test_list else None,
+    )
+    params = PackParams(
+        folds=args.folds, n_folds=args.n_folds, seed=args.seed, samples_per_shard=args.samples_per_shard,
+        clip_len=args.clip_len, missing=args.missing, mel=MelParams(sample_rate=args.sample_rate),
+    )
+    with bar() as progress:
+        task = progress.add_task("packing videos", total=len(videos), info="")
+        frames = 0
+
+        def advance(_: str, n: int) -> None:
+            nonlocal frames
+            frames += n
+            progress.update(task, advance=1, info=f"{frames} frames")
+
+        manifest = pack(videos, Path(args.out), params, args.workers, advance)
+    report(manifest)
+    return 0
+
+
+def report(manifest: dict) -> None:
+    t = manifest["totals"]
+    table = Table(title="packed frames per class")
+    for col in ("class", "labelled", "packed"):
+        table.add_column(col, justify="right")
+    for c, name in enumerate(CLASSES):
+        table.add_row(name, str(t["labelled_class_counts"][c]), str(t["class_counts"][c]))
+    table.add_row("total", str(t["labelled"]), str(t["samples"]))
+    out.print(table)
+    out.print(
+        f"{t['videos']} videos; {t['with_crop']} labelled frames with a crop, {t['filled']} filled from the "
+        f"nearest crop; {t['corrupt_crops']} corrupt crops; videos without audio: "
+        f"{', '.join(t['videos_without_audio']) or 'none'}; dropped: {t['dropped'] or 'none'}"
+    )
+    groups = ", ".join(f"{g} {v['samples']} ({len(v['shards'])} shards)" for g, v in manifest["groups"].items())
+    out.print(f"groups: {groups}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from fer_dist.inspection import compare, survey
+    from fer_dist.shard import read_manifest
+
+    found = survey(Path(args.shards))
+    try:
+        diffs = compare(found, read_manifest(Path(args.shards)))
+    except FileNotFoundError as exc:
+        diffs = [str(exc)]
+    agree = not diffs and not found["problems"]
+    if args.json:
+        out.print_json(json.dumps({**found, "manifest_differences": diffs, "agrees": agree}))
+        return 0 if agree else 1
+    table = Table(title=f"{args.shards}: samples read from the tars")
+    for col in ("group", "samples", *CLASSES):
+        table.add_column(col, justify="right")
+    for g, v in found["groups"].items():
+        table.add_row(g, str(v["samples"]), *map(str, v["class_counts"]))
+    out.print(table)
+    out.print(f"{found['samples']} samples in {len(found['shards'])} shards, {len(found['videos'])} videos, "
+              f"{found['filled']} filled crops")
+    for line in found["problems"] + diffs:
+        out.print(f"[red]{line}")
+    out.print("[green]tars agree with manifest.json" if agree else "[red]tars and manifest.json disagree")
+    return 0 if agree else 1
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fer_dist import train
+
+    return train.main(args.rest)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fer_dist.demo import main_job
+
+    return main_job(Path(args.workdir), args.videos, args.seed, args.epochs)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fer-dist", description="audio-visual expression recognition on Aff-Wild2")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="a synthetic dataset in the Aff-Wild2 layout")
+    s.add_argument("--out", required=True)
+    s.add_argument("--videos", type=int, default=24)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=2)
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("shard", help="pack a dataset into WebDataset shards")
+    s.add_argument("--src", default="affwild2")
+    s.add_argument("--root", required=True, help="folder holding the annotations, crops and videos")
+    s.add_argument("--out", required=True)
+    s.add_argument("--annotations", help="the EXPR_* folder, if discovery should not look for it")
+    s.add_argument("--crops", nargs="*", default=[], help="crop folders (default: cropped_aligned*)")
+    s.add_argument("--video-dirs", nargs="*", default=[], help="video folders (default: batch1, batch2, new_vids)")
+    s.add_argument("--test-list", help="file listing the test videos, one name per line")
+    s.add_argument("--folds", default="video5", help="video5 | train4+val | official")
+    s.add_argument("--n-folds", type=int, default=5)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--samples-per-shard", type=int, default=2000)
+    s.add_argument("--clip-len", type=int, default=32)
+    s.add_argument("--missing", default="fill", help="labelled frames without a crop: fill | skip")
+    s.add_argument("--sample-rate", type=int, default=32000)
+    s.add_argument("--workers", type=int, default=2)
+    s.set_defaults(func=cmd_shard)
+
+    s = sub.add_parser("inspect", help="what the shards hold, read from the tars")
+    s.add_argument("shards")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("train", help="train in this process (accelerate launch fer_dist/train.py for several)")
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("demo", help="the main job on synthetic data: synth, shard, train, evaluate")
+    s.add_argument("--workdir", default="demo")
+    s.add_argument("--videos", type=int, default=24)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--epochs", type=int, default=None)
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (LayoutError, ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Typed experiment configuration: YAML (safe_load) plus `key=value` overrides, validated once.
+
+    data.batch_size=64 model.fusion_layers=2 train.epochs=3
+
+Sections and keys are dataclass fields; an unknown key or a value of the wrong type stops the run
+at start-up with a message naming it. The `model` section is the exception: besides `name` its
+keys are the named model's constructor arguments, checked when the model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards/affwild2"
+    holdout_fold: int = 0  # the fold group evaluated; training reads every other fold group
+    batch_size: int = 32  # per process
+    eval_batch_size: int = 64
+    workers: int = 4  # DataLoader processes per rank (decode only)
+    shuffle_buffer: int = 2000  # samples, held undecoded
+    epoch_samples: int = 0  # samples per epoch over all ranks; 0: the training groups' size
+    balance: str = "sqrt"  # target class distribution: natural | sqrt | uniform
+    max_repeat: float = 8.0  # at most this many expected copies of one read sample
+    image_size: int = 224  # crops are resized to this on the device
+    audio_size: list[int] = field(default_factory=lambda: [224, 224])  # log-mel window resized to this
+    train_windows: list[str] = field(default_factory=lambda: ["s", "m", "l"])
+    eval_window: str = "l"
+    no_window: str = "drop"  # a training frame with no pure window: drop | widest
+    hflip: bool = True
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | adam | sgd
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    warmup_fraction: float = 0.05  # of all steps, linear warm-up before the cosine decay
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 1.0  # 0 disables
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    seed: int = 0
+    run_dir: str = "runs/run"
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    log_every: int = 20  # steps between metric lines
+
+
+@dataclass
+class Config:
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "mfm"})
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _coerce(value: Any, kind: Any, where: str) -> Any:
+    origin = typing.get_origin(kind)
+    if kind is Any:
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(kind)[:1]
+        return [_coerce(v, inner, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(kind):
+            return None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and not isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _section(cls: type, values: dict, name: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**{k: _coerce(v, hints[k], f"{name}.{k}") for k, v in values.items()})
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"override {dotted}: {p} is not a section")
+    tree[leaf] = value
+
+
+def from_dict(raw: dict) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError("a config is a mapping of sections (model, data, optim, train)")
+    unknown = sorted(set(raw) - {"model", "data", "optim", "train"})
+    if unknown:
+        raise ConfigError(f"unknown section(s) {', '.join(unknown)}; known: model, data, optim, train")
+    model = dict(raw.get("model") or {"name": "mfm"})
+    if not isinstance(model.get("name"), str):
+        raise ConfigError("model.name must name a model (see fer_dist.models.list_models())")
+    cfg = Config(
+        model=model,
+        data=_section(DataConfig, raw.get("data") or {}, "data"),
+        optim=_section(OptimConfig, raw.get("optim") or {}, "optim"),
+        train=_section(TrainConfig, raw.get("train") or {}, "train"),
+    )
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    d = cfg.data
+    checks = [
+        (d.balance in ("natural", "sqrt", "uniform"), f"data.balance must be natural, sqrt or uniform, not {d.balance!r}"),
+        (set(d.train_windows) <= {"s", "m", "l"} and d.train_windows, "data.train_windows: a non-empty subset of s, m, l"),
+        (d.eval_window in ("s", "m", "l"), "data.eval_window must be s, m or l"),
+        (d.no_window in ("drop", "widest"), "data.no_window must be drop or widest"),
+        (len(d.audio_size) == 2, "data.audio_size is [mel bins, columns]"),
+        (d.batch_size > 0 and d.eval_batch_size > 0, "batch sizes must be positive"),
+        (d.max_repeat >= 1, "data.max_repeat must be at least 1"),
+        (cfg.optim.name in ("adamw", "adam", "sgd"), f"optim.name must be adamw, adam or sgd, not {cfg.optim.name!r}"),
+        (cfg.train.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision must be no, fp16 or bf16"),
+        (cfg.train.epochs > 0, "train.epochs must be positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Reads a YAML config and applies `section.key=value` overrides (values parsed as YAML)."""
+    raw = yaml.safe_load(Path(path).read_text()) if path else {}
+    raw = raw or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, text = item.split("=", 1)
+        _set(raw, key.strip(), yaml.safe_load(text))
+    return from_dict(raw)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,92 @@
+"""What is in a shard folder, read from the tars themselves, checked against manifest.json.
+
+Only the small `cls` and `json` members are read; crops and spectrograms are skipped over.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from fer_dist.affwild2 import NUM_CLASSES
+from fer_dist.windows import NAMES
+
+MEMBERS = {"cls", "jpg", "json", "mel.npy"}
+
+
+def survey(folder: Path) -> dict:
+    """Counts per video, class, group and shard, straight from the tars."""
+    videos: dict[str, dict] = defaultdict(lambda: {"samples": 0, "filled": 0, "class_counts": [0] * NUM_CLASSES,
+                                                   "window_counts": [0] * len(NAMES), "group": None})
+    groups: dict[str, Counter] = defaultdict(Counter)
+    shards, problems, seen = {}, [], set()
+    for path in sorted(Path(folder).glob("*.tar")):
+        group = path.name.rsplit("-", 1)[0]
+        members: dict[str, set] = defaultdict(set)
+        count = 0
+        try:
+            with tarfile.open(path) as tar:
+                for m in tar:
+                    key, ext = m.name.split(".", 1)
+                    members[key].add(ext)
+                    if ext != "json":
+                        continue
+                    meta = json.loads(tar.extractfile(m).read())
+                    if key in seen:
+                        problems.append(f"{path.name}: {key} is also in another shard")
+                    seen.add(key)
+                    v = videos[meta["video"]]
+                    v["samples"] += 1
+                    v["filled"] += meta["filled_from"] is not None
+                    v["group"] = meta["fold"]
+                    groups[group]["samples"] += 1
+                    if meta["label"] >= 0:
+                        v["class_counts"][meta["label"]] += 1
+                        groups[group][meta["label"]] += 1
+                    for k, name in enumerate(NAMES):
+                        v["window_counts"][k] += meta["windows"][name]
+                    count += 1
+        except (tarfile.TarError, OSError, ValueError, KeyError) as exc:
+            problems.append(f"{path.name}: unreadable ({type(exc).__name__}: {exc})")
+        incomplete = [k for k, exts in members.items() if exts != MEMBERS]
+        if incomplete:
+            problems.append(f"{path.name}: {len(incomplete)} samples without all of {sorted(MEMBERS)}, e.g. {incomplete[0]}")
+        shards[path.name] = count
+    return {
+        "shards": shards,
+        "videos": dict(sorted(videos.items())),
+        "groups": {
+            g: {"samples": c["samples"], "class_counts": [c[k] for k in range(NUM_CLASSES)]}
+            for g, c in sorted(groups.items())
+        },
+        "samples": sum(shards.values()),
+        "filled": sum(v["filled"] for v in videos.values()),
+        "problems": problems,
+    }
+
+
+def compare(found: dict, manifest: dict) -> list[str]:
+    """Every way the tars disagree with the manifest; empty when they agree."""
+    diffs = []
+    listed = {s["name"]: s["samples"] for g in manifest["groups"].values() for s in g["shards"]}
+    for name in sorted(set(listed) | set(found["shards"])):
+        if listed.get(name) != found["shards"].get(name):
+            diffs.append(f"shard {name}: manifest {listed.get(name)}, tars {found['shards'].get(name)}")
+    for name, record in manifest["videos"].items():
+        got = found["videos"].get(name, {"samples": 0, "filled": 0, "class_counts": [0] * NUM_CLASSES,
+                                         "window_counts": [0] * len(NAMES), "group": None})
+        for key in ("samples", "filled", "class_counts", "window_counts"):
+            if got[key] != record[key]:
+                diffs.append(f"video {name}: {key} manifest {record[key]}, tars {got[key]}")
+        if record["samples"] and got["group"] != record["fold"]:
+            diffs.append(f"video {name}: group manifest {record['fold']}, tars {got['group']}")
+    for name in sorted(set(found["videos"]) - set(manifest["videos"])):
+        diffs.append(f"video {name}: in the tars, not in the manifest")
+    total = np.sum([v["class_counts"] for v in found["videos"].values()], axis=0).tolist() if found["videos"] else []
+    if total and total != manifest["totals"]["class_counts"]:
+        diffs.append(f"class counts: manifest {manifest['totals']['class_counts']}, tars {total}")
+    return diffs

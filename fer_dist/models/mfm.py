@@ -1,0 +1,84 @@
+"""The Modal Fusion Module network of paper 000 (Multi Modal Facial Expression Recognition with
+Transformer-Based Fusion Networks and Dynamic Sampling).
+
+An image branch and an audio branch (Swin Transformers) give token sequences f_I and f_A. The
+MFM fuses them by co-attention in both directions,
+
+    Y_IA = Attention(Q=f_A, K=f_I, V=f_I)     (Eq. 1: audio asks the image)
+    Y_AI = Attention(Q=f_I, K=f_A, V=f_A)     (Eq. 2: the image asks the audio)
+    Y    = Concat(Y_IA, Y_AI)                 (Eq. 3, along the token axis)
+
+then two ViT encoder layers give Y_T. Linear heads on the pooled branch features give Y_I and Y_A;
+the prediction is the ensemble (mean probability) of Y_I, Y_A and Y_T, and all three are trained.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fer_dist.models.backbones import create_backbone, tokens
+
+
+class ModalFusionNet(nn.Module):
+    heads = ("image", "audio", "fusion")  # trained heads
+    output = "ensemble"  # the model's prediction
+
+    def __init__(
+        self,
+        image_backbone: str = "swin_tiny_patch4_window7_224",
+        audio_backbone: str = "swin_tiny_patch4_window7_224",
+        image_size: int = 224,
+        audio_size: tuple[int, int] = (224, 224),
+        image_backbone_args: dict | None = None,
+        audio_backbone_args: dict | None = None,
+        pretrained: bool = False,
+        fusion_dim: int | None = None,
+        fusion_heads: int = 8,
+        fusion_layers: int = 2,
+        dropout: float = 0.1,
+        num_classes: int = 8,
+    ) -> None:
+        super().__init__()
+        self.image_branch = create_backbone(
+            image_backbone, in_chans=3, img_size=image_size, pretrained=pretrained, **(image_backbone_args or {})
+        )
+        self.audio_branch = create_backbone(
+            audio_backbone, in_chans=1, img_size=tuple(audio_size), pretrained=pretrained, **(audio_backbone_args or {})
+        )
+        di, da = self.image_branch.num_features, self.audio_branch.num_features
+        dim = fusion_dim or di
+        self.image_proj = nn.Identity() if di == dim else nn.Linear(di, dim)
+        self.audio_proj = nn.Identity() if da == dim else nn.Linear(da, dim)
+        self.audio_asks_image = nn.MultiheadAttention(dim, fusion_heads, dropout=dropout, batch_first=True)
+        self.image_asks_audio = nn.MultiheadAttention(dim, fusion_heads, dropout=dropout, batch_first=True)
+        self.source = nn.Parameter(torch.zeros(2, dim))  # tells the encoder which half a token came from
+        layer = nn.TransformerEncoderLayer(
+            dim, fusion_heads, 4 * dim, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, fusion_layers, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
+        self.image_head = nn.Linear(di, num_classes)
+        self.audio_head = nn.Linear(da, num_classes)
+        self.fusion_head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.source, std=0.02)
+
+    def co_attention(self, f_i: torch.Tensor, f_a: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Eq. 1-2: returns Y_IA [B, Na, D], Y_AI [B, Ni, D] and their weights [B, Na, Ni], [B, Ni, Na]."""
+        y_ia, w_ia = self.audio_asks_image(f_a, f_i, f_i)
+        y_ai, w_ai = self.image_asks_audio(f_i, f_a, f_a)
+        return y_ia, y_ai, w_ia, w_ai
+
+    def forward(self, image: torch.Tensor, audio: torch.Tensor) -> dict[str, torch.Tensor]:
+        f_i = tokens(self.image_branch, image)
+        f_a = tokens(self.audio_branch, audio)
+        y_ia, y_ai, _, _ = self.co_attention(self.image_proj(f_i), self.audio_proj(f_a))
+        y = torch.cat([y_ia + self.source[0], y_ai + self.source[1]], dim=1)  # Eq. 3
+        y_t = self.encoder(y).mean(1)
+        logits = {
+            "image": self.image_head(f_i.mean(1)),
+            "audio": self.audio_head(f_a.mean(1)),
+            "fusion": self.fusion_head(y_t),
+        }
+        probs = torch.stack([logits[h].float().softmax(-1) for h in self.heads]).mean(0)
+        logits["ensemble"] = probs.clamp_min(1e-12).log()
+        return logits

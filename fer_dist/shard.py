@@ -1,0 +1,381 @@
+"""Packs Aff-Wild2-layout data into WebDataset shards and their manifest.
+
+Two passes, both resumable. Pass 1 turns each video into a spool tar of its samples in frame
+order (in parallel over videos; a video's audio is decoded and its log-mel computed once). Pass 2
+cuts the spools into clips of consecutive frames, shuffles the clips of each fold group with a
+fixed seed and streams them into `fold{k}-{i:06d}.tar` / `test-{i:06d}.tar`. Every file appears
+under its final name only when complete, so a killed run resumes where it stopped and produces
+the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from torchvision.io import decode_jpeg
+
+from fer_dist import audio
+from fer_dist.affwild2 import CLASSES, NUM_CLASSES, UNLABELLED, Video, list_crops, read_annotation
+from fer_dist.windows import NAMES, purity_flags
+
+FORMAT_VERSION = 1
+FOLD_SCHEMES = ("video5", "train4+val", "official")
+ASSUMED_FPS = Fraction(30)
+
+
+@dataclass(frozen=True)
+class PackParams:
+    folds: str = "video5"
+    n_folds: int = 5
+    seed: int = 0
+    samples_per_shard: int = 2000
+    clip_len: int = 32
+    missing: str = "fill"  # "fill": labelled frames without a crop take the nearest crop; "skip": dropped
+    mel: audio.MelParams = field(default_factory=audio.MelParams)
+
+    def __post_init__(self) -> None:
+        if self.folds not in FOLD_SCHEMES:
+            raise ValueError(f"--folds must be one of {', '.join(FOLD_SCHEMES)}, not {self.folds!r}")
+        if self.missing not in ("fill", "skip"):
+            raise ValueError(f"--missing must be fill or skip, not {self.missing!r}")
+
+
+def assign_folds(videos: list[Video], scheme: str, n_folds: int, seed: int) -> dict[str, str]:
+    """Video name -> group name (`fold{k}` or `test`). Faces of one parent video share a group.
+
+    video5: train and validation videos together, n_folds folds by parent video (paper 001);
+    train4+val: n_folds - 1 folds from train, the official validation set is the last (paper 004);
+    official: train is fold0, validation is fold1.
+    """
+    groups: dict[str, str] = {}
+    by_parent: dict[tuple[str, str], list[Video]] = {}
+    for v in videos:
+        if v.split == "test":
+            groups[v.name] = "test"
+            continue
+        pool = v.split if scheme != "video5" else "trainval"
+        by_parent.setdefault((pool, v.parent), []).append(v)
+    rng = np.random.default_rng(seed)
+    parents = sorted(by_parent)
+    order = [parents[i] for i in rng.permutation(len(parents))]
+    for i, (pool, parent) in enumerate(
+        sorted(order, key=lambda pp: pp[0] != "train" if scheme == "train4+val" else False)
+    ):
+        if scheme == "official":
+            fold = 0 if pool == "train" else 1
+        elif scheme == "train4+val":
+            fold = n_folds - 1 if pool == "val" else i % (n_folds - 1)
+        else:
+            fold = i % n_folds
+        for v in by_parent[(pool, parent)]:
+            groups[v.name] = f"fold{fold}"
+    return groups
+
+
+def valid_jpeg(data: bytes) -> bool:
+    if data[:2] != b"\xff\xd8" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        return False
+    try:
+        decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    except RuntimeError:
+        return False
+    return True
+
+
+def nearest(frames: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """For each target frame, the nearest of the sorted `frames` (the earlier one on a tie)."""
+    idx = np.clip(np.searchsorted(frames, targets), 1, len(frames) - 1) if len(frames) > 1 else np.zeros_like(targets)
+    left, right = frames[np.maximum(idx - 1, 0)], frames[idx]
+    return np.where(np.abs(targets - left) <= np.abs(right - targets), left, right)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, array, allow_pickle=False)
+    return out.getvalue()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def pack_video(job: tuple[Video, str, PackParams, Path]) -> dict:
+    """Pass 1 for one video: writes `work/<video>.tar` (samples in frame order) and returns its record."""
+    video, group, params, work = job
+    record_path = work / f"{video.name}.json"
+    if record_path.exists():
+        return json.loads(record_path.read_text())
+    crops = list_crops(video.crops)
+    media = audio.read_media(video.media, params.mel.sample_rate)
+    fps = media.fps or ASSUMED_FPS
+    if video.annotation is not None:
+        labels = read_annotation(video.annotation)
+    else:  # a test video: every frame of the video needs a prediction
+        labels = np.full(max(media.frames, max(crops, default=0)), UNLABELLED, np.int8)
+    n = len(labels)
+    frames = np.flatnonzero(labels != UNLABELLED) + 1 if video.split != "test" else np.arange(1, n + 1)
+
+    readable, corrupt = {}, 0
+    for f in sorted(crops):
+        data = crops[f].read_bytes()
+        if valid_jpeg(data):
+            readable[f] = data
+        else:
+            corrupt += 1
+    dropped: Counter = Counter()
+    have = np.array(sorted(readable), dtype=np.int64)
+    if len(have) == 0:
+        dropped["no readable crop in the video"] = len(frames)
+        keep = np.zeros(len(frames), bool)
+    elif params.missing == "skip":
+        keep = np.isin(frames, have)
+        dropped["no crop (--missing skip)"] = int((~keep).sum())
+    else:
+        keep = np.ones(len(frames), bool)
+    frames = frames[keep]
+    source = nearest(have, frames) if len(have) else frames
+
+    mel = audio.log_mel(media.audio, params.mel) if media.audio is not None else None
+    columns = audio.frame_columns(mel, n, fps, params.mel, params.mel.n_mels)
+    audio_frames = int(np.ceil(len(media.audio) / params.mel.sample_rate * float(fps))) if mel is not None else 0
+    inside = columns[:, audio.WIDEST : audio.WIDEST + min(n, audio_frames)].astype(np.float64)
+    flags = purity_flags(labels)
+
+    tmp = work / f"{video.name}.tar.tmp"
+    with open(tmp, "wb") as fh, wds.TarWriter(fh, encoder=False, mtime=0, user="", group="") as sink:
+        for f, src in zip(frames.tolist(), source.tolist(), strict=True):
+            label = int(labels[f - 1])
+            meta = {
+                "video": video.name,
+                "frame": f,
+                "label": label,
+                "split": video.split,
+                "fold": group,
+                "fps": float(fps),
+                "windows": {name: bool(flags[f - 1, k]) for k, name in enumerate(NAMES)},
+                "audio": mel is not None,
+                "pad": list(audio.padding(f, n, audio_frames)),
+                "filled_from": None if src == f else src,
+            }
+            sink.write(
+                {
+                    "__key__": f"{video.name}/{f:05d}",
+                    "jpg": readable[src],
+                    "mel.npy": npy_bytes(audio.window(columns, f).astype(np.float16)),
+                    "cls": str(label).encode(),
+                    "json": json.dumps(meta, sort_keys=True).encode(),
+                }
+            )
+    os.replace(tmp, work / f"{video.name}.tar")
+
+    packed = labels[frames - 1]
+    all_labelled = labels[labels != UNLABELLED]
+    record = {
+        "split": video.split,
+        "fold": group,
+        "parent": video.parent,
+        "fps": float(fps),
+        "fps_source": "container" if media.fps else "assumed",
+        "frames": n,
+        "audio": mel is not None,
+        "audio_error": media.error,
+        "labelled": int(len(all_labelled)),
+        "with_crop": int(np.isin(np.flatnonzero(labels != UNLABELLED) + 1, have).sum()),
+        "samples": int(len(frames)),
+        "filled": int((source != frames).sum()),
+        "corrupt_crops": corrupt,
+        "dropped": dict(dropped),
+        "class_counts": np.bincount(packed[packed >= 0], minlength=NUM_CLASSES).tolist(),
+        "labelled_class_counts": np.bincount(all_labelled, minlength=NUM_CLASSES).tolist(),
+        "window_counts": flags[frames - 1].sum(0).tolist(),
+        "window_patterns": window_patterns(packed, flags[frames - 1]),
+        "sample_frames": frames.tolist(),
+        "mel_sum": float(inside.sum()),
+        "mel_sumsq": float((inside**2).sum()),
+        "mel_count": int(inside.size),
+    }
+    atomic_write(record_path, json.dumps(record).encode())
+    return record
+
+
+def window_patterns(labels: np.ndarray, flags: np.ndarray) -> list[list[int]]:
+    """[class][pattern] sample counts, pattern = s + 2 m + 4 l: lets the stream know each class's
+    share after any choice of usable windows without reading a shard."""
+    pattern = flags @ (1 << np.arange(flags.shape[1]))
+    valid = labels >= 0
+    out = np.zeros((NUM_CLASSES, 1 << flags.shape[1]), np.int64)
+    np.add.at(out, (labels[valid], pattern[valid]), 1)
+    return out.tolist()
+
+
+def clips(frames: list[int], clip_len: int) -> list[tuple[int, int]]:
+    """[start, end) index ranges of runs of consecutive frames, cut to at most clip_len."""
+    out, start = [], 0
+    for i in range(1, len(frames) + 1):
+        if i == len(frames) or frames[i] != frames[i - 1] + 1 or i - start == clip_len:
+            out.append((start, i))
+            start = i
+    return out
+
+
+def group_plan(records: dict[str, dict], group: str, params: PackParams) -> list[tuple[str, int, int]]:
+    """The group's clips in their shuffled order: (video, start, end) over the video's samples."""
+    all_clips = [
+        (name, s, e) for name in sorted(records) if records[name]["fold"] == group
+        for s, e in clips(records[name]["sample_frames"], params.clip_len)
+    ]
+    tag = int(group[4:]) if group.startswith("fold") else 1000
+    order = np.random.default_rng([params.seed, tag]).permutation(len(all_clips))
+    return [all_clips[i] for i in order]
+
+
+def spool_index(path: Path) -> list[list[tuple[str, int, int]]]:
+    """Per sample (in spool order), its members as (extension, offset, size)."""
+    samples: list[list[tuple[str, int, int]]] = []
+    last = None
+    with tarfile.open(path) as tar:
+        for m in tar:
+            key, ext = m.name.split(".", 1)
+            if key != last:
+                samples.append([])
+                last = key
+            samples[-1].append((ext, m.offset_data, m.size))
+    return samples
+
+
+def write_group(job: tuple[str, dict[str, dict], PackParams, Path, Path]) -> list[dict]:
+    """Pass 2 for one fold group; returns its shards with their sample counts."""
+    group, records, params, work, out = job
+    plan = group_plan(records, group, params)
+    flat = [(name, i) for name, s, e in plan for i in range(s, e)]
+    shards = []
+    handles: dict[str, tuple] = {}
+    try:
+        for k, begin in enumerate(range(0, len(flat), params.samples_per_shard)):
+            chunk = flat[begin : begin + params.samples_per_shard]
+            path = out / f"{group}-{k:06d}.tar"
+            shards.append({"name": path.name, "samples": len(chunk)})
+            if path.exists():
+                continue
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "wb") as fh, wds.TarWriter(fh, encoder=False, mtime=0, user="", group="") as sink:
+                for name, i in chunk:
+                    if name not in handles:
+                        handles[name] = (open(work / f"{name}.tar", "rb"), spool_index(work / f"{name}.tar"))
+                    fh_in, index = handles[name]
+                    sample = {"__key__": f"{name}/{records[name]['sample_frames'][i]:05d}"}
+                    for ext, offset, size in index[i]:
+                        fh_in.seek(offset)
+                        sample[ext] = fh_in.read(size)
+                    sink.write(sample)
+            os.replace(tmp, path)
+    finally:
+        for fh_in, _ in handles.values():
+            fh_in.close()
+    return shards
+
+
+def manifest_of(records: dict[str, dict], shards: dict[str, list[dict]], params: PackParams) -> dict:
+    count = sum(r["mel_count"] for r in records.values())
+    mean = sum(r["mel_sum"] for r in records.values()) / max(count, 1)
+    var = sum(r["mel_sumsq"] for r in records.values()) / max(count, 1) - mean**2
+    videos = {
+        name: {k: v for k, v in r.items() if k not in ("sample_frames", "mel_sum", "mel_sumsq", "mel_count")}
+        for name, r in sorted(records.items())
+    }
+    groups = {}
+    for group, group_shards in sorted(shards.items()):
+        members = [r for r in records.values() if r["fold"] == group]
+        groups[group] = {
+            "shards": group_shards,
+            "samples": sum(s["samples"] for s in group_shards),
+            "class_counts": np.sum([r["class_counts"] for r in members], axis=0).astype(int).tolist(),
+            "window_patterns": np.sum([r["window_patterns"] for r in members], axis=0).astype(int).tolist(),
+            "videos": sum(1 for _ in members),
+        }
+
+    def total(key: str) -> int | list[int]:
+        values = [r[key] for r in records.values()]
+        return np.sum(values, axis=0).astype(int).tolist() if values else 0
+
+    dropped: Counter = Counter()
+    for r in records.values():
+        dropped.update(r["dropped"])
+    return {
+        "format": FORMAT_VERSION,
+        "classes": list(CLASSES),
+        "params": {**asdict(params)},
+        "mel_stats": {"mean": mean if count else audio.SILENCE, "std": float(np.sqrt(max(var, 1e-12))) if count else 1.0},
+        "totals": {
+            "videos": len(records),
+            "samples": total("samples"),
+            "labelled": total("labelled"),
+            "with_crop": total("with_crop"),
+            "filled": total("filled"),
+            "corrupt_crops": total("corrupt_crops"),
+            "videos_without_audio": sorted(n for n, r in records.items() if not r["audio"]),
+            "dropped": dict(dropped),
+            "class_counts": total("class_counts"),
+            "labelled_class_counts": total("labelled_class_counts"),
+        },
+        "groups": groups,
+        "videos": videos,
+    }
+
+
+def pack(
+    videos: list[Video],
+    out: Path,
+    params: PackParams,
+    workers: int = 1,
+    progress: Callable[[str, int], None] | None = None,
+) -> dict:
+    """Packs `videos` into shards under `out`; returns the manifest (also written to manifest.json)."""
+    out = Path(out)
+    work = out / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    stamp = json.dumps({"params": asdict(params), "videos": sorted(v.name for v in videos)}, sort_keys=True)
+    stamp_path = work / "params.json"
+    if stamp_path.exists() and stamp_path.read_text() != stamp:
+        raise ValueError(f"{out} holds a pack started with other parameters or videos; remove it or pack elsewhere")
+    atomic_write(stamp_path, stamp.encode())
+    groups = assign_folds(videos, params.folds, params.n_folds, params.seed)
+    records: dict[str, dict] = {}
+    with Pool(max(1, workers)) as pool:
+        jobs = [(v, groups[v.name], params, work) for v in videos]
+        for v, record in zip(videos, pool.imap(pack_video, jobs), strict=True):
+            records[v.name] = record
+            if progress:
+                progress("videos", record["samples"])
+        names = sorted(set(groups.values()))
+        jobs2 = [(g, records, params, work, out) for g in names]
+        shards = dict(zip(names, pool.imap(write_group, jobs2), strict=True))
+    manifest = manifest_of(records, shards, params)
+    atomic_write(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+    shutil.rmtree(work)
+    return manifest
+
+
+def read_manifest(shards: Path) -> dict:
+    path = Path(shards) / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: pack the data first (fer-dist shard ... --out {shards})")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format {manifest.get('format')}, this fer-dist reads {FORMAT_VERSION}; repack")
+    return manifest

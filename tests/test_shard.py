@@ -1,0 +1,115 @@
+import io
+import json
+import tarfile
+from collections import Counter
+
+import numpy as np
+
+from fer_dist.affwild2 import discover, list_crops, read_annotation
+from fer_dist.audio import MelParams, frame_columns, log_mel, read_media, window
+from fer_dist.inspection import compare, survey
+from fer_dist.shard import read_manifest
+from fer_dist.windows import purity_flags
+
+
+def samples(shards):
+    for path in sorted(shards.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            current = {}
+            for m in tar:
+                key, ext = m.name.split(".", 1)
+                if current and current["__key__"] != key:
+                    yield current
+                    current = {}
+                current["__key__"] = key
+                current[ext] = tar.extractfile(m).read()
+            if current:
+                yield current
+
+
+def test_every_labelled_frame_exactly_once(synthetic, shards):
+    expected = Counter()
+    for v in discover(synthetic):
+        labels = read_annotation(v.annotation)
+        expected.update({f"{v.name}/{i + 1:05d}": int(c) for i, c in enumerate(labels) if c >= 0})
+    keys = [s["__key__"] for s in samples(shards)]
+    assert len(keys) == len(set(keys)) == len(expected)
+    got = {s["__key__"]: int(s["cls"]) for s in samples(shards)}
+    assert got == dict(expected)
+    assert min(got.values()) >= 0
+
+
+def test_inspect_counts_equal_annotations(synthetic, shards):
+    found = survey(shards)
+    assert not found["problems"]
+    assert compare(found, read_manifest(shards)) == []
+    for v in discover(synthetic):
+        labels = read_annotation(v.annotation)
+        assert found["videos"][v.name]["class_counts"] == np.bincount(labels[labels >= 0], minlength=8).tolist()
+
+
+def test_crops_are_byte_identical_or_filled_from_nearest(synthetic, shards):
+    crops = {v.name: list_crops(v.crops) for v in discover(synthetic)}
+    filled = 0
+    for s in samples(shards):
+        meta = json.loads(s["json"])
+        video, frame = meta["video"], meta["frame"]
+        if meta["filled_from"] is None:
+            assert s["jpg"] == crops[video][frame].read_bytes()
+        else:
+            filled += 1
+            src = meta["filled_from"]
+            assert frame not in crops[video]
+            assert s["jpg"] == crops[video][src].read_bytes()
+            nearest = min(crops[video], key=lambda f: (abs(f - frame), f))
+            assert src == nearest
+    assert filled == read_manifest(shards)["totals"]["filled"] > 0
+
+
+def test_left_right_share_a_fold(shards):
+    videos = read_manifest(shards)["videos"]
+    left = next(n for n in videos if n.endswith("_left"))
+    assert videos[left]["fold"] == videos[left.replace("_left", "_right")]["fold"]
+    parents = {}
+    for name, r in videos.items():
+        assert parents.setdefault(r["parent"], r["fold"]) == r["fold"]
+
+
+def test_window_flags_and_mel_windows(synthetic, shards):
+    v = next(v for v in discover(synthetic) if v.media.suffix == ".avi")
+    labels = read_annotation(v.annotation)
+    flags = purity_flags(labels)
+    p = MelParams()
+    media = read_media(v.media, p.sample_rate)
+    columns = frame_columns(log_mel(media.audio, p), len(labels), media.fps, p, p.n_mels)
+    checked = 0
+    for s in samples(shards):
+        meta = json.loads(s["json"])
+        if meta["video"] != v.name:
+            continue
+        f = meta["frame"]
+        assert [meta["windows"][k] for k in "sml"] == flags[f - 1].tolist()
+        mel = np.load(io.BytesIO(s["mel.npy"]), allow_pickle=False)
+        assert mel.dtype == np.float16 and mel.shape == (128, 64)
+        np.testing.assert_allclose(mel, window(columns, f).astype(np.float16), atol=1e-2)
+        checked += 1
+    assert checked == int((labels >= 0).sum())
+
+
+def test_video_without_audio_is_marked(shards):
+    manifest = read_manifest(shards)
+    silent = manifest["totals"]["videos_without_audio"]
+    assert len(silent) == 1
+    assert manifest["videos"][silent[0]]["audio"] is False
+
+
+def test_shards_are_clips_of_consecutive_frames(shards):
+    first = next(iter(sorted(shards.glob("fold*.tar"))))
+    with tarfile.open(first) as tar:
+        keys = [m.name.split(".")[0] for m in tar if m.name.endswith(".cls")]
+    consecutive = sum(
+        a.split("/")[0] == b.split("/")[0] and int(b.split("/")[1]) == int(a.split("/")[1]) + 1
+        for a, b in zip(keys, keys[1:], strict=False)
+    )
+    assert consecutive > 0.7 * len(keys)
+    assert len({k.split("/")[0] for k in keys}) > 1  # clips of several videos shuffled together
