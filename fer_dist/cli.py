@@ -19,8 +19,12 @@ out = Console()
 
 def bar() -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
     )
 
 
@@ -49,8 +53,13 @@ def cmd_shard(args: argparse.Namespace) -> int:
         test_list=Path(args.test_list) if args.test_list else None,
     )
     params = PackParams(
-        folds=args.folds, n_folds=args.n_folds, seed=args.seed, samples_per_shard=args.samples_per_shard,
-        clip_len=args.clip_len, missing=args.missing, mel=MelParams(sample_rate=args.sample_rate),
+        folds=args.folds,
+        n_folds=args.n_folds,
+        seed=args.seed,
+        samples_per_shard=args.samples_per_shard,
+        clip_len=args.clip_len,
+        missing=args.missing,
+        mel=MelParams(sample_rate=args.sample_rate),
     )
     with bar() as progress:
         task = progress.add_task("packing videos", total=len(videos), info="")
@@ -103,8 +112,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for g, v in found["groups"].items():
         table.add_row(g, str(v["samples"]), *map(str, v["class_counts"]))
     out.print(table)
-    out.print(f"{found['samples']} samples in {len(found['shards'])} shards, {len(found['videos'])} videos, "
-              f"{found['filled']} filled crops")
+    out.print(
+        f"{found['samples']} samples in {len(found['shards'])} shards, {len(found['videos'])} videos, "
+        f"{found['filled']} filled crops"
+    )
     for line in found["problems"] + diffs:
         out.print(f"[red]{line}")
     out.print("[green]tars agree with manifest.json" if agree else "[red]tars and manifest.json disagree")

@@ -99,7 +99,9 @@ def _section(cls: type, values: dict, name: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; known: {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; known: {', '.join(sorted(known))}"
+        )
     return cls(**{k: _coerce(v, hints[k], f"{name}.{k}") for k, v in values.items()})
 
 
@@ -118,7 +120,7 @@ def from_dict(raw: dict) -> Config:
     unknown = sorted(set(raw) - {"model", "data", "optim", "train"})
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}; known: model, data, optim, train")
-    model = dict(raw.get("model") or {"name": "mfm"})
+    model = {"name": "mfm", **(raw.get("model") or {})}
     if not isinstance(model.get("name"), str):
         raise ConfigError("model.name must name a model (see fer_dist.models.list_models())")
     cfg = Config(
@@ -134,8 +136,14 @@ def from_dict(raw: dict) -> Config:
 def validate(cfg: Config) -> None:
     d = cfg.data
     checks = [
-        (d.balance in ("natural", "sqrt", "uniform"), f"data.balance must be natural, sqrt or uniform, not {d.balance!r}"),
-        (set(d.train_windows) <= {"s", "m", "l"} and d.train_windows, "data.train_windows: a non-empty subset of s, m, l"),
+        (
+            d.balance in ("natural", "sqrt", "uniform"),
+            f"data.balance must be natural, sqrt or uniform, not {d.balance!r}",
+        ),
+        (
+            set(d.train_windows) <= {"s", "m", "l"} and d.train_windows,
+            "data.train_windows: a non-empty subset of s, m, l",
+        ),
         (d.eval_window in ("s", "m", "l"), "data.eval_window must be s, m or l"),
         (d.no_window in ("drop", "widest"), "data.no_window must be drop or widest"),
         (len(d.audio_size) == 2, "data.audio_size is [mel bins, columns]"),

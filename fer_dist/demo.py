@@ -18,7 +18,12 @@ from fer_dist.affwild2 import CLASSES, discover
 from fer_dist.shard import PackParams, pack
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mfm_cpu.yaml"
-HEADS = {"image": "image only (Y_I)", "audio": "audio only (Y_A)", "fusion": "fusion (Y_T)", "ensemble": "ensemble of the three"}
+HEADS = {
+    "image": "image only (Y_I)",
+    "audio": "audio only (Y_A)",
+    "fusion": "fusion (Y_T)",
+    "ensemble": "ensemble of the three",
+}
 
 
 def main_job(workdir: Path, videos: int = 24, seed: int = 0, epochs: int | None = None) -> int:
@@ -38,8 +43,9 @@ def main_job(workdir: Path, videos: int = 24, seed: int = 0, epochs: int | None 
         vids = discover(data)
         with bar() as progress:
             task = progress.add_task("packing videos", total=len(vids), info="")
-            manifest = pack(vids, shards, PackParams(samples_per_shard=500, seed=seed), 2,
-                            lambda _, n: progress.advance(task))
+            manifest = pack(
+                vids, shards, PackParams(samples_per_shard=500, seed=seed), 2, lambda _, n: progress.advance(task)
+            )
         report(manifest)
     if not CONFIG.exists():
         raise FileNotFoundError(f"{CONFIG} not found: run the demo from a checkout of fer-dist")

@@ -20,8 +20,15 @@ MEMBERS = {"cls", "jpg", "json", "mel.npy"}
 
 def survey(folder: Path) -> dict:
     """Counts per video, class, group and shard, straight from the tars."""
-    videos: dict[str, dict] = defaultdict(lambda: {"samples": 0, "filled": 0, "class_counts": [0] * NUM_CLASSES,
-                                                   "window_counts": [0] * len(NAMES), "group": None})
+    videos: dict[str, dict] = defaultdict(
+        lambda: {
+            "samples": 0,
+            "filled": 0,
+            "class_counts": [0] * NUM_CLASSES,
+            "window_counts": [0] * len(NAMES),
+            "group": None,
+        }
+    )
     groups: dict[str, Counter] = defaultdict(Counter)
     shards, problems, seen = {}, [], set()
     for path in sorted(Path(folder).glob("*.tar")):
@@ -54,7 +61,9 @@ def survey(folder: Path) -> dict:
             problems.append(f"{path.name}: unreadable ({type(exc).__name__}: {exc})")
         incomplete = [k for k, exts in members.items() if exts != MEMBERS]
         if incomplete:
-            problems.append(f"{path.name}: {len(incomplete)} samples without all of {sorted(MEMBERS)}, e.g. {incomplete[0]}")
+            problems.append(
+                f"{path.name}: {len(incomplete)} samples without all of {sorted(MEMBERS)}, e.g. {incomplete[0]}"
+            )
         shards[path.name] = count
     return {
         "shards": shards,
@@ -77,8 +86,16 @@ def compare(found: dict, manifest: dict) -> list[str]:
         if listed.get(name) != found["shards"].get(name):
             diffs.append(f"shard {name}: manifest {listed.get(name)}, tars {found['shards'].get(name)}")
     for name, record in manifest["videos"].items():
-        got = found["videos"].get(name, {"samples": 0, "filled": 0, "class_counts": [0] * NUM_CLASSES,
-                                         "window_counts": [0] * len(NAMES), "group": None})
+        got = found["videos"].get(
+            name,
+            {
+                "samples": 0,
+                "filled": 0,
+                "class_counts": [0] * NUM_CLASSES,
+                "window_counts": [0] * len(NAMES),
+                "group": None,
+            },
+        )
         for key in ("samples", "filled", "class_counts", "window_counts"):
             if got[key] != record[key]:
                 diffs.append(f"video {name}: {key} manifest {record[key]}, tars {got[key]}")

@@ -35,7 +35,7 @@ def save(path: Path, p: Predictions) -> None:
 
 def load(path: Path) -> Predictions:
     with np.load(path, allow_pickle=False) as z:
-        logits = {name[len("logits_"):]: z[name] for name in z.files if name.startswith("logits_")}
+        logits = {name[len("logits_") :]: z[name] for name in z.files if name.startswith("logits_")}
         return Predictions(z["key"], z["label"], logits)
 
 

@@ -10,6 +10,7 @@ the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -236,7 +237,9 @@ def clips(frames: list[int], clip_len: int) -> list[tuple[int, int]]:
 def group_plan(records: dict[str, dict], group: str, params: PackParams) -> list[tuple[str, int, int]]:
     """The group's clips in their shuffled order: (video, start, end) over the video's samples."""
     all_clips = [
-        (name, s, e) for name in sorted(records) if records[name]["fold"] == group
+        (name, s, e)
+        for name in sorted(records)
+        if records[name]["fold"] == group
         for s, e in clips(records[name]["sample_frames"], params.clip_len)
     ]
     tag = int(group[4:]) if group.startswith("fold") else 1000
@@ -265,7 +268,7 @@ def write_group(job: tuple[str, dict[str, dict], PackParams, Path, Path]) -> lis
     flat = [(name, i) for name, s, e in plan for i in range(s, e)]
     shards = []
     handles: dict[str, tuple] = {}
-    try:
+    with contextlib.ExitStack() as stack:
         for k, begin in enumerate(range(0, len(flat), params.samples_per_shard)):
             chunk = flat[begin : begin + params.samples_per_shard]
             path = out / f"{group}-{k:06d}.tar"
@@ -276,7 +279,8 @@ def write_group(job: tuple[str, dict[str, dict], PackParams, Path, Path]) -> lis
             with open(tmp, "wb") as fh, wds.TarWriter(fh, encoder=False, mtime=0, user="", group="") as sink:
                 for name, i in chunk:
                     if name not in handles:
-                        handles[name] = (open(work / f"{name}.tar", "rb"), spool_index(work / f"{name}.tar"))
+                        spool = work / f"{name}.tar"
+                        handles[name] = (stack.enter_context(open(spool, "rb")), spool_index(spool))
                     fh_in, index = handles[name]
                     sample = {"__key__": f"{name}/{records[name]['sample_frames'][i]:05d}"}
                     for ext, offset, size in index[i]:
@@ -284,9 +288,6 @@ def write_group(job: tuple[str, dict[str, dict], PackParams, Path, Path]) -> lis
                         sample[ext] = fh_in.read(size)
                     sink.write(sample)
             os.replace(tmp, path)
-    finally:
-        for fh_in, _ in handles.values():
-            fh_in.close()
     return shards
 
 
@@ -320,7 +321,10 @@ def manifest_of(records: dict[str, dict], shards: dict[str, list[dict]], params:
         "format": FORMAT_VERSION,
         "classes": list(CLASSES),
         "params": {**asdict(params)},
-        "mel_stats": {"mean": mean if count else audio.SILENCE, "std": float(np.sqrt(max(var, 1e-12))) if count else 1.0},
+        "mel_stats": {
+            "mean": mean if count else audio.SILENCE,
+            "std": float(np.sqrt(max(var, 1e-12))) if count else 1.0,
+        },
         "totals": {
             "videos": len(records),
             "samples": total("samples"),

@@ -10,13 +10,17 @@ per-frame predictions of every evaluation. The loop knows nothing of the model b
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # started as a script: import the package, not its files as top-level modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse
 import json
 import math
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -97,7 +101,9 @@ def evaluate(accelerator, model, cfg: config_lib.Config, manifest: dict, name: s
     group = f"fold{cfg.data.holdout_fold}"
     out_dir = Path(cfg.train.run_dir) / "predictions"
     expected = manifest["groups"][group]["samples"]
-    task = bar.add_task("evaluate", total=math.ceil(expected / cfg.data.eval_batch_size / accelerator.num_processes), info="")
+    task = bar.add_task(
+        "evaluate", total=math.ceil(expected / cfg.data.eval_batch_size / accelerator.num_processes), info=""
+    )
     keys, labels, logits = [], [], {}
     loader = eval_loader(cfg.data, manifest, group, rank=accelerator.process_index, world=accelerator.num_processes)
     for batch in loader:
@@ -200,19 +206,25 @@ def fit(accelerator, model, cfg: config_lib.Config, manifest: dict, bar: Progres
             seen += len(labels) * world
             if step % cfg.train.log_every == 0 or step == steps - 1:
                 rate = seen / (time.perf_counter() - start)
-                bar.update(task, info=f"loss {np.mean(losses[-cfg.train.log_every:]):.3f}  {rate:.0f} samples/s")
+                bar.update(task, info=f"loss {np.mean(losses[-cfg.train.log_every :]):.3f}  {rate:.0f} samples/s")
             bar.advance(task)
         bar.remove_task(task)
         train_time = time.perf_counter() - start
         save_weights(accelerator, model, run_dir / "checkpoints" / "last")
         metrics = evaluate(accelerator, model, cfg, manifest, f"epoch{epoch + 1:03d}", bar)
         if accelerator.is_main_process:
-            metrics = {"epoch": epoch + 1, **metrics, "train_loss": float(np.mean(losses)),
-                       "train_samples_per_s": seen / train_time}
+            metrics = {
+                "epoch": epoch + 1,
+                **metrics,
+                "train_loss": float(np.mean(losses)),
+                "train_samples_per_s": seen / train_time,
+            }
             with open(run_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(metrics) + "\n")
             by_head = "  ".join(f"{h} {v:.3f}" for h, v in metrics["macro_f1_by_head"].items())
-            console.print(f"epoch {epoch + 1}: loss {metrics['train_loss']:.3f}  macro-F1 {metrics['macro_f1']:.4f}  ({by_head})")
+            console.print(
+                f"epoch {epoch + 1}: loss {metrics['train_loss']:.3f}  macro-F1 {metrics['macro_f1']:.4f}  ({by_head})"
+            )
             is_best = metrics["macro_f1"] > best
             best = max(best, metrics["macro_f1"])
         else:

@@ -71,7 +71,7 @@ def test_left_right_share_a_fold(shards):
     left = next(n for n in videos if n.endswith("_left"))
     assert videos[left]["fold"] == videos[left.replace("_left", "_right")]["fold"]
     parents = {}
-    for name, r in videos.items():
+    for r in videos.values():
         assert parents.setdefault(r["parent"], r["fold"]) == r["fold"]
 
 

@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 
-def create_backbone(name: str, *, in_chans: int, img_size: int | tuple[int, int] | None, pretrained: bool, **kwargs) -> nn.Module:
+def create_backbone(
+    name: str, *, in_chans: int, img_size: int | tuple[int, int] | None, pretrained: bool, **kwargs
+) -> nn.Module:
     """A timm model without its classifier. `img_size` is passed to models that take it (Swin, ViT);
     `pretrained` loads ImageNet weights from the hub, or from a local file given as
     `pretrained_cfg_overlay={"file": "/path/model.safetensors"}`."""

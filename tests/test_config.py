@@ -1,0 +1,34 @@
+import pytest
+
+from fer_dist import config
+
+
+def test_overrides_are_typed(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data: {batch_size: 8}\ntrain: {epochs: 2}\n")
+    cfg = config.load(f, ["data.batch_size=16", "optim.lr=0.01", "data.audio_size=[32, 16]", "model.fusion_dim=64"])
+    assert cfg.data.batch_size == 16 and cfg.optim.lr == 0.01 and cfg.data.audio_size == [32, 16]
+    assert cfg.model == {"name": "mfm", "fusion_dim": 64}
+    assert cfg.train.epochs == 2
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.batchsize=3", r"unknown key\(s\) data.batchsize"),
+        ("data.batch_size=many", "data.batch_size: expected int"),
+        ("data.balance=wrong", "data.balance must be"),
+        ("opt.lr=1", r"unknown section\(s\) opt"),
+        ("train.epochs", "not key=value"),
+    ],
+)
+def test_bad_config_is_a_clear_error(override, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(None, [override])
+
+
+def test_yaml_is_not_executed(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(Exception, match="could not determine a constructor"):
+        config.load(f)
