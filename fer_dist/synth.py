@@ -142,14 +142,14 @@ def render_face(p: np.ndarray, ident: dict, shift: np.ndarray, rng: np.random.Ge
         d.ellipse([ex - r, ey - r, ex + r, ey + r], fill=ink)
         by = ey - 11 * s - 6 * s * brow_raise
         inner, outer = ex - side * 8 * s, ex + side * 9 * s
-        d.line([(inner, by + 5 * s * brow_tilt), (outer, by - 2 * s * brow_tilt)], fill=ink, width=max(2, int(3 * s)))
+        d.line([(inner, by + 6 * s * brow_tilt), (outer, by - 3 * s * brow_tilt)], fill=ink, width=max(3, int(4 * s)))
     d.line([(cx, cy - 4 * s), (cx - 3 * s, cy + 8 * s), (cx + 2 * s, cy + 9 * s)], fill=ink, width=1)
-    if asym > 0:
+    if asym > 0:  # nose wrinkles
         for k in (-1, 1):
-            d.line([(cx + k * 4 * s, cy - 2 * s), (cx + k * 7 * s, cy + 2 * s)], fill=ink, width=1)
+            d.line([(cx + k * 4 * s, cy - 4 * s), (cx + k * 10 * s, cy + 3 * s)], fill=ink, width=2)
     my, half = cy + 22 * s, 13 * s * width
     xs = np.linspace(-1, 1, 15)
-    lift = 7 * s * curve * xs**2 + 6 * s * asym * np.clip(xs, 0, None)
+    lift = 8 * s * curve * xs**2 + 10 * s * asym * np.clip(xs, 0, None)
     top = [(cx + half * x, my - dy) for x, dy in zip(xs, lift, strict=True)]
     if opening > 0.05:
         bottom = [(x, y + 12 * s * opening * (1 - t**2)) for (x, y), t in zip(top, xs, strict=True)]
@@ -157,7 +157,7 @@ def render_face(p: np.ndarray, ident: dict, shift: np.ndarray, rng: np.random.Ge
         if brow_tilt > 0.5:  # bared teeth
             d.rectangle([cx - half * 0.6, my - 1, cx + half * 0.6, my + 3 * s * opening], fill=(240, 240, 230))
     else:
-        d.line(top, fill=ink, width=max(2, int(2.5 * s)))
+        d.line(top, fill=ink, width=max(3, int(3.5 * s)))
     pixels = np.asarray(img, np.float32) + rng.normal(0, ident["noise"], (CROP, CROP, 3))
     out = io.BytesIO()
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, format="JPEG", quality=88)
