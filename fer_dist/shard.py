@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from torchvision.io import decode_jpeg
 
 from fer_dist import audio
@@ -103,6 +102,21 @@ def nearest(frames: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return np.where(np.abs(targets - left) <= np.abs(right - targets), left, right)
 
 
+TAR_END = bytes(1024)  # two zero blocks close a tar archive
+
+
+def tar_record(key: str, members: dict[str, bytes]) -> bytes:
+    """One sample as consecutive tar members, in WebDataset's (sorted) member order. Samples are
+    self-contained byte ranges, so pass 2 copies them between tars without parsing."""
+    parts = []
+    for ext in sorted(members):
+        data = members[ext]
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size, info.mode, info.mtime = len(data), 0o444, 0
+        parts += [info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"), data, bytes(-len(data) % 512)]
+    return b"".join(parts)
+
+
 def npy_bytes(array: np.ndarray) -> bytes:
     out = io.BytesIO()
     np.save(out, array, allow_pickle=False)
@@ -115,12 +129,12 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def pack_video(job: tuple[Video, str, PackParams, Path]) -> dict:
+def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
     """Pass 1 for one video: writes `work/<video>.tar` (samples in frame order) and returns its record."""
     video, group, params, work = job
     record_path = work / f"{video.name}.json"
     if record_path.exists():
-        return json.loads(record_path.read_text())
+        return video.name, json.loads(record_path.read_text())
     crops = list_crops(video.crops)
     media = audio.read_media(video.media, params.mel.sample_rate)
     fps = media.fps or ASSUMED_FPS
@@ -143,7 +157,7 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> dict:
     if len(have) == 0:
         dropped["no readable crop in the video"] = len(frames)
         keep = np.zeros(len(frames), bool)
-    elif params.missing == "skip":
+    elif params.missing == "skip" and video.split != "test":  # test frames always need a prediction
         keep = np.isin(frames, have)
         dropped["no crop (--missing skip)"] = int((~keep).sum())
     else:
@@ -157,8 +171,10 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> dict:
     inside = columns[:, audio.WIDEST : audio.WIDEST + min(n, audio_frames)].astype(np.float64)
     flags = purity_flags(labels)
 
+    half = columns.astype(np.float16)
+    extents = []
     tmp = work / f"{video.name}.tar.tmp"
-    with open(tmp, "wb") as fh, wds.TarWriter(fh, encoder=False, mtime=0, user="", group="") as sink:
+    with open(tmp, "wb") as fh:
         for f, src in zip(frames.tolist(), source.tolist(), strict=True):
             label = int(labels[f - 1])
             meta = {
@@ -173,19 +189,23 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> dict:
                 "pad": list(audio.padding(f, n, audio_frames)),
                 "filled_from": None if src == f else src,
             }
-            sink.write(
+            record = tar_record(
+                f"{video.name}/{f:05d}",
                 {
-                    "__key__": f"{video.name}/{f:05d}",
                     "jpg": readable[src],
-                    "mel.npy": npy_bytes(audio.window(columns, f).astype(np.float16)),
+                    "mel.npy": npy_bytes(audio.window(half, f)),
                     "cls": str(label).encode(),
                     "json": json.dumps(meta, sort_keys=True).encode(),
-                }
+                },
             )
+            extents.append((fh.tell(), len(record)))
+            fh.write(record)
+        fh.write(TAR_END)
     os.replace(tmp, work / f"{video.name}.tar")
 
     packed = labels[frames - 1]
     all_labelled = labels[labels != UNLABELLED]
+    with_crop = np.isin(np.arange(1, n + 1), have) & (labels != UNLABELLED)
     record = {
         "split": video.split,
         "fold": group,
@@ -196,7 +216,8 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> dict:
         "audio": mel is not None,
         "audio_error": media.error,
         "labelled": int(len(all_labelled)),
-        "with_crop": int(np.isin(np.flatnonzero(labels != UNLABELLED) + 1, have).sum()),
+        "with_crop": int(with_crop.sum()),
+        "with_crop_class_counts": np.bincount(labels[with_crop], minlength=NUM_CLASSES).tolist(),
         "samples": int(len(frames)),
         "filled": int((source != frames).sum()),
         "corrupt_crops": corrupt,
@@ -206,12 +227,13 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> dict:
         "window_counts": flags[frames - 1].sum(0).tolist(),
         "window_patterns": window_patterns(packed, flags[frames - 1]),
         "sample_frames": frames.tolist(),
+        "extents": extents,
         "mel_sum": float(inside.sum()),
         "mel_sumsq": float((inside**2).sum()),
         "mel_count": int(inside.size),
     }
     atomic_write(record_path, json.dumps(record).encode())
-    return record
+    return video.name, record
 
 
 def window_patterns(labels: np.ndarray, flags: np.ndarray) -> list[list[int]]:
@@ -247,28 +269,15 @@ def group_plan(records: dict[str, dict], group: str, params: PackParams) -> list
     return [all_clips[i] for i in order]
 
 
-def spool_index(path: Path) -> list[list[tuple[str, int, int]]]:
-    """Per sample (in spool order), its members as (extension, offset, size)."""
-    samples: list[list[tuple[str, int, int]]] = []
-    last = None
-    with tarfile.open(path) as tar:
-        for m in tar:
-            key, ext = m.name.split(".", 1)
-            if key != last:
-                samples.append([])
-                last = key
-            samples[-1].append((ext, m.offset_data, m.size))
-    return samples
-
-
 def write_group(job: tuple[str, dict[str, dict], PackParams, Path, Path]) -> list[dict]:
-    """Pass 2 for one fold group; returns its shards with their sample counts."""
+    """Pass 2 for one fold group: copies each sample's tar records from its spool, clip by clip;
+    returns the group's shards with their sample counts."""
     group, records, params, work, out = job
     plan = group_plan(records, group, params)
     flat = [(name, i) for name, s, e in plan for i in range(s, e)]
     shards = []
-    handles: dict[str, tuple] = {}
     with contextlib.ExitStack() as stack:
+        spools = {}
         for k, begin in enumerate(range(0, len(flat), params.samples_per_shard)):
             chunk = flat[begin : begin + params.samples_per_shard]
             path = out / f"{group}-{k:06d}.tar"
@@ -276,19 +285,36 @@ def write_group(job: tuple[str, dict[str, dict], PackParams, Path, Path]) -> lis
             if path.exists():
                 continue
             tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "wb") as fh, wds.TarWriter(fh, encoder=False, mtime=0, user="", group="") as sink:
+            with open(tmp, "wb") as fh:
                 for name, i in chunk:
-                    if name not in handles:
-                        spool = work / f"{name}.tar"
-                        handles[name] = (stack.enter_context(open(spool, "rb")), spool_index(spool))
-                    fh_in, index = handles[name]
-                    sample = {"__key__": f"{name}/{records[name]['sample_frames'][i]:05d}"}
-                    for ext, offset, size in index[i]:
-                        fh_in.seek(offset)
-                        sample[ext] = fh_in.read(size)
-                    sink.write(sample)
+                    if name not in spools:
+                        spools[name] = stack.enter_context(open(work / f"{name}.tar", "rb"))
+                    offset, length = records[name]["extents"][i]
+                    spools[name].seek(offset)
+                    fh.write(spools[name].read(length))
+                fh.write(TAR_END)
             os.replace(tmp, path)
     return shards
+
+
+def problems(records: dict[str, dict]) -> list[str]:
+    """What a user must hear about: nothing is dropped or degraded without a line here."""
+    out = []
+    for name, r in sorted(records.items()):
+        if r["audio_error"] == "no video file":
+            out.append(f"{name}: no video file found for its audio (looked for {r['parent']}.mp4/.avi); packed silent")
+        elif r["audio_error"]:
+            out.append(f"{name}: video unreadable ({r['audio_error']}); packed silent")
+        elif not r["audio"]:
+            out.append(f"{name}: the video has no audio stream; packed silent")
+        if r["corrupt_crops"]:
+            out.append(f"{name}: {r['corrupt_crops']} corrupt crop(s) treated as missing")
+        for reason, count in r["dropped"].items():
+            if count:
+                out.append(f"{name}: {count} frame(s) dropped: {reason}")
+        if r["fps_source"] == "assumed":
+            out.append(f"{name}: frame rate unknown, assumed {float(ASSUMED_FPS):g} fps")
+    return out
 
 
 def manifest_of(records: dict[str, dict], shards: dict[str, list[dict]], params: PackParams) -> dict:
@@ -296,7 +322,7 @@ def manifest_of(records: dict[str, dict], shards: dict[str, list[dict]], params:
     mean = sum(r["mel_sum"] for r in records.values()) / max(count, 1)
     var = sum(r["mel_sumsq"] for r in records.values()) / max(count, 1) - mean**2
     videos = {
-        name: {k: v for k, v in r.items() if k not in ("sample_frames", "mel_sum", "mel_sumsq", "mel_count")}
+        name: {k: v for k, v in r.items() if k not in ("sample_frames", "extents", "mel_sum", "mel_sumsq", "mel_count")}
         for name, r in sorted(records.items())
     }
     groups = {}
@@ -336,7 +362,9 @@ def manifest_of(records: dict[str, dict], shards: dict[str, list[dict]], params:
             "dropped": dict(dropped),
             "class_counts": total("class_counts"),
             "labelled_class_counts": total("labelled_class_counts"),
+            "with_crop_class_counts": total("with_crop_class_counts"),
         },
+        "problems": problems(records),
         "groups": groups,
         "videos": videos,
     }
@@ -351,25 +379,31 @@ def pack(
 ) -> dict:
     """Packs `videos` into shards under `out`; returns the manifest (also written to manifest.json)."""
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = json.loads(json.dumps({"params": asdict(params), "videos": sorted(v.name for v in videos)}))
+    if (out / "manifest.json").exists():
+        manifest = json.loads((out / "manifest.json").read_text())
+        if manifest.get("stamp") != stamp:
+            raise ValueError(f"{out} holds shards packed with other parameters or videos; remove it or pack elsewhere")
+        return manifest
     work = out / ".work"
-    work.mkdir(parents=True, exist_ok=True)
-    stamp = json.dumps({"params": asdict(params), "videos": sorted(v.name for v in videos)}, sort_keys=True)
-    stamp_path = work / "params.json"
-    if stamp_path.exists() and stamp_path.read_text() != stamp:
+    work.mkdir(exist_ok=True)
+    stamp_path = work / "stamp.json"
+    if stamp_path.exists() and json.loads(stamp_path.read_text()) != stamp:
         raise ValueError(f"{out} holds a pack started with other parameters or videos; remove it or pack elsewhere")
-    atomic_write(stamp_path, stamp.encode())
+    atomic_write(stamp_path, json.dumps(stamp).encode())
     groups = assign_folds(videos, params.folds, params.n_folds, params.seed)
     records: dict[str, dict] = {}
     with Pool(max(1, workers)) as pool:
         jobs = [(v, groups[v.name], params, work) for v in videos]
-        for v, record in zip(videos, pool.imap(pack_video, jobs), strict=True):
-            records[v.name] = record
+        for name, record in pool.imap_unordered(pack_video, jobs):
+            records[name] = record
             if progress:
                 progress("videos", record["samples"])
         names = sorted(set(groups.values()))
         jobs2 = [(g, records, params, work, out) for g in names]
         shards = dict(zip(names, pool.imap(write_group, jobs2), strict=True))
-    manifest = manifest_of(records, shards, params)
+    manifest = {**manifest_of(records, shards, params), "stamp": stamp}
     atomic_write(out / "manifest.json", json.dumps(manifest, indent=1).encode())
     shutil.rmtree(work)
     return manifest

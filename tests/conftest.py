@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,19 @@ def shards(synthetic, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
     pack(discover(synthetic), out, PackParams(samples_per_shard=150), workers=2)
     return out
+
+
+def samples(shards: Path, pattern: str = "*.tar"):
+    """Every sample of the matching tars as {"__key__": key, ext: bytes}, read with tarfile alone."""
+    for path in sorted(shards.glob(pattern)):
+        with tarfile.open(path) as tar:
+            current: dict = {}
+            for m in tar:
+                key, ext = m.name.split(".", 1)
+                if current and current["__key__"] != key:
+                    yield current
+                    current = {}
+                current["__key__"] = key
+                current[ext] = tar.extractfile(m).read()
+            if current:
+                yield current

@@ -5,26 +5,12 @@ from collections import Counter
 
 import numpy as np
 
+from conftest import samples
 from fer_dist.affwild2 import discover, list_crops, read_annotation
 from fer_dist.audio import MelParams, frame_columns, log_mel, read_media, window
 from fer_dist.inspection import compare, survey
 from fer_dist.shard import read_manifest
 from fer_dist.windows import purity_flags
-
-
-def samples(shards):
-    for path in sorted(shards.glob("*.tar")):
-        with tarfile.open(path) as tar:
-            current = {}
-            for m in tar:
-                key, ext = m.name.split(".", 1)
-                if current and current["__key__"] != key:
-                    yield current
-                    current = {}
-                current["__key__"] = key
-                current[ext] = tar.extractfile(m).read()
-            if current:
-                yield current
 
 
 def test_every_labelled_frame_exactly_once(synthetic, shards):
