@@ -76,21 +76,25 @@ def cmd_shard(args: argparse.Namespace) -> int:
 
 
 def report(manifest: dict) -> None:
+    """The paper's Table 1 for these data, with both counts, and everything that went wrong."""
     t = manifest["totals"]
-    table = Table(title="packed frames per class")
-    for col in ("class", "labelled", "packed"):
+    table = Table(title="labelled frames per class")
+    for col in ("class", "all labelled", "with a crop", "packed"):
         table.add_column(col, justify="right")
     for c, name in enumerate(CLASSES):
-        table.add_row(name, str(t["labelled_class_counts"][c]), str(t["class_counts"][c]))
-    table.add_row("total", str(t["labelled"]), str(t["samples"]))
+        counts = (t["labelled_class_counts"][c], t["with_crop_class_counts"][c], t["class_counts"][c])
+        table.add_row(name, *map(str, counts))
+    table.add_row("total", str(t["labelled"]), str(t["with_crop"]), str(sum(t["class_counts"])))
     out.print(table)
     out.print(
-        f"{t['videos']} videos; {t['with_crop']} labelled frames with a crop, {t['filled']} filled from the "
-        f"nearest crop; {t['corrupt_crops']} corrupt crops; videos without audio: "
-        f"{', '.join(t['videos_without_audio']) or 'none'}; dropped: {t['dropped'] or 'none'}"
+        f"{t['videos']} videos, {t['samples']} samples; {t['filled']} frames filled from the nearest crop; "
+        f"{t['corrupt_crops']} corrupt crops; {len(t['videos_without_audio'])} videos packed without audio; "
+        f"dropped: {', '.join(f'{n} ({r})' for r, n in t['dropped'].items() if n) or 'none'}"
     )
     groups = ", ".join(f"{g} {v['samples']} ({len(v['shards'])} shards)" for g, v in manifest["groups"].items())
     out.print(f"groups: {groups}")
+    for line in manifest["problems"]:
+        console.print(f"[yellow]warning:[/] {line}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -134,6 +138,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return main_job(Path(args.workdir), args.videos, args.seed, args.epochs)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fer_dist import bench
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.what == "pack":
+        result = bench.bench_pack(workdir, args.videos, args.workers)
+        if args.json:
+            out.print_json(json.dumps(result))
+            return 0
+        table = Table(title=f"fer-dist shard: {result['labelled_frames']} labelled frames, {result['videos']} videos")
+        for col in ("workers", "seconds", "frames/s", "frames/s per core", "scaling", "peak RSS (MB)"):
+            table.add_column(col, justify="right")
+        for r in result["runs"]:
+            table.add_row(
+                *(
+                    str(r[k])
+                    for k in ("workers", "seconds", "frames_per_s", "frames_per_s_per_core", "scaling", "peak_rss_mb")
+                )
+            )
+        out.print(table)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fer-dist", description="audio-visual expression recognition on Aff-Wild2")
     sub = p.add_subparsers(dest="command", required=True)
@@ -171,6 +199,14 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train in this process (accelerate launch fer_dist/train.py for several)")
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("bench", help="the performance figures quoted in the README")
+    s.add_argument("what", choices=["pack"])
+    s.add_argument("--workdir", default="bench")
+    s.add_argument("--videos", type=int, default=24, help="synthetic videos (24 give ~25,000 labelled frames)")
+    s.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("demo", help="the main job on synthetic data: synth, shard, train, evaluate")
     s.add_argument("--workdir", default="demo")

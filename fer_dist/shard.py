@@ -10,17 +10,18 @@ the same bytes.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
+import itertools
 import json
+import multiprocessing
 import os
 import shutil
-import tarfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -95,14 +96,67 @@ def valid_jpeg(data: bytes) -> bool:
     return True
 
 
-def nearest(frames: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """For each target frame, the nearest of the sorted `frames` (the earlier one on a tie)."""
-    idx = np.clip(np.searchsorted(frames, targets), 1, len(frames) - 1) if len(frames) > 1 else np.zeros_like(targets)
-    left, right = frames[np.maximum(idx - 1, 0)], frames[idx]
-    return np.where(np.abs(targets - left) <= np.abs(right - targets), left, right)
+def read_crop(f: int, crops: dict[int, Path], readable: dict[int, bytes], corrupt: set[int]) -> bool:
+    """Reads and validates crop `f` once; corrupt or truncated crops count as missing."""
+    if f in readable:
+        return True
+    if f in corrupt or f not in crops:
+        return False
+    data = crops[f].read_bytes()
+    if valid_jpeg(data):
+        readable[f] = data
+        return True
+    corrupt.add(f)
+    return False
+
+
+def usable_crops(crops: dict[int, Path], frames: np.ndarray) -> tuple[dict[int, bytes], set[int]]:
+    """The packed frames' own crops, validated; a crop no packed frame needs is never decoded."""
+    readable: dict[int, bytes] = {}
+    corrupt: set[int] = set()
+    for f in frames.tolist():
+        read_crop(f, crops, readable, corrupt)
+    if not readable:  # no frame has its own crop: any readable crop can still fill them
+        for f in sorted(crops):
+            if read_crop(f, crops, readable, corrupt):
+                break
+    return readable, corrupt
+
+
+def fill_source(f: int, crops: dict[int, Path], readable: dict[int, bytes], corrupt: set[int]) -> int:
+    """The nearest readable crop to frame f (the earlier one on a tie), validated lazily."""
+    last = max(crops)
+    for d in range(1, max(f, last) + 1):
+        found = [g for g in (f - d, f + d) if read_crop(g, crops, readable, corrupt)]
+        if found:
+            return found[0]
+    raise ValueError(f"no readable crop near frame {f}")
 
 
 TAR_END = bytes(1024)  # two zero blocks close a tar archive
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """A POSIX ustar header (mode 0444, owner 0:0, mtime 0): fixed fields make shards reproducible.
+    Written here rather than through tarfile, whose header code is a third of the packing time."""
+    raw = name.encode()
+    prefix = b""
+    if len(raw) > 100:
+        prefix, _, raw = raw.rpartition(b"/")
+        if len(raw) > 100 or len(prefix) > 155:
+            raise ValueError(f"tar member name too long: {name}")
+    header = bytearray(512)
+    header[0 : len(raw)] = raw
+    header[100:108] = b"0000444\0"
+    header[108:116] = header[116:124] = b"0000000\0"
+    header[124:136] = b"%011o\0" % size
+    header[136:148] = b"00000000000\0"
+    header[148:156] = b" " * 8
+    header[156:157] = b"0"
+    header[257:265] = b"ustar\x0000"
+    header[345 : 345 + len(prefix)] = prefix
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
 
 
 def tar_record(key: str, members: dict[str, bytes]) -> bytes:
@@ -111,9 +165,7 @@ def tar_record(key: str, members: dict[str, bytes]) -> bytes:
     parts = []
     for ext in sorted(members):
         data = members[ext]
-        info = tarfile.TarInfo(f"{key}.{ext}")
-        info.size, info.mode, info.mtime = len(data), 0o444, 0
-        parts += [info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"), data, bytes(-len(data) % 512)]
+        parts += [ustar_header(f"{key}.{ext}", len(data)), data, bytes(-len(data) % 512)]
     return b"".join(parts)
 
 
@@ -121,6 +173,12 @@ def npy_bytes(array: np.ndarray) -> bytes:
     out = io.BytesIO()
     np.save(out, array, allow_pickle=False)
     return out.getvalue()
+
+
+def npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """The .npy header every window of one video shares; header + array.tobytes() is a .npy file."""
+    empty = np.zeros(shape, dtype)
+    return npy_bytes(empty)[: -empty.nbytes]
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -145,25 +203,21 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
     n = len(labels)
     frames = np.flatnonzero(labels != UNLABELLED) + 1 if video.split != "test" else np.arange(1, n + 1)
 
-    readable, corrupt = {}, 0
-    for f in sorted(crops):
-        data = crops[f].read_bytes()
-        if valid_jpeg(data):
-            readable[f] = data
-        else:
-            corrupt += 1
+    readable, corrupt = usable_crops(crops, frames)
     dropped: Counter = Counter()
     have = np.array(sorted(readable), dtype=np.int64)
-    if len(have) == 0:
+    own = np.isin(frames, have)
+    if not readable:
         dropped["no readable crop in the video"] = len(frames)
         keep = np.zeros(len(frames), bool)
     elif params.missing == "skip" and video.split != "test":  # test frames always need a prediction
-        keep = np.isin(frames, have)
+        keep = own
         dropped["no crop (--missing skip)"] = int((~keep).sum())
     else:
         keep = np.ones(len(frames), bool)
     frames = frames[keep]
-    source = nearest(have, frames) if len(have) else frames
+    source = np.array([f if f in readable else fill_source(f, crops, readable, corrupt) for f in frames.tolist()])
+    source = source.astype(np.int64) if len(source) else frames
 
     mel = audio.log_mel(media.audio, params.mel) if media.audio is not None else None
     columns = audio.frame_columns(mel, n, fps, params.mel, params.mel.n_mels)
@@ -172,6 +226,7 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
     flags = purity_flags(labels)
 
     half = columns.astype(np.float16)
+    header = npy_header((params.mel.n_mels, 2 * audio.WIDEST), np.float16)
     extents = []
     tmp = work / f"{video.name}.tar.tmp"
     with open(tmp, "wb") as fh:
@@ -193,19 +248,20 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
                 f"{video.name}/{f:05d}",
                 {
                     "jpg": readable[src],
-                    "mel.npy": npy_bytes(audio.window(half, f)),
+                    "mel.npy": header + audio.window(half, f).tobytes(),
                     "cls": str(label).encode(),
                     "json": json.dumps(meta, sort_keys=True).encode(),
                 },
             )
-            extents.append((fh.tell(), len(record)))
+            extents.append((f, fh.tell(), len(record)))
             fh.write(record)
         fh.write(TAR_END)
     os.replace(tmp, work / f"{video.name}.tar")
+    atomic_write(work / f"{video.name}.idx.npy", npy_bytes(np.array(extents, np.int64).reshape(-1, 3)))
 
     packed = labels[frames - 1]
     all_labelled = labels[labels != UNLABELLED]
-    with_crop = np.isin(np.arange(1, n + 1), have) & (labels != UNLABELLED)
+    with_crop = np.isin(np.arange(1, n + 1), have) & (labels != UNLABELLED)  # own readable crop
     record = {
         "split": video.split,
         "fold": group,
@@ -220,14 +276,12 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
         "with_crop_class_counts": np.bincount(labels[with_crop], minlength=NUM_CLASSES).tolist(),
         "samples": int(len(frames)),
         "filled": int((source != frames).sum()),
-        "corrupt_crops": corrupt,
+        "corrupt_crops": len(corrupt),
         "dropped": dict(dropped),
         "class_counts": np.bincount(packed[packed >= 0], minlength=NUM_CLASSES).tolist(),
         "labelled_class_counts": np.bincount(all_labelled, minlength=NUM_CLASSES).tolist(),
         "window_counts": flags[frames - 1].sum(0).tolist(),
         "window_patterns": window_patterns(packed, flags[frames - 1]),
-        "sample_frames": frames.tolist(),
-        "extents": extents,
         "mel_sum": float(inside.sum()),
         "mel_sumsq": float((inside**2).sum()),
         "mel_count": int(inside.size),
@@ -246,52 +300,56 @@ def window_patterns(labels: np.ndarray, flags: np.ndarray) -> list[list[int]]:
     return out.tolist()
 
 
-def clips(frames: list[int], clip_len: int) -> list[tuple[int, int]]:
+def clips(frames: np.ndarray, clip_len: int) -> list[tuple[int, int]]:
     """[start, end) index ranges of runs of consecutive frames, cut to at most clip_len."""
-    out, start = [], 0
-    for i in range(1, len(frames) + 1):
-        if i == len(frames) or frames[i] != frames[i - 1] + 1 or i - start == clip_len:
-            out.append((start, i))
-            start = i
+    breaks = np.flatnonzero(np.diff(frames) != 1) + 1
+    out = []
+    for start, end in zip(np.r_[0, breaks], np.r_[breaks, len(frames)], strict=True):
+        out += [(int(s), int(min(s + clip_len, end))) for s in range(start, end, clip_len)]
     return out
 
 
-def group_plan(records: dict[str, dict], group: str, params: PackParams) -> list[tuple[str, int, int]]:
-    """The group's clips in their shuffled order: (video, start, end) over the video's samples."""
-    all_clips = [
-        (name, s, e)
+def group_plan(
+    records: dict[str, dict], group: str, params: PackParams, work: Path
+) -> tuple[list[tuple[str, int, int]], dict[str, np.ndarray]]:
+    """The group's clips in their shuffled order, (video, start, end) over each video's spool index
+    rows (frame, offset, length); memory grows with the group's clips, not with its frames' bytes."""
+    index = {
+        name: np.load(work / f"{name}.idx.npy", allow_pickle=False)
         for name in sorted(records)
         if records[name]["fold"] == group
-        for s, e in clips(records[name]["sample_frames"], params.clip_len)
-    ]
+    }
+    all_clips = [(name, s, e) for name, rows in index.items() for s, e in clips(rows[:, 0], params.clip_len)]
     tag = int(group[4:]) if group.startswith("fold") else 1000
     order = np.random.default_rng([params.seed, tag]).permutation(len(all_clips))
-    return [all_clips[i] for i in order]
+    return [all_clips[i] for i in order], index
 
 
 def write_group(job: tuple[str, dict[str, dict], PackParams, Path, Path]) -> list[dict]:
     """Pass 2 for one fold group: copies each sample's tar records from its spool, clip by clip;
     returns the group's shards with their sample counts."""
     group, records, params, work, out = job
-    plan = group_plan(records, group, params)
-    flat = [(name, i) for name, s, e in plan for i in range(s, e)]
+    plan, index = group_plan(records, group, params, work)
+    total = sum(e - s for _, s, e in plan)
+    rows = ((name, i) for name, s, e in plan for i in range(s, e))
     shards = []
     with contextlib.ExitStack() as stack:
         spools = {}
-        for k, begin in enumerate(range(0, len(flat), params.samples_per_shard)):
-            chunk = flat[begin : begin + params.samples_per_shard]
+        for k, begin in enumerate(range(0, total, params.samples_per_shard)):
+            chunk = itertools.islice(rows, params.samples_per_shard)
             path = out / f"{group}-{k:06d}.tar"
-            shards.append({"name": path.name, "samples": len(chunk)})
+            shards.append({"name": path.name, "samples": min(params.samples_per_shard, total - begin)})
             if path.exists():
+                collections.deque(chunk, maxlen=0)  # already written by an earlier run
                 continue
             tmp = path.with_name(path.name + ".tmp")
             with open(tmp, "wb") as fh:
                 for name, i in chunk:
                     if name not in spools:
                         spools[name] = stack.enter_context(open(work / f"{name}.tar", "rb"))
-                    offset, length = records[name]["extents"][i]
-                    spools[name].seek(offset)
-                    fh.write(spools[name].read(length))
+                    _, offset, length = index[name][i]
+                    spools[name].seek(int(offset))
+                    fh.write(spools[name].read(int(length)))
                 fh.write(TAR_END)
             os.replace(tmp, path)
     return shards
@@ -322,7 +380,7 @@ def manifest_of(records: dict[str, dict], shards: dict[str, list[dict]], params:
     mean = sum(r["mel_sum"] for r in records.values()) / max(count, 1)
     var = sum(r["mel_sumsq"] for r in records.values()) / max(count, 1) - mean**2
     videos = {
-        name: {k: v for k, v in r.items() if k not in ("sample_frames", "extents", "mel_sum", "mel_sumsq", "mel_count")}
+        name: {k: v for k, v in r.items() if k not in ("mel_sum", "mel_sumsq", "mel_count")}
         for name, r in sorted(records.items())
     }
     groups = {}
@@ -394,7 +452,9 @@ def pack(
     atomic_write(stamp_path, json.dumps(stamp).encode())
     groups = assign_folds(videos, params.folds, params.n_folds, params.seed)
     records: dict[str, dict] = {}
-    with Pool(max(1, workers)) as pool:
+    # forkserver: workers never inherit a parent's OpenMP state (torch's STFT in a forked child
+    # deadlocks once the parent has run a parallel region)
+    with multiprocessing.get_context("forkserver").Pool(max(1, workers)) as pool:
         jobs = [(v, groups[v.name], params, work) for v in videos]
         for name, record in pool.imap_unordered(pack_video, jobs):
             records[name] = record

@@ -16,9 +16,9 @@ paper 000's Table 1, and a mix of containers, frame rates and a video without au
 from __future__ import annotations
 
 import io
+import multiprocessing
 from dataclasses import dataclass
 from fractions import Fraction
-from multiprocessing import Pool
 from pathlib import Path
 
 import av
@@ -275,7 +275,7 @@ def synthesize(
     out = Path(out)
     jobs = [(out, p, seed, i, length) for i, p in enumerate(plan(n_videos))]
     total = 0
-    with Pool(max(1, workers)) as pool:
+    with multiprocessing.get_context("forkserver").Pool(max(1, workers)) as pool:
         for labelled in pool.imap_unordered(make_video, jobs):
             total += labelled
             if progress is not None:

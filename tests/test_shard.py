@@ -1,5 +1,8 @@
 import io
 import json
+import shutil
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 
@@ -99,3 +102,21 @@ def test_shards_are_clips_of_consecutive_frames(shards):
     )
     assert consecutive > 0.7 * len(keys)
     assert len({k.split("/")[0] for k in keys}) > 1  # clips of several videos shuffled together
+
+
+def test_inspect_command_reads_the_tars(shards, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "fer_dist.cli", "inspect", str(shards), "--json"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["agrees"] and report["samples"] == read_manifest(shards)["totals"]["samples"]
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    victim = sorted(copy.glob("fold1-*.tar"))[0]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a truncated shard
+    result = subprocess.run(
+        [sys.executable, "-m", "fer_dist.cli", "inspect", str(copy)], capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert f"shard {victim.name}: manifest" in result.stdout and "disagree" in result.stdout
