@@ -89,7 +89,7 @@ def balanced(src, copies: np.ndarray, base: str):
 
 
 def shuffled(src, bufsize: int, base: str):
-    yield from wds.filters._shuffle(src, bufsize, min(bufsize, 100), rng=worker_rng(base, "shuffle"))
+    yield from wds.shuffle(bufsize, min(bufsize, 100), rng=worker_rng(base, "shuffle"))(src)
 
 
 def decode(sample: dict) -> dict:
