@@ -72,13 +72,13 @@ def log_mel(audio: np.ndarray, p: MelParams) -> np.ndarray:
     return torch.log(mel + 1e-6).numpy()
 
 
-def frame_columns(mel: np.ndarray | None, n_frames: int, fps: Fraction, p: MelParams, n_mels: int) -> np.ndarray:
+def frame_columns(mel: np.ndarray | None, n_frames: int, fps: Fraction, p: MelParams) -> np.ndarray:
     """[n_mels, n_frames + 2 * WIDEST] float32: column WIDEST + i - 1 belongs to frame i.
 
     Columns before frame 1, after the last frame, and past the end of the audio are silence, so
     edge windows keep their width; `padding` tells how many of a window's columns that is.
     """
-    out = np.full((n_mels, n_frames + 2 * WIDEST), SILENCE, np.float32)
+    out = np.full((p.n_mels, n_frames + 2 * WIDEST), SILENCE, np.float32)
     if mel is None or mel.shape[1] == 0:
         return out
     pos = np.arange(n_frames) / float(fps) * p.sample_rate / p.hop  # fractional column of each frame

@@ -18,17 +18,19 @@ from fer_dist.windows import NAMES
 MEMBERS = {"cls", "jpg", "json", "mel.npy"}
 
 
+def empty_video() -> dict:
+    return {
+        "samples": 0,
+        "filled": 0,
+        "class_counts": [0] * NUM_CLASSES,
+        "window_counts": [0] * len(NAMES),
+        "group": None,
+    }
+
+
 def survey(folder: Path) -> dict:
     """Counts per video, class, group and shard, straight from the tars."""
-    videos: dict[str, dict] = defaultdict(
-        lambda: {
-            "samples": 0,
-            "filled": 0,
-            "class_counts": [0] * NUM_CLASSES,
-            "window_counts": [0] * len(NAMES),
-            "group": None,
-        }
-    )
+    videos: dict[str, dict] = defaultdict(empty_video)
     groups: dict[str, Counter] = defaultdict(Counter)
     shards, problems, seen = {}, [], set()
     for path in sorted(Path(folder).glob("*.tar")):
@@ -86,16 +88,7 @@ def compare(found: dict, manifest: dict) -> list[str]:
         if listed.get(name) != found["shards"].get(name):
             diffs.append(f"shard {name}: manifest {listed.get(name)}, tars {found['shards'].get(name)}")
     for name, record in manifest["videos"].items():
-        got = found["videos"].get(
-            name,
-            {
-                "samples": 0,
-                "filled": 0,
-                "class_counts": [0] * NUM_CLASSES,
-                "window_counts": [0] * len(NAMES),
-                "group": None,
-            },
-        )
+        got = found["videos"].get(name) or empty_video()
         for key in ("samples", "filled", "class_counts", "window_counts"):
             if got[key] != record[key]:
                 diffs.append(f"video {name}: {key} manifest {record[key]}, tars {got[key]}")

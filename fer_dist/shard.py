@@ -18,7 +18,6 @@ import json
 import multiprocessing
 import os
 import shutil
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -204,7 +203,7 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
     frames = np.flatnonzero(labels != UNLABELLED) + 1 if video.split != "test" else np.arange(1, n + 1)
 
     readable, corrupt = usable_crops(crops, frames)
-    dropped: Counter = Counter()
+    dropped: collections.Counter = collections.Counter()
     have = np.array(sorted(readable), dtype=np.int64)
     own = np.isin(frames, have)
     if not readable:
@@ -220,7 +219,7 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
     source = source.astype(np.int64) if len(source) else frames
 
     mel = audio.log_mel(media.audio, params.mel) if media.audio is not None else None
-    columns = audio.frame_columns(mel, n, fps, params.mel, params.mel.n_mels)
+    columns = audio.frame_columns(mel, n, fps, params.mel)
     audio_frames = int(np.ceil(len(media.audio) / params.mel.sample_rate * float(fps))) if mel is not None else 0
     inside = columns[:, audio.WIDEST : audio.WIDEST + min(n, audio_frames)].astype(np.float64)
     flags = purity_flags(labels)
@@ -391,14 +390,14 @@ def manifest_of(records: dict[str, dict], shards: dict[str, list[dict]], params:
             "samples": sum(s["samples"] for s in group_shards),
             "class_counts": np.sum([r["class_counts"] for r in members], axis=0).astype(int).tolist(),
             "window_patterns": np.sum([r["window_patterns"] for r in members], axis=0).astype(int).tolist(),
-            "videos": sum(1 for _ in members),
+            "videos": len(members),
         }
 
     def total(key: str) -> int | list[int]:
         values = [r[key] for r in records.values()]
         return np.sum(values, axis=0).astype(int).tolist() if values else 0
 
-    dropped: Counter = Counter()
+    dropped: collections.Counter = collections.Counter()
     for r in records.values():
         dropped.update(r["dropped"])
     return {

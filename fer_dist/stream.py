@@ -55,9 +55,13 @@ def class_copies(manifest: dict, groups: list[str], cfg: DataConfig) -> np.ndarr
     return balance.expected_copies(counts, cfg.balance, cfg.max_repeat)
 
 
-def worker_rng(base: str, stage: str) -> random.Random:
+def worker_id() -> int:
     info = get_worker_info()
-    return random.Random(f"{base}/worker{info.id if info else 0}/{stage}")
+    return info.id if info else 0
+
+
+def worker_rng(base: str, stage: str) -> random.Random:
+    return random.Random(f"{base}/worker{worker_id()}/{stage}")
 
 
 def parse(src):
@@ -144,7 +148,7 @@ def train_loader(
     shard_seed = int.from_bytes(random.Random(base).randbytes(4), "little")
     copies = class_copies(manifest, groups, cfg)
     pipeline = wds.DataPipeline(
-        wds.ResampledShards(urls, seed=shard_seed, deterministic=True, worker_seed=lambda: _worker_id()),
+        wds.ResampledShards(urls, seed=shard_seed, deterministic=True, worker_seed=worker_id),
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
         parse,
         lambda src: pick_window(src, cfg.train_windows, cfg.no_window, base),
@@ -155,11 +159,6 @@ def train_loader(
     )
     n = batches_per_epoch(manifest, groups, cfg, world)
     return _loader(pipeline, cfg.workers).with_epoch(n), n
-
-
-def _worker_id() -> int:
-    info = get_worker_info()
-    return info.id if info else 0
 
 
 def eval_loader(cfg: DataConfig, manifest: dict, group: str, *, rank: int, world: int) -> wds.WebLoader | list:

@@ -38,7 +38,7 @@ from fer_dist.metrics import confusion, f1_per_class
 from fer_dist.models import build
 from fer_dist.models.losses import multi_head_ce
 from fer_dist.shard import read_manifest
-from fer_dist.stream import eval_loader, train_loader
+from fer_dist.stream import batches_per_epoch, eval_loader, train_loader, training_groups
 
 console = Console(stderr=True)
 
@@ -174,7 +174,7 @@ def run(cfg: config_lib.Config, evaluate_weights: str | None = None) -> dict | N
 def fit(accelerator, model, cfg: config_lib.Config, manifest: dict, bar: Progress) -> dict | None:
     run_dir = Path(cfg.train.run_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
-    _, steps = train_loader(cfg.data, manifest, seed=cfg.train.seed, epoch=0, rank=rank, world=world)
+    steps = batches_per_epoch(manifest, training_groups(manifest, cfg.data.holdout_fold), cfg.data, world)
     optimizer = make_optimizer(cfg.optim, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim, steps * cfg.train.epochs))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)

@@ -70,7 +70,7 @@ def test_window_flags_and_mel_windows(synthetic, shards):
     flags = purity_flags(labels)
     p = MelParams()
     media = read_media(v.media, p.sample_rate)
-    columns = frame_columns(log_mel(media.audio, p), len(labels), media.fps, p, p.n_mels)
+    columns = frame_columns(log_mel(media.audio, p), len(labels), media.fps, p)
     checked = 0
     for s in samples(shards):
         meta = json.loads(s["json"])
