@@ -1,10 +1,16 @@
 """Batched, on-device preparation of decoded batches: the CPU workers only decode.
 
-Crops are resized to the model's size, flipped and normalised; each sample's audio window is
-cut from the stored widest window and resized to the audio input in one `grid_sample` call.
+Crops are resized to the model's size; in training each one then goes through one random affine
+warp (random resized crop, small rotation, horizontal flip) and a colour jitter, all as batched
+tensor operations. Each sample's audio window is cut from the stored widest window and resized to
+the audio input in one `grid_sample` call. Clip-mode batches ([B, L, ...]) are flattened to frames
+and every frame of a run gets its run's augmentation. `mix` then blends pairs of samples (mixup,
+or Remix, which moves the label towards the minority class).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +19,7 @@ from fer_dist.config import DataConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+GRAY = (0.299, 0.587, 0.114)
 
 
 def crop_resize_windows(mel: torch.Tensor, window: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -27,17 +34,103 @@ def crop_resize_windows(mel: torch.Tensor, window: torch.Tensor, size: tuple[int
     return F.grid_sample(mel.unsqueeze(1), grid, mode="bilinear", align_corners=False)
 
 
+def uniform(n: int, low: float, high: float, device: torch.device) -> torch.Tensor:
+    return torch.empty(n, device=device).uniform_(low, high)
+
+
+def per_run(values: torch.Tensor, length: int) -> torch.Tensor:
+    return values.repeat_interleave(length, dim=0)
+
+
+def random_affine(n: int, cfg: DataConfig, device: torch.device) -> torch.Tensor:
+    """[n, 2, 3] maps from output to input coordinates: random resized crop, rotation, flip."""
+    area = uniform(n, *cfg.crop_scale, device)
+    low = area.log().clamp(min=math.log(3 / 4))  # aspect ratios in [3/4, 4/3] that fit the crop inside
+    high = (-area.log()).clamp(max=math.log(4 / 3))
+    log_ratio = low + (high - low) * torch.rand(n, device=device)
+    width, height = torch.sqrt(area * log_ratio.exp()), torch.sqrt(area / log_ratio.exp())
+    angle = uniform(n, -cfg.rotation, cfg.rotation, device) * math.pi / 180
+    flip = torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0) if cfg.hflip else torch.ones(n, device=device)
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.zeros(n, 2, 3, device=device)
+    theta[:, 0, 0] = width * cos * flip
+    theta[:, 0, 1] = -width * sin
+    theta[:, 1, 0] = height * sin * flip
+    theta[:, 1, 1] = height * cos
+    theta[:, 0, 2] = uniform(n, -1, 1, device) * (1 - width)
+    theta[:, 1, 2] = uniform(n, -1, 1, device) * (1 - height)
+    return theta
+
+
+def color_jitter(image: torch.Tensor, strength: float, length: int = 1) -> torch.Tensor:
+    """Brightness, contrast and saturation, each scaled by a factor in 1 +- strength, one factor
+    per run of `length` frames; image in [0, 1]."""
+    runs = image.shape[0] // length
+
+    def factor() -> torch.Tensor:
+        return per_run(uniform(runs, 1 - strength, 1 + strength, image.device), length)[:, None, None, None]
+
+    gray = (image * torch.tensor(GRAY, device=image.device)[:, None, None]).sum(1, keepdim=True)
+    image = image * factor()
+    image = (image - gray.mean((2, 3), keepdim=True)) * factor() + gray.mean((2, 3), keepdim=True)
+    image = (image - gray) * factor() + gray
+    return image.clamp_(0, 1)
+
+
 def prepare(batch: dict, device: torch.device, cfg: DataConfig, mel_stats: dict, train: bool) -> dict:
-    """Model inputs `image` [B, 3, S, S] and `audio` [B, 1, H, W] on `device`."""
-    image = batch["image"].to(device, non_blocking=True).float().div_(255)
+    """Model inputs `image` [..., 3, S, S] and `audio` [..., 1, H, W] on `device` (leading dims kept)."""
+    lead = batch["image"].shape[:-3]
+    runs, length = lead[0], math.prod(lead[1:])
+    image = batch["image"].to(device, non_blocking=True).flatten(0, len(lead) - 1).float().div_(255)
     if image.shape[-1] != cfg.image_size or image.shape[-2] != cfg.image_size:
         image = F.interpolate(image, size=(cfg.image_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
-    if train and cfg.hflip:
-        flip = torch.rand(image.shape[0], device=device) < 0.5
-        image = torch.where(flip[:, None, None, None], image.flip(-1), image)
+    if train:
+        theta = per_run(random_affine(runs, cfg, device), length)
+        grid = F.affine_grid(theta, list(image.shape), align_corners=False)
+        image = F.grid_sample(image, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        if cfg.color_jitter:
+            image = color_jitter(image, cfg.color_jitter, length)
     mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
     std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
     image = (image - mean) / std
-    mel = (batch["mel"].to(device, non_blocking=True).float() - mel_stats["mean"]) / mel_stats["std"]
-    audio = crop_resize_windows(mel, batch["window"].to(device), tuple(cfg.audio_size))
-    return {"image": image, "audio": audio}
+    mel = batch["mel"].to(device, non_blocking=True).flatten(0, len(lead) - 1).float()
+    mel = (mel - mel_stats["mean"]) / mel_stats["std"]
+    audio = crop_resize_windows(mel, batch["window"].to(device).flatten(0, len(lead) - 1), tuple(cfg.audio_size))
+    return {"image": image.unflatten(0, lead), "audio": audio.unflatten(0, lead)}
+
+
+def remix_label_weight(
+    lam: torch.Tensor, n_i: torch.Tensor, n_j: torch.Tensor, kappa: float, tau: float
+) -> torch.Tensor:
+    """lambda_y of Remix (Chou et al. 2020, as used by paper 001): the mixed label's share of y_i.
+
+    The label goes wholly to the minority sample when the majority one is >= kappa times as
+    frequent and the minority sample's share of the mix is above 1 - tau."""
+    ratio = n_i / n_j
+    lam_y = torch.where((ratio >= kappa) & (lam < tau), torch.zeros_like(lam), lam)
+    return torch.where((ratio <= 1 / kappa) & (1 - lam < tau), torch.ones_like(lam), lam_y)
+
+
+def mix(
+    inputs: dict, labels: torch.Tensor, cfg: DataConfig, class_counts: torch.Tensor, num_classes: int
+) -> tuple[dict, torch.Tensor]:
+    """Mixup or Remix over the batch: inputs blended with a shuffled copy, soft targets [..., C]."""
+    b = labels.shape[0]
+    lam = torch.distributions.Beta(cfg.mix_alpha, cfg.mix_alpha).sample((b,)).to(labels.device)
+    perm = torch.randperm(b, device=labels.device)
+    y_i, y_j = labels, labels[perm]
+    lam_x = lam.view(b, *[1] * (labels.dim() - 1))
+    lam_y = lam_x.expand_as(labels).clone()
+    if cfg.mix == "remix":
+        counts = class_counts.to(labels.device).float()
+        n_i, n_j = counts[y_i.clamp(min=0)], counts[y_j.clamp(min=0)]
+        lam_y = remix_label_weight(lam_y, n_i, n_j, cfg.remix_kappa, cfg.remix_tau)
+    lam_y = torch.where(y_j < 0, torch.ones_like(lam_y), lam_y)  # a clip's padding lends no label
+    one_hot_i = F.one_hot(y_i.clamp(min=0), num_classes).float()
+    one_hot_j = F.one_hot(y_j.clamp(min=0), num_classes).float()
+    target = lam_y[..., None] * one_hot_i + (1 - lam_y[..., None]) * one_hot_j
+    mixed = {}
+    for name, x in inputs.items():
+        w = lam.view(b, *[1] * (x.dim() - 1))
+        mixed[name] = w * x + (1 - w) * x[perm]
+    return mixed, target

@@ -1,36 +1,85 @@
 """Class-balanced resampling as expected copies per read sample.
 
-With source class shares p_c and a target distribution t_c, a read sample of class c is emitted
-m_c = t_c / p_c times in expectation (stochastic rounding: floor(m) copies plus one more with
-probability m - floor(m)). The mean number of copies is 1, so an epoch reads as many samples as
-it emits; majority classes are thinned (a dropped frame is never decoded) and minority classes
-repeated. Targets follow the class-balanced family t_c ~ n_c^q (Kang et al. 2020): q = 1 natural,
-1/2 square-root, 0 uniform.
+A read training sample of video v and class c is emitted e_vc times in expectation, by stochastic
+rounding (floor(e) copies plus one more with probability e - floor(e)), so a frame given no copy
+is never decoded. The expectation is the product of three factors:
+
+    e_vc = keep_c * cap_vc * m_c
+
+- cap_vc = min(1, N_c / n_vc): the per-(video, class) cap of paper 001 (Transformer-based
+  Multimodal Information Fusion for Facial Expression Analysis), at most N_c frames of class c
+  from one video per pass, against identity as well as class imbalance;
+- keep_c: the majority-class subsampling of paper 000, a kept fraction per class;
+- m_c = t_c / p_c: reshapes the capped, subsampled source distribution p to the target t, at
+  most `max_repeat`. Targets follow t_c ~ n_c^q (Kang et al. 2020): q = 1 natural, 1/2 sqrt,
+  0 uniform; or explicit per-class weights.
+
+Without caps and subsampling the mean of e over the source is 1: an epoch reads as many samples
+as it emits.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import numpy as np
 
 EXPONENT = {"natural": 1.0, "sqrt": 0.5, "uniform": 0.0}
+FAMILIES = (*EXPONENT, "weights")
 
 
-def target_distribution(counts: np.ndarray, family: str) -> np.ndarray:
+@dataclass(frozen=True)
+class Plan:
+    copies: dict[str, np.ndarray]  # video -> expected copies of a read sample, per class
+    read: np.ndarray  # usable frames per class, one pass over the source
+    emitted: np.ndarray  # expected copies emitted per class for one pass
+    target: np.ndarray  # the configured target class distribution
+    discarded_fraction: float  # expected share of read samples given no copy
+
+
+def target_distribution(counts: np.ndarray, family: str, weights: list[float] | None = None) -> np.ndarray:
     counts = np.asarray(counts, float)
     present = counts > 0
-    target = np.where(present, np.power(np.maximum(counts, 1), EXPONENT[family]), 0.0)
+    if family == "weights":
+        target = np.where(present, np.asarray(weights, float), 0.0)
+    else:
+        target = np.where(present, np.power(np.maximum(counts, 1), EXPONENT[family]), 0.0)
     return target / target.sum()
 
 
-def expected_copies(counts: np.ndarray, family: str, max_repeat: float) -> np.ndarray:
+def expected_copies(counts: np.ndarray, target: np.ndarray, max_repeat: float) -> np.ndarray:
     """m_c per class (0 for classes absent from the source), capped at max_repeat."""
     counts = np.asarray(counts, float)
     source = counts / counts.sum()
-    target = target_distribution(counts, family)
     copies = np.divide(target, source, out=np.zeros_like(source), where=source > 0)
     return np.minimum(copies, max_repeat)
+
+
+def plan(
+    counts_by_video: dict[str, np.ndarray],
+    family: str,
+    *,
+    weights: list[float] | None = None,
+    keep: list[float] | None = None,
+    caps: list[int] | None = None,
+    max_repeat: float = 8.0,
+) -> Plan:
+    """Expected copies per (video, class) from the usable frame counts n_vc of the source.
+
+    `caps[c]` = 0 and `keep[c]` = 1 leave class c uncapped and unthinned."""
+    videos = sorted(counts_by_video)
+    n = np.array([counts_by_video[v] for v in videos], float).reshape(len(videos), -1)
+    keep_c = np.ones(n.shape[1]) if keep is None else np.asarray(keep, float)
+    cap_c = np.zeros(n.shape[1]) if caps is None else np.asarray(caps, float)
+    capped = np.where((cap_c > 0) & (n > cap_c), np.divide(cap_c, n, out=np.ones_like(n), where=n > 0), 1.0)
+    kept = keep_c * capped
+    source = (n * kept).sum(0)
+    target = target_distribution(source, family, weights)
+    factor = expected_copies(source, target, max_repeat) if source.sum() else np.zeros_like(source)
+    copies = kept * factor
+    discarded = float((n * np.maximum(0.0, 1.0 - copies)).sum() / max(1.0, n.sum()))
+    return Plan(dict(zip(videos, copies, strict=True)), n.sum(0), (n * copies).sum(0), target, discarded)
 
 
 def draw_copies(mean: float, rng: random.Random) -> int:

@@ -18,6 +18,10 @@ from typing import Any
 
 import yaml
 
+from fer_dist.affwild2 import CLASSES
+
+N_CLASSES = len(CLASSES)
+
 
 class ConfigError(ValueError):
     pass
@@ -31,15 +35,29 @@ class DataConfig:
     eval_batch_size: int = 64
     workers: int = 4  # DataLoader processes per rank (decode only)
     shuffle_buffer: int = 2000  # samples, held undecoded
-    epoch_samples: int = 0  # samples per epoch over all ranks; 0: the training groups' size
-    balance: str = "sqrt"  # target class distribution: natural | sqrt | uniform
+    epoch_samples: int = 0  # samples per epoch over all ranks; 0: one expected pass over the training groups
+    # Class-balanced resampling (fer_dist.balance); per-class lists are in CLASSES order.
+    balance: str = "sqrt"  # target class distribution: natural | sqrt | uniform | weights
+    class_weights: list[float] = field(default_factory=list)  # the target when balance = weights
+    video_cap: list[int] = field(default_factory=list)  # at most N frames per (video, class) a pass; 0: no cap
+    subsample: list[float] = field(default_factory=list)  # kept fraction per class (majority subsampling)
     max_repeat: float = 8.0  # at most this many expected copies of one read sample
-    image_size: int = 224  # crops are resized to this on the device
-    audio_size: list[int] = field(default_factory=lambda: [224, 224])  # log-mel window resized to this
+    # Dynamic sampling (paper 000): one of a frame's pure audio windows, drawn at every read.
     train_windows: list[str] = field(default_factory=lambda: ["s", "m", "l"])
     eval_window: str = "l"
-    no_window: str = "drop"  # a training frame with no pure window: drop | widest
+    no_window: str = "drop"  # a training frame with no pure window: drop | widest (image-only models)
+    sequence_length: int = 0  # > 0: clip mode, runs of this many consecutive frames (sequence models)
+    # Augmentation, batched on the training device after collation.
+    image_size: int = 224  # crops are resized to this on the device
+    audio_size: list[int] = field(default_factory=lambda: [224, 224])  # log-mel window resized to this
     hflip: bool = True
+    rotation: float = 10.0  # degrees, uniform in +-rotation
+    crop_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])  # random resized crop, area fraction
+    color_jitter: float = 0.2  # brightness, contrast and saturation factors in 1 +- color_jitter
+    mix: str = "none"  # batch mixing: none | mixup | remix
+    mix_alpha: float = 1.0  # lambda ~ Beta(alpha, alpha)
+    remix_kappa: float = 3.0  # Remix (paper 001): class-count ratio that moves the label to the minority
+    remix_tau: float = 0.5  # ... when the minority sample's share of the mix is above 1 - tau
 
 
 @dataclass
@@ -133,12 +151,38 @@ def from_dict(raw: dict) -> Config:
     return cfg
 
 
+def per_class(key: str, what: str) -> str:
+    return f"data.{key}: empty or {N_CLASSES} {what}, one per class in the order {', '.join(CLASSES)}"
+
+
 def validate(cfg: Config) -> None:
     d = cfg.data
     checks = [
         (
-            d.balance in ("natural", "sqrt", "uniform"),
-            f"data.balance must be natural, sqrt or uniform, not {d.balance!r}",
+            d.balance in ("natural", "sqrt", "uniform", "weights"),
+            f"data.balance must be natural, sqrt, uniform or weights, not {d.balance!r}",
+        ),
+        (
+            d.balance != "weights"
+            or len(d.class_weights) == N_CLASSES
+            and min(d.class_weights) >= 0 < sum(d.class_weights),
+            f"data.balance = weights needs data.class_weights: {N_CLASSES} non-negative numbers, not all zero",
+        ),
+        (len(d.video_cap) in (0, N_CLASSES) and min(d.video_cap, default=0) >= 0, per_class("video_cap", "counts")),
+        (
+            len(d.subsample) in (0, N_CLASSES) and all(0 < k <= 1 for k in d.subsample),
+            per_class("subsample", "in (0, 1]"),
+        ),
+        (d.sequence_length >= 0, "data.sequence_length must be 0 (frames) or positive"),
+        (d.rotation >= 0 and 0 <= d.color_jitter < 1, "data.rotation >= 0 and 0 <= data.color_jitter < 1"),
+        (
+            len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
+            "data.crop_scale: [min, max] in (0, 1]",
+        ),
+        (d.mix in ("none", "mixup", "remix"), f"data.mix must be none, mixup or remix, not {d.mix!r}"),
+        (
+            d.mix_alpha > 0 and d.remix_kappa >= 1 and 0 <= d.remix_tau <= 1,
+            "data.mix_alpha > 0, remix_kappa >= 1, 0 <= remix_tau <= 1",
         ),
         (
             set(d.train_windows) <= {"s", "m", "l"} and d.train_windows,

@@ -3,19 +3,24 @@
 Training, per rank and epoch:
 
     resampled shards of the training groups (seeded per seed, epoch, rank, worker)
-    -> tar samples -> parse label and window flags (tiny members only)
-    -> pick a usable window -> class-balanced copies -> shuffle (undecoded) -> decode -> batch
+    -> tar samples -> parse label and metadata (tiny members only) -> pick a pure audio window
+    -> [clip mode: runs of consecutive frames] -> class-balanced copies -> shuffle (undecoded)
+    -> decode -> batch
 
 and the loader stops after a fixed number of batches, the same on every rank. Evaluation reads
 the held-out group's shards, split by rank then by worker, in order: every frame exactly once
 over all ranks. Neither loader goes through `accelerator.prepare`: WebDataset already splits the
 data, and a second split by Accelerate would silently drop half of it.
+
+Each worker counts what it reads, drops and emits, and the corrupt shards and samples it skips;
+every batch carries its worker's running counts, and `tally` sums the last of each worker.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -24,35 +29,103 @@ import torch
 import webdataset as wds
 from torch.utils.data import get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from fer_dist import balance
-from fer_dist.config import DataConfig
+from fer_dist.config import ConfigError, DataConfig
 from fer_dist.windows import NAMES, column_span
+
+log = logging.getLogger(__name__)
+
+COUNTS = ("read", "no_window", "discarded", "emitted", "corrupt_shards", "corrupt_samples")
+
+
+class Counter:
+    """One worker's running counts; its methods are the pipeline's fault handlers."""
+
+    def __init__(self) -> None:
+        self.values = np.zeros(len(COUNTS), np.int64)
+
+    def add(self, name: str, n: int = 1) -> None:
+        self.values[COUNTS.index(name)] += n
+
+    def _skip(self, name: str, exn: Exception) -> bool:
+        self.add(name)
+        log.warning("skipped a %s: %s", name.removeprefix("corrupt_").rstrip("s"), exn)
+        return True
+
+    def shard_fault(self, exn: Exception) -> bool:
+        return self._skip("corrupt_shards", exn)
+
+    def sample_fault(self, exn: Exception) -> bool:
+        return self._skip("corrupt_samples", exn)
+
+    def snapshot(self) -> torch.Tensor:
+        return torch.tensor([worker_id(), *self.values.tolist()])
+
+
+def tally(latest: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Sum of the last counts seen from each worker (`batch["counts"]`, keyed by its first entry)."""
+    return sum(latest.values(), torch.zeros(len(COUNTS), dtype=torch.long))
+
+
+def describe(total: torch.Tensor) -> dict:
+    counts = dict(zip(COUNTS, (int(v) for v in total), strict=True))
+    thrown_away = counts["no_window"] + counts["discarded"]  # read, parsed, never decoded
+    counts["discarded_fraction"] = thrown_away / max(1, counts["read"])
+    return counts
 
 
 def shard_paths(root: str | Path, manifest: dict, groups: list[str]) -> list[str]:
     return [str(Path(root) / s["name"]) for g in groups for s in manifest["groups"][g]["shards"]]
 
 
+def check(cfg: DataConfig, manifest: dict) -> None:
+    """What the config asks of the shards, checked before anything starts."""
+    if f"fold{cfg.holdout_fold}" not in manifest["groups"]:
+        raise ConfigError(
+            f"data.holdout_fold={cfg.holdout_fold}: the shards have groups {', '.join(manifest['groups'])}"
+        )
+    clip_len = manifest["params"]["clip_len"]
+    if cfg.sequence_length > clip_len:
+        raise ConfigError(
+            f"data.sequence_length={cfg.sequence_length} is longer than the shards' clips ({clip_len} frames); "
+            f"pack them with `fer-dist shard --clip-len {cfg.sequence_length}`"
+        )
+
+
 def training_groups(manifest: dict, holdout: int) -> list[str]:
-    groups = [g for g in manifest["groups"] if g.startswith("fold") and g != f"fold{holdout}"]
-    if f"fold{holdout}" not in manifest["groups"]:
-        raise ValueError(f"data.holdout_fold={holdout}: the shards have groups {', '.join(manifest['groups'])}")
-    return sorted(groups)
+    return sorted(g for g in manifest["groups"] if g.startswith("fold") and g != f"fold{holdout}")
+
+
+def no_window_policy(cfg: DataConfig) -> str:
+    """A sequence needs every frame's audio: clip mode gives window-less frames the widest window."""
+    return "widest" if cfg.sequence_length else cfg.no_window
 
 
 def usable_patterns(cfg: DataConfig) -> list[int]:
     """Window-flag patterns (s + 2m + 4l) of frames the training stream keeps."""
-    if cfg.no_window == "widest":
+    if no_window_policy(cfg) == "widest":
         return list(range(8))
     bits = [1 << NAMES.index(w) for w in cfg.train_windows]
     return [p for p in range(8) if any(p & b for b in bits)]
 
 
-def class_copies(manifest: dict, groups: list[str], cfg: DataConfig) -> np.ndarray:
-    patterns = np.sum([manifest["groups"][g]["window_patterns"] for g in groups], axis=0)
-    counts = patterns[:, usable_patterns(cfg)].sum(1)
-    return balance.expected_copies(counts, cfg.balance, cfg.max_repeat)
+def resampling_plan(manifest: dict, groups: list[str], cfg: DataConfig) -> balance.Plan:
+    usable = usable_patterns(cfg)
+    counts = {
+        name: np.asarray(v["window_patterns"])[:, usable].sum(1)
+        for name, v in manifest["videos"].items()
+        if v.get("fold") in groups
+    }
+    return balance.plan(
+        counts,
+        cfg.balance,
+        weights=cfg.class_weights or None,
+        keep=cfg.subsample or None,
+        caps=cfg.video_cap or None,
+        max_repeat=cfg.max_repeat,
+    )
 
 
 def worker_id() -> int:
@@ -64,14 +137,39 @@ def worker_rng(base: str, stage: str) -> random.Random:
     return random.Random(f"{base}/worker{worker_id()}/{stage}")
 
 
-def parse(src):
+def read_shards(src, counter: Counter, give_up: int = 100):
+    """Tar samples, shard by shard. A shard that cannot be opened or read to its end is counted
+    and skipped; the whole samples read from it before the fault stay in the stream. After
+    `give_up` faults in a row without a sample the stream stops with an error, not a spin."""
+    faults_in_a_row = 0
+    for shard in src:
+        url = shard["url"]
+        try:
+            with wds.gopen(url) as stream:
+                files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+                for sample in group_by_keys(files):
+                    faults_in_a_row = 0
+                    yield sample
+        except Exception as exn:  # noqa: BLE001 - whatever a broken tar raises, the shard is skipped
+            counter.shard_fault(RuntimeError(f"{url}: {exn}"))
+            faults_in_a_row += 1
+            if faults_in_a_row >= give_up:
+                raise RuntimeError(f"{give_up} shards in a row could not be read; the last: {url}") from exn
+
+
+def parse(src, counter: Counter):
     for sample in src:
-        sample["meta"] = json.loads(sample["json"])
-        sample["label"] = int(sample["cls"])
+        try:
+            sample["meta"] = json.loads(sample["json"])
+            sample["label"] = int(sample["cls"])
+        except (KeyError, ValueError) as exn:
+            counter.sample_fault(ValueError(f"{sample.get('__key__')}: unreadable label or metadata ({exn})"))
+            continue
+        counter.add("read")
         yield sample
 
 
-def pick_window(src, windows: list[str], no_window: str, base: str):
+def pick_window(src, windows: list[str], no_window: str, base: str, counter: Counter):
     """Dynamic sampling (paper 000): one of the frame's usable windows, drawn each time it is read."""
     rng = worker_rng(base, "window")
     for sample in src:
@@ -81,14 +179,48 @@ def pick_window(src, windows: list[str], no_window: str, base: str):
         elif no_window == "widest":
             sample["window"] = "l"
         else:
+            counter.add("no_window")
             continue
         yield sample
 
 
-def balanced(src, copies: np.ndarray, base: str):
+def fixed_window(src, window: str):
+    for sample in src:
+        sample["window"] = window
+        yield sample
+
+
+def runs(src, length: int):
+    """Clip mode: runs of at most `length` consecutive frames of one video, in stream order."""
+    run: list[dict] = []
+    for sample in src:
+        meta = sample["meta"]
+        if run and (
+            len(run) == length
+            or meta["video"] != run[-1]["meta"]["video"]
+            or meta["frame"] != run[-1]["meta"]["frame"] + 1
+        ):
+            yield {"frames": run}
+            run = []
+        run.append(sample)
+    if run:
+        yield {"frames": run}
+
+
+def frames_of(sample: dict) -> list[dict]:
+    return sample.get("frames", [sample])
+
+
+def balanced(src, copies: dict[str, np.ndarray], base: str, counter: Counter):
+    """Stochastic copies of each read sample (a run: the mean of its frames' expected copies)."""
     rng = worker_rng(base, "balance")
     for sample in src:
-        for _ in range(balance.draw_copies(float(copies[sample["label"]]), rng)):
+        frames = frames_of(sample)
+        mean = float(np.mean([copies[f["meta"]["video"]][f["label"]] for f in frames]))
+        n = balance.draw_copies(mean, rng)
+        counter.add("discarded", len(frames) * (n == 0))
+        counter.add("emitted", len(frames) * n)
+        for _ in range(n):
             yield sample
 
 
@@ -96,7 +228,7 @@ def shuffled(src, bufsize: int, base: str):
     yield from wds.shuffle(bufsize, min(bufsize, 100), rng=worker_rng(base, "shuffle"))(src)
 
 
-def decode(sample: dict) -> dict:
+def decode_frame(sample: dict) -> dict:
     image = decode_jpeg(torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8), mode=ImageReadMode.RGB)
     mel = np.load(io.BytesIO(sample["mel.npy"]), allow_pickle=False)
     start, width = column_span(sample["window"])
@@ -109,6 +241,17 @@ def decode(sample: dict) -> dict:
     }
 
 
+def decoded(src, counter: Counter):
+    """Decoded frames (or runs of them); a sample that does not decode is skipped and counted."""
+    for sample in src:
+        try:
+            frames = [decode_frame(f) for f in frames_of(sample)]
+        except Exception as exn:  # noqa: BLE001 - any decoder failure is a corrupt sample
+            counter.sample_fault(RuntimeError(f"{frames_of(sample)[0]['__key__']}: {exn}"))
+            continue
+        yield frames if "frames" in sample else frames[0]
+
+
 def collate(samples: list[dict]) -> dict:
     return {
         "key": [s["key"] for s in samples],
@@ -117,6 +260,27 @@ def collate(samples: list[dict]) -> dict:
         "mel": torch.stack([s["mel"] for s in samples]),
         "window": torch.stack([s["window"] for s in samples]),
     }
+
+
+def collate_runs(runs_: list[list[dict]], length: int) -> dict:
+    """Runs padded to `length` frames; `mask` marks the real ones, padded keys are empty."""
+    padded = []
+    for frames in runs_:
+        pad = {**frames[-1], "key": "", "label": -1}
+        padded.append(collate(frames + [pad] * (length - len(frames))))
+    batch = {k: torch.stack([p[k] for p in padded]) for k in ("label", "image", "mel", "window")}
+    batch["key"] = [p["key"] for p in padded]
+    batch["mask"] = batch["label"] >= 0
+    return batch
+
+
+def batched(src, size: int, length: int, partial: bool, counter: Counter):
+    def gather(samples):
+        batch = collate_runs(samples, length) if length else collate(samples)
+        batch["counts"] = counter.snapshot()
+        return batch
+
+    yield from wds.batched(size, collation_fn=gather, partial=partial)(src)
 
 
 def _worker_init(_: int) -> None:
@@ -134,8 +298,9 @@ def _loader(pipeline: wds.DataPipeline, workers: int) -> wds.WebLoader:
 
 
 def batches_per_epoch(manifest: dict, groups: list[str], cfg: DataConfig, world: int) -> int:
-    samples = cfg.epoch_samples or sum(manifest["groups"][g]["samples"] for g in groups)
-    return max(1, samples // (cfg.batch_size * world))
+    frames = cfg.epoch_samples or resampling_plan(manifest, groups, cfg).emitted.sum()
+    per_batch = cfg.batch_size * max(1, cfg.sequence_length)
+    return max(1, int(frames) // (per_batch * world))
 
 
 def train_loader(
@@ -146,19 +311,24 @@ def train_loader(
     urls = shard_paths(cfg.shards, manifest, groups)
     base = f"{seed}/{epoch}/{rank}"
     shard_seed = int.from_bytes(random.Random(base).randbytes(4), "little")
-    copies = class_copies(manifest, groups, cfg)
-    pipeline = wds.DataPipeline(
+    copies = resampling_plan(manifest, groups, cfg).copies
+    counter = Counter()
+    stages = [
         wds.ResampledShards(urls, seed=shard_seed, deterministic=True, worker_seed=worker_id),
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
-        parse,
-        lambda src: pick_window(src, cfg.train_windows, cfg.no_window, base),
-        lambda src: balanced(src, copies, base),
+        lambda src: read_shards(src, counter),
+        lambda src: parse(src, counter),
+        lambda src: pick_window(src, cfg.train_windows, no_window_policy(cfg), base, counter),
+    ]
+    if cfg.sequence_length:
+        stages.append(lambda src: runs(src, cfg.sequence_length))
+    stages += [
+        lambda src: balanced(src, copies, base, counter),
         lambda src: shuffled(src, cfg.shuffle_buffer, base),
-        wds.map(decode, handler=wds.warn_and_continue),
-        wds.batched(cfg.batch_size, collation_fn=collate, partial=False),
-    )
+        lambda src: decoded(src, counter),
+        lambda src: batched(src, cfg.batch_size, cfg.sequence_length, False, counter),
+    ]
     n = batches_per_epoch(manifest, groups, cfg, world)
-    return _loader(pipeline, cfg.workers).with_epoch(n), n
+    return _loader(wds.DataPipeline(*stages), cfg.workers).with_epoch(n), n
 
 
 def eval_loader(cfg: DataConfig, manifest: dict, group: str, *, rank: int, world: int) -> wds.WebLoader | list:
@@ -166,19 +336,18 @@ def eval_loader(cfg: DataConfig, manifest: dict, group: str, *, rank: int, world
     urls = shard_paths(cfg.shards, manifest, [group])[rank::world]
     if not urls:
         return []
-
-    def fixed_window(src):
-        for sample in src:
-            sample["window"] = cfg.eval_window
-            yield sample
-
-    pipeline = wds.DataPipeline(
+    counter = Counter()
+    stages = [
         wds.SimpleShardList(urls),
         wds.split_by_worker,
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
-        parse,
-        fixed_window,
-        wds.map(decode, handler=wds.warn_and_continue),
-        wds.batched(cfg.eval_batch_size, collation_fn=collate, partial=True),
-    )
-    return _loader(pipeline, min(cfg.workers, len(urls)))
+        lambda src: read_shards(src, counter),
+        lambda src: parse(src, counter),
+        lambda src: fixed_window(src, cfg.eval_window),
+    ]
+    if cfg.sequence_length:
+        stages.append(lambda src: runs(src, cfg.sequence_length))
+    stages += [
+        lambda src: decoded(src, counter),
+        lambda src: batched(src, cfg.eval_batch_size, cfg.sequence_length, True, counter),
+    ]
+    return _loader(wds.DataPipeline(*stages), min(cfg.workers, len(urls)))

@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # started as a script: import the package, not it
 
 import argparse
 import json
+import logging
 import math
 import os
 import time
@@ -26,19 +27,20 @@ import numpy as np
 import torch
 import yaml
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 
 from fer_dist import config as config_lib
 from fer_dist import predictions as preds_lib
+from fer_dist import stream
 from fer_dist.affwild2 import CLASSES
-from fer_dist.augment import prepare
+from fer_dist.augment import mix, prepare
 from fer_dist.distributed import make_accelerator
 from fer_dist.metrics import confusion, f1_per_class
 from fer_dist.models import build
 from fer_dist.models.losses import multi_head_ce
 from fer_dist.shard import read_manifest
-from fer_dist.stream import batches_per_epoch, eval_loader, train_loader, training_groups
 
 console = Console(stderr=True)
 
@@ -104,18 +106,23 @@ def evaluate(accelerator, model, cfg: config_lib.Config, manifest: dict, name: s
     task = bar.add_task(
         "evaluate", total=math.ceil(expected / cfg.data.eval_batch_size / accelerator.num_processes), info=""
     )
-    keys, labels, logits = [], [], {}
-    loader = eval_loader(cfg.data, manifest, group, rank=accelerator.process_index, world=accelerator.num_processes)
+    keys, labels, logits, latest = [], [], {}, {}
+    loader = stream.eval_loader(
+        cfg.data, manifest, group, rank=accelerator.process_index, world=accelerator.num_processes
+    )
     for batch in loader:
         inputs = prepare(batch, accelerator.device, cfg.data, manifest["mel_stats"], train=False)
         with accelerator.autocast():
             outputs = net(**inputs)
+        mask = batch.get("mask")  # clip mode: the real frames of padded runs
         for h, v in outputs.items():
-            logits.setdefault(h, []).append(v.float().cpu().numpy())
-        keys += batch["key"]
-        labels.append(batch["label"].numpy())
+            logits.setdefault(h, []).append((v[mask.to(v.device)] if mask is not None else v).float().cpu().numpy())
+        keys += [k for row in batch["key"] for k in row if k] if mask is not None else batch["key"]
+        labels.append((batch["label"][mask] if mask is not None else batch["label"]).numpy())
+        latest[int(batch["counts"][0])] = batch["counts"][1:]
         bar.advance(task)
     bar.remove_task(task)
+    faults = reduce_counts(accelerator, latest)
     part = preds_lib.Predictions(
         np.array(keys, str),
         np.concatenate(labels) if labels else np.array([], np.int64),
@@ -130,11 +137,22 @@ def evaluate(accelerator, model, cfg: config_lib.Config, manifest: dict, name: s
     parts = [out_dir / f"{name}.rank{r}.npz" for r in range(accelerator.num_processes)]
     merged = preds_lib.concat([preds_lib.load(p) for p in parts])
     if len(merged) != expected:
-        raise RuntimeError(f"evaluation saw {len(merged)} frames of {group}, the manifest lists {expected}")
+        raise RuntimeError(
+            f"evaluation saw {len(merged)} frames of {group}, the manifest lists {expected} "
+            f"({faults['corrupt_shards']} corrupt shard(s) and {faults['corrupt_samples']} corrupt sample(s) skipped)"
+        )
     preds_lib.save(out_dir / f"{name}.npz", merged)
     for p in parts:
         p.unlink()
     return scores(merged, list(merged.logits), net.output)
+
+
+def reduce_counts(accelerator, latest: dict[int, torch.Tensor]) -> dict:
+    """The stream's counts summed over this rank's workers, then over all ranks."""
+    total = stream.tally(latest).to(accelerator.device)
+    if accelerator.num_processes > 1:
+        total = accelerator.reduce(total, reduction="sum")
+    return stream.describe(total.cpu())
 
 
 def save_weights(accelerator, model, directory: Path) -> None:
@@ -153,7 +171,13 @@ def run(cfg: config_lib.Config, evaluate_weights: str | None = None) -> dict | N
     accelerator = make_accelerator(cfg.train.mixed_precision)
     torch.manual_seed(cfg.train.seed)
     manifest = read_manifest(Path(cfg.data.shards))
+    stream.check(cfg.data, manifest)
     model = build(cfg.model, cfg.data.image_size, cfg.data.audio_size)
+    if model.sequences != bool(cfg.data.sequence_length):
+        kind = (
+            "runs of frames (set data.sequence_length)" if model.sequences else "single frames (data.sequence_length=0)"
+        )
+        raise config_lib.ConfigError(f"model {cfg.model['name']} takes {kind}")
     run_dir = Path(cfg.train.run_dir)
     main = accelerator.is_main_process
     if main:
@@ -171,10 +195,28 @@ def run(cfg: config_lib.Config, evaluate_weights: str | None = None) -> dict | N
         return fit(accelerator, model, cfg, manifest, bar)
 
 
+def report_stream(counts: dict) -> None:
+    line = (
+        f"stream: read {counts['read']}, emitted {counts['emitted']}, "
+        f"discarded {counts['discarded_fraction']:.1%} of what was read"
+    )
+    if counts["corrupt_shards"] + counts["corrupt_samples"]:
+        line += (
+            f"; [yellow]skipped {counts['corrupt_shards']} corrupt shard(s), "
+            f"{counts['corrupt_samples']} corrupt sample(s)"
+        )
+    console.print(line)
+    if counts["discarded_fraction"] > 0.5:
+        console.print("[yellow]warning:[/] most of what the stream read was discarded (see data.balance, video_cap)")
+
+
 def fit(accelerator, model, cfg: config_lib.Config, manifest: dict, bar: Progress) -> dict | None:
     run_dir = Path(cfg.train.run_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
-    steps = batches_per_epoch(manifest, training_groups(manifest, cfg.data.holdout_fold), cfg.data, world)
+    groups = stream.training_groups(manifest, cfg.data.holdout_fold)
+    steps = stream.batches_per_epoch(manifest, groups, cfg.data, world)
+    plan = stream.resampling_plan(manifest, groups, cfg.data)
+    class_counts = torch.as_tensor(plan.read)
     optimizer = make_optimizer(cfg.optim, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim, steps * cfg.train.epochs))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -184,18 +226,29 @@ def fit(accelerator, model, cfg: config_lib.Config, manifest: dict, bar: Progres
             f"[bold]fer-dist[/] {cfg.model['name']}: {world} process(es) on {accelerator.device}, "
             f"batch {cfg.data.batch_size} x {world} = {cfg.data.batch_size * world}, {steps} steps/epoch"
         )
+        console.print(
+            f"resampling: {cfg.data.balance} target, expected share of read samples discarded "
+            f"{plan.discarded_fraction:.1%}"
+        )
+        if plan.discarded_fraction > 0.5:
+            console.print("[yellow]warning:[/] most samples read will be discarded; the stream reads more than it uses")
     best, metrics = -1.0, None
     for epoch in range(cfg.train.epochs):
-        loader, steps = train_loader(cfg.data, manifest, seed=cfg.train.seed, epoch=epoch, rank=rank, world=world)
+        loader, steps = stream.train_loader(
+            cfg.data, manifest, seed=cfg.train.seed, epoch=epoch, rank=rank, world=world
+        )
         task = bar.add_task(f"epoch {epoch + 1}/{cfg.train.epochs}", total=steps, info="")
         model.train()
-        losses, seen, start = [], 0, time.perf_counter()
+        losses, seen, latest, start = [], 0, {}, time.perf_counter()
         for step, batch in enumerate(loader):
             inputs = prepare(batch, accelerator.device, cfg.data, manifest["mel_stats"], train=True)
-            labels = batch["label"].to(accelerator.device)
+            target = batch["label"].to(accelerator.device)
+            mask = batch["mask"].to(accelerator.device) if "mask" in batch else None
+            if cfg.data.mix != "none":
+                inputs, target = mix(inputs, target, cfg.data, class_counts, len(CLASSES))
             with accelerator.autocast():
                 outputs = model(**inputs)
-            loss = multi_head_ce(outputs, labels, heads)
+            loss = multi_head_ce(outputs, target, heads, mask)
             accelerator.backward(loss)
             if cfg.optim.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -203,13 +256,15 @@ def fit(accelerator, model, cfg: config_lib.Config, manifest: dict, bar: Progres
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
-            seen += len(labels) * world
+            seen += (int(mask.sum()) if mask is not None else len(target)) * world
+            latest[int(batch["counts"][0])] = batch["counts"][1:]
             if step % cfg.train.log_every == 0 or step == steps - 1:
                 rate = seen / (time.perf_counter() - start)
                 bar.update(task, info=f"loss {np.mean(losses[-cfg.train.log_every :]):.3f}  {rate:.0f} samples/s")
             bar.advance(task)
         bar.remove_task(task)
         train_time = time.perf_counter() - start
+        counts = reduce_counts(accelerator, latest)
         save_weights(accelerator, model, run_dir / "checkpoints" / "last")
         metrics = evaluate(accelerator, model, cfg, manifest, f"epoch{epoch + 1:03d}", bar)
         if accelerator.is_main_process:
@@ -218,6 +273,7 @@ def fit(accelerator, model, cfg: config_lib.Config, manifest: dict, bar: Progres
                 **metrics,
                 "train_loss": float(np.mean(losses)),
                 "train_samples_per_s": seen / train_time,
+                "stream": counts,
             }
             with open(run_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(metrics) + "\n")
@@ -225,6 +281,7 @@ def fit(accelerator, model, cfg: config_lib.Config, manifest: dict, bar: Progres
             console.print(
                 f"epoch {epoch + 1}: loss {metrics['train_loss']:.3f}  macro-F1 {metrics['macro_f1']:.4f}  ({by_head})"
             )
+            report_stream(counts)
             is_best = metrics["macro_f1"] > best
             best = max(best, metrics["macro_f1"])
         else:
@@ -244,12 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evaluate", metavar="WEIGHTS", help="only evaluate these safetensors weights")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console)])
     try:
         cfg = config_lib.load(args.config, args.overrides)
+        run(cfg, args.evaluate)
     except (config_lib.ConfigError, OSError) as exc:
         console.print(f"[red]config error:[/] {exc}")
         return 2
-    run(cfg, args.evaluate)
     return 0
 
 

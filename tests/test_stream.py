@@ -1,4 +1,5 @@
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -7,7 +8,18 @@ import torch
 from fer_dist import balance, config
 from fer_dist.augment import crop_resize_windows
 from fer_dist.shard import read_manifest
-from fer_dist.stream import eval_loader, train_loader
+from fer_dist.stream import (
+    COUNTS,
+    Counter,
+    check,
+    describe,
+    eval_loader,
+    pick_window,
+    resampling_plan,
+    tally,
+    train_loader,
+    training_groups,
+)
 
 
 def data_cfg(shards, **kw):
@@ -65,11 +77,28 @@ def test_target_families():
     np.testing.assert_allclose(sqrt, np.sqrt(counts) / np.sqrt(counts).sum())
     uniform = balance.target_distribution(counts, "uniform")
     assert uniform[2] == 0 and np.allclose(uniform[counts > 0], 1 / 7)
-    copies = balance.expected_copies(counts, "uniform", max_repeat=1000)
+    weights = balance.target_distribution(counts, "weights", [1, 2, 5, 1, 1, 1, 1, 1])
+    assert weights[2] == 0 and np.isclose(weights[1], 2 * weights[0]) and np.isclose(weights.sum(), 1)
+    copies = balance.expected_copies(counts, uniform, max_repeat=1000)
     p = counts / counts.sum()
     assert np.isclose((copies * p).sum(), 1.0)  # one copy per read sample on average
     np.testing.assert_allclose(copies * p, uniform)
-    assert balance.expected_copies(counts, "uniform", max_repeat=3).max() == 3
+    assert balance.expected_copies(counts, uniform, max_repeat=3).max() == 3
+
+
+def test_per_video_caps_and_subsampling():
+    counts = {"a": np.array([400, 10, 0]), "b": np.array([30, 300, 5])}
+    plan = balance.plan(counts, "natural", caps=[50, 200, 0])
+    # natural target over the capped source: every kept frame is emitted once in expectation
+    np.testing.assert_allclose(plan.copies["a"], [50 / 400, 1, 1])
+    np.testing.assert_allclose(plan.copies["b"], [1, 200 / 300, 1])
+    np.testing.assert_allclose(plan.emitted, [50 + 30, 10 + 200, 5])
+    assert np.isclose(plan.discarded_fraction, (350 + 100) / 745)
+    thinned = balance.plan(counts, "natural", keep=[0.5, 1, 1])
+    np.testing.assert_allclose(thinned.emitted, [215, 310, 5])
+    uniform = balance.plan(counts, "uniform", caps=[50, 200, 0], max_repeat=100)
+    np.testing.assert_allclose(uniform.emitted, [uniform.emitted.sum() / 3] * 3)
+    assert np.isclose(uniform.emitted.sum(), 80 + 210 + 5)  # caps set the epoch, the target its shares
 
 
 def test_stochastic_rounding_mean():
@@ -79,9 +108,101 @@ def test_stochastic_rounding_mean():
     assert abs(np.mean(draws) - 1.3) < 0.02
 
 
+def test_stream_emits_the_planned_class_shares(shards):
+    manifest = read_manifest(shards)
+    cfg = data_cfg(shards, epoch_samples=6000, batch_size=50, balance="uniform", shuffle_buffer=200)
+    plan = resampling_plan(manifest, training_groups(manifest, 0), cfg)
+    loader, _ = train_loader(cfg, manifest, seed=0, epoch=0, rank=0, world=1)
+    latest, labels = {}, []
+    for batch in loader:
+        labels.append(batch["label"])
+        latest[int(batch["counts"][0])] = batch["counts"][1:]
+    emitted = np.bincount(torch.cat(labels).numpy(), minlength=8) / 6000
+    expected = plan.emitted / plan.emitted.sum()
+    assert np.abs(emitted - expected).max() < 0.03, (emitted, expected)
+    counts = describe(tally(latest))
+    assert counts["emitted"] >= 6000 and counts["read"] > 0
+    assert counts["discarded_fraction"] > 0  # the uniform target thins the majority classes
+
+
+def test_window_choice(tmp_path):
+    frames = [{"meta": {"windows": {"s": False, "m": True, "l": True}}} for _ in range(400)]
+    bare = [{"meta": {"windows": {"s": False, "m": False, "l": False}}} for _ in range(10)]
+    counter = Counter()
+    chosen = [s["window"] for s in pick_window(iter(frames + bare), ["s", "m", "l"], "drop", "0/0/0", counter)]
+    assert len(chosen) == 400 and set(chosen) == {"m", "l"} and 150 < chosen.count("m") < 250
+    assert counter.values[COUNTS.index("no_window")] == 10
+    only_short = list(pick_window(iter(frames), ["s"], "widest", "0/0/0", Counter()))
+    assert {s["window"] for s in only_short} == {"l"}  # no pure short window: the widest, when asked
+
+
 def test_window_crop_resize_is_a_centre_crop():
     mel = torch.arange(64, dtype=torch.float32).repeat(2, 4, 1)  # column index as value
     window = torch.tensor([[16, 32], [0, 64]])
     out = crop_resize_windows(mel, window, (4, 32))
     torch.testing.assert_close(out[0, 0, 0], torch.arange(16, 48, dtype=torch.float32))
     torch.testing.assert_close(out[1, 0, 0], mel[1, 0, ::2] + 0.5)
+
+
+def test_clip_mode_runs_of_consecutive_frames(shards):
+    manifest = read_manifest(shards)
+    cfg = data_cfg(shards, epoch_samples=4 * 16 * 4, batch_size=4, sequence_length=16, eval_batch_size=4)
+    loader, n = train_loader(cfg, manifest, seed=0, epoch=0, rank=0, world=1)
+    batches = list(loader)
+    assert len(batches) == n == 4
+    for batch in batches:
+        assert batch["image"].shape[:2] == batch["label"].shape == batch["mask"].shape == (4, 16)
+        for keys, mask in zip(batch["key"], batch["mask"], strict=True):
+            real = [k for k in keys if k]
+            assert len(real) == int(mask.sum()) and mask[: len(real)].all()
+            videos = {k.rsplit("/", 1)[0] for k in real}
+            frames = [int(k.rsplit("/", 1)[1]) for k in real]
+            assert len(videos) == 1 and frames == list(range(frames[0], frames[0] + len(frames)))
+    keys = []
+    for rank in range(2):
+        for batch in eval_loader(cfg, manifest, "fold2", rank=rank, world=2):
+            keys += [k for row in batch["key"] for k in row if k]
+            assert (batch["label"][~batch["mask"]] == -1).all()
+    assert len(keys) == len(set(keys)) == manifest["groups"]["fold2"]["samples"]
+
+
+def test_sequence_longer_than_the_packed_clips_is_refused(shards):
+    manifest = read_manifest(shards)
+    with pytest.raises(config.ConfigError, match="clip-len 64"):
+        check(data_cfg(shards, sequence_length=64), manifest)
+
+
+def corrupt_copy(shards, tmp_path):
+    """The shards with one training shard truncated mid-sample and the JPEGs of another garbled."""
+    out = tmp_path / "shards"
+    shutil.copytree(shards, out)
+    manifest = read_manifest(out)
+    first, second = (out / s["name"] for s in manifest["groups"]["fold1"]["shards"][:2])
+    first.write_bytes(first.read_bytes()[: first.stat().st_size // 2 + 7])
+    second.write_bytes(second.read_bytes().replace(b"\xff\xd8\xff", b"\0\0\0"))  # JPEGs without their SOI
+    return out, manifest
+
+
+def test_corrupt_shard_and_sample_are_skipped_and_counted(shards, tmp_path, caplog):
+    out, manifest = corrupt_copy(shards, tmp_path)
+    cfg = data_cfg(out, epoch_samples=4000, batch_size=40, balance="natural", shuffle_buffer=10)
+    loader, n = train_loader(cfg, manifest, seed=0, epoch=0, rank=0, world=1)
+    latest, batches = {}, 0
+    for batch in loader:
+        batches += 1
+        latest[int(batch["counts"][0])] = batch["counts"][1:]
+    counts = describe(tally(latest))
+    assert batches == n  # training went on
+    assert counts["corrupt_shards"] >= 1 and counts["corrupt_samples"] >= 1
+    assert "skipped a shard" in caplog.text and "skipped a sample" in caplog.text
+
+
+def test_a_stream_of_unreadable_shards_stops_with_an_error(shards, tmp_path):
+    out = tmp_path / "shards"
+    shutil.copytree(shards, out)
+    for tar in out.glob("fold[1-4]-*.tar"):
+        tar.write_bytes(b"not a tar file")
+    cfg = data_cfg(out, epoch_samples=80)
+    loader, _ = train_loader(cfg, read_manifest(out), seed=0, epoch=0, rank=0, world=1)
+    with pytest.raises(RuntimeError, match="shards in a row could not be read"):
+        list(loader)

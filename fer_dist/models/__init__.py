@@ -1,8 +1,9 @@
 """Models by name: `create_model("mfm", **kwargs)`.
 
 A model is an nn.Module whose forward takes the stream's inputs by keyword (`image`, `audio`)
-and returns a dict of logits per head; `heads` names the heads its loss trains and `output` the
-head that is its prediction. Nothing else about a model is known outside this package.
+and returns a dict of logits per head; `heads` names the heads its loss trains, `output` the head
+that is its prediction and `sequences` whether it takes clip-mode runs [B, L, ...] of frames.
+Nothing else about a model is known outside this package.
 """
 
 from __future__ import annotations

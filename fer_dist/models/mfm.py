@@ -23,6 +23,7 @@ from fer_dist.models.backbones import create_backbone, tokens
 class ModalFusionNet(nn.Module):
     heads = ("image", "audio", "fusion")  # trained heads
     output = "ensemble"  # the model's prediction
+    sequences = False  # takes single frames, not clip-mode runs [B, L, ...]
 
     def __init__(
         self,
