@@ -1,11 +1,19 @@
 """`fer-dist bench`: the performance figures quoted in the README, measured on synthetic data.
 
-Every figure comes from real processes started the way users start them, timed from outside;
-peak memory is the largest summed RSS of the whole process tree, sampled every 20 ms.
+Every measurement runs in its own process (`python -m fer_dist.bench JOB ARGS`), which times its
+own work and prints it as JSON; peak memory is the largest summed RSS of that process and its
+workers, sampled every 20 ms from outside.
+
+    pack    pack() from an empty output, for each worker count
+    loader  the training stream, a folder-of-JPEGs loader in the style of the ABAW teams' code,
+            and the limit: decoding the same JPEG bytes and nothing else; all with the same
+            workers and batch size, in samples per second per worker process
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 
@@ -57,22 +66,38 @@ def synthetic(workdir: Path, videos: int, seed: int = 0) -> Path:
     return root
 
 
-# `fer-dist shard` as a user runs it, but also timing pack() itself: the command's wall time includes
-# starting Python and importing torch, seconds that do not grow with the data.
-PACK_TIMED = """
-import sys, time
-from pathlib import Path
-from fer_dist.affwild2 import discover
-from fer_dist.shard import PackParams, pack
-videos = discover(Path(sys.argv[1]))
-start = time.perf_counter()
-pack(videos, Path(sys.argv[2]), PackParams(), int(sys.argv[3]))
-print(time.perf_counter() - start)
-"""
+def child(job: str, **kwargs) -> tuple[dict, float]:
+    """Runs `job` of this module in a fresh process; returns its JSON result and peak RSS in MB."""
+    _, peak, stdout = run_measured([sys.executable, "-m", "fer_dist.bench", job, json.dumps(kwargs)])
+    return json.loads(stdout.strip().splitlines()[-1]), peak
+
+
+def packed(workdir: Path, root: Path, workers: int) -> Path:
+    """The benchmark's shards (default packing), made once and reused."""
+    from fer_dist.affwild2 import discover
+    from fer_dist.shard import PackParams, pack
+
+    out = workdir / f"{root.name}-shards"
+    if not (out / "manifest.json").exists():
+        pack(discover(root), out, PackParams(), workers)
+    return out
+
+
+def time_pack(root: str, out: str, workers: int) -> dict:
+    from fer_dist.affwild2 import discover
+    from fer_dist.shard import PackParams, pack
+
+    videos = discover(Path(root))
+    start = time.perf_counter()
+    pack(videos, Path(out), PackParams(), workers)
+    return {"seconds": time.perf_counter() - start}
 
 
 def bench_pack(workdir: Path, videos: int, workers: list[int]) -> dict:
-    """Labelled frames packed per second, per core, for each worker count (from an empty output)."""
+    """Labelled frames packed per second, per core, for each worker count (from an empty output).
+
+    The command's wall time also includes starting Python and importing torch, seconds that do
+    not grow with the data; `pack_seconds` is pack() alone."""
     from fer_dist.affwild2 import discover, read_annotation
 
     root = synthetic(workdir, videos)
@@ -81,15 +106,16 @@ def bench_pack(workdir: Path, videos: int, workers: list[int]) -> dict:
     for n in workers:
         out = workdir / f"shards-{n}w"
         shutil.rmtree(out, ignore_errors=True)
-        seconds, peak, inner = run_measured([sys.executable, "-c", PACK_TIMED, str(root), str(out), str(n)])
-        packing = float(inner)
+        start = time.perf_counter()
+        inner, peak = child("time_pack", root=str(root), out=str(out), workers=n)
+        seconds = time.perf_counter() - start
         results.append(
             {
                 "workers": n,
                 "seconds": round(seconds, 2),
-                "pack_seconds": round(packing, 2),
-                "frames_per_s": round(frames / packing),
-                "frames_per_s_per_core": round(frames / packing / n),
+                "pack_seconds": round(inner["seconds"], 2),
+                "frames_per_s": round(frames / inner["seconds"]),
+                "frames_per_s_per_core": round(frames / inner["seconds"] / n),
                 "peak_rss_mb": round(peak),
             }
         )
@@ -98,3 +124,191 @@ def bench_pack(workdir: Path, videos: int, workers: list[int]) -> dict:
     for r in results:
         r["scaling"] = round(r["frames_per_s"] / (base * r["workers"]), 2)
     return {"labelled_frames": frames, "videos": videos, "runs": results}
+
+
+def timed_batches(loader, batch_size: int, on_batch=None) -> dict:
+    """Samples per second from the first batch on: worker start-up and buffer filling excluded."""
+    start, batches = None, 0
+    for batch in loader:
+        if on_batch:
+            on_batch(batch)
+        if start is None:
+            start = time.perf_counter()
+        else:
+            batches += 1
+    return {"samples_per_s": batches * batch_size / (time.perf_counter() - start)}
+
+
+def time_stream(shards: str, workers: int, samples: int, batch_size: int) -> dict:
+    from fer_dist import config
+    from fer_dist.shard import read_manifest
+    from fer_dist.stream import describe, resampling_plan, tally, train_loader, training_groups
+
+    overrides = [f"data.shards={shards}", f"data.workers={workers}", f"data.batch_size={batch_size}"]
+    cfg = config.load(None, [*overrides, f"data.epoch_samples={samples}"]).data
+    manifest = read_manifest(Path(shards))
+    plan = resampling_plan(manifest, training_groups(manifest, cfg.holdout_fold), cfg)
+    loader, _ = train_loader(cfg, manifest, seed=0, epoch=0, rank=0, world=1)
+    histogram, latest = np.zeros(8, np.int64), {}
+
+    def count(batch: dict) -> None:
+        histogram[:] += np.bincount(batch["label"].numpy(), minlength=8)
+        latest[int(batch["counts"][0])] = batch["counts"][1:]
+
+    result = timed_batches(loader, batch_size, count)
+    return {
+        **result,
+        "emitted": int(histogram.sum()),
+        "emitted_class_fraction": (histogram / histogram.sum()).round(5).tolist(),
+        "target_class_fraction": plan.target.round(5).tolist(),
+        "discarded_fraction": round(describe(tally(latest))["discarded_fraction"], 4),
+    }
+
+
+def teams_items(root: Path, manifest: dict, holdout: int, mel_dir: Path) -> list[tuple[str, str, int, int]]:
+    """(crop path, video, frame, label) of the training frames with a crop; writes each training
+    video's per-frame log-mel columns to `mel_dir/<video>.npy` once, as the teams precompute them."""
+    from fer_dist import audio
+    from fer_dist.affwild2 import discover, list_crops, read_annotation
+    from fer_dist.shard import ASSUMED_FPS
+
+    mel_dir.mkdir(parents=True, exist_ok=True)
+    params = audio.MelParams()
+    items = []
+    for video in discover(root):
+        record = manifest["videos"].get(video.name)
+        if record is None or record["fold"] in ("test", f"fold{holdout}"):
+            continue
+        labels = read_annotation(video.annotation)
+        npy = mel_dir / f"{video.name}.npy"
+        if not npy.exists():
+            media = audio.read_media(video.media, params.sample_rate)
+            mel = audio.log_mel(media.audio, params) if media.audio is not None else None
+            columns = audio.frame_columns(mel, len(labels), media.fps or ASSUMED_FPS, params)
+            np.save(npy, columns.astype(np.float16))
+        for frame, path in sorted(list_crops(video.crops).items()):
+            if frame <= len(labels) and labels[frame - 1] >= 0:
+                items.append((str(path), video.name, frame, int(labels[frame - 1])))
+    return items
+
+
+def time_teams(root: str, shards: str, mel_dir: str, workers: int, samples: int, batch_size: int) -> dict:
+    """A map-style loader in the style of the ABAW teams' code: a folder of JPEGs through PIL,
+    resized and normalised to 224 x 224 on the CPU, the audio window sliced from per-video log-mel
+    .npy files, and class-balanced sampling by a WeightedRandomSampler (square-root weights)."""
+    import torch
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+    from fer_dist.shard import read_manifest
+
+    items = teams_items(Path(root), read_manifest(Path(shards)), 0, Path(mel_dir))
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+
+    class Frames(Dataset):
+        def __len__(self) -> int:
+            return len(items)
+
+        def __getitem__(self, i: int):
+            path, video, frame, label = items[i]
+            image = Image.open(path).convert("RGB").resize((224, 224), Image.BILINEAR)
+            x = torch.from_numpy(np.asarray(image, np.float32) / 255).permute(2, 0, 1)
+            mel = np.load(Path(mel_dir) / f"{video}.npy", mmap_mode="r")[:, frame - 1 : frame + 63]
+            return (x - mean) / std, torch.from_numpy(mel.astype(np.float32)), label
+
+    labels = np.array([it[3] for it in items])
+    counts = np.bincount(labels, minlength=8)
+    weights = 1 / np.sqrt(counts[labels])
+    sampler = WeightedRandomSampler(weights, samples, replacement=True, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(Frames(), batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True)
+    return timed_batches(loader, batch_size)
+
+
+def time_decode(root: str, shards: str, mel_dir: str, workers: int, samples: int, batch_size: int) -> dict:
+    """The limit: the same JPEG bytes, held in memory, decoded and batched, nothing else."""
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from fer_dist.shard import read_manifest
+
+    items = teams_items(Path(root), read_manifest(Path(shards)), 0, Path(mel_dir))
+    blobs = [torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8) for path, *_ in items]
+
+    class Bytes(Dataset):
+        def __len__(self) -> int:
+            return samples
+
+        def __getitem__(self, i: int):
+            return decode_jpeg(blobs[i % len(blobs)], mode=ImageReadMode.RGB)
+
+    init = (lambda _: torch.set_num_threads(1)) if workers else None
+    loader = DataLoader(Bytes(), batch_size=batch_size, num_workers=workers, worker_init_fn=init, drop_last=True)
+    return timed_batches(loader, batch_size)
+
+
+def scaled(shards: Path, factor: int) -> Path:
+    """The shards `factor` times over (symbolic links, video records repeated): the stream's
+    memory as the dataset grows, without packing it again."""
+    out = shards.parent / f"{shards.name}-x{factor}"
+    if (out / "manifest.json").exists():
+        return out
+    out.mkdir(exist_ok=True)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    groups, videos = {}, dict(manifest["videos"])
+    for name, group in manifest["groups"].items():
+        entries = []
+        for k in range(factor):
+            for shard in group["shards"]:
+                link = out / f"x{k}-{shard['name']}"
+                if not link.exists():
+                    os.symlink((shards / shard["name"]).resolve(), link)
+                entries.append({**shard, "name": link.name})
+        groups[name] = {**group, "shards": entries, "samples": group["samples"] * factor}
+    for k in range(1, factor):
+        videos.update({f"{v}#{k}": record for v, record in manifest["videos"].items()})
+    (out / "manifest.json").write_text(json.dumps({**manifest, "groups": groups, "videos": videos}))
+    return out
+
+
+def bench_loader(workdir: Path, videos: int, workers: int, samples: int, batch_size: int = 32) -> dict:
+    root = synthetic(workdir, videos)
+    shards = packed(workdir, root, 2)
+    common = {"workers": workers, "batch_size": batch_size}
+    mel_dir = str(workdir / f"{root.name}-mels")
+    stream, stream_peak = child("time_stream", shards=str(shards), samples=samples, **common)
+    large, large_peak = child("time_stream", shards=str(scaled(shards, 10)), samples=samples, **common)
+    side = {"root": str(root), "shards": str(shards), "mel_dir": mel_dir}
+    teams, teams_peak = child("time_teams", samples=max(2000, samples // 10), **side, **common)
+    decode, decode_peak = child("time_decode", samples=samples, **side, **common)
+    emitted, target = np.array(stream["emitted_class_fraction"]), np.array(stream["target_class_fraction"])
+    per_core = {
+        name: r["samples_per_s"] / max(1, workers)
+        for name, r in (("stream", stream), ("teams", teams), ("decode", decode))
+    }
+    return {
+        "videos": videos,
+        "workers": workers,
+        "batch_size": batch_size,
+        "stream_per_core": round(per_core["stream"]),
+        "baseline_per_core": round(per_core["teams"]),
+        "decode_limit_per_core": round(per_core["decode"]),
+        "stream_vs_baseline": round(per_core["stream"] / per_core["teams"], 2),
+        "stream_vs_decode_limit": round(per_core["stream"] / per_core["decode"], 3),
+        "emitted_samples": stream["emitted"],
+        "emitted_class_fraction": stream["emitted_class_fraction"],
+        "target_class_fraction": stream["target_class_fraction"],
+        "max_relative_class_error": round(float(np.max(np.abs(emitted[target > 0] / target[target > 0] - 1))), 4),
+        "discarded_fraction": stream["discarded_fraction"],
+        "peak_rss_mb": round(stream_peak),
+        "peak_rss_mb_10x_dataset": round(large_peak),
+        "baseline_peak_rss_mb": round(teams_peak),
+        "decode_limit_peak_rss_mb": round(decode_peak),
+    }
+
+
+JOBS = {"time_pack": time_pack, "time_stream": time_stream, "time_teams": time_teams, "time_decode": time_decode}
+
+if __name__ == "__main__":
+    print(json.dumps(JOBS[sys.argv[1]](**json.loads(sys.argv[2]))))

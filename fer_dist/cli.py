@@ -138,6 +138,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return main_job(Path(args.workdir), args.videos, args.seed, args.epochs)
 
 
+def print_table(title: str, columns: dict[str, str], rows: list[dict]) -> None:
+    table = Table(title=title)
+    for heading in columns.values():
+        table.add_column(heading, justify="right")
+    for r in rows:
+        table.add_row(*(str(r[k]) for k in columns))
+    out.print(table)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from fer_dist import bench
 
@@ -145,10 +154,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     if args.what == "pack":
         result = bench.bench_pack(workdir, args.videos, args.workers)
-        if args.json:
-            out.print_json(json.dumps(result))
-            return 0
-        table = Table(title=f"fer-dist shard: {result['labelled_frames']} labelled frames, {result['videos']} videos")
+    else:
+        result = bench.bench_loader(workdir, args.videos, args.workers[-1], args.samples)
+    if args.json:
+        out.print_json(json.dumps(result))
+        return 0
+    if args.what == "pack":
         columns = {
             "workers": "workers",
             "seconds": "command s",
@@ -158,11 +169,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "scaling": "scaling",
             "peak_rss_mb": "peak RSS (MB)",
         }
-        for title in columns.values():
-            table.add_column(title, justify="right")
-        for r in result["runs"]:
-            table.add_row(*(str(r[k]) for k in columns))
-        out.print(table)
+        title = f"fer-dist shard: {result['labelled_frames']} labelled frames, {result['videos']} videos"
+        print_table(title, columns, result["runs"])
+        return 0
+    rows = [
+        {"loader": "training stream", "rate": result["stream_per_core"], "rss": result["peak_rss_mb"]},
+        {
+            "loader": "folder of JPEGs (teams' style)",
+            "rate": result["baseline_per_core"],
+            "rss": result["baseline_peak_rss_mb"],
+        },
+        {
+            "loader": "decode only (limit)",
+            "rate": result["decode_limit_per_core"],
+            "rss": result["decode_limit_peak_rss_mb"],
+        },
+        {"loader": "training stream, 10x dataset", "rate": "", "rss": result["peak_rss_mb_10x_dataset"]},
+    ]
+    title = f"loaders, {result['workers']} worker(s), batch {result['batch_size']}"
+    print_table(title, {"loader": "loader", "rate": "samples/s per worker", "rss": "peak RSS (MB)"}, rows)
+    classes = [
+        {"c": c, "t": f"{t:.4f}", "e": f"{e:.4f}"}
+        for c, t, e in zip(CLASSES, result["target_class_fraction"], result["emitted_class_fraction"], strict=True)
+    ]
+    print_table(
+        f"class shares over {result['emitted_samples']} emitted samples",
+        {"c": "class", "t": "target", "e": "emitted"},
+        classes,
+    )
+    r = result
+    out.print(
+        f"stream / teams' loader {r['stream_vs_baseline']}x, stream / decode limit {r['stream_vs_decode_limit']:.0%}, "
+        f"largest relative class error {r['max_relative_class_error']:.1%}, "
+        f"discarded {r['discarded_fraction']:.1%} of what was read"
+    )
     return 0
 
 
@@ -205,10 +245,11 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("bench", help="the performance figures quoted in the README")
-    s.add_argument("what", choices=["pack"])
+    s.add_argument("what", choices=["pack", "loader"])
     s.add_argument("--workdir", default="bench")
     s.add_argument("--videos", type=int, default=24, help="synthetic videos (24 give ~25,000 labelled frames)")
-    s.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    s.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="pack: each count; loader: the last")
+    s.add_argument("--samples", type=int, default=100_000, help="loader: samples the stream emits")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_bench)
 

@@ -29,6 +29,7 @@ from torchvision.io import decode_jpeg
 
 from fer_dist import audio
 from fer_dist.affwild2 import CLASSES, NUM_CLASSES, UNLABELLED, Video, list_crops, read_annotation
+from fer_dist.tars import TAR_END, tar_record
 from fer_dist.windows import NAMES, purity_flags
 
 FORMAT_VERSION = 1
@@ -130,42 +131,6 @@ def fill_source(f: int, crops: dict[int, Path], readable: dict[int, bytes], corr
         if found:
             return found[0]
     raise ValueError(f"no readable crop near frame {f}")
-
-
-TAR_END = bytes(1024)  # two zero blocks close a tar archive
-
-
-def ustar_header(name: str, size: int) -> bytes:
-    """A POSIX ustar header (mode 0444, owner 0:0, mtime 0): fixed fields make shards reproducible.
-    Written here rather than through tarfile, whose header code is a third of the packing time."""
-    raw = name.encode()
-    prefix = b""
-    if len(raw) > 100:
-        prefix, _, raw = raw.rpartition(b"/")
-        if len(raw) > 100 or len(prefix) > 155:
-            raise ValueError(f"tar member name too long: {name}")
-    header = bytearray(512)
-    header[0 : len(raw)] = raw
-    header[100:108] = b"0000444\0"
-    header[108:116] = header[116:124] = b"0000000\0"
-    header[124:136] = b"%011o\0" % size
-    header[136:148] = b"00000000000\0"
-    header[148:156] = b" " * 8
-    header[156:157] = b"0"
-    header[257:265] = b"ustar\x0000"
-    header[345 : 345 + len(prefix)] = prefix
-    header[148:156] = b"%06o\0 " % sum(header)
-    return bytes(header)
-
-
-def tar_record(key: str, members: dict[str, bytes]) -> bytes:
-    """One sample as consecutive tar members, in WebDataset's (sorted) member order. Samples are
-    self-contained byte ranges, so pass 2 copies them between tars without parsing."""
-    parts = []
-    for ext in sorted(members):
-        data = members[ext]
-        parts += [ustar_header(f"{key}.{ext}", len(data)), data, bytes(-len(data) % 512)]
-    return b"".join(parts)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

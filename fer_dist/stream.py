@@ -1,8 +1,8 @@
-"""WebDataset streams over the shards: training (resampled, balanced) and evaluation (exact).
+"""WebDataset streams over the shards: training (endless, balanced) and evaluation (exact).
 
 Training, per rank and epoch:
 
-    resampled shards of the training groups (seeded per seed, epoch, rank, worker)
+    the training groups' shards, permuted per (seed, epoch) and dealt to each (rank, worker)
     -> tar samples -> parse label and metadata (tiny members only) -> pick a pure audio window
     -> [clip mode: runs of consecutive frames] -> class-balanced copies -> shuffle (undecoded)
     -> decode -> batch
@@ -18,7 +18,9 @@ every batch carries its worker's running counts, and `tally` sums the last of ea
 
 from __future__ import annotations
 
+import functools
 import io
+import itertools
 import json
 import logging
 import random
@@ -29,9 +31,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from fer_dist import balance
+from fer_dist import balance, tars
 from fer_dist.config import ConfigError, DataConfig
 from fer_dist.windows import NAMES, column_span
 
@@ -86,6 +87,8 @@ def check(cfg: DataConfig, manifest: dict) -> None:
         raise ConfigError(
             f"data.holdout_fold={cfg.holdout_fold}: the shards have groups {', '.join(manifest['groups'])}"
         )
+    if not shard_paths(cfg.shards, manifest, training_groups(manifest, cfg.holdout_fold)):
+        raise ConfigError(f"no shards to train on besides the held-out fold{cfg.holdout_fold}")
     clip_len = manifest["params"]["clip_len"]
     if cfg.sequence_length > clip_len:
         raise ConfigError(
@@ -137,6 +140,19 @@ def worker_rng(base: str, stage: str) -> random.Random:
     return random.Random(f"{base}/worker{worker_id()}/{stage}")
 
 
+def dealt_shards(urls: list[str], order_seed: str, rank: int, world: int):
+    """Endless passes over all training shards, each pass a fresh permutation seeded by
+    `order_seed` (the same on every rank), dealt out in turn to every (rank, worker) slot. Unlike
+    resampling with replacement, every shard is read about equally often, so the class shares a
+    run emits follow the plan; and the stream never runs dry, so every rank gets its batches."""
+    info = get_worker_info()
+    workers = info.num_workers if info else 1
+    slot, slots = rank * workers + worker_id(), world * workers
+    passes = (random.Random(f"{order_seed}/pass{p}").sample(urls, len(urls)) for p in itertools.count())
+    for url in itertools.islice(itertools.chain.from_iterable(passes), slot, None, slots):
+        yield {"url": url}
+
+
 def read_shards(src, counter: Counter, give_up: int = 100):
     """Tar samples, shard by shard. A shard that cannot be opened or read to its end is counted
     and skipped; the whole samples read from it before the fault stay in the stream. After
@@ -146,8 +162,7 @@ def read_shards(src, counter: Counter, give_up: int = 100):
         url = shard["url"]
         try:
             with wds.gopen(url) as stream:
-                files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-                for sample in group_by_keys(files):
+                for sample in tars.samples(stream, url):
                     faults_in_a_row = 0
                     yield sample
         except Exception as exn:  # noqa: BLE001 - whatever a broken tar raises, the shard is skipped
@@ -228,9 +243,30 @@ def shuffled(src, bufsize: int, base: str):
     yield from wds.shuffle(bufsize, min(bufsize, 100), rng=worker_rng(base, "shuffle"))(src)
 
 
+@functools.lru_cache(maxsize=64)
+def npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
+    fp = io.BytesIO(header)
+    version = np.lib.format.read_magic(fp)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(fp)
+    if dtype.hasobject:
+        raise ValueError("a .npy member holds Python objects; shards hold numbers only")
+    return dtype, shape, fortran
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """A .npy member, parsed without pickles; every window of a video shares one header, whose
+    parse is cached (np.load re-parsed it for each sample, a sixth of the stream's time)."""
+    width = 2 if data[6:7] == b"\x01" else 4
+    start = 8 + width + int.from_bytes(data[8 : 8 + width], "little")
+    dtype, shape, fortran = npy_layout(bytes(data[:start]))
+    values = np.frombuffer(bytearray(data[start:]), dtype)
+    return values.reshape(shape, order="F" if fortran else "C")
+
+
 def decode_frame(sample: dict) -> dict:
     image = decode_jpeg(torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    mel = np.load(io.BytesIO(sample["mel.npy"]), allow_pickle=False)
+    mel = load_npy(sample["mel.npy"])
     start, width = column_span(sample["window"])
     return {
         "key": sample["__key__"],
@@ -310,11 +346,10 @@ def train_loader(
     groups = training_groups(manifest, cfg.holdout_fold)
     urls = shard_paths(cfg.shards, manifest, groups)
     base = f"{seed}/{epoch}/{rank}"
-    shard_seed = int.from_bytes(random.Random(base).randbytes(4), "little")
     copies = resampling_plan(manifest, groups, cfg).copies
     counter = Counter()
     stages = [
-        wds.ResampledShards(urls, seed=shard_seed, deterministic=True, worker_seed=worker_id),
+        lambda: dealt_shards(urls, f"{seed}/{epoch}", rank, world),
         lambda src: read_shards(src, counter),
         lambda src: parse(src, counter),
         lambda src: pick_window(src, cfg.train_windows, no_window_policy(cfg), base, counter),

@@ -20,6 +20,11 @@ def test_overrides_are_typed(tmp_path):
         ("data.balance=wrong", "data.balance must be"),
         ("opt.lr=1", r"unknown section\(s\) opt"),
         ("train.epochs", "not key=value"),
+        ("data.balance=weights", "needs data.class_weights: 8"),
+        ("data.video_cap=[50, 200]", "data.video_cap: empty or 8 counts, one per class in the order Neutral, Anger"),
+        ("data.subsample=[1, 1, 1, 1, 0, 1, 1, 1]", r"data.subsample: empty or 8 in \(0, 1\]"),
+        ("data.mix=cutmix", "data.mix must be none, mixup or remix"),
+        ("data.crop_scale=[0.9, 0.5]", "data.crop_scale"),
     ],
 )
 def test_bad_config_is_a_clear_error(override, message):

@@ -1,4 +1,5 @@
-"""Real processes: `accelerate launch --multi_gpu --num_processes 2` on CPU, ranks talking over gloo."""
+"""Real processes on CPU, ranks talking over gloo: the stream under torchrun with 2 and 3 ranks, and
+the training loop under `accelerate launch --multi_gpu` evaluating identically on 1, 2 and 3 ranks."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import REPO
 from fer_dist import predictions
@@ -71,18 +73,47 @@ def test_two_ranks_train_and_evaluate_like_one(shards, tmp_path):
 
     weights = run / "checkpoints" / "last" / "model.safetensors"
     scored = {}
-    for n in (1, 2):
+    for n in (1, 2, 3):
         out = tmp_path / f"eval{n}"
         launch(n, *overrides(shards, out), "--evaluate", str(weights))
         scored[n] = (
             predictions.load(out / "predictions" / "evaluate.npz"),
             json.loads((out / "evaluate.json").read_text()),
         )
-    (one, m1), (two, m2) = scored[1], scored[2]
-    assert one.key.tolist() == two.key.tolist() == trained.key.tolist()
-    assert (one.label == two.label).all()
-    for head in one.logits:
-        assert (one.logits[head].argmax(1) == two.logits[head].argmax(1)).all()
-        np.testing.assert_allclose(one.logits[head], two.logits[head], atol=1e-5)
-    assert m1 == m2
+    one, m1 = scored[1]
+    assert one.key.tolist() == trained.key.tolist()
+    for n in (2, 3):
+        other, m = scored[n]
+        assert other.key.tolist() == one.key.tolist() and (other.label == one.label).all()
+        for head in one.logits:
+            assert (one.logits[head].argmax(1) == other.logits[head].argmax(1)).all()
+            np.testing.assert_allclose(one.logits[head], other.logits[head], atol=1e-5)
+        assert m == m1
     np.testing.assert_allclose(one.logits["ensemble"], trained.logits["ensemble"], atol=1e-5)
+
+
+def torchrun(world, shards, out, holdout, epochs=2, workers=2):
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world)]
+    cmd += ["--master_port", str(free_port()), str(REPO / "tests" / "stream_ranks.py")]
+    cmd += [str(shards), str(out), str(epochs), str(workers), str(holdout)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_stream_ranks_get_equal_batches_in_a_seeded_order(shards, tmp_path, world):
+    groups = json.loads((shards / "manifest.json").read_text())["groups"]
+    total = sum(len(groups[f"fold{k}"]["shards"]) for k in range(5))
+    holdout = next(k for k in range(5) if (total - len(groups[f"fold{k}"]["shards"])) % world)  # uneven shards
+    first = torchrun(world, shards, tmp_path / "a", holdout)
+    for rank in first:
+        for epoch in rank.values():
+            assert epoch["batches"] == epoch["planned"] == 120 // (8 * world)
+            assert len(epoch["keys"]) == 8 * epoch["batches"]
+    assert first[0]["0"]["keys"] != first[0]["1"]["keys"]  # a new order every epoch
+    assert first[0]["0"]["keys"] != first[1]["0"]["keys"]  # and on every rank
+    if world == 3:
+        assert torchrun(world, shards, tmp_path / "b", holdout) == first  # the same seed: the same samples, in order
