@@ -13,6 +13,7 @@ workers, sampled every 20 ms from outside.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -145,9 +146,11 @@ def time_stream(shards: str, workers: int, samples: int, batch_size: int) -> dic
     from fer_dist.stream import describe, resampling_plan, tally, train_loader, training_groups
 
     overrides = [f"data.shards={shards}", f"data.workers={workers}", f"data.batch_size={batch_size}"]
-    cfg = config.load(None, [*overrides, f"data.epoch_samples={samples}"]).data
+    cfg = config.load(None, overrides).data
     manifest = read_manifest(Path(shards))
     plan = resampling_plan(manifest, training_groups(manifest, cfg.holdout_fold), cfg)
+    passes = math.ceil(samples / plan.emitted.sum())  # whole passes over the shards, as epochs are
+    cfg.epoch_samples = math.ceil(passes * plan.emitted.sum())
     loader, _ = train_loader(cfg, manifest, seed=0, epoch=0, rank=0, world=1)
     histogram, latest = np.zeros(8, np.int64), {}
 
@@ -159,6 +162,7 @@ def time_stream(shards: str, workers: int, samples: int, batch_size: int) -> dic
     return {
         **result,
         "emitted": int(histogram.sum()),
+        "passes": passes,
         "emitted_class_fraction": (histogram / histogram.sum()).round(5).tolist(),
         "target_class_fraction": plan.target.round(5).tolist(),
         "discarded_fraction": round(describe(tally(latest))["discarded_fraction"], 4),
@@ -297,6 +301,7 @@ def bench_loader(workdir: Path, videos: int, workers: int, samples: int, batch_s
         "stream_vs_baseline": round(per_core["stream"] / per_core["teams"], 2),
         "stream_vs_decode_limit": round(per_core["stream"] / per_core["decode"], 3),
         "emitted_samples": stream["emitted"],
+        "passes_over_the_shards": stream["passes"],
         "emitted_class_fraction": stream["emitted_class_fraction"],
         "target_class_fraction": stream["target_class_fraction"],
         "max_relative_class_error": round(float(np.max(np.abs(emitted[target > 0] / target[target > 0] - 1))), 4),
