@@ -68,6 +68,8 @@ def test_two_ranks_train_and_evaluate_like_one(shards, tmp_path):
     assert "2 process(es) on cpu" in result.stderr
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["epoch"] == 1 and set(metrics[0]["macro_f1_by_head"]) == {"image", "audio", "fusion", "ensemble"}
+    stream = metrics[0]["stream"]  # summed over both ranks' loaders
+    assert stream["emitted"] >= 64 and stream["read"] > 0 and stream["corrupt_shards"] == 0
     trained = predictions.load(run / "predictions" / "epoch001.npz")
     assert len(trained) == metrics[0]["eval_frames"] == len(set(trained.key))
 
