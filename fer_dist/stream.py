@@ -131,6 +131,12 @@ def resampling_plan(manifest: dict, groups: list[str], cfg: DataConfig) -> balan
     )
 
 
+def expected_thrown_away(manifest: dict, groups: list[str], plan: balance.Plan) -> float:
+    """Expected share of read samples never decoded: no pure window, or no copy."""
+    total = sum(manifest["groups"][g]["samples"] for g in groups)
+    return float(1 - plan.read.sum() * (1 - plan.discarded_fraction) / max(1, total))
+
+
 def worker_id() -> int:
     info = get_worker_info()
     return info.id if info else 0

@@ -226,11 +226,12 @@ def fit(accelerator, model, cfg: config_lib.Config, manifest: dict, bar: Progres
             f"[bold]fer-dist[/] {cfg.model['name']}: {world} process(es) on {accelerator.device}, "
             f"batch {cfg.data.batch_size} x {world} = {cfg.data.batch_size * world}, {steps} steps/epoch"
         )
+        thrown_away = stream.expected_thrown_away(manifest, groups, plan)
         console.print(
-            f"resampling: {cfg.data.balance} target, expected share of read samples discarded "
-            f"{plan.discarded_fraction:.1%}"
+            f"resampling: {cfg.data.balance} target; expected share of read samples discarded before decoding "
+            f"{thrown_away:.1%} (no pure window, or no copy)"
         )
-        if plan.discarded_fraction > 0.5:
+        if thrown_away > 0.5:
             console.print("[yellow]warning:[/] most samples read will be discarded; the stream reads more than it uses")
     best, metrics = -1.0, None
     for epoch in range(cfg.train.epochs):

@@ -14,6 +14,7 @@ from fer_dist.stream import (
     check,
     describe,
     eval_loader,
+    expected_thrown_away,
     pick_window,
     resampling_plan,
     tally,
@@ -123,6 +124,8 @@ def test_stream_emits_the_planned_class_shares(shards):
     counts = describe(tally(latest))
     assert counts["emitted"] >= 6000 and counts["read"] > 0
     assert counts["discarded_fraction"] > 0  # the uniform target thins the majority classes
+    expected = expected_thrown_away(manifest, training_groups(manifest, 0), plan)
+    assert abs(counts["discarded_fraction"] - expected) < 0.05, (counts, expected)
 
 
 def test_window_choice(tmp_path):
