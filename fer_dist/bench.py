@@ -143,7 +143,7 @@ def timed_batches(loader, batch_size: int, on_batch=None) -> dict:
 def time_stream(shards: str, workers: int, samples: int, batch_size: int) -> dict:
     from fer_dist import config
     from fer_dist.shard import read_manifest
-    from fer_dist.stream import describe, resampling_plan, tally, train_loader, training_groups
+    from fer_dist.stream import Tally, describe, resampling_plan, train_loader, training_groups
 
     overrides = [f"data.shards={shards}", f"data.workers={workers}", f"data.batch_size={batch_size}"]
     cfg = config.load(None, overrides).data
@@ -152,11 +152,11 @@ def time_stream(shards: str, workers: int, samples: int, batch_size: int) -> dic
     passes = math.ceil(samples / plan.emitted.sum())  # whole passes over the shards, as epochs are
     cfg.epoch_samples = math.ceil(passes * plan.emitted.sum())
     loader, _ = train_loader(cfg, manifest, seed=0, epoch=0, rank=0, world=1)
-    histogram, latest = np.zeros(8, np.int64), {}
+    histogram, tally = np.zeros(8, np.int64), Tally()
 
     def count(batch: dict) -> None:
         histogram[:] += np.bincount(batch["label"].numpy(), minlength=8)
-        latest[int(batch["counts"][0])] = batch["counts"][1:]
+        tally.see(batch)
 
     result = timed_batches(loader, batch_size, count)
     return {
@@ -165,7 +165,7 @@ def time_stream(shards: str, workers: int, samples: int, batch_size: int) -> dic
         "passes": passes,
         "emitted_class_fraction": (histogram / histogram.sum()).round(5).tolist(),
         "target_class_fraction": plan.target.round(5).tolist(),
-        "discarded_fraction": round(describe(tally(latest))["discarded_fraction"], 4),
+        "discarded_fraction": round(describe(tally.total())["discarded_fraction"], 4),
     }
 
 

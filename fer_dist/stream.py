@@ -13,7 +13,7 @@ over all ranks. Neither loader goes through `accelerator.prepare`: WebDataset al
 data, and a second split by Accelerate would silently drop half of it.
 
 Each worker counts what it reads, drops and emits, and the corrupt shards and samples it skips;
-every batch carries its worker's running counts, and `tally` sums the last of each worker.
+every batch carries its worker's running counts, and a `Tally` sums the last of each worker.
 """
 
 from __future__ import annotations
@@ -50,24 +50,32 @@ class Counter:
     def add(self, name: str, n: int = 1) -> None:
         self.values[COUNTS.index(name)] += n
 
-    def _skip(self, name: str, exn: Exception) -> bool:
-        self.add(name)
-        log.warning("skipped a %s: %s", name.removeprefix("corrupt_").rstrip("s"), exn)
+    def _skip(self, what: str, exn: Exception) -> bool:
+        self.add(f"corrupt_{what}s")
+        log.warning("skipped a %s: %s", what, exn)
         return True
 
     def shard_fault(self, exn: Exception) -> bool:
-        return self._skip("corrupt_shards", exn)
+        return self._skip("shard", exn)
 
     def sample_fault(self, exn: Exception) -> bool:
-        return self._skip("corrupt_samples", exn)
+        return self._skip("sample", exn)
 
     def snapshot(self) -> torch.Tensor:
         return torch.tensor([worker_id(), *self.values.tolist()])
 
 
-def tally(latest: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Sum of the last counts seen from each worker (`batch["counts"]`, keyed by its first entry)."""
-    return sum(latest.values(), torch.zeros(len(COUNTS), dtype=torch.long))
+class Tally:
+    """The stream's counts as the loop sees them: each worker's last snapshot, summed."""
+
+    def __init__(self) -> None:
+        self.latest: dict[int, torch.Tensor] = {}
+
+    def see(self, batch: dict) -> None:
+        self.latest[int(batch["counts"][0])] = batch["counts"][1:]
+
+    def total(self) -> torch.Tensor:
+        return sum(self.latest.values(), torch.zeros(len(COUNTS), dtype=torch.long))
 
 
 def describe(total: torch.Tensor) -> dict:
@@ -237,7 +245,7 @@ def balanced(src, copies: dict[str, np.ndarray], base: str, counter: Counter):
     rng = worker_rng(base, "balance")
     for sample in src:
         frames = frames_of(sample)
-        mean = float(np.mean([copies[f["meta"]["video"]][f["label"]] for f in frames]))
+        mean = sum(float(copies[f["meta"]["video"]][f["label"]]) for f in frames) / len(frames)
         n = balance.draw_copies(mean, rng)
         counter.add("discarded", len(frames) * (n == 0))
         counter.add("emitted", len(frames) * n)
@@ -305,13 +313,10 @@ def collate(samples: list[dict]) -> dict:
 
 
 def collate_runs(runs_: list[list[dict]], length: int) -> dict:
-    """Runs padded to `length` frames; `mask` marks the real ones, padded keys are empty."""
-    padded = []
-    for frames in runs_:
-        pad = {**frames[-1], "key": "", "label": -1}
-        padded.append(collate(frames + [pad] * (length - len(frames))))
-    batch = {k: torch.stack([p[k] for p in padded]) for k in ("label", "image", "mel", "window")}
-    batch["key"] = [p["key"] for p in padded]
+    """Runs padded to `length` frames, as [B, L, ...]; `mask` marks the real frames, padded keys are empty."""
+    frames = [f for run in runs_ for f in run + [{**run[-1], "key": "", "label": -1}] * (length - len(run))]
+    batch = {k: v.unflatten(0, (len(runs_), length)) for k, v in collate(frames).items() if k != "key"}
+    batch["key"] = [[f["key"] for f in frames[i : i + length]] for i in range(0, len(frames), length)]
     batch["mask"] = batch["label"] >= 0
     return batch
 
@@ -339,8 +344,8 @@ def _loader(pipeline: wds.DataPipeline, workers: int) -> wds.WebLoader:
     )
 
 
-def batches_per_epoch(manifest: dict, groups: list[str], cfg: DataConfig, world: int) -> int:
-    frames = cfg.epoch_samples or resampling_plan(manifest, groups, cfg).emitted.sum()
+def batches_per_epoch(plan: balance.Plan, cfg: DataConfig, world: int) -> int:
+    frames = cfg.epoch_samples or plan.emitted.sum()
     per_batch = cfg.batch_size * max(1, cfg.sequence_length)
     return max(1, int(frames) // (per_batch * world))
 
@@ -352,7 +357,7 @@ def train_loader(
     groups = training_groups(manifest, cfg.holdout_fold)
     urls = shard_paths(cfg.shards, manifest, groups)
     base = f"{seed}/{epoch}/{rank}"
-    copies = resampling_plan(manifest, groups, cfg).copies
+    plan = resampling_plan(manifest, groups, cfg)
     counter = Counter()
     stages = [
         lambda: dealt_shards(urls, f"{seed}/{epoch}", rank, world),
@@ -363,12 +368,12 @@ def train_loader(
     if cfg.sequence_length:
         stages.append(lambda src: runs(src, cfg.sequence_length))
     stages += [
-        lambda src: balanced(src, copies, base, counter),
+        lambda src: balanced(src, plan.copies, base, counter),
         lambda src: shuffled(src, cfg.shuffle_buffer, base),
         lambda src: decoded(src, counter),
         lambda src: batched(src, cfg.batch_size, cfg.sequence_length, False, counter),
     ]
-    n = batches_per_epoch(manifest, groups, cfg, world)
+    n = batches_per_epoch(plan, cfg, world)
     return _loader(wds.DataPipeline(*stages), cfg.workers).with_epoch(n), n
 
 

@@ -106,7 +106,7 @@ def evaluate(accelerator, model, cfg: config_lib.Config, manifest: dict, name: s
     task = bar.add_task(
         "evaluate", total=math.ceil(expected / cfg.data.eval_batch_size / accelerator.num_processes), info=""
     )
-    keys, labels, logits, latest = [], [], {}, {}
+    keys, labels, logits, tally = [], [], {}, stream.Tally()
     loader = stream.eval_loader(
         cfg.data, manifest, group, rank=accelerator.process_index, world=accelerator.num_processes
     )
@@ -119,10 +119,10 @@ def evaluate(accelerator, model, cfg: config_lib.Config, manifest: dict, name: s
             logits.setdefault(h, []).append((v[mask.to(v.device)] if mask is not None else v).float().cpu().numpy())
         keys += [k for row in batch["key"] for k in row if k] if mask is not None else batch["key"]
         labels.append((batch["label"][mask] if mask is not None else batch["label"]).numpy())
-        latest[int(batch["counts"][0])] = batch["counts"][1:]
+        tally.see(batch)
         bar.advance(task)
     bar.remove_task(task)
-    faults = reduce_counts(accelerator, latest)
+    faults = reduce_counts(accelerator, tally)
     part = preds_lib.Predictions(
         np.array(keys, str),
         np.concatenate(labels) if labels else np.array([], np.int64),
@@ -147,9 +147,9 @@ def evaluate(accelerator, model, cfg: config_lib.Config, manifest: dict, name: s
     return scores(merged, list(merged.logits), net.output)
 
 
-def reduce_counts(accelerator, latest: dict[int, torch.Tensor]) -> dict:
+def reduce_counts(accelerator, tally: stream.Tally) -> dict:
     """The stream's counts summed over this rank's workers, then over all ranks."""
-    total = stream.tally(latest).to(accelerator.device)
+    total = tally.total().to(accelerator.device)
     if accelerator.num_processes > 1:
         total = accelerator.reduce(total, reduction="sum")
     return stream.describe(total.cpu())
@@ -214,8 +214,8 @@ def fit(accelerator, model, cfg: config_lib.Config, manifest: dict, bar: Progres
     run_dir = Path(cfg.train.run_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
     groups = stream.training_groups(manifest, cfg.data.holdout_fold)
-    steps = stream.batches_per_epoch(manifest, groups, cfg.data, world)
     plan = stream.resampling_plan(manifest, groups, cfg.data)
+    steps = stream.batches_per_epoch(plan, cfg.data, world)
     class_counts = torch.as_tensor(plan.read)
     optimizer = make_optimizer(cfg.optim, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim, steps * cfg.train.epochs))
@@ -240,7 +240,7 @@ def fit(accelerator, model, cfg: config_lib.Config, manifest: dict, bar: Progres
         )
         task = bar.add_task(f"epoch {epoch + 1}/{cfg.train.epochs}", total=steps, info="")
         model.train()
-        losses, seen, latest, start = [], 0, {}, time.perf_counter()
+        losses, seen, tally, start = [], 0, stream.Tally(), time.perf_counter()
         for step, batch in enumerate(loader):
             inputs = prepare(batch, accelerator.device, cfg.data, manifest["mel_stats"], train=True)
             target = batch["label"].to(accelerator.device)
@@ -258,14 +258,14 @@ def fit(accelerator, model, cfg: config_lib.Config, manifest: dict, bar: Progres
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             seen += (int(mask.sum()) if mask is not None else len(target)) * world
-            latest[int(batch["counts"][0])] = batch["counts"][1:]
+            tally.see(batch)
             if step % cfg.train.log_every == 0 or step == steps - 1:
                 rate = seen / (time.perf_counter() - start)
                 bar.update(task, info=f"loss {np.mean(losses[-cfg.train.log_every :]):.3f}  {rate:.0f} samples/s")
             bar.advance(task)
         bar.remove_task(task)
         train_time = time.perf_counter() - start
-        counts = reduce_counts(accelerator, latest)
+        counts = reduce_counts(accelerator, tally)
         save_weights(accelerator, model, run_dir / "checkpoints" / "last")
         metrics = evaluate(accelerator, model, cfg, manifest, f"epoch{epoch + 1:03d}", bar)
         if accelerator.is_main_process:

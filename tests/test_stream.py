@@ -11,13 +11,13 @@ from fer_dist.shard import read_manifest
 from fer_dist.stream import (
     COUNTS,
     Counter,
+    Tally,
     check,
     describe,
     eval_loader,
     expected_thrown_away,
     pick_window,
     resampling_plan,
-    tally,
     train_loader,
     training_groups,
 )
@@ -114,14 +114,14 @@ def test_stream_emits_the_planned_class_shares(shards):
     cfg = data_cfg(shards, epoch_samples=6000, batch_size=50, balance="uniform", shuffle_buffer=200)
     plan = resampling_plan(manifest, training_groups(manifest, 0), cfg)
     loader, _ = train_loader(cfg, manifest, seed=0, epoch=0, rank=0, world=1)
-    latest, labels = {}, []
+    tally, labels = Tally(), []
     for batch in loader:
         labels.append(batch["label"])
-        latest[int(batch["counts"][0])] = batch["counts"][1:]
+        tally.see(batch)
     emitted = np.bincount(torch.cat(labels).numpy(), minlength=8) / 6000
     expected = plan.emitted / plan.emitted.sum()
     assert np.abs(emitted - expected).max() < 0.03, (emitted, expected)
-    counts = describe(tally(latest))
+    counts = describe(tally.total())
     assert counts["emitted"] >= 6000 and counts["read"] > 0
     assert counts["discarded_fraction"] > 0  # the uniform target thins the majority classes
     expected = expected_thrown_away(manifest, training_groups(manifest, 0), plan)
@@ -190,11 +190,11 @@ def test_corrupt_shard_and_sample_are_skipped_and_counted(shards, tmp_path, capl
     out, manifest = corrupt_copy(shards, tmp_path)
     cfg = data_cfg(out, epoch_samples=4000, batch_size=40, balance="natural", shuffle_buffer=10)
     loader, n = train_loader(cfg, manifest, seed=0, epoch=0, rank=0, world=1)
-    latest, batches = {}, 0
+    tally, batches = Tally(), 0
     for batch in loader:
         batches += 1
-        latest[int(batch["counts"][0])] = batch["counts"][1:]
-    counts = describe(tally(latest))
+        tally.see(batch)
+    counts = describe(tally.total())
     assert batches == n  # training went on
     assert counts["corrupt_shards"] >= 1 and counts["corrupt_samples"] >= 1
     assert "skipped a shard" in caplog.text and "skipped a sample" in caplog.text
