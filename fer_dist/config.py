@@ -66,9 +66,12 @@ class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 0.05
     momentum: float = 0.9
-    warmup_fraction: float = 0.05  # of all steps, linear warm-up before the cosine decay
-    min_lr_ratio: float = 0.01
-    grad_clip: float = 1.0  # 0 disables
+    schedule: str = "cosine"  # cosine (after warm-up) | restarts (cosine annealing with warm restarts, paper 001)
+    warmup_fraction: float = 0.05  # of all optimiser steps, linear warm-up before the cosine
+    min_lr_ratio: float = 0.01  # the cosine's floor, as a fraction of lr
+    restart_epochs: float = 5.0  # restarts: length of the first cycle, in epochs
+    restart_mult: int = 1  # restarts: each cycle this many times longer than the one before
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
 
 
 @dataclass
@@ -76,8 +79,17 @@ class TrainConfig:
     epochs: int = 10
     seed: int = 0
     run_dir: str = "runs/run"
-    mixed_precision: str = "no"  # no | fp16 | bf16
-    log_every: int = 20  # steps between metric lines
+    mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | no | fp16 (loss-scaled, GPU) | bf16
+    effective_batch_size: int = 0  # micro-batch x accumulation x processes; 0: no accumulation
+    gradient_checkpointing: bool = False  # recompute the timm backbones' activations in backward
+    channels_last: bool = False  # NHWC images and convolutions (faster on tensor cores)
+    compile: bool = False  # torch.compile the model
+    checkpoint_every: int = 0  # optimiser steps between checkpoints inside an epoch; 0: at epoch ends only
+    keep_checkpoints: int = 2  # the last K step checkpoints kept (the best is kept apart)
+    init_from: list[str] = field(default_factory=list)  # safetensors weights loaded before training (stages)
+    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes left untrained
+    tensorboard: bool = True  # scalars under RUN_DIR/tensorboard
+    log_every: int = 20  # steps between progress and TensorBoard updates
 
 
 @dataclass
@@ -194,8 +206,18 @@ def validate(cfg: Config) -> None:
         (d.batch_size > 0 and d.eval_batch_size > 0, "batch sizes must be positive"),
         (d.max_repeat >= 1, "data.max_repeat must be at least 1"),
         (cfg.optim.name in ("adamw", "adam", "sgd"), f"optim.name must be adamw, adam or sgd, not {cfg.optim.name!r}"),
-        (cfg.train.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision must be no, fp16 or bf16"),
+        (cfg.optim.schedule in ("cosine", "restarts"), "optim.schedule must be cosine or restarts"),
+        (
+            cfg.optim.restart_epochs > 0 and cfg.optim.restart_mult >= 1 and 0 <= cfg.optim.warmup_fraction < 1,
+            "optim.restart_epochs > 0, optim.restart_mult >= 1 and 0 <= optim.warmup_fraction < 1",
+        ),
+        (
+            cfg.train.mixed_precision in ("auto", "no", "fp16", "bf16"),
+            "train.mixed_precision must be auto, no, fp16 or bf16",
+        ),
         (cfg.train.epochs > 0, "train.epochs must be positive"),
+        (cfg.train.effective_batch_size >= 0, "train.effective_batch_size must be 0 or positive"),
+        (cfg.train.checkpoint_every >= 0 and cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:

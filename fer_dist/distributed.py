@@ -1,18 +1,68 @@
-"""The one place that knows about devices and processes."""
+"""The one place that knows about devices and processes: precision, accumulation, DeepSpeed's
+"auto" values, and agreement between ranks."""
 
 from __future__ import annotations
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+
+from fer_dist.config import Config, ConfigError
 
 
-def make_accelerator(mixed_precision: str) -> Accelerator:
-    """An Accelerator for whatever `accelerate launch` started: CPU processes talk over gloo when
-    no GPU is present (`--multi_gpu --num_processes N` on CPU gives N ranks)."""
+def choose_precision(asked: str, capability: tuple[int, int] | None) -> str:
+    """`auto`: bf16 on GPUs that compute in it (Ampere, compute capability 8.0, and later), fp32
+    everywhere else (CPU; Pascal GPUs such as the GTX 1080 Ti, which have no fast half precision
+    for training). fp16 is never chosen unless asked, and needs a GPU for its loss scaler."""
+    if asked == "fp16" and capability is None:
+        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU (its loss scaler); on CPU use bf16 or no")
+    if asked != "auto":
+        return asked
+    return "bf16" if capability is not None and capability >= (8, 0) else "no"
+
+
+def accumulation_steps(effective: int, micro: int, world: int) -> int:
+    """Micro-batches per optimiser step so that micro x steps x world = effective."""
+    if not effective:
+        return 1
+    steps, rest = divmod(effective, micro * world)
+    if rest or not steps:
+        raise ConfigError(
+            f"train.effective_batch_size={effective} is not a multiple of data.batch_size x processes "
+            f"= {micro} x {world}; use e.g. {max(1, round(effective / (micro * world))) * micro * world}"
+        )
+    return steps
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """An Accelerator for whatever `accelerate launch` started. CPU processes talk over gloo when no
+    GPU is present (`--multi_gpu --num_processes N` on CPU gives N ranks)."""
     cpu = not torch.cuda.is_available()
-    return Accelerator(
+    world = PartialState(cpu=cpu).num_processes
+    capability = None if cpu else torch.cuda.get_device_capability()
+    accelerator = Accelerator(
         cpu=cpu,
-        mixed_precision="no" if cpu else mixed_precision,
+        mixed_precision=choose_precision(cfg.train.mixed_precision, capability),
+        gradient_accumulation_steps=accumulation_steps(cfg.train.effective_batch_size, cfg.data.batch_size, world),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:  # the DeepSpeed JSON may leave these to the experiment config
+        ds = plugin.deepspeed_config
+        if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+        if ds.get("gradient_clipping", "auto") == "auto":
+            ds["gradient_clipping"] = cfg.optim.grad_clip
+    return accelerator
+
+
+def uses_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank when it is true on at least one, so all ranks act at the same step."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item())

@@ -145,9 +145,13 @@ def expected_thrown_away(manifest: dict, groups: list[str], plan: balance.Plan) 
     return float(1 - plan.read.sum() * (1 - plan.discarded_fraction) / max(1, total))
 
 
+_role_shift = 0  # set in each worker of a resumed epoch (see `skipped`)
+
+
 def worker_id() -> int:
+    """The DataLoader worker's role: which seeds and shards it has, and which batches it makes."""
     info = get_worker_info()
-    return info.id if info else 0
+    return (info.id + _role_shift) % info.num_workers if info else 0
 
 
 def worker_rng(base: str, stage: str) -> random.Random:
@@ -330,30 +334,44 @@ def batched(src, size: int, length: int, partial: bool, counter: Counter):
     yield from wds.batched(size, collation_fn=gather, partial=partial)(src)
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(shift: int, _: int) -> None:
+    global _role_shift
+    _role_shift = shift
     torch.set_num_threads(1)
 
 
-def _loader(pipeline: wds.DataPipeline, workers: int) -> wds.WebLoader:
+def _loader(pipeline: wds.DataPipeline, workers: int, shift: int = 0) -> wds.WebLoader:
     return wds.WebLoader(
         pipeline,
         batch_size=None,
         num_workers=workers,
-        worker_init_fn=_worker_init if workers else None,
+        worker_init_fn=functools.partial(_worker_init, shift) if workers else None,
+        generator=torch.Generator(),  # the workers' seeds are drawn here, not from the training RNG
         persistent_workers=False,
     )
 
 
-def batches_per_epoch(plan: balance.Plan, cfg: DataConfig, world: int) -> int:
+def batches_per_epoch(plan: balance.Plan, cfg: DataConfig, world: int, multiple: int = 1) -> int:
+    """Batches per rank per epoch, a whole number of `multiple`s (gradient accumulation)."""
     frames = cfg.epoch_samples or plan.emitted.sum()
     per_batch = cfg.batch_size * max(1, cfg.sequence_length)
-    return max(1, int(frames) // (per_batch * world))
+    return max(1, int(frames) // (per_batch * world * multiple)) * multiple
+
+
+def skipped(src, batches: int, size: int):
+    """Drops what were this worker's first `batches` batches, before decoding: a resumed epoch goes
+    on where it stopped. The loader takes batches from its workers in turn, first from worker 0, so
+    worker 0 takes the role of the worker whose batch was next (`_loader(..., shift)`)."""
+    info = get_worker_info()
+    mine = len(range(worker_id(), batches, info.num_workers if info else 1))
+    yield from itertools.islice(src, mine * size, None)
 
 
 def train_loader(
-    cfg: DataConfig, manifest: dict, *, seed: int, epoch: int, rank: int, world: int
+    cfg: DataConfig, manifest: dict, *, seed: int, epoch: int, rank: int, world: int, skip: int = 0, multiple: int = 1
 ) -> tuple[wds.WebLoader, int]:
-    """The rank's training batches for one epoch, and how many there are (equal on every rank)."""
+    """The rank's training batches for one epoch after the first `skip`, and how many the whole
+    epoch has (equal on every rank, a multiple of `multiple`)."""
     groups = training_groups(manifest, cfg.holdout_fold)
     urls = shard_paths(cfg.shards, manifest, groups)
     base = f"{seed}/{epoch}/{rank}"
@@ -370,11 +388,12 @@ def train_loader(
     stages += [
         lambda src: balanced(src, plan.copies, base, counter),
         lambda src: shuffled(src, cfg.shuffle_buffer, base),
+        lambda src: skipped(src, skip, cfg.batch_size),
         lambda src: decoded(src, counter),
         lambda src: batched(src, cfg.batch_size, cfg.sequence_length, False, counter),
     ]
-    n = batches_per_epoch(plan, cfg, world)
-    return _loader(wds.DataPipeline(*stages), cfg.workers).with_epoch(n), n
+    n = batches_per_epoch(plan, cfg, world, multiple)
+    return _loader(wds.DataPipeline(*stages), cfg.workers, skip).with_epoch(n - skip), n
 
 
 def eval_loader(cfg: DataConfig, manifest: dict, group: str, *, rank: int, world: int) -> wds.WebLoader | list:

@@ -10,6 +10,10 @@ MFM fuses them by co-attention in both directions,
 
 then two ViT encoder layers give Y_T. Linear heads on the pooled branch features give Y_I and Y_A;
 the prediction is the ensemble (mean probability) of Y_I, Y_A and Y_T, and all three are trained.
+
+The paper trains the branches first, then the fusion: `stage="image"` or `"audio"` builds one
+branch and its head alone; `stage="fusion"` (the default) builds everything, and takes the
+branches' weights through `train.init_from`.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ from torch import nn
 
 from fer_dist.models.backbones import create_backbone, tokens
 
+STAGES = {"image": ("image",), "audio": ("audio",), "fusion": ("image", "audio", "fusion")}
+
 
 class ModalFusionNet(nn.Module):
-    heads = ("image", "audio", "fusion")  # trained heads
-    output = "ensemble"  # the model's prediction
     sequences = False  # takes single frames, not clip-mode runs [B, L, ...]
 
     def __init__(
@@ -33,20 +37,35 @@ class ModalFusionNet(nn.Module):
         audio_size: tuple[int, int] = (224, 224),
         image_backbone_args: dict | None = None,
         audio_backbone_args: dict | None = None,
-        pretrained: bool = False,
+        pretrained: bool | str = False,
         fusion_dim: int | None = None,
         fusion_heads: int = 8,
         fusion_layers: int = 2,
         dropout: float = 0.1,
         num_classes: int = 8,
+        stage: str = "fusion",
     ) -> None:
         super().__init__()
-        self.image_branch = create_backbone(
-            image_backbone, in_chans=3, img_size=image_size, pretrained=pretrained, **(image_backbone_args or {})
-        )
-        self.audio_branch = create_backbone(
-            audio_backbone, in_chans=1, img_size=tuple(audio_size), pretrained=pretrained, **(audio_backbone_args or {})
-        )
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}")
+        self.heads = STAGES[stage]  # trained heads
+        self.output = "ensemble" if stage == "fusion" else stage  # the model's prediction
+        if stage != "audio":
+            self.image_branch = create_backbone(
+                image_backbone, in_chans=3, img_size=image_size, pretrained=pretrained, **(image_backbone_args or {})
+            )
+            self.image_head = nn.Linear(self.image_branch.num_features, num_classes)
+        if stage != "image":
+            self.audio_branch = create_backbone(
+                audio_backbone,
+                in_chans=1,
+                img_size=tuple(audio_size),
+                pretrained=pretrained,
+                **(audio_backbone_args or {}),
+            )
+            self.audio_head = nn.Linear(self.audio_branch.num_features, num_classes)
+        if stage != "fusion":
+            return
         di, da = self.image_branch.num_features, self.audio_branch.num_features
         dim = fusion_dim or di
         self.image_proj = nn.Identity() if di == dim else nn.Linear(di, dim)
@@ -58,8 +77,6 @@ class ModalFusionNet(nn.Module):
             dim, fusion_heads, 4 * dim, dropout, activation="gelu", batch_first=True, norm_first=True
         )
         self.encoder = nn.TransformerEncoder(layer, fusion_layers, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
-        self.image_head = nn.Linear(di, num_classes)
-        self.audio_head = nn.Linear(da, num_classes)
         self.fusion_head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.source, std=0.02)
 
@@ -70,6 +87,10 @@ class ModalFusionNet(nn.Module):
         return y_ia, y_ai, w_ia, w_ai
 
     def forward(self, image: torch.Tensor, audio: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.output == "image":
+            return {"image": self.image_head(tokens(self.image_branch, image).mean(1))}
+        if self.output == "audio":
+            return {"audio": self.audio_head(tokens(self.audio_branch, audio).mean(1))}
         f_i = tokens(self.image_branch, image)
         f_a = tokens(self.audio_branch, audio)
         y_ia, y_ai, _, _ = self.co_attention(self.image_proj(f_i), self.audio_proj(f_a))

@@ -1,0 +1,146 @@
+"""Checkpoints a killed run resumes from, and the signals that ask for one.
+
+    RUN_DIR/checkpoints/step-00000120/   model.safetensors  optimizer.pt | deepspeed/  scheduler.pt
+                                         [scaler.pt]  rng-rank{r}.pt  state.json
+    RUN_DIR/checkpoints/best/            model.safetensors  config.yaml  metrics.json
+
+A step checkpoint is written under a temporary name and renamed into place once complete, so
+`latest()` never sees half of one; only the last `keep` are kept. Everything is read back with
+safetensors, JSON or `torch.load(weights_only=True)`. DeepSpeed's partitioned optimiser states are
+the exception: they go through DeepSpeed's own `save_checkpoint`/`load_checkpoint`.
+
+SLURM sends SIGUSR1 (`--signal`) or SIGTERM before a time limit or preemption; the loop then
+checkpoints at the next optimiser step and exits with REQUEUE_EXIT, leaving `RUN_DIR/requeue.json`
+for a launcher whose own exit status does not carry it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from fer_dist.distributed import uses_deepspeed
+
+REQUEUE_EXIT = 75  # EX_TEMPFAIL: stopped on request, resume me
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_requested: list[int] = []
+
+
+def _note(signum: int, _frame) -> None:
+    _requested.append(signum)
+
+
+def watch_signals() -> None:
+    for s in SIGNALS:
+        signal.signal(s, _note)
+
+
+def stop_requested() -> str | None:
+    return signal.Signals(_requested[0]).name if _requested else None
+
+
+def step_dirs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("step-*[0-9]"))
+
+
+def latest(run_dir: Path) -> Path | None:
+    found = step_dirs(run_dir)
+    return found[-1] if found else None
+
+
+def weights(accelerator, model) -> dict[str, torch.Tensor]:
+    """The bare model's state dict, whatever wraps it (DDP, torch.compile, DeepSpeed)."""
+    if uses_deepspeed(accelerator):
+        return accelerator.get_state_dict(model)
+    return accelerator.unwrap_model(model, keep_torch_compile=False).state_dict()
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def save(accelerator, model, optimizer, scheduler, run_dir: Path, state: dict, keep: int) -> Path:
+    """A complete step checkpoint, written by every rank (its RNG) and made visible by rank 0."""
+    final = run_dir / "checkpoints" / f"step-{state['global_step']:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    main = accelerator.is_main_process
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
+    if uses_deepspeed(accelerator):  # every rank writes its optimiser partition
+        model.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+    state_dict = weights(accelerator, model)
+    if main:
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / "model.safetensors"))
+        if not uses_deepspeed(accelerator):
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "world": accelerator.num_processes}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in step_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load(accelerator, model, optimizer, scheduler, directory: Path) -> dict:
+    """Restores what `save` wrote into the prepared objects; returns the loop's state."""
+    state = json.loads((directory / "state.json").read_text())
+    if state["world"] != accelerator.num_processes:
+        raise RuntimeError(
+            f"{directory} was written by {state['world']} process(es); resume it with the same number "
+            f"(this run has {accelerator.num_processes}): each rank's stream position and RNG are in it"
+        )
+    bare = accelerator.unwrap_model(model, keep_torch_compile=False)
+    bare.load_state_dict(load_file(str(directory / "model.safetensors")))
+    if uses_deepspeed(accelerator):
+        model.load_checkpoint(
+            str(directory / "deepspeed"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+    else:
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu"))
+    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+    if accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(torch.load(directory / "scaler.pt", weights_only=True))
+    state["rng"] = torch.load(directory / f"rng-rank{accelerator.process_index}.pt", weights_only=True)
+    return state
+
+
+def export_best(accelerator, model, run_dir: Path, config: dict, metrics: dict) -> None:
+    """checkpoints/best: safetensors weights plus the config that rebuilds the model, replaced whole."""
+    state_dict = weights(accelerator, model)
+    if accelerator.is_main_process:
+        best = run_dir / "checkpoints" / "best"
+        tmp = best.with_name("best.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / "model.safetensors"))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        old = best.with_name("best.old")
+        if best.exists():
+            os.replace(best, old)
+        os.replace(tmp, best)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
