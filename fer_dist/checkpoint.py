@@ -6,8 +6,10 @@
 
 A step checkpoint is written under a temporary name and renamed into place once complete, so
 `latest()` never sees half of one; only the last `keep` are kept. Everything is read back with
-safetensors, JSON or `torch.load(weights_only=True)`. DeepSpeed's partitioned optimiser states are
-the exception: they go through DeepSpeed's own `save_checkpoint`/`load_checkpoint`.
+safetensors, JSON or `torch.load(weights_only=True)`. DeepSpeed's partitioned optimiser states go
+through DeepSpeed's own `save_checkpoint`/`load_checkpoint`, whose loader unpickles; each of its
+files is first read with `weights_only=True`, allowing only DeepSpeed's plain state classes, and a
+file holding anything else is refused.
 
 SLURM sends SIGUSR1 (`--signal`) or SIGTERM before a time limit or preemption; the loop then
 checkpoints at the next optimiser step and exits with REQUEUE_EXIT, leaving `RUN_DIR/requeue.json`
@@ -26,6 +28,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from fer_dist.config import ConfigError
 from fer_dist.distributed import uses_deepspeed
 
 REQUEUE_EXIT = 75  # EX_TEMPFAIL: stopped on request, resume me
@@ -108,13 +111,14 @@ def load(accelerator, model, optimizer, scheduler, directory: Path) -> dict:
     """Restores what `save` wrote into the prepared objects; returns the loop's state."""
     state = json.loads((directory / "state.json").read_text())
     if state["world"] != accelerator.num_processes:
-        raise RuntimeError(
+        raise ConfigError(
             f"{directory} was written by {state['world']} process(es); resume it with the same number "
             f"(this run has {accelerator.num_processes}): each rank's stream position and RNG are in it"
         )
     bare = accelerator.unwrap_model(model, keep_torch_compile=False)
     bare.load_state_dict(load_file(str(directory / "model.safetensors")))
     if uses_deepspeed(accelerator):
+        check_deepspeed_files(directory / "deepspeed")
         model.load_checkpoint(
             str(directory / "deepspeed"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=False
         )
@@ -125,6 +129,20 @@ def load(accelerator, model, optimizer, scheduler, directory: Path) -> dict:
         accelerator.scaler.load_state_dict(torch.load(directory / "scaler.pt", weights_only=True))
     state["rng"] = torch.load(directory / f"rng-rank{accelerator.process_index}.pt", weights_only=True)
     return state
+
+
+def check_deepspeed_files(directory: Path) -> None:
+    """Refuses DeepSpeed checkpoint files that hold more than tensors, numbers and DeepSpeed's state records."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    for path in sorted(directory.rglob("*.pt")):
+        try:
+            with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+                torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as exn:
+            raise ConfigError(f"{path} holds more than tensors and DeepSpeed's state; not loaded: {exn}") from exn
 
 
 def export_best(accelerator, model, run_dir: Path, config: dict, metrics: dict) -> None:

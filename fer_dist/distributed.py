@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType
@@ -36,10 +38,12 @@ def accumulation_steps(effective: int, micro: int, world: int) -> int:
 
 def make_accelerator(cfg: Config) -> Accelerator:
     """An Accelerator for whatever `accelerate launch` started. CPU processes talk over gloo when no
-    GPU is present (`--multi_gpu --num_processes N` on CPU gives N ranks)."""
-    cpu = not torch.cuda.is_available()
+    GPU is present (`--multi_gpu --num_processes N` on CPU gives N ranks); DeepSpeed brings its own
+    CPU accelerator, which `cpu=True` would switch off."""
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    cpu = not torch.cuda.is_available() and not deepspeed
     world = PartialState(cpu=cpu).num_processes
-    capability = None if cpu else torch.cuda.get_device_capability()
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=choose_precision(cfg.train.mixed_precision, capability),

@@ -44,6 +44,7 @@ from fer_dist.models.losses import multi_head_ce
 from fer_dist.shard import read_manifest
 
 console = Console(stderr=True)
+PRECISION = {"no": "fp32", "bf16": "bf16 mixed precision", "fp16": "fp16 mixed precision with loss scaling"}
 
 
 class Requeue(Exception):
@@ -243,7 +244,7 @@ def fit(accelerator, model, cfg: config_lib.Config, manifest: dict, bar: Progres
     if main:
         console.print(
             f"[bold]fer-dist[/] {cfg.model['name']}: {world} process(es) on {accelerator.device}, "
-            f"{accelerator.mixed_precision} precision; batch {cfg.data.batch_size} x accumulation {accumulation} "
+            f"{PRECISION[accelerator.mixed_precision]}; batch {cfg.data.batch_size} x accumulation {accumulation} "
             f"x {world} = effective {cfg.data.batch_size * accumulation * world}; {updates} steps/epoch"
         )
         thrown_away = stream.expected_thrown_away(manifest, groups, plan)
@@ -388,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[yellow]stopped by {stop}[/]; go on with --resume {cfg.train.run_dir}")
         return checkpoint.REQUEUE_EXIT
     except (config_lib.ConfigError, OSError) as exc:
-        console.print(f"[red]config error:[/] {exc}")
+        console.print(f"[red]error:[/] {exc}")
         return 2
     return 0
 
