@@ -45,8 +45,9 @@ def watch_signals() -> None:
         signal.signal(s, _note)
 
 
-def stop_requested() -> str | None:
-    return signal.Signals(_requested[0]).name if _requested else None
+def stop_requested() -> int:
+    """The first stop signal received, or 0."""
+    return _requested[0] if _requested else 0
 
 
 def step_dirs(run_dir: Path) -> list[Path]:

@@ -64,9 +64,11 @@ def uses_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
-def any_rank(accelerator: Accelerator, flag: bool) -> bool:
-    """True on every rank when it is true on at least one, so all ranks act at the same step."""
-    if accelerator.num_processes == 1:
-        return flag
-    value = torch.tensor([float(flag)], device=accelerator.device)
-    return bool(accelerator.reduce(value, reduction="sum").item())
+def first_raised(accelerator: Accelerator, value: int) -> tuple[int, int] | None:
+    """(rank, value) of the first rank whose `value` is not 0, the same answer on every rank, so
+    all ranks act at the same step; None when every rank has 0."""
+    values = torch.tensor([value], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        values = accelerator.gather(values)
+    raised = [(rank, int(v)) for rank, v in enumerate(values.tolist()) if v]
+    return raised[0] if raised else None

@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import math
+import signal
 import time
 
 import torch
@@ -37,7 +38,7 @@ from fer_dist import checkpoint, stream
 from fer_dist import config as config_lib
 from fer_dist.affwild2 import CLASSES
 from fer_dist.augment import mix, prepare
-from fer_dist.distributed import any_rank, make_accelerator
+from fer_dist.distributed import first_raised, make_accelerator
 from fer_dist.evaluation import evaluate, reduce_counts
 from fer_dist.models import build
 from fer_dist.models.losses import multi_head_ce
@@ -174,9 +175,10 @@ def report_stream(counts: dict) -> None:
         console.print("[yellow]warning:[/] most of what the stream read was discarded (see data.balance, video_cap)")
 
 
-def requeue(accelerator, run_dir: Path, signal: str | None, saved: Path) -> None:
+def requeue(accelerator, run_dir: Path, raised: tuple[int, int], saved: Path) -> None:
     """Leaves requeue.json for launchers whose exit status does not carry ours, and stops every rank."""
-    reason = f"{signal or 'a signal to another rank'}: checkpointed at {saved}"
+    rank, signum = raised
+    reason = f"{signal.Signals(signum).name} on rank {rank}: checkpointed at {saved}"
     if accelerator.is_main_process:
         (run_dir / "requeue.json").write_text(json.dumps({"reason": reason, "checkpoint": str(saved)}))
     raise Requeue(reason)
@@ -192,6 +194,7 @@ def keep_metrics(path: Path, epochs: int) -> None:
 def run(cfg: config_lib.Config, evaluate_weights: str | None = None, resume: bool = False) -> dict | None:
     """Trains (from the last checkpoint when `resume`), or only evaluates `evaluate_weights`;
     returns rank 0's last metrics."""
+    checkpoint.watch_signals()  # from the start: a signal before the first step stops the run at that step
     accelerator = make_accelerator(cfg)
     torch.manual_seed(cfg.train.seed)
     manifest = read_manifest(Path(cfg.data.shards))
@@ -261,7 +264,6 @@ def fit(accelerator, model, cfg: config_lib.Config, manifest: dict, bar: Progres
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=at["global_step"] if resume else None)
-    checkpoint.watch_signals()
     global_step, metrics = at["global_step"], None
     for epoch in range(at["epoch"], cfg.train.epochs):
         skip = at["micro_step"] if epoch == at["epoch"] else 0
@@ -286,7 +288,7 @@ def fit(accelerator, model, cfg: config_lib.Config, manifest: dict, bar: Progres
         if skip == steps and main:  # stopped after the epoch's last batch: the counts were saved
             tally.latest[-1] = torch.tensor(at["stream"])
         loss_sum = torch.tensor(at["loss_sum"], dtype=torch.float64, device=accelerator.device)
-        window, stopped = [], None
+        window = []
         for micro, batch in enumerate(loader, start=skip):
             inputs, target, mask = training_inputs(batch, accelerator, cfg, manifest, class_counts)
             loss, stepped = train_step(
@@ -310,8 +312,7 @@ def fit(accelerator, model, cfg: config_lib.Config, manifest: dict, bar: Progres
                     writer.add_scalar("train/loss", recent, global_step)
                     writer.add_scalar("train/lr", scheduler.get_last_lr()[0], global_step)
                     writer.add_scalar("train/samples_per_s", rate, global_step)
-            stopped = checkpoint.stop_requested()
-            stop = any_rank(accelerator, stopped is not None)
+            stop = first_raised(accelerator, checkpoint.stop_requested())
             every = cfg.train.checkpoint_every
             if stop or (every and global_step % every == 0 and micro + 1 < steps):
                 at.update(
@@ -323,7 +324,7 @@ def fit(accelerator, model, cfg: config_lib.Config, manifest: dict, bar: Progres
                 )
                 saved = checkpoint.save(accelerator, model, optimizer, scheduler, run_dir, at, keep)
             if stop:
-                requeue(accelerator, run_dir, stopped, saved)
+                requeue(accelerator, run_dir, stop, saved)
         bar.remove_task(task)
         train_time = at["train_time"] + time.perf_counter() - start
         counts = reduce_counts(accelerator, tally)
@@ -353,13 +354,13 @@ def fit(accelerator, model, cfg: config_lib.Config, manifest: dict, bar: Progres
                 writer.flush()
             is_best = metrics["macro_f1"] > at["best"]
             at["best"] = max(at["best"], metrics["macro_f1"])
-        if any_rank(accelerator, is_best):
+        if first_raised(accelerator, is_best):
             checkpoint.export_best(accelerator, model, run_dir, config_lib.to_dict(cfg), metrics or {})
         at.update(epoch=epoch + 1, micro_step=0, global_step=global_step)
         saved = checkpoint.save(accelerator, model, optimizer, scheduler, run_dir, at, keep)
-        stopped = checkpoint.stop_requested()
-        if any_rank(accelerator, stopped is not None) and epoch + 1 < cfg.train.epochs:
-            requeue(accelerator, run_dir, stopped, saved)
+        stop = first_raised(accelerator, checkpoint.stop_requested())
+        if stop and epoch + 1 < cfg.train.epochs:
+            requeue(accelerator, run_dir, stop, saved)
     if writer:
         writer.close()
     accelerator.end_training()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -44,3 +48,50 @@ def samples(shards: Path, pattern: str = "*.tar"):
                 current[ext] = tar.extractfile(m).read()
             if current:
                 yield current
+
+
+TINY = "{embed_dim: 16, depths: [1, 1], num_heads: [1, 2], window_size: 4}"
+
+
+def tiny_run(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    """Overrides that make configs/mfm_cpu.yaml a seconds-long run on the test shards."""
+    return [
+        f"data.shards={shards}",
+        f"train.run_dir={run_dir}",
+        "train.epochs=1",
+        "data.epoch_samples=64",
+        "data.batch_size=8",
+        "data.eval_batch_size=32",
+        "data.workers=0",
+        "data.image_size=32",
+        "data.audio_size=[32, 32]",
+        f"model.image_backbone_args={TINY}",
+        f"model.audio_backbone_args={TINY}",
+        "model.fusion_dim=32",
+        "model.fusion_heads=2",
+        *extra,
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_cmd(processes: int, script: str | Path, *args: str, launch_file: str = "cpu.yaml") -> list[str]:
+    """`accelerate launch` with one of the launch/ files, on a free port."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / launch_file)]
+    cmd += ["--num_processes", str(processes), "--main_process_port", str(free_port()), str(script), *args]
+    return cmd
+
+
+def launch(
+    processes: int, *args: str, script: Path = REPO / "fer_dist" / "train.py", **kw
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        launch_cmd(processes, script, *args, **kw), env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

@@ -1,0 +1,253 @@
+"""The training loop: schedules, precision, accumulation, stages; and with real processes, steps on
+2 ranks against 1, a run killed with -9 and resumed, SIGUSR1/SIGTERM requeue, DeepSpeed ZeRO-2."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import REPO, TINY, launch, launch_cmd, tiny_run
+from fer_dist import checkpoint, config
+from fer_dist.distributed import accumulation_steps, choose_precision
+from fer_dist.models import build
+from fer_dist.models.backbones import create_backbone
+from fer_dist.train import initialise, lr_factor
+
+CPU_CONFIG = str(REPO / "configs" / "mfm_cpu.yaml")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def test_learning_rate_schedules():
+    cosine = lr_factor(config.OptimConfig(warmup_fraction=0.1, min_lr_ratio=0.0), total_steps=100, steps_per_epoch=10)
+    assert [cosine(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert cosine(10) == pytest.approx(1.0) and cosine(55) == pytest.approx(0.5) and cosine(99) < 1e-3
+    restarts = lr_factor(
+        config.OptimConfig(
+            schedule="restarts", warmup_fraction=0.0, min_lr_ratio=0.0, restart_epochs=2, restart_mult=2
+        ),
+        total_steps=100,
+        steps_per_epoch=10,
+    )
+    # cycles of 20, then 40 steps, each starting again from the full rate
+    assert restarts(0) == restarts(20) == restarts(60) == pytest.approx(1.0)
+    assert restarts(10) == pytest.approx(0.5) and restarts(40) == pytest.approx(0.5) and restarts(59) < 0.01
+
+
+def test_precision_follows_the_hardware_and_accumulation_the_effective_batch():
+    assert choose_precision("auto", None) == "no"  # CPU
+    assert choose_precision("auto", (6, 1)) == "no"  # Pascal, the GTX 1080 Ti
+    assert choose_precision("auto", (7, 5)) == "no"  # Turing: no bf16
+    assert choose_precision("auto", (8, 0)) == "bf16"
+    assert choose_precision("fp16", (6, 1)) == "fp16" and choose_precision("bf16", None) == "bf16"
+    with pytest.raises(config.ConfigError, match="needs a CUDA GPU"):
+        choose_precision("fp16", None)
+    assert accumulation_steps(0, 32, 4) == 1 and accumulation_steps(256, 32, 4) == 2
+    with pytest.raises(config.ConfigError, match="use e.g. 256"):
+        accumulation_steps(250, 32, 4)
+
+
+def tiny_model(**kwargs):
+    args = {"image_backbone_args": yaml.safe_load(TINY), "audio_backbone_args": yaml.safe_load(TINY)}
+    return build({"name": "mfm", **args, "fusion_dim": 32, "fusion_heads": 2, **kwargs}, 32, [32, 32])
+
+
+def test_staged_training_loads_branches_and_freezes(tmp_path):
+    stages = {}
+    for stage in ("image", "audio"):
+        model = tiny_model(stage=stage)
+        assert model.heads == (stage,) and model.output == stage
+        assert set(model(image=torch.rand(2, 3, 32, 32), audio=torch.rand(2, 1, 32, 32))) == {stage}
+        stages[stage] = tmp_path / f"{stage}.safetensors"
+        save_file(model.state_dict(), str(stages[stage]))
+    fusion = tiny_model()
+    initialise(fusion, config.TrainConfig(init_from=[str(stages["image"]), str(stages["audio"])], freeze=["image_"]))
+    state = fusion.state_dict()
+    for path in stages.values():
+        for k, v in load_file(str(path)).items():
+            assert torch.equal(state[k], v), k
+    frozen = {n for n, p in fusion.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith("image_") for n in frozen)
+    assert any(p.requires_grad for n, p in fusion.named_parameters() if n.startswith("audio_"))
+    other = tmp_path / "other.safetensors"
+    save_file({"image_head.weight": torch.zeros(3, 3)}, str(other))
+    with pytest.raises(config.ConfigError, match="do not fit"):
+        initialise(tiny_model(), config.TrainConfig(init_from=[str(other)]))
+    with pytest.raises(config.ConfigError, match="no parameter name"):
+        initialise(tiny_model(), config.TrainConfig(freeze=["nothing"]))
+
+
+def test_pretrained_weights_from_a_local_file(tmp_path):
+    kwargs = {"in_chans": 3, "img_size": 32, **yaml.safe_load(TINY)}
+    source = create_backbone("swin_tiny_patch4_window7_224", pretrained=False, **kwargs)
+    path = tmp_path / "swin.safetensors"
+    save_file(source.state_dict(), str(path))
+    loaded = create_backbone("swin_tiny_patch4_window7_224", pretrained=str(path), **kwargs)
+    for k, v in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    with pytest.raises(FileNotFoundError):
+        create_backbone("swin_tiny_patch4_window7_224", pretrained=str(tmp_path / "missing.safetensors"), **kwargs)
+
+
+def test_gradient_checkpointing_and_channels_last_give_the_same_gradients():
+    inputs = {"image": torch.rand(4, 3, 32, 32), "audio": torch.rand(4, 1, 32, 32)}
+    grads = []
+    for train_cfg in (config.TrainConfig(), config.TrainConfig(gradient_checkpointing=True, channels_last=True)):
+        torch.manual_seed(0)
+        model = tiny_model(dropout=0.0, image_backbone_args={**yaml.safe_load(TINY), "drop_path_rate": 0.0})
+        initialise(model, train_cfg)
+        model(**inputs)["ensemble"].sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert all(stage.grad_checkpointing for stage in model.image_branch.layers)
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-5)
+
+
+def test_a_step_on_two_ranks_matches_one_rank_with_the_whole_batch(shards, tmp_path):
+    outs = {}
+    for n in (1, 2):
+        outs[n] = tmp_path / f"ranks{n}"
+        outs[n].mkdir()
+        launch(n, str(shards), str(outs[n]), "3", script=REPO / "tests" / "train_ranks.py")
+    one, two = load_file(str(outs[1] / "fixed.safetensors")), load_file(str(outs[2] / "fixed.safetensors"))
+    for k, v in one.items():
+        torch.testing.assert_close(two[k], v, rtol=1e-5, atol=1e-6)
+    rank0, rank1 = load_file(str(outs[2] / "rank0.safetensors")), load_file(str(outs[2] / "rank1.safetensors"))
+    assert any(not torch.equal(rank0[k], two[k]) for k in rank0)  # three more steps moved the weights
+    for k, v in rank0.items():
+        assert torch.equal(rank1[k], v), k  # and both ranks hold the same ones
+
+
+def train_cmd(*args):
+    return [sys.executable, str(REPO / "fer_dist" / "train.py"), *args]
+
+
+def comparable(run_dir):
+    """metrics.jsonl without the wall-clock figure."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        del line["train_samples_per_s"]
+    return lines
+
+
+def start(cmd, log):
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+    proc.log = log
+    return proc
+
+
+def wait_for(path, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.log.read_text()[-3000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_weights_and_metrics(shards, tmp_path):
+    extra = ["train.epochs=2", "data.workers=2", "train.effective_batch_size=16", "train.checkpoint_every=2"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(train_cmd("--config", CPU_CONFIG, *tiny_run(shards, straight, *extra)), env=ENV, check=True)
+    proc = start(train_cmd("--config", CPU_CONFIG, *tiny_run(shards, killed, *extra)), tmp_path / "killed.log")
+    wait_for(killed / "checkpoints" / "step-00000002", proc)  # 2 of 4 optimiser steps into the first epoch
+    proc.kill()
+    proc.wait()
+    assert not (killed / "metrics.jsonl").exists()
+    subprocess.run(train_cmd("--resume", str(killed)), env=ENV, check=True)
+
+    assert comparable(killed) == comparable(straight)
+    for name in ("step-00000008", "best"):
+        a = load_file(str(straight / "checkpoints" / name / "model.safetensors"))
+        b = load_file(str(killed / "checkpoints" / name / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [p.name for p in checkpoint.step_dirs(killed)] == ["step-00000006", "step-00000008"]  # the last K=2
+
+    # what the run directory shows: the best model rebuilds from its own config, TensorBoard, confusion matrices
+    best = straight / "checkpoints" / "best"
+    cfg = config.load(best / "config.yaml")
+    model = build(cfg.model, cfg.data.image_size, cfg.data.audio_size)
+    model.load_state_dict(load_file(str(best / "model.safetensors")))
+    assert json.loads((best / "metrics.json").read_text())["macro_f1"] == max(
+        m["macro_f1"] for m in comparable(straight)
+    )
+    assert sorted(p.name for p in (straight / "confusion").iterdir()) == ["epoch001.png", "epoch002.png"]
+    events = EventAccumulator(str(straight / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "eval/macro_f1/ensemble", "eval/f1/Neutral"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("eval/macro_f1/ensemble")] == [4, 8]
+
+
+def test_sigterm_checkpoints_and_exits_with_the_requeue_status(shards, tmp_path):
+    run = tmp_path / "run"
+    cmd = train_cmd("--config", CPU_CONFIG, *tiny_run(shards, run, "train.epochs=3", "train.checkpoint_every=1000"))
+    proc = start(cmd, tmp_path / "run.log")
+    wait_for(run / "tensorboard", proc)  # training has started
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == checkpoint.REQUEUE_EXIT
+    stopped = checkpoint.latest(run)
+    assert stopped is not None and json.loads((run / "requeue.json").read_text())["checkpoint"] == str(stopped)
+    subprocess.run(train_cmd("--resume", str(run)), env=ENV, check=True)
+    assert [m["epoch"] for m in comparable(run)] == [1, 2, 3] and not (run / "requeue.json").exists()
+
+
+def test_sigusr1_to_one_rank_stops_both_at_the_same_step_and_resumes(shards, tmp_path):
+    run = tmp_path / "run"
+    args = ["--config", CPU_CONFIG, *tiny_run(shards, run, "train.epochs=2", "data.epoch_samples=160")]
+    proc = start(launch_cmd(2, REPO / "fer_dist" / "train.py", *args), tmp_path / "run.log")
+    wait_for(run / "tensorboard", proc)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    workers[1].send_signal(signal.SIGUSR1)  # as SLURM's --signal would, but to one rank only
+    proc.wait(timeout=300)
+    marker = json.loads((run / "requeue.json").read_text())
+    assert marker["reason"].startswith("SIGUSR1 on rank 1")
+    state = json.loads((checkpoint.latest(run) / "state.json").read_text())
+    assert state["world"] == 2 and {p.name for p in checkpoint.latest(run).glob("rng-rank*.pt")} == {
+        "rng-rank0.pt",
+        "rng-rank1.pt",
+    }
+    launch(2, "--resume", str(run))
+    assert [m["epoch"] for m in comparable(run)] == [1, 2]
+
+
+def test_deepspeed_zero2_trains_checkpoints_and_resumes_on_cpu(shards, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    extra = ["train.epochs=2", "train.checkpoint_every=3", "train.keep_checkpoints=10"]
+    ds = {"launch_file": "deepspeed_zero2.yaml"}
+    result = launch(1, "--config", CPU_CONFIG, *tiny_run(shards, straight, *extra), **ds)
+    assert "1 process(es) on cpu, fp32" in result.stderr
+    first = checkpoint.step_dirs(straight)[0]
+    assert (first / "deepspeed" / "state").is_dir() and not (first / "optimizer.pt").exists()
+    # resume a copy of the first (mid-epoch) checkpoint: it ends where the straight run ended
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(first, resumed / "checkpoints" / first.name)
+    saved = yaml.safe_load((straight / "config.yaml").read_text())
+    (resumed / "config.yaml").write_text(yaml.safe_dump(saved))
+    launch(1, "--resume", str(resumed), **ds)
+    assert comparable(resumed)[-1] == comparable(straight)[-1]
+
+
+def test_the_multi_gpu_deepspeed_launch_file_resolves():
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser, prepare_deepspeed_cmd_env
+
+    args = launch_command_parser().parse_args(
+        ["--config_file", str(REPO / "launch" / "deepspeed_zero2.yaml"), str(REPO / "fer_dist" / "train.py")]
+    )
+    args, defaults, precision_in_file = _validate_launch_command(args)
+    assert not precision_in_file  # with a DeepSpeed JSON, Accelerate refuses a mixed_precision in the YAML
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as `launch_command` does
+    cmd, env = prepare_deepspeed_cmd_env(args)
+    assert args.use_deepspeed and args.num_processes == 8 and cmd is None  # one node: torch elastic, no pdsh
+    assert env["ACCELERATE_USE_DEEPSPEED"] == "true"
+    ds = json.loads((REPO / env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]).read_text())
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["train_micro_batch_size_per_gpu"] == "auto"  # filled from data.batch_size by fer-dist

@@ -1,0 +1,59 @@
+"""Started by `accelerate launch --config_file launch/cpu.yaml`: fer-dist's training step on each rank.
+
+    accelerate launch --config_file launch/cpu.yaml --num_processes N tests/train_ranks.py SHARDS OUT STEPS
+
+First one step from the same initial weights on one fixed global batch of 16 frames, split across
+the ranks (rank 0 writes OUT/fixed.safetensors); then STEPS steps on each rank's own stream
+batches, after which every rank writes its weights to OUT/rank{r}.safetensors.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from fer_dist import config, stream
+from fer_dist.distributed import make_accelerator
+from fer_dist.models import build
+from fer_dist.shard import read_manifest
+from fer_dist.train import lr_factor, make_optimizer, train_step, training_inputs
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "{embed_dim: 16, depths: [1, 1], num_heads: [1, 2], window_size: 4, drop_path_rate: 0.0}"
+
+
+def main(shards: str, out: str, steps: int) -> None:
+    overrides = [f"data.shards={shards}", "data.workers=0", "data.batch_size=4", "data.image_size=32"]
+    overrides += ["data.audio_size=[32, 32]", f"model.image_backbone_args={TINY}", f"model.audio_backbone_args={TINY}"]
+    overrides += ["model.fusion_dim=32", "model.fusion_heads=2", "model.dropout=0.0", "optim.name=sgd", "optim.lr=0.1"]
+    cfg = config.load(REPO / "configs" / "mfm_cpu.yaml", overrides)
+    accelerator = make_accelerator(cfg)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    torch.manual_seed(0)
+    model = build(cfg.model, cfg.data.image_size, cfg.data.audio_size)
+    optimizer = make_optimizer(cfg.optim, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, 100, 10))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    net = accelerator.unwrap_model(model)
+
+    g = torch.Generator().manual_seed(1)
+    image, audio = torch.randn(16, 3, 32, 32, generator=g), torch.randn(16, 1, 32, 32, generator=g)
+    label = torch.randint(0, 8, (16,), generator=g)
+    mine = slice(rank * 16 // world, (rank + 1) * 16 // world)
+    inputs = {"image": image[mine], "audio": audio[mine]}
+    train_step(accelerator, model, optimizer, scheduler, inputs, label[mine], None, net.heads, cfg.optim.grad_clip)
+    if accelerator.is_main_process:
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, f"{out}/fixed.safetensors")
+
+    manifest = read_manifest(Path(shards))
+    counts = torch.as_tensor(stream.resampling_plan(manifest, stream.training_groups(manifest, 0), cfg.data).read)
+    loader, _ = stream.train_loader(cfg.data, manifest, seed=0, epoch=0, rank=rank, world=world)
+    for _, batch in zip(range(steps), loader, strict=False):
+        inputs, target, mask = training_inputs(batch, accelerator, cfg, manifest, counts)
+        train_step(accelerator, model, optimizer, scheduler, inputs, target, mask, net.heads, cfg.optim.grad_clip)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, f"{out}/rank{rank}.safetensors")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
