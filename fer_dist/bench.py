@@ -8,6 +8,9 @@ workers, sampled every 20 ms from outside.
     loader  the training stream, a folder-of-JPEGs loader in the style of the ABAW teams' code,
             and the limit: decoding the same JPEG bytes and nothing else; all with the same
             workers and batch size, in samples per second per worker process
+    step    seconds per training step of fer-dist's loop against a bare PyTorch loop on the same
+            model and in-memory batches; throughput with 1 and 2 processes (launch/cpu.yaml); and
+            the memory one training step of the paper's Swin-Tiny fusion model needs, per sample
 """
 
 from __future__ import annotations
@@ -313,7 +316,160 @@ def bench_loader(workdir: Path, videos: int, workers: int, samples: int, batch_s
     }
 
 
-JOBS = {"time_pack": time_pack, "time_stream": time_stream, "time_teams": time_teams, "time_decode": time_decode}
+def step_setup(config_path: str, batch_size: int, world: int = 1):
+    """The configured model, its optimiser and four fixed batches of random inputs, on `world`'s
+    share of this machine's cores."""
+    import torch
+
+    from fer_dist import config
+    from fer_dist.models import build
+    from fer_dist.train import make_optimizer
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    cfg = config.load(config_path, [f"data.batch_size={batch_size}", "model.pretrained=false"])
+    torch.manual_seed(0)
+    model = build(cfg.model, cfg.data.image_size, cfg.data.audio_size)
+    g = torch.Generator().manual_seed(0)
+    size, audio = cfg.data.image_size, cfg.data.audio_size
+    batches = [
+        (
+            {
+                "image": torch.randn(batch_size, 3, size, size, generator=g),
+                "audio": torch.randn(batch_size, 1, *audio, generator=g),
+            },
+            torch.randint(0, 8, (batch_size,), generator=g),
+        )
+        for _ in range(4)
+    ]
+    return cfg, model, make_optimizer(cfg.optim, model), batches
+
+
+def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, loop: str) -> dict:
+    """Seconds per step of fer-dist's step (Accelerate-prepared model and optimiser, accumulation
+    context, autocast, clipping, schedule, the loss kept on the device, the per-step agreement
+    between ranks on a stop signal) or of the bare loop: forward, loss, backward, optimiser step."""
+    import torch
+
+    from fer_dist.checkpoint import stop_requested
+    from fer_dist.distributed import first_raised, make_accelerator
+    from fer_dist.models.losses import multi_head_ce
+    from fer_dist.train import lr_factor, train_step
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg, model, optimizer, batches = step_setup(config_path, batch_size, world)
+    if loop == "bare":
+
+        def step(inputs, target):
+            loss = multi_head_ce(model(**inputs), target, model.heads)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    else:
+        accelerator = make_accelerator(cfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, steps + warmup, steps))
+        model, optimizer = accelerator.prepare(model, optimizer)
+        heads, total = accelerator.unwrap_model(model).heads, torch.zeros((), dtype=torch.float64)
+
+        def step(inputs, target):
+            nonlocal total
+            loss, stepped = train_step(
+                accelerator, model, optimizer, scheduler, inputs, target, None, heads, cfg.optim.grad_clip
+            )
+            total += loss
+            if stepped:
+                first_raised(accelerator, stop_requested())
+
+    for i in range(warmup):
+        step(*batches[i % len(batches)])
+    start = time.perf_counter()
+    for i in range(steps):
+        step(*batches[i % len(batches)])
+    seconds = time.perf_counter() - start
+    if int(os.environ.get("RANK", "0")):
+        return {}
+    return {"s_per_step": seconds / steps, "samples_per_s": steps * batch_size * world / seconds, "world": world}
+
+
+def time_memory(config_path: str, precision: str) -> dict:
+    """What a training step keeps for backward: every tensor autograd saves in the forward pass,
+    counted once per storage, at micro-batches 2 and 4; the difference is the per-sample part, the
+    rest (weights saved as they are, or their 16-bit copies) is fixed. fp16 is measured as bf16
+    autocast, whose tensors have the same size."""
+    import torch
+
+    saved = {}
+    for batch_size in (2, 4):
+        cfg, model, _, batches = step_setup(config_path, batch_size)
+        storages: dict[int, int] = {}
+
+        def keep(t, storages=storages):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        half = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "fp16")
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), half:
+            model(**batches[0][0])
+        own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved[batch_size] = sum(n for ptr, n in storages.items() if ptr not in own)
+    per_sample = (saved[4] - saved[2]) / 2
+    return {
+        "activation_bytes_per_sample": per_sample,
+        "fixed_saved_bytes": saved[2] - 2 * per_sample,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def fits(memory: dict, gpu_gb: float = 11.0, reserve_gb: float = 1.0) -> int:
+    """Largest micro-batch whose step fits `gpu_gb`: fp32 weights, gradients and AdamW's two moments
+    (16 bytes per parameter), what the forward pass saves, and `reserve_gb` for the CUDA context,
+    cuDNN workspaces and allocator slack."""
+    static = memory["parameters"] * 16 + memory["fixed_saved_bytes"]
+    return int(((gpu_gb - reserve_gb) * 2**30 - static) // memory["activation_bytes_per_sample"])
+
+
+def bench_step(config_path: str, paper_config: str, batch_size: int, steps: int, rounds: int = 3) -> dict:
+    """fer-dist's step against the bare loop (each in its own process, alternating, best of
+    `rounds`), 1 against 2 processes, and the paper model's memory at 224x224 on an 11 GB GPU."""
+    job = {"config_path": config_path, "batch_size": batch_size, "steps": steps, "warmup": 3}
+    best = {"bare": math.inf, "loop": math.inf}
+    for _ in range(rounds):
+        for loop in best:
+            best[loop] = min(best[loop], child("time_steps", **job, loop=loop)[0]["s_per_step"])
+    throughput = {}
+    for world in (1, 2):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+        cmd += [str(Path(__file__).resolve().parents[1] / "launch" / "cpu.yaml"), "--num_processes", str(world)]
+        cmd += ["-m", "fer_dist.bench", "time_steps", json.dumps({**job, "loop": "loop"})]
+        stdout = run_measured(cmd)[2]
+        throughput[world] = json.loads(stdout.strip().splitlines()[-1])["samples_per_s"]
+    memory = {p: child("time_memory", config_path=paper_config, precision=p)[0] for p in ("fp32", "fp16")}
+    return {
+        "config": config_path,
+        "batch_size": batch_size,
+        "loop_s_per_step": best["loop"],
+        "bare_s_per_step": best["bare"],
+        "overhead": best["loop"] / best["bare"] - 1,
+        "throughput_1proc": throughput[1],
+        "throughput_2proc": throughput[2],
+        "scaling_2proc": throughput[2] / throughput[1],
+        "paper_model": paper_config,
+        "paper_model_parameters": memory["fp32"]["parameters"],
+        "activation_mb_per_sample": {p: m["activation_bytes_per_sample"] / 2**20 for p, m in memory.items()},
+        "max_micro_batch_11gb": {p: fits(m) for p, m in memory.items()},
+    }
+
+
+JOBS = {
+    "time_pack": time_pack,
+    "time_stream": time_stream,
+    "time_teams": time_teams,
+    "time_decode": time_decode,
+    "time_steps": time_steps,
+    "time_memory": time_memory,
+}
 
 if __name__ == "__main__":
-    print(json.dumps(JOBS[sys.argv[1]](**json.loads(sys.argv[2]))))
+    result = JOBS[sys.argv[1]](**json.loads(sys.argv[2]))
+    if result:  # one line of JSON, from rank 0 alone when launched on several
+        print(json.dumps(result))

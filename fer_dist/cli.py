@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fer_dist.affwild2 import CLASSES, LayoutError
+from fer_dist.config import CONFIGS
 
 console = Console(stderr=True)
 out = Console()
@@ -154,10 +155,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     if args.what == "pack":
         result = bench.bench_pack(workdir, args.videos, args.workers)
+    elif args.what == "step":
+        result = bench.bench_step(str(CONFIGS / "mfm_cpu.yaml"), str(CONFIGS / "mfm_swin_tiny.yaml"), 32, args.steps)
     else:
         result = bench.bench_loader(workdir, args.videos, args.workers[-1], args.samples)
     if args.json:
         out.print_json(json.dumps(result))
+        return 0
+    if args.what == "step":
+        rows = [
+            {"what": "fer-dist loop, s/step", "value": f"{result['loop_s_per_step']:.4f}"},
+            {"what": "bare PyTorch loop, s/step", "value": f"{result['bare_s_per_step']:.4f}"},
+            {"what": "overhead", "value": f"{result['overhead']:+.1%}"},
+            {"what": "samples/s, 1 process", "value": f"{result['throughput_1proc']:.1f}"},
+            {"what": "samples/s, 2 processes", "value": f"{result['throughput_2proc']:.1f}"},
+        ]
+        rows += [
+            {"what": f"paper model, largest micro-batch on 11 GB ({p})", "value": str(n)}
+            for p, n in result["max_micro_batch_11gb"].items()
+        ]
+        print_table(
+            f"training step: {Path(result['config']).name}, batch {result['batch_size']}",
+            {"what": "", "value": ""},
+            rows,
+        )
         return 0
     if args.what == "pack":
         columns = {
@@ -245,11 +266,12 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("bench", help="the performance figures quoted in the README")
-    s.add_argument("what", choices=["pack", "loader"])
+    s.add_argument("what", choices=["pack", "loader", "step"])
     s.add_argument("--workdir", default="bench")
     s.add_argument("--videos", type=int, default=24, help="synthetic videos (24 give ~25,000 labelled frames)")
     s.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="pack: each count; loader: the last")
     s.add_argument("--samples", type=int, default=100_000, help="loader: samples the stream emits")
+    s.add_argument("--steps", type=int, default=40, help="step: timed steps per run")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_bench)
 

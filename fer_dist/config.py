@@ -21,6 +21,7 @@ import yaml
 from fer_dist.affwild2 import CLASSES
 
 N_CLASSES = len(CLASSES)
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the experiment configs of a checkout
 
 
 class ConfigError(ValueError):

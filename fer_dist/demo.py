@@ -17,7 +17,7 @@ from fer_dist import config, train
 from fer_dist.affwild2 import CLASSES, discover
 from fer_dist.shard import PackParams, pack
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mfm_cpu.yaml"
+CONFIG = config.CONFIGS / "mfm_cpu.yaml"
 HEADS = {
     "image": "image only (Y_I)",
     "audio": "audio only (Y_A)",
