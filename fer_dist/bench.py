@@ -344,51 +344,60 @@ def step_setup(config_path: str, batch_size: int, world: int = 1):
     return cfg, model, make_optimizer(cfg.optim, model), batches
 
 
-def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, loop: str) -> dict:
+def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, bare: bool) -> dict:
     """Seconds per step of fer-dist's step (Accelerate-prepared model and optimiser, accumulation
     context, autocast, clipping, schedule, the loss kept on the device, the per-step agreement
-    between ranks on a stop signal) or of the bare loop: forward, loss, backward, optimiser step."""
+    between ranks on a stop signal) and, with `bare`, of a bare loop on a copy of the model:
+    forward, loss, backward, optimiser step. The two alternate in blocks of 5 steps, so that the
+    machine's drift falls on both alike."""
+    import copy
+
     import torch
 
     from fer_dist.checkpoint import stop_requested
     from fer_dist.distributed import first_raised, make_accelerator
     from fer_dist.models.losses import multi_head_ce
-    from fer_dist.train import lr_factor, train_step
+    from fer_dist.train import lr_factor, make_optimizer, train_step
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg, model, optimizer, batches = step_setup(config_path, batch_size, world)
-    if loop == "bare":
+    plain = copy.deepcopy(model)
+    plain_optimizer = make_optimizer(cfg.optim, plain)
+    accelerator = make_accelerator(cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, steps + warmup, steps))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    heads, total = plain.heads, torch.zeros((), dtype=torch.float64)
 
-        def step(inputs, target):
-            loss = multi_head_ce(model(**inputs), target, model.heads)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    def bare_step(inputs, target):
+        loss = multi_head_ce(plain(**inputs), target, heads)
+        loss.backward()
+        plain_optimizer.step()
+        plain_optimizer.zero_grad(set_to_none=True)
 
-    else:
-        accelerator = make_accelerator(cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, steps + warmup, steps))
-        model, optimizer = accelerator.prepare(model, optimizer)
-        heads, total = accelerator.unwrap_model(model).heads, torch.zeros((), dtype=torch.float64)
+    def loop_step(inputs, target):
+        nonlocal total
+        loss, stepped = train_step(
+            accelerator, model, optimizer, scheduler, inputs, target, None, heads, cfg.optim.grad_clip
+        )
+        total += loss
+        if stepped:
+            first_raised(accelerator, stop_requested())
 
-        def step(inputs, target):
-            nonlocal total
-            loss, stepped = train_step(
-                accelerator, model, optimizer, scheduler, inputs, target, None, heads, cfg.optim.grad_clip
-            )
-            total += loss
-            if stepped:
-                first_raised(accelerator, stop_requested())
-
+    variants = {"loop": loop_step, **({"bare": bare_step} if bare else {})}
+    seconds = dict.fromkeys(variants, 0.0)
     for i in range(warmup):
-        step(*batches[i % len(batches)])
-    start = time.perf_counter()
-    for i in range(steps):
-        step(*batches[i % len(batches)])
-    seconds = time.perf_counter() - start
+        for step in variants.values():
+            step(*batches[i % len(batches)])
+    for block in range(0, steps, 5):
+        for name, step in variants.items():
+            start = time.perf_counter()
+            for i in range(block, min(steps, block + 5)):
+                step(*batches[i % len(batches)])
+            seconds[name] += time.perf_counter() - start
     if int(os.environ.get("RANK", "0")):
         return {}
-    return {"s_per_step": seconds / steps, "samples_per_s": steps * batch_size * world / seconds, "world": world}
+    result = {f"{name}_s_per_step": t / steps for name, t in seconds.items()}
+    return {**result, "samples_per_s": steps * batch_size * world / seconds["loop"], "world": world}
 
 
 def time_memory(config_path: str, precision: str) -> dict:
@@ -428,28 +437,24 @@ def fits(memory: dict, gpu_gb: float = 11.0, reserve_gb: float = 1.0) -> int:
     return int(((gpu_gb - reserve_gb) * 2**30 - static) // memory["activation_bytes_per_sample"])
 
 
-def bench_step(config_path: str, paper_config: str, batch_size: int, steps: int, rounds: int = 3) -> dict:
-    """fer-dist's step against the bare loop (each in its own process, alternating, best of
-    `rounds`), 1 against 2 processes, and the paper model's memory at 224x224 on an 11 GB GPU."""
+def bench_step(config_path: str, paper_config: str, batch_size: int, steps: int) -> dict:
+    """fer-dist's step against the bare loop, 1 against 2 processes, and the paper model's memory
+    at 224x224 on an 11 GB GPU."""
     job = {"config_path": config_path, "batch_size": batch_size, "steps": steps, "warmup": 3}
-    best = {"bare": math.inf, "loop": math.inf}
-    for _ in range(rounds):
-        for loop in best:
-            best[loop] = min(best[loop], child("time_steps", **job, loop=loop)[0]["s_per_step"])
-    throughput = {}
-    for world in (1, 2):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-        cmd += [str(Path(__file__).resolve().parents[1] / "launch" / "cpu.yaml"), "--num_processes", str(world)]
-        cmd += ["-m", "fer_dist.bench", "time_steps", json.dumps({**job, "loop": "loop"})]
-        stdout = run_measured(cmd)[2]
-        throughput[world] = json.loads(stdout.strip().splitlines()[-1])["samples_per_s"]
+    both = child("time_steps", **job, bare=True)[0]
+    throughput = {1: both["samples_per_s"]}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    cmd += [str(Path(__file__).resolve().parents[1] / "launch" / "cpu.yaml"), "--num_processes", "2"]
+    cmd += ["-m", "fer_dist.bench", "time_steps", json.dumps({**job, "bare": False})]
+    throughput[2] = json.loads(run_measured(cmd)[2].strip().splitlines()[-1])["samples_per_s"]
     memory = {p: child("time_memory", config_path=paper_config, precision=p)[0] for p in ("fp32", "fp16")}
     return {
         "config": config_path,
         "batch_size": batch_size,
-        "loop_s_per_step": best["loop"],
-        "bare_s_per_step": best["bare"],
-        "overhead": best["loop"] / best["bare"] - 1,
+        "steps": steps,
+        "loop_s_per_step": both["loop_s_per_step"],
+        "bare_s_per_step": both["bare_s_per_step"],
+        "overhead": both["loop_s_per_step"] / both["bare_s_per_step"] - 1,
         "throughput_1proc": throughput[1],
         "throughput_2proc": throughput[2],
         "scaling_2proc": throughput[2] / throughput[1],
