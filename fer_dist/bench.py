@@ -346,10 +346,10 @@ def step_setup(config_path: str, batch_size: int, world: int = 1):
 
 def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, bare: bool) -> dict:
     """Seconds per step of fer-dist's step (Accelerate-prepared model and optimiser, accumulation
-    context, autocast, clipping, schedule, the loss kept on the device, the per-step agreement
-    between ranks on a stop signal) and, with `bare`, of a bare loop on a copy of the model:
-    forward, loss, backward, optimiser step. The two alternate in blocks of 5 steps, so that the
-    machine's drift falls on both alike."""
+    context, autocast, gradient clipping, schedule, the loss kept on the device, the per-step
+    agreement between ranks on a stop signal), of the same without clipping, and, with `bare`, of
+    a bare loop: forward, loss, backward, optimiser step. Each has its own copy of the model; they
+    alternate in blocks of 5 steps, so that the machine's drift falls on all alike."""
     import copy
 
     import torch
@@ -360,30 +360,40 @@ def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, bare:
     from fer_dist.train import lr_factor, make_optimizer, train_step
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg, model, optimizer, batches = step_setup(config_path, batch_size, world)
-    plain = copy.deepcopy(model)
-    plain_optimizer = make_optimizer(cfg.optim, plain)
+    cfg, model, _, batches = step_setup(config_path, batch_size, world)
     accelerator = make_accelerator(cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, steps + warmup, steps))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    heads, total = plain.heads, torch.zeros((), dtype=torch.float64)
+    heads, total = model.heads, torch.zeros((), dtype=torch.float64)
 
-    def bare_step(inputs, target):
-        loss = multi_head_ce(plain(**inputs), target, heads)
-        loss.backward()
-        plain_optimizer.step()
-        plain_optimizer.zero_grad(set_to_none=True)
+    def loop(clip: float):
+        net = copy.deepcopy(model)
+        optimizer = make_optimizer(cfg.optim, net)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, steps + warmup, steps))
+        net, optimizer = accelerator.prepare(net, optimizer)
 
-    def loop_step(inputs, target):
-        nonlocal total
-        loss, stepped = train_step(
-            accelerator, model, optimizer, scheduler, inputs, target, None, heads, cfg.optim.grad_clip
-        )
-        total += loss
-        if stepped:
-            first_raised(accelerator, stop_requested())
+        def step(inputs, target):
+            nonlocal total
+            loss, stepped = train_step(accelerator, net, optimizer, scheduler, inputs, target, None, heads, clip)
+            total += loss
+            if stepped:
+                first_raised(accelerator, stop_requested())
 
-    variants = {"loop": loop_step, **({"bare": bare_step} if bare else {})}
+        return step
+
+    def bare_loop():
+        net = copy.deepcopy(model)
+        optimizer = make_optimizer(cfg.optim, net)
+
+        def step(inputs, target):
+            loss = multi_head_ce(net(**inputs), target, heads)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+
+    variants = {"loop": loop(cfg.optim.grad_clip)}
+    if bare:
+        variants.update(loop_unclipped=loop(0.0), bare=bare_loop())
     seconds = dict.fromkeys(variants, 0.0)
     for i in range(warmup):
         for step in variants.values():
@@ -440,6 +450,8 @@ def fits(memory: dict, gpu_gb: float = 11.0, reserve_gb: float = 1.0) -> int:
 def bench_step(config_path: str, paper_config: str, batch_size: int, steps: int) -> dict:
     """fer-dist's step against the bare loop, 1 against 2 processes, and the paper model's memory
     at 224x224 on an 11 GB GPU."""
+    from fer_dist import config
+
     job = {"config_path": config_path, "batch_size": batch_size, "steps": steps, "warmup": 3}
     both = child("time_steps", **job, bare=True)[0]
     throughput = {1: both["samples_per_s"]}
@@ -452,9 +464,12 @@ def bench_step(config_path: str, paper_config: str, batch_size: int, steps: int)
         "config": config_path,
         "batch_size": batch_size,
         "steps": steps,
+        "grad_clip": config.load(config_path).optim.grad_clip,
         "loop_s_per_step": both["loop_s_per_step"],
+        "loop_unclipped_s_per_step": both["loop_unclipped_s_per_step"],
         "bare_s_per_step": both["bare_s_per_step"],
         "overhead": both["loop_s_per_step"] / both["bare_s_per_step"] - 1,
+        "overhead_unclipped": both["loop_unclipped_s_per_step"] / both["bare_s_per_step"] - 1,
         "throughput_1proc": throughput[1],
         "throughput_2proc": throughput[2],
         "scaling_2proc": throughput[2] / throughput[1],

@@ -166,7 +166,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows = [
             {"what": "fer-dist loop, s/step", "value": f"{result['loop_s_per_step']:.4f}"},
             {"what": "bare PyTorch loop, s/step", "value": f"{result['bare_s_per_step']:.4f}"},
+            {
+                "what": "fer-dist loop without gradient clipping, s/step",
+                "value": f"{result['loop_unclipped_s_per_step']:.4f}",
+            },
             {"what": "overhead", "value": f"{result['overhead']:+.1%}"},
+            {"what": "overhead without clipping", "value": f"{result['overhead_unclipped']:+.1%}"},
             {"what": "samples/s, 1 process", "value": f"{result['throughput_1proc']:.1f}"},
             {"what": "samples/s, 2 processes", "value": f"{result['throughput_2proc']:.1f}"},
         ]

@@ -48,6 +48,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
         cpu=cpu,
         mixed_precision=choose_precision(cfg.train.mixed_precision, capability),
         gradient_accumulation_steps=accumulation_steps(cfg.train.effective_batch_size, cfg.data.batch_size, world),
+        dynamo_backend="inductor" if cfg.train.compile else "no",  # torch.compile in prepare()
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
     plugin = accelerator.state.deepspeed_plugin
