@@ -152,13 +152,16 @@ def from_dict(raw: dict) -> Config:
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}; known: model, data, optim, train")
     model = {"name": "mfm", **(raw.get("model") or {})}
+    train = dict(raw.get("train") or {})
+    if train.get("mixed_precision") is False:  # YAML 1.1 reads a bare `no` as false
+        train["mixed_precision"] = "no"
     if not isinstance(model.get("name"), str):
         raise ConfigError("model.name must name a model (see fer_dist.models.list_models())")
     cfg = Config(
         model=model,
         data=_section(DataConfig, raw.get("data") or {}, "data"),
         optim=_section(OptimConfig, raw.get("optim") or {}, "optim"),
-        train=_section(TrainConfig, raw.get("train") or {}, "train"),
+        train=_section(TrainConfig, train, "train"),
     )
     validate(cfg)
     return cfg

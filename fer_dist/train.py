@@ -297,7 +297,7 @@ def fit(accelerator, model, cfg: config_lib.Config, manifest: dict, bar: Progres
             loss_sum += loss
             window.append(loss)
             at["losses"] += 1
-            at["seen"] += (int(mask.sum()) if mask is not None else len(target)) * world
+            at["seen"] += (int(batch["mask"].sum()) if mask is not None else len(target)) * world  # no device sync
             tally.see(batch)
             bar.advance(task)
             if not stepped:

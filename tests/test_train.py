@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO, TINY, launch, launch_cmd, tiny_run
+from conftest import REPO, TINY, free_port, launch, launch_cmd, tiny_run
 from fer_dist import checkpoint, config
 from fer_dist.distributed import accumulation_steps, choose_precision
 from fer_dist.models import build
@@ -251,3 +251,33 @@ def test_the_multi_gpu_deepspeed_launch_file_resolves():
     ds = json.loads((REPO / env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]).read_text())
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["train_micro_batch_size_per_gpu"] == "auto"  # filled from data.batch_size by fer-dist
+
+
+def test_compile_goes_through_accelerate_and_checkpoints_keep_plain_names():
+    from fer_dist.checkpoint import weights
+    from fer_dist.distributed import make_accelerator
+
+    cfg = config.load(CPU_CONFIG, ["train.compile=true"])
+    accelerator = make_accelerator(cfg)
+    assert accelerator.state.dynamo_plugin.backend.value.lower() == "inductor"
+    model = tiny_model()
+    compiled = accelerator.prepare(model)  # compiles lazily, at the first forward pass
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    assert weights(accelerator, compiled).keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize("launch_file", ["multi_node.yaml", "multi_node_c10d.yaml"])
+def test_the_multi_node_launch_files_join_two_nodes(shards, tmp_path, launch_file):
+    """Two "nodes" on this machine, one process each, as `srun` starts them on a cluster."""
+    port = str(free_port())
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / launch_file)]
+        cmd += ["--num_machines", "2", "--num_processes", "2", "--machine_rank", str(node)]
+        cmd += ["--main_process_ip", "127.0.0.1", "--main_process_port", port]
+        cmd += [str(REPO / "tests" / "train_ranks.py"), str(shards), str(tmp_path), "2"]
+        procs.append(start(cmd, tmp_path / f"node{node}.log"))
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.log.read_text()[-3000:]
+    rank0, rank1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)

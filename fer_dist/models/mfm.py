@@ -54,7 +54,6 @@ class ModalFusionNet(nn.Module):
             self.image_branch = create_backbone(
                 image_backbone, in_chans=3, img_size=image_size, pretrained=pretrained, **(image_backbone_args or {})
             )
-            self.image_head = nn.Linear(self.image_branch.num_features, num_classes)
         if stage != "image":
             self.audio_branch = create_backbone(
                 audio_backbone,
@@ -63,22 +62,27 @@ class ModalFusionNet(nn.Module):
                 pretrained=pretrained,
                 **(audio_backbone_args or {}),
             )
+        if stage == "fusion":
+            di, da = self.image_branch.num_features, self.audio_branch.num_features
+            dim = fusion_dim or di
+            self.image_proj = nn.Identity() if di == dim else nn.Linear(di, dim)
+            self.audio_proj = nn.Identity() if da == dim else nn.Linear(da, dim)
+            self.audio_asks_image = nn.MultiheadAttention(dim, fusion_heads, dropout=dropout, batch_first=True)
+            self.image_asks_audio = nn.MultiheadAttention(dim, fusion_heads, dropout=dropout, batch_first=True)
+            self.source = nn.Parameter(torch.zeros(2, dim))  # tells the encoder which half a token came from
+            layer = nn.TransformerEncoderLayer(
+                dim, fusion_heads, 4 * dim, dropout, activation="gelu", batch_first=True, norm_first=True
+            )
+            self.encoder = nn.TransformerEncoder(
+                layer, fusion_layers, norm=nn.LayerNorm(dim), enable_nested_tensor=False
+            )
+        if stage != "audio":
+            self.image_head = nn.Linear(self.image_branch.num_features, num_classes)
+        if stage != "image":
             self.audio_head = nn.Linear(self.audio_branch.num_features, num_classes)
-        if stage != "fusion":
-            return
-        di, da = self.image_branch.num_features, self.audio_branch.num_features
-        dim = fusion_dim or di
-        self.image_proj = nn.Identity() if di == dim else nn.Linear(di, dim)
-        self.audio_proj = nn.Identity() if da == dim else nn.Linear(da, dim)
-        self.audio_asks_image = nn.MultiheadAttention(dim, fusion_heads, dropout=dropout, batch_first=True)
-        self.image_asks_audio = nn.MultiheadAttention(dim, fusion_heads, dropout=dropout, batch_first=True)
-        self.source = nn.Parameter(torch.zeros(2, dim))  # tells the encoder which half a token came from
-        layer = nn.TransformerEncoderLayer(
-            dim, fusion_heads, 4 * dim, dropout, activation="gelu", batch_first=True, norm_first=True
-        )
-        self.encoder = nn.TransformerEncoder(layer, fusion_layers, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
-        self.fusion_head = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(self.source, std=0.02)
+        if stage == "fusion":
+            self.fusion_head = nn.Linear(dim, num_classes)
+            nn.init.trunc_normal_(self.source, std=0.02)
 
     def co_attention(self, f_i: torch.Tensor, f_a: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Eq. 1-2: returns Y_IA [B, Na, D], Y_AI [B, Ni, D] and their weights [B, Na, Ni], [B, Ni, Na]."""
