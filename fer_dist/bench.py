@@ -317,13 +317,12 @@ def bench_loader(workdir: Path, videos: int, workers: int, samples: int, batch_s
 
 
 def step_setup(config_path: str, batch_size: int, world: int = 1):
-    """The configured model, its optimiser and four fixed batches of random inputs, on `world`'s
-    share of this machine's cores."""
+    """The configured model and four fixed batches of random inputs, on `world`'s share of this
+    machine's cores."""
     import torch
 
     from fer_dist import config
     from fer_dist.models import build
-    from fer_dist.train import make_optimizer
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     cfg = config.load(config_path, [f"data.batch_size={batch_size}", "model.pretrained=false"])
@@ -341,7 +340,7 @@ def step_setup(config_path: str, batch_size: int, world: int = 1):
         )
         for _ in range(4)
     ]
-    return cfg, model, make_optimizer(cfg.optim, model), batches
+    return cfg, model, batches
 
 
 def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, bare: bool) -> dict:
@@ -360,7 +359,7 @@ def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, bare:
     from fer_dist.train import lr_factor, make_optimizer, train_step
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg, model, _, batches = step_setup(config_path, batch_size, world)
+    cfg, model, batches = step_setup(config_path, batch_size, world)
     accelerator = make_accelerator(cfg)
     heads, total = model.heads, torch.zeros((), dtype=torch.float64)
 
@@ -419,7 +418,7 @@ def time_memory(config_path: str, precision: str) -> dict:
 
     saved = {}
     for batch_size in (2, 4):
-        cfg, model, _, batches = step_setup(config_path, batch_size)
+        cfg, model, batches = step_setup(config_path, batch_size)
         storages: dict[int, int] = {}
 
         def keep(t, storages=storages):

@@ -66,6 +66,10 @@ def weights(accelerator, model) -> dict[str, torch.Tensor]:
     return accelerator.unwrap_model(model, keep_torch_compile=False).state_dict()
 
 
+def save_weights(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+
+
 def rng_state() -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -93,7 +97,7 @@ def save(accelerator, model, optimizer, scheduler, run_dir: Path, state: dict, k
         model.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
     state_dict = weights(accelerator, model)
     if main:
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / "model.safetensors"))
+        save_weights(state_dict, tmp / "model.safetensors")
         if not uses_deepspeed(accelerator):
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -154,7 +158,7 @@ def export_best(accelerator, model, run_dir: Path, config: dict, metrics: dict) 
         tmp = best.with_name("best.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / "model.safetensors"))
+        save_weights(state_dict, tmp / "model.safetensors")
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
         old = best.with_name("best.old")

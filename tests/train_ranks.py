@@ -11,22 +11,21 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from conftest import tiny_run
 from fer_dist import config, stream
+from fer_dist.checkpoint import save_weights
 from fer_dist.distributed import make_accelerator
 from fer_dist.models import build
 from fer_dist.shard import read_manifest
 from fer_dist.train import lr_factor, make_optimizer, train_step, training_inputs
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = "{embed_dim: 16, depths: [1, 1], num_heads: [1, 2], window_size: 4, drop_path_rate: 0.0}"
 
 
 def main(shards: str, out: str, steps: int) -> None:
-    overrides = [f"data.shards={shards}", "data.workers=0", "data.batch_size=4", "data.image_size=32"]
-    overrides += ["data.audio_size=[32, 32]", f"model.image_backbone_args={TINY}", f"model.audio_backbone_args={TINY}"]
-    overrides += ["model.fusion_dim=32", "model.fusion_heads=2", "model.dropout=0.0", "optim.name=sgd", "optim.lr=0.1"]
+    no_randomness = ["model.dropout=0.0", *(f"model.{b}_backbone_args.drop_path_rate=0.0" for b in ("image", "audio"))]
+    overrides = tiny_run(Path(shards), Path(out), "data.batch_size=4", "optim.name=sgd", "optim.lr=0.1", *no_randomness)
     cfg = config.load(REPO / "configs" / "mfm_cpu.yaml", overrides)
     accelerator = make_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -44,7 +43,7 @@ def main(shards: str, out: str, steps: int) -> None:
     inputs = {"image": image[mine], "audio": audio[mine]}
     train_step(accelerator, model, optimizer, scheduler, inputs, label[mine], None, net.heads, cfg.optim.grad_clip)
     if accelerator.is_main_process:
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, f"{out}/fixed.safetensors")
+        save_weights(net.state_dict(), Path(out) / "fixed.safetensors")
 
     manifest = read_manifest(Path(shards))
     counts = torch.as_tensor(stream.resampling_plan(manifest, stream.training_groups(manifest, 0), cfg.data).read)
@@ -52,7 +51,7 @@ def main(shards: str, out: str, steps: int) -> None:
     for _, batch in zip(range(steps), loader, strict=False):
         inputs, target, mask = training_inputs(batch, accelerator, cfg, manifest, counts)
         train_step(accelerator, model, optimizer, scheduler, inputs, target, mask, net.heads, cfg.optim.grad_clip)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, f"{out}/rank{rank}.safetensors")
+    save_weights(net.state_dict(), Path(out) / f"rank{rank}.safetensors")
 
 
 if __name__ == "__main__":
