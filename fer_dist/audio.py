@@ -99,3 +99,44 @@ def padding(frame: int, n_frames: int, audio_frames: int) -> tuple[int, int]:
     """How many columns of the frame's widest window lie before frame 1 / after the audio or video."""
     last = min(n_frames, audio_frames)
     return max(0, WIDEST + 1 - frame), max(0, frame + WIDEST - 1 - last)
+
+
+@dataclass(frozen=True)
+class ProsodyParams:
+    """The per-frame audio features of paper 001 (MFCC, pitch, short-time energy); the paper used
+    librosa and gives no parameters, these are common speech settings."""
+
+    sample_rate: int = 16000
+    n_mfcc: int = 13
+    n_mels: int = 40
+    n_fft: int = 400  # 25 ms
+    hop: int = 160  # 10 ms
+    min_pitch: float = 85.0  # Hz
+    max_pitch: float = 500.0
+
+
+def prosody(audio: np.ndarray | None, n_frames: int, fps: Fraction, p: ProsodyParams) -> np.ndarray:
+    """[n_frames, n_mfcc + 2]: the MFCC, pitch (Hz) and log energy of the 25 ms around each video
+    frame (frame i at (i - 1) / fps); zeros for a video without audio and past the audio's end."""
+    out = np.zeros((n_frames, p.n_mfcc + 2), np.float32)
+    if audio is None or len(audio) < p.n_fft:
+        return out
+    wave = torch.from_numpy(audio)
+    mfcc = torchaudio.transforms.MFCC(
+        p.sample_rate, p.n_mfcc, melkwargs={"n_fft": p.n_fft, "hop_length": p.hop, "n_mels": p.n_mels}
+    )
+    half = p.n_fft // 2
+    with torch.no_grad():
+        coefficients = mfcc(wave).T  # column k centred at k * hop
+        pitch = torchaudio.functional.detect_pitch_frequency(
+            wave[None], p.sample_rate, frame_time=p.hop / p.sample_rate, freq_low=int(p.min_pitch),
+            freq_high=int(p.max_pitch),
+        )[0]
+        framed = torch.nn.functional.pad(wave, (half, half)).unfold(0, p.n_fft, p.hop)
+        energy = torch.log(framed.pow(2).mean(1) + 1e-10)
+    t = np.arange(n_frames) / float(fps) * p.sample_rate  # each video frame's sample
+    inside = t < len(audio)
+    k = np.round(t[inside] / p.hop).astype(int)
+    for column, values in enumerate([*coefficients.T, pitch, energy]):
+        out[inside, column] = values[np.minimum(k, len(values) - 1)].numpy()
+    return out

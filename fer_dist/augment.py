@@ -77,11 +77,31 @@ def color_jitter(image: torch.Tensor, strength: float, length: int = 1) -> torch
     return image.clamp_(0, 1)
 
 
-def prepare(batch: dict, device: torch.device, cfg: DataConfig, mel_stats: dict, train: bool) -> dict:
-    """Model inputs `image` [..., 3, S, S] and `audio` [..., 1, H, W] on `device` (leading dims kept)."""
-    lead = batch["image"].shape[:-3]
+def prepare(batch: dict, device: torch.device, cfg: DataConfig, manifest: dict, train: bool) -> dict:
+    """The model inputs the batch holds, on `device`, leading dims kept: `image` [..., 3, S, S],
+    `audio` [..., 1, H, W], and per-frame feature vectors standardised with the shards' statistics."""
+    lead = batch["label"].shape
+    inputs = {}
+    if "image" in batch:
+        inputs["image"] = prepare_image(batch["image"], device, cfg, train).unflatten(0, lead)
+    if "mel" in batch:
+        stats = manifest["mel_stats"]
+        mel = (batch["mel"].to(device, non_blocking=True).flatten(0, len(lead) - 1).float() - stats["mean"]) / stats["std"]
+        window = batch["window"].to(device).flatten(0, len(lead) - 1)
+        inputs["audio"] = crop_resize_windows(mel, window, tuple(cfg.audio_size)).unflatten(0, lead)
+    for name, stats in manifest.get("feature_stats", {}).items():
+        if name in batch:
+            mean, std = (torch.tensor(stats[k], device=device) for k in ("mean", "std"))
+            inputs[name] = (batch[name].to(device, non_blocking=True).float() - mean) / std
+    return inputs
+
+
+def prepare_image(images: torch.Tensor, device: torch.device, cfg: DataConfig, train: bool) -> torch.Tensor:
+    """uint8 crops [..., 3, H, W] to normalised float frames [N, 3, S, S]; in training, one random
+    affine warp and colour jitter per run (per frame outside clip mode)."""
+    lead = images.shape[:-3]
     runs, length = lead[0], math.prod(lead[1:])
-    image = batch["image"].to(device, non_blocking=True).flatten(0, len(lead) - 1).float().div_(255)
+    image = images.to(device, non_blocking=True).flatten(0, len(lead) - 1).float().div_(255)
     if image.shape[-1] != cfg.image_size or image.shape[-2] != cfg.image_size:
         image = F.interpolate(image, size=(cfg.image_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
     if train:
@@ -92,11 +112,7 @@ def prepare(batch: dict, device: torch.device, cfg: DataConfig, mel_stats: dict,
             image = color_jitter(image, cfg.color_jitter, length)
     mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
     std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
-    image = (image - mean) / std
-    mel = batch["mel"].to(device, non_blocking=True).flatten(0, len(lead) - 1).float()
-    mel = (mel - mel_stats["mean"]) / mel_stats["std"]
-    audio = crop_resize_windows(mel, batch["window"].to(device).flatten(0, len(lead) - 1), tuple(cfg.audio_size))
-    return {"image": image.unflatten(0, lead), "audio": audio.unflatten(0, lead)}
+    return (image - mean) / std
 
 
 def remix_label_weight(

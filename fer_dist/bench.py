@@ -355,7 +355,7 @@ def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, bare:
 
     from fer_dist.checkpoint import stop_requested
     from fer_dist.distributed import first_raised, make_accelerator
-    from fer_dist.models.losses import multi_head_ce
+    from fer_dist.models.losses import objective
     from fer_dist.train import lr_factor, make_optimizer, train_step
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -371,7 +371,7 @@ def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, bare:
 
         def step(inputs, target):
             nonlocal total
-            loss, stepped = train_step(accelerator, net, optimizer, scheduler, inputs, target, None, heads, clip)
+            loss, stepped = train_step(accelerator, net, optimizer, scheduler, inputs, target, None, heads, cfg.loss, clip)
             total += loss
             if stepped:
                 first_raised(accelerator, stop_requested())
@@ -383,7 +383,7 @@ def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, bare:
         optimizer = make_optimizer(cfg.optim, net)
 
         def step(inputs, target):
-            loss = multi_head_ce(net(**inputs), target, heads)
+            loss = objective(net(**inputs), target, heads, cfg.loss)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

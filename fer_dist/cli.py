@@ -76,6 +76,45 @@ def cmd_shard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract(args: argparse.Namespace) -> int:
+    from fer_dist.affwild2 import discover
+    from fer_dist.extract import extract
+    from fer_dist.shard import read_manifest
+
+    source = read_manifest(Path(args.shards))
+    videos = discover(Path(args.root), video_dirs=[Path(p) for p in args.video_dirs] or None)
+    with bar() as progress:
+        task = progress.add_task("extracting", total=source["totals"]["samples"], info="audio features")
+
+        def advance(name: str, n: int) -> None:
+            progress.update(task, advance=n, info=name)
+
+        manifest = extract(
+            Path(args.shards),
+            Path(args.out),
+            videos,
+            args.backbone,
+            args.weights,
+            args.image_size,
+            Path(args.words) if args.words else None,
+            args.batch_size,
+            args.workers,
+            progress=advance,
+        )
+    features = manifest["features"]
+    console.print(
+        f"{manifest['totals']['samples']} samples in {args.out}: "
+        + ", ".join(f"{name} [{f['dim']}]" for name, f in features.items())
+    )
+    silent = features["audio_features"]["videos_without_audio"]
+    if silent:
+        console.print(f"[yellow]{len(silent)} video(s) without audio have zero audio features:[/] {', '.join(silent)}")
+    if "words" in features and features["words"]["videos_without"]:
+        missing = features["words"]["videos_without"]
+        console.print(f"[yellow]{len(missing)} video(s) without word embeddings have zeros:[/] {', '.join(missing)}")
+    return 0
+
+
 def report(manifest: dict) -> None:
     """The paper's Table 1 for these data, with both counts, and everything that went wrong."""
     t = manifest["totals"]
@@ -260,6 +299,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--sample-rate", type=int, default=32000)
     s.add_argument("--workers", type=int, default=2)
     s.set_defaults(func=cmd_shard)
+
+    s = sub.add_parser("extract", help="feature shards: frozen-backbone embeddings and audio features per frame")
+    s.add_argument("--shards", required=True, help="packed shards (fer-dist shard)")
+    s.add_argument("--root", required=True, help="the dataset the shards were packed from (for the audio)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--backbone", required=True, help="a timm model name")
+    s.add_argument("--weights", help="its weights: a local safetensors / state-dict file (default: random init)")
+    s.add_argument("--image-size", type=int, default=112)
+    s.add_argument("--words", help="folder of <video>.npy word embeddings [frames, dim] (optional)")
+    s.add_argument("--video-dirs", nargs="*", default=[], help="video folders (default: batch1, batch2, new_vids)")
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--workers", type=int, default=2, help="processes computing the audio features")
+    s.set_defaults(func=cmd_extract)
 
     s = sub.add_parser("inspect", help="what the shards hold, read from the tars")
     s.add_argument("shards")

@@ -76,6 +76,16 @@ class OptimConfig:
 
 
 @dataclass
+class LossConfig:
+    name: str = "ce"  # ce (cross-entropy) | focal
+    label_smoothing: float = 0.0
+    class_weights: list[float] = field(default_factory=list)  # ce: per-class weights, in CLASSES order
+    focal_alpha: float = 1.0  # focal: the loss's scale alpha (paper 003: 0.9)
+    focal_gamma: float = 2.0  # focal: the focusing exponent gamma (paper 003: 2)
+    rdrop_alpha: float = 0.0  # > 0: R-Drop, two dropout passes and this weight on their symmetric KL (paper 004: 5)
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 10
     seed: int = 0
@@ -98,6 +108,7 @@ class Config:
     model: dict[str, Any] = field(default_factory=lambda: {"name": "mfm"})
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -120,6 +131,11 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
         kind = next(a for a in typing.get_args(kind) if a is not type(None))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind is bool and not isinstance(value, bool) or not isinstance(value, kind):
         raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
     return value
@@ -145,12 +161,15 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
     tree[leaf] = value
 
 
+SECTIONS = ("model", "data", "optim", "loss", "train")
+
+
 def from_dict(raw: dict) -> Config:
     if not isinstance(raw, dict):
-        raise ConfigError("a config is a mapping of sections (model, data, optim, train)")
-    unknown = sorted(set(raw) - {"model", "data", "optim", "train"})
+        raise ConfigError(f"a config is a mapping of sections ({', '.join(SECTIONS)})")
+    unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise ConfigError(f"unknown section(s) {', '.join(unknown)}; known: model, data, optim, train")
+        raise ConfigError(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
     model = {"name": "mfm", **(raw.get("model") or {})}
     train = dict(raw.get("train") or {})
     if train.get("mixed_precision") is False:  # YAML 1.1 reads a bare `no` as false
@@ -161,6 +180,7 @@ def from_dict(raw: dict) -> Config:
         model=model,
         data=_section(DataConfig, raw.get("data") or {}, "data"),
         optim=_section(OptimConfig, raw.get("optim") or {}, "optim"),
+        loss=_section(LossConfig, raw.get("loss") or {}, "loss"),
         train=_section(TrainConfig, train, "train"),
     )
     validate(cfg)
@@ -210,6 +230,16 @@ def validate(cfg: Config) -> None:
         (d.batch_size > 0 and d.eval_batch_size > 0, "batch sizes must be positive"),
         (d.max_repeat >= 1, "data.max_repeat must be at least 1"),
         (cfg.optim.name in ("adamw", "adam", "sgd"), f"optim.name must be adamw, adam or sgd, not {cfg.optim.name!r}"),
+        (cfg.loss.name in ("ce", "focal"), f"loss.name must be ce or focal, not {cfg.loss.name!r}"),
+        (
+            0 <= cfg.loss.label_smoothing < 1 and cfg.loss.focal_gamma >= 0 and cfg.loss.rdrop_alpha >= 0,
+            "0 <= loss.label_smoothing < 1, loss.focal_gamma >= 0 and loss.rdrop_alpha >= 0",
+        ),
+        (
+            len(cfg.loss.class_weights) in (0, N_CLASSES) and min(cfg.loss.class_weights, default=1) >= 0,
+            f"loss.class_weights: empty or {N_CLASSES} non-negative weights, one per class in the order "
+            + ", ".join(CLASSES),
+        ),
         (cfg.optim.schedule in ("cosine", "restarts"), "optim.schedule must be cosine or restarts"),
         (
             cfg.optim.restart_epochs > 0 and cfg.optim.restart_mult >= 1 and 0 <= cfg.optim.warmup_fraction < 1,

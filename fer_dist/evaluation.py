@@ -52,13 +52,15 @@ def evaluate(accelerator, net, cfg: Config, manifest: dict, name: str, bar: Prog
     )
     keys, labels, logits, tally = [], [], {}, stream.Tally()
     loader = stream.eval_loader(
-        cfg.data, manifest, group, rank=accelerator.process_index, world=accelerator.num_processes
+        cfg.data, manifest, group, rank=accelerator.process_index, world=accelerator.num_processes, inputs=net.inputs
     )
     for batch in loader:
-        inputs = prepare(batch, accelerator.device, cfg.data, manifest["mel_stats"], train=False)
+        inputs = prepare(batch, accelerator.device, cfg.data, manifest, train=False)
+        mask = batch.get("mask")  # clip mode: the real frames of padded runs
+        if mask is not None:
+            inputs["mask"] = mask.to(accelerator.device)
         with accelerator.autocast():
             outputs = net(**inputs)
-        mask = batch.get("mask")  # clip mode: the real frames of padded runs
         for h, v in outputs.items():
             logits.setdefault(h, []).append((v[mask.to(v.device)] if mask is not None else v).float().cpu().numpy())
         keys += [k for row in batch["key"] for k in row if k] if mask is not None else batch["key"]

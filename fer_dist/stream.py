@@ -38,6 +38,14 @@ from fer_dist.windows import NAMES, column_span
 
 log = logging.getLogger(__name__)
 
+# A model input and the shard member it is decoded from; `fer-dist extract` writes the last three.
+MEMBERS = {
+    "image": "jpg",
+    "audio": "mel.npy",
+    "embedding": "emb.npy",
+    "audio_features": "afeat.npy",
+    "words": "words.npy",
+}
 COUNTS = ("read", "no_window", "discarded", "emitted", "corrupt_shards", "corrupt_samples")
 
 
@@ -89,7 +97,7 @@ def shard_paths(root: str | Path, manifest: dict, groups: list[str]) -> list[str
     return [str(Path(root) / s["name"]) for g in groups for s in manifest["groups"][g]["shards"]]
 
 
-def check(cfg: DataConfig, manifest: dict) -> None:
+def check(cfg: DataConfig, manifest: dict, inputs: tuple[str, ...] = ("image", "audio")) -> None:
     """What the config asks of the shards, checked before anything starts."""
     if f"fold{cfg.holdout_fold}" not in manifest["groups"]:
         raise ConfigError(
@@ -97,6 +105,14 @@ def check(cfg: DataConfig, manifest: dict) -> None:
         )
     if not shard_paths(cfg.shards, manifest, training_groups(manifest, cfg.holdout_fold)):
         raise ConfigError(f"no shards to train on besides the held-out fold{cfg.holdout_fold}")
+    held = manifest.get("members", ["image", "audio"])
+    missing = [name for name in inputs if name not in held]
+    if missing:
+        hint = "; feature shards come from `fer-dist extract`" if set(missing) - {"image", "audio"} else ""
+        raise ConfigError(
+            f"the model takes {', '.join(missing)}, which the shards in {cfg.shards} do not hold "
+            f"(they hold {', '.join(held)}){hint}"
+        )
     clip_len = manifest["params"]["clip_len"]
     if cfg.sequence_length > clip_len:
         raise ConfigError(
@@ -282,24 +298,27 @@ def load_npy(data: bytes) -> np.ndarray:
     return values.reshape(shape, order="F" if fortran else "C")
 
 
-def decode_frame(sample: dict) -> dict:
-    image = decode_jpeg(torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    mel = load_npy(sample["mel.npy"])
-    start, width = column_span(sample["window"])
-    return {
-        "key": sample["__key__"],
-        "label": sample["label"],
-        "image": image,
-        "mel": torch.from_numpy(mel),
-        "window": torch.tensor([start, width]),
-    }
+def decode_frame(sample: dict, inputs: tuple[str, ...]) -> dict:
+    """The members the model takes, decoded: JPEG to uint8 [3, H, W], .npy arrays to tensors."""
+    frame = {"key": sample["__key__"], "label": sample["label"]}
+    for name in inputs:
+        data = sample[MEMBERS[name]]
+        if name == "image":
+            frame["image"] = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        elif name == "audio":
+            start, width = column_span(sample["window"])
+            frame["mel"] = torch.from_numpy(load_npy(data))
+            frame["window"] = torch.tensor([start, width])
+        else:
+            frame[name] = torch.from_numpy(load_npy(data))
+    return frame
 
 
-def decoded(src, counter: Counter):
+def decoded(src, inputs: tuple[str, ...], counter: Counter):
     """Decoded frames (or runs of them); a sample that does not decode is skipped and counted."""
     for sample in src:
         try:
-            frames = [decode_frame(f) for f in frames_of(sample)]
+            frames = [decode_frame(f, inputs) for f in frames_of(sample)]
         except Exception as exn:  # noqa: BLE001 - any decoder failure is a corrupt sample
             counter.sample_fault(RuntimeError(f"{frames_of(sample)[0]['__key__']}: {exn}"))
             continue
@@ -307,13 +326,9 @@ def decoded(src, counter: Counter):
 
 
 def collate(samples: list[dict]) -> dict:
-    return {
-        "key": [s["key"] for s in samples],
-        "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
-        "image": torch.stack([s["image"] for s in samples]),
-        "mel": torch.stack([s["mel"] for s in samples]),
-        "window": torch.stack([s["window"] for s in samples]),
-    }
+    batch = {"key": [s["key"] for s in samples], "label": torch.tensor([s["label"] for s in samples])}
+    batch.update({k: torch.stack([s[k] for s in samples]) for k in samples[0] if k not in batch})
+    return batch
 
 
 def collate_runs(runs_: list[list[dict]], length: int) -> dict:
@@ -368,10 +383,19 @@ def skipped(src, batches: int, size: int):
 
 
 def train_loader(
-    cfg: DataConfig, manifest: dict, *, seed: int, epoch: int, rank: int, world: int, skip: int = 0, multiple: int = 1
+    cfg: DataConfig,
+    manifest: dict,
+    *,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world: int,
+    skip: int = 0,
+    multiple: int = 1,
+    inputs: tuple[str, ...] = ("image", "audio"),
 ) -> tuple[wds.WebLoader, int]:
-    """The rank's training batches for one epoch after the first `skip`, and how many the whole
-    epoch has (equal on every rank, a multiple of `multiple`)."""
+    """The rank's training batches of the model's `inputs` for one epoch after the first `skip`,
+    and how many the whole epoch has (equal on every rank, a multiple of `multiple`)."""
     groups = training_groups(manifest, cfg.holdout_fold)
     urls = shard_paths(cfg.shards, manifest, groups)
     base = f"{seed}/{epoch}/{rank}"
@@ -389,14 +413,16 @@ def train_loader(
         lambda src: balanced(src, plan.copies, base, counter),
         lambda src: shuffled(src, cfg.shuffle_buffer, base),
         lambda src: skipped(src, skip, cfg.batch_size),
-        lambda src: decoded(src, counter),
+        lambda src: decoded(src, inputs, counter),
         lambda src: batched(src, cfg.batch_size, cfg.sequence_length, False, counter),
     ]
     n = batches_per_epoch(plan, cfg, world, multiple)
     return _loader(wds.DataPipeline(*stages), cfg.workers, skip).with_epoch(n - skip), n
 
 
-def eval_loader(cfg: DataConfig, manifest: dict, group: str, *, rank: int, world: int) -> wds.WebLoader | list:
+def eval_loader(
+    cfg: DataConfig, manifest: dict, group: str, *, rank: int, world: int, inputs: tuple[str, ...] = ("image", "audio")
+) -> wds.WebLoader | list:
     """This rank's share of `group`: whole shards, rank r taking shards r, r + world, ..."""
     urls = shard_paths(cfg.shards, manifest, [group])[rank::world]
     if not urls:
@@ -412,7 +438,7 @@ def eval_loader(cfg: DataConfig, manifest: dict, group: str, *, rank: int, world
     if cfg.sequence_length:
         stages.append(lambda src: runs(src, cfg.sequence_length))
     stages += [
-        lambda src: decoded(src, counter),
+        lambda src: decoded(src, inputs, counter),
         lambda src: batched(src, cfg.eval_batch_size, cfg.sequence_length, True, counter),
     ]
     return _loader(wds.DataPipeline(*stages), min(cfg.workers, len(urls)))

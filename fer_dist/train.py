@@ -40,8 +40,8 @@ from fer_dist.affwild2 import CLASSES
 from fer_dist.augment import mix, prepare
 from fer_dist.distributed import first_raised, make_accelerator
 from fer_dist.evaluation import evaluate, reduce_counts
-from fer_dist.models import build
-from fer_dist.models.losses import multi_head_ce
+from fer_dist.models import build, feature_dims
+from fer_dist.models.losses import objective
 from fer_dist.shard import read_manifest
 
 console = Console(stderr=True)
@@ -116,13 +116,26 @@ def initialise(model: torch.nn.Module, cfg: config_lib.TrainConfig) -> None:
         model.to(memory_format=torch.channels_last)
 
 
-def train_step(accelerator, model, optimizer, scheduler, inputs: dict, target, mask, heads, grad_clip: float):
+def forward(model, inputs: dict, twice: bool) -> tuple[dict, dict | None]:
+    """The model's outputs; `twice` (R-Drop): two passes with their own dropout, run as one
+    forward over the batch stacked on itself, so that DDP sees one forward per backward."""
+    if not twice:
+        return model(**inputs), None
+    n = next(iter(inputs.values())).shape[0]
+    outputs = model(**{k: torch.cat([v, v]) for k, v in inputs.items()})
+    return {h: v[:n] for h, v in outputs.items()}, {h: v[n:] for h, v in outputs.items()}
+
+
+def train_step(
+    accelerator, model, optimizer, scheduler, inputs: dict, target, mask, heads, loss_cfg: config_lib.LossConfig,
+    grad_clip: float,
+):
     """One micro-batch: forward and backward; at the end of an accumulation also clipping, the
     optimiser and the schedule. Returns the loss (on the device) and whether the weights moved."""
     with accelerator.accumulate(model):
         with accelerator.autocast():
-            outputs = model(**inputs)
-        loss = multi_head_ce(outputs, target, heads, mask)
+            outputs, again = forward(model, inputs, loss_cfg.rdrop_alpha > 0)
+        loss = objective(outputs, target, heads, loss_cfg, mask, again)
         accelerator.backward(loss)
         if accelerator.sync_gradients and grad_clip > 0:
             accelerator.clip_grad_norm_(model.parameters(), grad_clip)
@@ -137,13 +150,15 @@ def train_step(accelerator, model, optimizer, scheduler, inputs: dict, target, m
 def training_inputs(batch: dict, accelerator, cfg: config_lib.Config, manifest: dict, class_counts: torch.Tensor):
     """A decoded batch made into the model's augmented inputs, (soft) targets and clip mask."""
     device = accelerator.device
-    inputs = prepare(batch, device, cfg.data, manifest["mel_stats"], train=True)
+    inputs = prepare(batch, device, cfg.data, manifest, train=True)
     target = batch["label"].to(device)
     mask = batch["mask"].to(device) if "mask" in batch else None
     if cfg.data.mix != "none":
         inputs, target = mix(inputs, target, cfg.data, class_counts, len(CLASSES))
     if cfg.train.channels_last:
         inputs = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in inputs.items()}
+    if mask is not None:  # sequence models leave the padding of short runs out of their attention
+        inputs["mask"] = mask
     return inputs, target, mask
 
 
@@ -198,8 +213,8 @@ def run(cfg: config_lib.Config, evaluate_weights: str | None = None, resume: boo
     accelerator = make_accelerator(cfg)
     torch.manual_seed(cfg.train.seed)
     manifest = read_manifest(Path(cfg.data.shards))
-    stream.check(cfg.data, manifest)
-    model = build(cfg.model, cfg.data.image_size, cfg.data.audio_size)
+    model = build(cfg.model, cfg.data.image_size, cfg.data.audio_size, feature_dims(manifest))
+    stream.check(cfg.data, manifest, model.inputs)
     if model.sequences != bool(cfg.data.sequence_length):
         kind = (
             "runs of frames (set data.sequence_length)" if model.sequences else "single frames (data.sequence_length=0)"
@@ -278,6 +293,7 @@ def fit(accelerator, model, cfg: config_lib.Config, manifest: dict, bar: Progres
             world=world,
             skip=skip,
             multiple=accumulation,
+            inputs=net.inputs,
         )
         if rng is not None:
             checkpoint.set_rng_state(rng)
@@ -292,7 +308,7 @@ def fit(accelerator, model, cfg: config_lib.Config, manifest: dict, bar: Progres
         for micro, batch in enumerate(loader, start=skip):
             inputs, target, mask = training_inputs(batch, accelerator, cfg, manifest, class_counts)
             loss, stepped = train_step(
-                accelerator, model, optimizer, scheduler, inputs, target, mask, net.heads, cfg.optim.grad_clip
+                accelerator, model, optimizer, scheduler, inputs, target, mask, net.heads, cfg.loss, cfg.optim.grad_clip
             )
             loss_sum += loss
             window.append(loss)

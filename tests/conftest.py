@@ -34,6 +34,16 @@ def shards(synthetic, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def features(shards, synthetic, tmp_path_factory) -> Path:
+    """Feature shards of `shards`: a tiny random-init ConvNeXt's embeddings and the audio features."""
+    from fer_dist.extract import extract
+
+    out = tmp_path_factory.mktemp("features")
+    extract(shards, out, discover(synthetic), "test_convnext", image_size=64, workers=2)
+    return out
+
+
 def samples(shards: Path, pattern: str = "*.tar"):
     """Every sample of the matching tars as {"__key__": key, ext: bytes}, read with tarfile alone."""
     for path in sorted(shards.glob(pattern)):

@@ -3,7 +3,7 @@ import torch
 from fer_dist import config
 from fer_dist.augment import mix, prepare, random_affine, remix_label_weight
 
-MEL_STATS = {"mean": 0.0, "std": 1.0}
+MANIFEST = {"mel_stats": {"mean": 0.0, "std": 1.0}}
 
 
 def data_cfg(*overrides):
@@ -16,6 +16,7 @@ def batch_of(images, lead):
         "image": images,
         "mel": torch.randn(*lead, 128, 64),
         "window": torch.tensor([0, 64]).expand(*lead, 2),
+        "label": torch.zeros(lead, dtype=torch.long),
     }
 
 
@@ -73,10 +74,10 @@ def test_augmentation_is_per_run_in_clip_mode():
     frame = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
     images = frame.expand(2, 4, 3, 40, 40).clone()  # two runs of four identical frames
     cfg = data_cfg("data.rotation=20", "data.color_jitter=0.3")
-    out = prepare(batch_of(images, (2, 4)), torch.device("cpu"), cfg, MEL_STATS, train=True)
+    out = prepare(batch_of(images, (2, 4)), torch.device("cpu"), cfg, MANIFEST, train=True)
     assert out["image"].shape == (2, 4, 3, 32, 32) and out["audio"].shape == (2, 4, 1, 16, 16)
     for run in out["image"]:
         torch.testing.assert_close(run, run[:1].expand_as(run))  # one augmentation per run
     assert not torch.allclose(out["image"][0], out["image"][1])  # runs differ
-    plain = prepare(batch_of(images, (2, 4)), torch.device("cpu"), cfg, MEL_STATS, train=False)
+    plain = prepare(batch_of(images, (2, 4)), torch.device("cpu"), cfg, MANIFEST, train=False)
     torch.testing.assert_close(plain["image"][0], plain["image"][1])  # evaluation: no augmentation

@@ -3,7 +3,8 @@ import torch
 from conftest import REPO
 from fer_dist import config
 from fer_dist.models import build, create_model
-from fer_dist.models.losses import multi_head_ce
+from fer_dist.config import LossConfig
+from fer_dist.models.losses import objective
 
 TINY = {"embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "window_size": 4}
 
@@ -64,7 +65,7 @@ def test_training_lowers_the_loss():
     opt = torch.optim.AdamW(m.parameters(), 1e-3)
     losses = []
     for _ in range(15):
-        loss = multi_head_ce(m(**x), y, m.heads)
+        loss = objective(m(**x), y, m.heads, LossConfig())
         opt.zero_grad()
         loss.backward()
         opt.step()

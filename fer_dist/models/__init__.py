@@ -1,9 +1,16 @@
 """Models by name: `create_model("mfm", **kwargs)`.
 
-A model is an nn.Module whose forward takes the stream's inputs by keyword (`image`, `audio`)
-and returns a dict of logits per head; `heads` names the heads its loss trains, `output` the head
-that is its prediction and `sequences` whether it takes clip-mode runs [B, L, ...] of frames.
-Nothing else about a model is known outside this package.
+A model is an nn.Module whose forward takes the stream's inputs by keyword and returns a dict of
+logits per head. `inputs` names what it takes (`image`, `audio`, and the feature-shard inputs
+`embedding`, `audio_features`, `words`); `heads` the heads its loss trains; `output` the head that
+is its prediction; `sequences` whether it takes clip-mode runs [B, L, ...] of frames (and then
+also `mask`, the real frames of the runs). Nothing else about a model is known outside this package.
+
+    mfm                   paper 000: Swin image + audio branches, Modal Fusion Module
+    decoder_fusion        paper 001: static feature + GRU sequences, transformer-decoder fusion
+    regnet_transformer    paper 003: RegNetY-1.6GF + transformer encoder over runs, residual fusion
+    feature_lstm          paper 004: LSTM over feature runs, state carried across segments
+    feature_transformer   paper 004: transformer encoder over feature segments
 """
 
 from __future__ import annotations
@@ -12,9 +19,19 @@ import inspect
 
 from torch import nn
 
+from fer_dist.config import ConfigError
+from fer_dist.models.decoder_fusion import DecoderFusionNet
 from fer_dist.models.mfm import ModalFusionNet
+from fer_dist.models.regnet_transformer import RegNetTransformer
+from fer_dist.models.temporal import FeatureLSTM, FeatureTransformer
 
-MODELS: dict[str, type[nn.Module]] = {"mfm": ModalFusionNet}
+MODELS: dict[str, type[nn.Module]] = {
+    "mfm": ModalFusionNet,
+    "decoder_fusion": DecoderFusionNet,
+    "regnet_transformer": RegNetTransformer,
+    "feature_lstm": FeatureLSTM,
+    "feature_transformer": FeatureTransformer,
+}
 
 
 def list_models() -> list[str]:
@@ -28,15 +45,28 @@ def create_model(name: str, **kwargs) -> nn.Module:
     accepted = inspect.signature(cls.__init__).parameters
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise ValueError(f"model {name} does not take {', '.join(unknown)}; it takes {', '.join(list(accepted)[1:])}")
+        raise ConfigError(f"model {name} does not take {', '.join(unknown)}; it takes {', '.join(list(accepted)[1:])}")
+    missing = [k for k, p in list(accepted.items())[1:] if p.default is p.empty and k not in kwargs]
+    if missing:
+        raise ConfigError(
+            f"model {name} needs {', '.join(missing)}: per-frame features of feature shards (`fer-dist extract`), "
+            "or set them under model"
+        )
     return cls(**kwargs)
 
 
-def build(model_cfg: dict, image_size: int, audio_size: list[int]) -> nn.Module:
-    """The configured model; input sizes come from the data section when the model takes them."""
+def feature_dims(manifest: dict) -> dict[str, int]:
+    """`<input>_dim` of each per-frame feature the shards hold (feature shards of `fer-dist extract`)."""
+    return {f"{name}_dim": record["dim"] for name, record in manifest.get("features", {}).items()}
+
+
+def build(model_cfg: dict, image_size: int, audio_size: list[int], features: dict[str, int] | None = None) -> nn.Module:
+    """The configured model; input sizes and feature widths come from the data when the model
+    takes them and the config does not set them."""
     kwargs = {k: v for k, v in model_cfg.items() if k != "name"}
     accepted = inspect.signature(MODELS.get(model_cfg["name"], object).__init__).parameters
-    for key, value in (("image_size", image_size), ("audio_size", tuple(audio_size))):
+    given = {"image_size": image_size, "audio_size": tuple(audio_size), **(features or {})}
+    for key, value in given.items():
         if key in accepted:
             kwargs.setdefault(key, value)
     return create_model(model_cfg["name"], **kwargs)

@@ -49,6 +49,7 @@ class ModalFusionNet(nn.Module):
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}")
         self.heads = STAGES[stage]  # trained heads
+        self.inputs = ("image", "audio") if stage == "fusion" else (stage,)
         self.output = "ensemble" if stage == "fusion" else stage  # the model's prediction
         if stage != "audio":
             self.image_branch = create_backbone(
@@ -90,7 +91,7 @@ class ModalFusionNet(nn.Module):
         y_ai, w_ai = self.image_asks_audio(f_i, f_a, f_a)
         return y_ia, y_ai, w_ia, w_ai
 
-    def forward(self, image: torch.Tensor, audio: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor | None = None, audio: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if self.output == "image":
             return {"image": self.image_head(tokens(self.image_branch, image).mean(1))}
         if self.output == "audio":

@@ -1,0 +1,242 @@
+"""Feature shards: frozen backbones run once over packed shards, for the models of papers 001 and 004.
+
+    fer-dist extract --shards shards/affwild2 --root /data/affwild2 --out shards/affwild2-feat \
+        --backbone resnet50 --weights expression.safetensors [--words words/]
+
+Every shard gets a twin of the same name with the same keys in the same order (clips stay clips):
+
+- `jpg`, `cls`, `json` copied byte for byte (paper 001's static branch reads the crop);
+- `emb.npy`: float16 [D], the frozen backbone's pooled feature of the crop (an expression embedding
+  when the weights are an expression model's);
+- `afeat.npy`: float32 [n_mfcc + 2], MFCC, pitch and log short-time energy of the audio at the
+  frame's time (paper 001), computed with torchaudio from the video's sound (zeros without sound);
+- `words.npy`: float16 [Dw], with `--words DIR`: row i - 1 of DIR/<video>.npy is frame i's word
+  embedding, which the user computes (no speech recogniser is shipped); zeros where there is none.
+
+The manifest is the source's plus `members`, `features` (what each feature is and its width) and
+`feature_stats`, the per-dimension mean and std over the fold groups that training standardises
+with. Shards are written under a temporary name and renamed; a rerun keeps the finished ones.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from fer_dist import audio, tars
+from fer_dist.affwild2 import Video
+from fer_dist.augment import prepare_image
+from fer_dist.config import DataConfig
+from fer_dist.models.backbones import create_backbone
+from fer_dist.shard import atomic_write, npy_bytes, read_manifest
+
+
+class ExtractError(ValueError):
+    """The source shards or dataset cannot give the features; the message says which and why."""
+
+
+def prosody_job(job: tuple[Video, int, float, audio.ProsodyParams, Path]) -> None:
+    """One video's audio features [frames, n_mfcc + 2], cached in the work folder."""
+    video, frames, fps, params, work = job
+    path = work / f"{video.name}.afeat.npy"
+    if not path.exists():
+        media = audio.read_media(video.media, params.sample_rate)
+        atomic_write(path, npy_bytes(audio.prosody(media.audio, frames, fps, params)))
+
+
+def word_tables(words: Path, manifest: dict) -> tuple[dict[str, np.ndarray], int, list[str]]:
+    """Each video's word embeddings [frames, Dw], their width, and the videos that have none."""
+    tables, missing = {}, []
+    for name in manifest["videos"]:
+        path = words / f"{name}.npy"
+        if not path.exists():
+            missing.append(name)
+            continue
+        table = np.load(path, allow_pickle=False)
+        if table.ndim != 2:
+            raise ExtractError(f"{path}: word embeddings must be [frames, dim], not {list(table.shape)}")
+        tables[name] = table
+    dims = {t.shape[1] for t in tables.values()}
+    if not dims:
+        raise ExtractError(f"{words}: no <video>.npy word embeddings for any video of the shards")
+    if len(dims) != 1:
+        raise ExtractError(f"{words}: the word embeddings have widths {sorted(dims)}; give one width for all videos")
+    return tables, dims.pop(), missing
+
+
+def row(table: np.ndarray | None, frame: int, dim: int) -> np.ndarray:
+    if table is None or frame > len(table):
+        return np.zeros(dim, np.float32)
+    return table[frame - 1]
+
+
+@torch.no_grad()
+def embed(model: torch.nn.Module, crops: list[bytes], size: int, batch: int, device: torch.device) -> np.ndarray:
+    out = []
+    cfg = DataConfig(image_size=size)
+    for i in range(0, len(crops), batch):
+        chunk = crops[i : i + batch]
+        images = torch.stack([decode_jpeg(torch.frombuffer(bytearray(c), dtype=torch.uint8), mode=ImageReadMode.RGB) for c in chunk])
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            out.append(model(prepare_image(images, device, cfg, train=False)).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def extract_shard(
+    src: Path, dst: Path, model, size: int, batch: int, device, prosodies: dict, words: dict | None, words_dim: int
+) -> dict[str, dict]:
+    """Writes `dst` from `src` (atomically); returns each feature's sum, sum of squares and count."""
+    try:
+        with open(src, "rb") as fh:
+            samples = list(tars.samples(fh, str(src)))
+    except (OSError, EOFError, ValueError) as exc:
+        raise ExtractError(f"{src}: {exc}; repack the shards") from exc
+    try:
+        embeddings = embed(model, [s["jpg"] for s in samples], size, batch, device)
+    except RuntimeError as exc:
+        raise ExtractError(f"{src}: a crop does not decode ({exc}); repack the shards") from exc
+    sums: dict[str, dict] = {}
+    tmp = dst.with_name(dst.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        for sample, emb in zip(samples, embeddings, strict=True):
+            meta = json.loads(sample["json"])
+            video, frame = meta["video"], meta["frame"]
+            features = {"embedding": emb, "audio_features": prosodies[video][frame - 1]}
+            if words is not None:
+                features["words"] = row(words.get(video), frame, words_dim)
+            members = {k: sample[k] for k in ("jpg", "cls", "json")}
+            members["emb.npy"] = npy_bytes(emb.astype(np.float16))
+            members["afeat.npy"] = npy_bytes(features["audio_features"].astype(np.float32))
+            if words is not None:
+                members["words.npy"] = npy_bytes(features["words"].astype(np.float16))
+            fh.write(tars.tar_record(sample["__key__"], members))
+            for name, value in features.items():
+                value = value.astype(np.float64)
+                s = sums.setdefault(name, {"sum": 0.0, "sumsq": 0.0, "count": 0})
+                s["sum"] = s["sum"] + value
+                s["sumsq"] = s["sumsq"] + value**2
+                s["count"] += 1
+        fh.write(tars.TAR_END)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, dst)
+    return {n: {k: np.asarray(v).tolist() for k, v in s.items()} for n, s in sums.items()}
+
+
+def statistics(parts: list[dict[str, dict]]) -> dict[str, dict]:
+    """Per-dimension mean and std of each feature over `parts` (the fold groups' shards)."""
+    stats = {}
+    for name in parts[0]:
+        count = sum(p[name]["count"] for p in parts)
+        mean = sum(np.asarray(p[name]["sum"]) for p in parts) / count
+        var = sum(np.asarray(p[name]["sumsq"]) for p in parts) / count - mean**2
+        std = np.sqrt(np.maximum(var, 0))
+        std = np.maximum(std, 0.1 * std.mean() + 1e-8)  # a near-constant dimension is not blown up into noise
+        stats[name] = {"mean": mean.tolist(), "std": std.tolist()}
+    return stats
+
+
+def extract(
+    shards: Path,
+    out: Path,
+    videos: list[Video],
+    backbone: str,
+    weights: str | None = None,
+    image_size: int = 112,
+    words: Path | None = None,
+    batch_size: int = 128,
+    workers: int = 1,
+    params: audio.ProsodyParams = audio.ProsodyParams(),
+    progress: Callable[[str, int], None] | None = None,
+) -> dict:
+    """Writes the feature shards of `shards` to `out` and returns their manifest."""
+    shards, out = Path(shards), Path(out)
+    source = read_manifest(shards)
+    stamp = {
+        "source": str(shards.resolve()),
+        "backbone": backbone,
+        "weights": weights,
+        "image_size": image_size,
+        "words": str(words) if words else None,
+        "prosody": asdict(params),
+    }
+    if (out / "manifest.json").exists():
+        done = json.loads((out / "manifest.json").read_text())
+        if done.get("extract_stamp") != stamp:
+            raise ExtractError(f"{out} holds features extracted with other settings; remove it or extract elsewhere")
+        return done
+    work = out / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    stamp_path = work / "stamp.json"
+    if stamp_path.exists() and json.loads(stamp_path.read_text()) != stamp:
+        raise ExtractError(f"{out} holds an extraction started with other settings; remove it or extract elsewhere")
+    atomic_write(stamp_path, json.dumps(stamp).encode())
+
+    by_name = {v.name: v for v in videos}
+    unknown = sorted(set(source["videos"]) - set(by_name))
+    if unknown:
+        raise ExtractError(f"{len(unknown)} video(s) of the shards are not in the dataset given, e.g. {unknown[0]}")
+    jobs = [(by_name[n], r["frames"], r["fps"], params, work) for n, r in source["videos"].items()]
+    with multiprocessing.get_context("forkserver").Pool(max(1, workers)) as pool:  # see shard.pack
+        for _ in pool.imap_unordered(prosody_job, jobs):
+            if progress:
+                progress("audio", 0)
+    prosodies = {n: np.load(work / f"{n}.afeat.npy", allow_pickle=False) for n in source["videos"]}
+    tables, words_dim, wordless = word_tables(words, source) if words else (None, 0, [])
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)  # without --weights the backbone is a fixed random projection, the same on a resume
+    model = create_backbone(backbone, in_chans=3, img_size=None, pretrained=weights or False).eval().to(device)
+    model.requires_grad_(False)
+    parts = {}
+    for group, record in source["groups"].items():
+        for shard in record["shards"]:
+            stats_path = work / f"{shard['name']}.stats.json"
+            dst = out / shard["name"]
+            if not (dst.exists() and stats_path.exists()):
+                stats = extract_shard(
+                    shards / shard["name"], dst, model, image_size, batch_size, device, prosodies, tables, words_dim
+                )
+                atomic_write(stats_path, json.dumps(stats).encode())
+            if group.startswith("fold"):
+                parts[shard["name"]] = json.loads(stats_path.read_text())
+            if progress:
+                progress(shard["name"], shard["samples"])
+    embedding_dim = len(next(iter(parts.values()))["embedding"]["sum"])
+    features = {
+        "embedding": {
+            "member": "emb.npy",
+            "dim": embedding_dim,
+            "backbone": backbone,
+            "weights": weights,
+            "image_size": image_size,
+        },
+        "audio_features": {
+            "member": "afeat.npy",
+            "dim": params.n_mfcc + 2,
+            "names": [f"mfcc{i}" for i in range(params.n_mfcc)] + ["pitch_hz", "log_energy"],
+            "videos_without_audio": source["totals"]["videos_without_audio"],  # their features are zeros
+        },
+    }
+    if words:
+        features["words"] = {"member": "words.npy", "dim": words_dim, "source": str(words), "videos_without": wordless}
+    manifest = {
+        **source,
+        "members": ["image", *features],
+        "features": features,
+        "feature_stats": statistics(list(parts.values())),
+        "extract_stamp": stamp,
+    }
+    atomic_write(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+    for path in work.iterdir():
+        path.unlink()
+    work.rmdir()
+    return manifest

@@ -1,0 +1,110 @@
+"""`fer-dist extract`: feature shards that mirror the source shards, written atomically, resumable."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from fer_dist.affwild2 import discover
+from fer_dist.audio import ProsodyParams, prosody
+from fer_dist.extract import ExtractError, extract
+from tests.conftest import samples
+
+
+def npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def test_prosody_of_a_tone():
+    p = ProsodyParams()
+    t = np.arange(p.sample_rate * 3) / p.sample_rate
+    tone = (0.5 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    f = prosody(tone, 100, Fraction(25), p)  # 4 s of video, 3 s of sound
+    assert f.shape == (100, p.n_mfcc + 2)
+    assert np.allclose(f[10:70, p.n_mfcc], 220, rtol=0.03)  # pitch, Hz
+    assert np.allclose(f[10:70, p.n_mfcc + 1], np.log(0.125), atol=0.01)  # log mean square of 0.5 sin
+    assert not f[80:].any()  # after the sound ends
+    assert not prosody(None, 10, Fraction(25), p).any()
+
+
+def test_feature_shards_mirror_the_source(shards, features):
+    source = json.loads((shards / "manifest.json").read_text())
+    manifest = json.loads((features / "manifest.json").read_text())
+    assert manifest["members"] == ["image", "embedding", "audio_features"]
+    assert manifest["groups"] == source["groups"]
+    assert sorted(p.name for p in features.glob("*.tar")) == sorted(p.name for p in shards.glob("*.tar"))
+    silent = set(source["totals"]["videos_without_audio"])
+    assert silent, "the synthetic data has a video without audio"
+    dim = manifest["features"]["embedding"]["dim"]
+    for a, b in zip(samples(shards), samples(features), strict=True):  # same keys, same order
+        assert a["__key__"] == b["__key__"]
+        assert a["jpg"] == b["jpg"] and a["cls"] == b["cls"] and a["json"] == b["json"]
+        assert set(b) == {"__key__", "jpg", "cls", "json", "emb.npy", "afeat.npy"}
+        emb, aud = npy(b["emb.npy"]), npy(b["afeat.npy"])
+        assert emb.shape == (dim,) and emb.dtype == np.float16 and aud.shape == (15,)
+        video = json.loads(a["json"])["video"]
+        assert (not aud.any()) == (video in silent)
+    stats = manifest["feature_stats"]
+    assert len(stats["embedding"]["std"]) == dim and min(stats["audio_features"]["std"]) > 0
+
+
+def test_extract_resumes_after_a_kill(shards, synthetic, features, tmp_path, monkeypatch):
+    import fer_dist.extract as ex
+
+    real, done = ex.extract_shard, []
+
+    def killed_after_three(src, dst, *args):
+        if len(done) == 3:
+            raise KeyboardInterrupt
+        done.append(dst.name)
+        return real(src, dst, *args)
+
+    out = tmp_path / "features"
+    monkeypatch.setattr(ex, "extract_shard", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        extract(shards, out, discover(synthetic), "test_convnext", image_size=64)
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.tmp"))
+    for name in done:
+        os.utime(out / name, (1, 1))
+    monkeypatch.setattr(ex, "extract_shard", real)
+    extract(shards, out, discover(synthetic), "test_convnext", image_size=64)
+    assert all((out / name).stat().st_mtime == 1 for name in done)  # kept, not rewritten
+    for p in features.glob("*.tar"):
+        assert (out / p.name).read_bytes() == p.read_bytes()
+    assert json.loads((out / "manifest.json").read_text()) == json.loads((features / "manifest.json").read_text())
+    assert not (out / ".work").exists()
+    with pytest.raises(ExtractError, match="other settings"):
+        extract(shards, out, discover(synthetic), "test_convnext", image_size=32)
+
+
+def test_extract_names_a_truncated_shard(shards, synthetic, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    victim = sorted(bad.glob("*.tar"))[1]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ExtractError, match=victim.name):
+        extract(bad, tmp_path / "out", discover(synthetic), "test_convnext", image_size=32)
+    assert not (tmp_path / "out" / victim.name).exists()
+
+
+def test_words_are_an_optional_modality(shards, synthetic, tmp_path):
+    videos = json.loads((shards / "manifest.json").read_text())["videos"]
+    names = sorted(videos)
+    words = tmp_path / "words"
+    words.mkdir()
+    for i, name in enumerate(names[1:], start=1):
+        np.save(words / f"{name}.npy", np.full((videos[name]["frames"], 4), i, np.float32))
+    out = tmp_path / "out"
+    manifest = extract(shards, out, discover(synthetic), "test_convnext", image_size=32, words=words)
+    assert manifest["members"] == ["image", "embedding", "audio_features", "words"]
+    assert manifest["features"]["words"]["dim"] == 4 and manifest["features"]["words"]["videos_without"] == names[:1]
+    for s in samples(out):
+        video = json.loads(s["json"])["video"]
+        assert (npy(s["words.npy"]) == names.index(video)).all()  # zeros for the video without words

@@ -1,0 +1,173 @@
+"""The parts of the papers' models and losses that the papers define exactly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fer_dist import config
+from fer_dist.config import CONFIGS, LossConfig
+from fer_dist.models import build, create_model
+from fer_dist.models.losses import focal, objective, symmetric_kl
+from fer_dist.models.regnet_transformer import RegNetTransformer
+
+
+def test_focal_loss_by_hand():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    target = torch.tensor([0, 2])
+    p = logits.softmax(-1)
+    by_hand = [-0.9 * (1 - float(p[i, t])) ** 2 * math.log(p[i, t]) for i, t in enumerate(target.tolist())]
+    q = F.one_hot(target, 3).float()
+    assert focal(logits, q, alpha=0.9, gamma=2.0).item() == pytest.approx(sum(by_hand) / 2, rel=1e-6)
+    # gamma = 0, alpha = 1 is cross-entropy
+    assert focal(logits, q, 1.0, 0.0).item() == pytest.approx(F.cross_entropy(logits, target).item(), rel=1e-6)
+
+
+def test_rdrop_loss_by_hand():
+    """Paper 004, Eq. 4: the mean of the two cross-entropies plus alpha times the symmetric KL."""
+    a = torch.tensor([[1.0, 0.0, 0.0]])
+    b = torch.tensor([[0.0, 1.0, 0.0]])
+    pa, pb = a.softmax(-1)[0].tolist(), b.softmax(-1)[0].tolist()
+    kl_ab = sum(pa[c] * math.log(pa[c] / pb[c]) for c in range(3))
+    kl_ba = sum(pb[c] * math.log(pb[c] / pa[c]) for c in range(3))
+    assert symmetric_kl(a, b).item() == pytest.approx(0.5 * (kl_ab + kl_ba), rel=1e-6)
+    target = torch.tensor([0])
+    cfg = LossConfig(rdrop_alpha=5.0)
+    ce = 0.5 * (-math.log(pa[0]) - math.log(pb[0]))
+    got = objective({"expr": a}, target, ("expr",), cfg, again={"expr": b})
+    assert got.item() == pytest.approx(ce + 5.0 * 0.5 * (kl_ab + kl_ba), rel=1e-6)
+
+
+def test_cross_entropy_weights_smoothing_and_mask():
+    logits = torch.randn(2, 3, 8)
+    target = torch.randint(0, 8, (2, 3))
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    weights = [1.0, 2, 3, 4, 5, 6, 7, 8]
+    got = objective({"h": logits}, target, ("h",), LossConfig(class_weights=weights), mask)
+    want = F.cross_entropy(logits[mask], target[mask], weight=torch.tensor(weights))
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    got = objective({"h": logits}, target, ("h",), LossConfig(label_smoothing=0.1), mask)
+    want = F.cross_entropy(logits[mask], target[mask], label_smoothing=0.1)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def tiny_regnet(**kw) -> RegNetTransformer:
+    torch.manual_seed(0)
+    return create_model("regnet_transformer", backbone="regnety_002", **kw).eval()
+
+
+def test_regnet_transformer_residual_fusion():
+    """Paper 003: y = x + F(x). With the encoder's last block ending in zeros, y is the backbone feature."""
+    model = tiny_regnet()
+    image = torch.randn(2, 4, 3, 32, 32)
+    with torch.no_grad():
+        last = model.encoder[-1].norm2
+        last.weight.zero_()
+        last.bias.zero_()
+        x = model.backbone(image.flatten(0, 1)).unflatten(0, (2, 4))
+        assert torch.allclose(model(image)["expr"], model.head(x), atol=1e-6)
+
+
+def test_regnet_transformer_attends_across_the_run_not_its_padding():
+    model = tiny_regnet()
+    assert len(model.encoder) == 1 and model.encoder[0].heads == 2 and model.encoder[0].head_dim == 64
+    assert model.encoder[0].ff[0].out_features == 512
+    length = 64  # the paper's sequence
+    image = torch.randn(1, length, 3, 32, 32)
+    mask = torch.ones(1, length, dtype=torch.bool)
+    mask[0, 40:] = False
+    with torch.no_grad():
+        base = model(image, mask)["expr"]
+        changed = image.clone()
+        changed[0, 39] += 1  # the last real frame
+        assert not torch.allclose(model(changed, mask)["expr"][0, 0], base[0, 0])
+        padding = image.clone()
+        padding[0, 50] += 1  # a padded frame
+        assert torch.allclose(model(padding, mask)["expr"][0, :40], base[0, :40], atol=1e-5)
+
+
+def test_lstm_carries_its_state_across_segments():
+    """Paper 004, Eq. 2: segment i starts from segment i - 1's last state (stride = length)."""
+    torch.manual_seed(0)
+    model = create_model(
+        "feature_lstm", embedding_dim=6, audio_features_dim=3, affine_dim=16, hidden=8, segment=4, head_dims=[8]
+    )
+    emb = torch.randn(2, 12, 6, requires_grad=True)
+    aud = torch.randn(2, 12, 3)
+    f = model.affine(torch.cat([emb, aud], -1))
+    whole, _ = model.lstm(f)  # one pass over the three segments
+    carried = model.encode(f, torch.ones(2, 12, dtype=torch.bool))
+    assert torch.allclose(carried, whole, atol=1e-6)
+    cold, _ = model.lstm(f[:, 4:8])  # segment 2 without the carried state differs
+    assert not torch.allclose(carried[:, 4:8], cold, atol=1e-4)
+    # the carried state is a value: segment 2's loss does not reach segment 1's inputs
+    grad = torch.autograd.grad(carried[:, 4:8].sum(), emb)[0]
+    assert grad[:, :4].abs().max() == 0 and grad[:, 4:8].abs().max() > 0
+
+
+def test_feature_transformer_keeps_segments_apart():
+    torch.manual_seed(0)
+    model = create_model(
+        "feature_transformer", embedding_dim=6, audio_features_dim=3, affine_dim=16, layers=1, num_heads=4,
+        ff_dim=32, segment=4, head_dims=[8],
+    ).eval()
+    emb, aud = torch.randn(1, 8, 6), torch.randn(1, 8, 3)
+    with torch.no_grad():
+        base = model(emb, aud)["expr"]
+        emb2 = emb.clone()
+        emb2[0, 5] += 1  # a frame of the second segment
+        out = model(emb2, aud)["expr"]
+    assert torch.allclose(out[0, :4], base[0, :4], atol=1e-6)
+    assert not torch.allclose(out[0, 4:], base[0, 4:])
+
+
+def test_decoder_fusion_takes_the_static_feature_as_keys_and_values():
+    """Paper 001: the decoder's second attention has Q from the sequence, K = V = h_s."""
+    torch.manual_seed(0)
+    model = create_model(
+        "decoder_fusion", embedding_dim=6, audio_features_dim=3, static_backbone="resnet10t", context=3, dim=16,
+        decoder_heads=2, mlp_dims=[16],
+    ).eval()
+    image, emb, aud = torch.randn(1, 5, 3, 32, 32), torch.randn(1, 5, 6), torch.randn(1, 5, 3)
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen.setdefault("calls", []).append((args, kwargs))
+
+    attention = model.decoder["embedding"].layers[0].multihead_attn
+    hook = attention.register_forward_pre_hook(record, with_kwargs=True)
+    with torch.no_grad():
+        model(image, emb, aud)
+        memory, _ = model.static_feature(image.flatten(0, 1))
+    hook.remove()
+    (query, key, value), _ = seen["calls"][0]
+    assert torch.equal(key, memory) and torch.equal(value, memory)
+    assert query.shape[:2] == (5, 2 * 3 + 1)  # every frame's +-3 neighbourhood asks h_s
+    assert model.inputs == ("image", "embedding", "audio_features")
+
+
+def test_decoder_fusion_words_are_optional():
+    model = build({"name": "decoder_fusion", "static_backbone": "resnet10t", "dim": 16, "decoder_heads": 2},
+                  64, [64, 64], {"embedding_dim": 6, "audio_features_dim": 3, "words_dim": 5})
+    assert model.inputs == ("image", "embedding", "audio_features", "words") and "words" in model.gru
+    out = model(torch.randn(1, 3, 3, 32, 32), torch.randn(1, 3, 6), torch.randn(1, 3, 3), torch.randn(1, 3, 5))
+    assert out["expr"].shape == (1, 3, 8)
+
+
+def test_feature_models_need_feature_shards():
+    from fer_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match="fer-dist extract"):
+        build({"name": "feature_lstm"}, 64, [64, 64])
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_config_builds_its_model(name):
+    cfg = config.load(CONFIGS / name)
+    model_cfg = {**cfg.model, **({"pretrained": False} if "pretrained" in cfg.model else {})}
+    model = build(model_cfg, cfg.data.image_size, cfg.data.audio_size, {"embedding_dim": 512, "audio_features_dim": 15})
+    assert model.sequences == bool(cfg.data.sequence_length)
+    assert model.output in (*model.heads, "ensemble")
