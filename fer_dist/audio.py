@@ -129,7 +129,10 @@ def prosody(audio: np.ndarray | None, n_frames: int, fps: Fraction, p: ProsodyPa
     with torch.no_grad():
         coefficients = mfcc(wave).T  # column k centred at k * hop
         pitch = torchaudio.functional.detect_pitch_frequency(
-            wave[None], p.sample_rate, frame_time=p.hop / p.sample_rate, freq_low=int(p.min_pitch),
+            wave[None],
+            p.sample_rate,
+            frame_time=p.hop / p.sample_rate,
+            freq_low=int(p.min_pitch),
             freq_high=int(p.max_pitch),
         )[0]
         framed = torch.nn.functional.pad(wave, (half, half)).unfold(0, p.n_fft, p.hop)

@@ -371,7 +371,9 @@ def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, bare:
 
         def step(inputs, target):
             nonlocal total
-            loss, stepped = train_step(accelerator, net, optimizer, scheduler, inputs, target, None, heads, cfg.loss, clip)
+            loss, stepped = train_step(
+                accelerator, net, optimizer, scheduler, inputs, target, None, heads, cfg.loss, clip
+            )
             total += loss
             if stepped:
                 first_raised(accelerator, stop_requested())
@@ -492,3 +494,67 @@ if __name__ == "__main__":
     result = JOBS[sys.argv[1]](**json.loads(sys.argv[2]))
     if result:  # one line of JSON, from rank 0 alone when launched on several
         print(json.dumps(result))
+
+
+# Each paper's system: its paper config, its CPU config, and the shards the CPU config trains on.
+SYSTEMS = [
+    ("000", "mfm_swin_tiny", "mfm_cpu", "shards"),
+    ("001", "decoder_fusion", "decoder_fusion_cpu", "features"),
+    ("003", "regnet_transformer", "regnet_transformer_cpu", "shards"),
+    ("004", "feature_lstm", "feature_lstm_cpu", "features"),
+    ("004", "feature_transformer", "feature_transformer_cpu", "features"),
+]
+PAPER_FEATURES = {"embedding_dim": 512, "audio_features_dim": 15}  # a 512-wide expression embedding
+
+
+def parameters(config_path: Path, features: dict[str, int]) -> tuple[str, int]:
+    """The config's model name and parameter count (built without pretrained weights)."""
+    from fer_dist import config
+    from fer_dist.models import build
+
+    cfg = config.load(config_path)
+    model_cfg = {**cfg.model, **({"pretrained": False} if "pretrained" in cfg.model else {})}
+    model = build(model_cfg, cfg.data.image_size, cfg.data.audio_size, features)
+    return cfg.model["name"], sum(p.numel() for p in model.parameters())
+
+
+def bench_models(workdir: Path, videos: int) -> dict:
+    """Trains every system's CPU config on the same synthetic shards (and their feature shards),
+    each in its own process, and reports its parameters (paper and CPU config), training
+    samples/s and held-out macro-F1 after the CPU config's epochs."""
+    from fer_dist.affwild2 import discover
+    from fer_dist.config import CONFIGS
+    from fer_dist.extract import extract
+    from fer_dist.models import feature_dims
+
+    root = synthetic(workdir, videos)
+    data = {"shards": packed(workdir, root, 2)}
+    data["features"] = workdir / f"{root.name}-features"
+    features = extract(data["shards"], data["features"], discover(root), "test_convnext", image_size=64, workers=2)
+    rows = []
+    for paper, paper_config, cpu_config, kind in SYSTEMS:
+        run_dir = workdir / "runs" / cpu_config
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cmd = [
+            sys.executable,
+            str(Path(__file__).with_name("train.py")),
+            "--config",
+            str(CONFIGS / f"{cpu_config}.yaml"),
+        ]
+        run_measured(cmd + [f"data.shards={data[kind]}", f"train.run_dir={run_dir}", "train.tensorboard=false"])
+        last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        model, paper_parameters = parameters(CONFIGS / f"{paper_config}.yaml", PAPER_FEATURES)
+        rows.append(
+            {
+                "paper": paper,
+                "model": model,
+                "config": paper_config,
+                "cpu_config": cpu_config,
+                "parameters": paper_parameters,
+                "cpu_parameters": parameters(CONFIGS / f"{cpu_config}.yaml", feature_dims(features))[1],
+                "cpu_samples_per_s": last["train_samples_per_s"],
+                "held_out_macro_f1": last["macro_f1"],
+                "epochs": last["epoch"],
+            }
+        )
+    return {"videos": videos, "systems": rows}

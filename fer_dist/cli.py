@@ -194,12 +194,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     if args.what == "pack":
         result = bench.bench_pack(workdir, args.videos, args.workers)
+    elif args.what == "models":
+        result = bench.bench_models(workdir, args.videos)
     elif args.what == "step":
         result = bench.bench_step(str(CONFIGS / "mfm_cpu.yaml"), str(CONFIGS / "mfm_swin_tiny.yaml"), 32, args.steps)
     else:
         result = bench.bench_loader(workdir, args.videos, args.workers[-1], args.samples)
     if args.json:
         out.print_json(json.dumps(result))
+        return 0
+    if args.what == "models":
+        rows = [
+            {
+                **r,
+                "parameters": f"{r['parameters'] / 1e6:.1f} M",
+                "cpu_parameters": f"{r['cpu_parameters'] / 1e6:.2f} M",
+                "cpu_samples_per_s": f"{r['cpu_samples_per_s']:.0f}",
+                "held_out_macro_f1": f"{r['held_out_macro_f1']:.3f}",
+            }
+            for r in result["systems"]
+        ]
+        columns = {
+            "model": "model",
+            "paper": "paper",
+            "config": "config",
+            "parameters": "parameters",
+            "cpu_config": "CPU config",
+            "cpu_parameters": "CPU parameters",
+            "cpu_samples_per_s": "CPU samples/s",
+            "held_out_macro_f1": "held-out macro-F1",
+        }
+        print_table(f"the papers' systems on {result['videos']} synthetic videos", columns, rows)
         return 0
     if args.what == "step":
         rows = [
@@ -323,7 +348,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("bench", help="the performance figures quoted in the README")
-    s.add_argument("what", choices=["pack", "loader", "step"])
+    s.add_argument("what", choices=["pack", "loader", "step", "models"])
     s.add_argument("--workdir", default="bench")
     s.add_argument("--videos", type=int, default=24, help="synthetic videos (24 give ~25,000 labelled frames)")
     s.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="pack: each count; loader: the last")

@@ -84,7 +84,9 @@ def embed(model: torch.nn.Module, crops: list[bytes], size: int, batch: int, dev
     cfg = DataConfig(image_size=size)
     for i in range(0, len(crops), batch):
         chunk = crops[i : i + batch]
-        images = torch.stack([decode_jpeg(torch.frombuffer(bytearray(c), dtype=torch.uint8), mode=ImageReadMode.RGB) for c in chunk])
+        images = torch.stack(
+            [decode_jpeg(torch.frombuffer(bytearray(c), dtype=torch.uint8), mode=ImageReadMode.RGB) for c in chunk]
+        )
         with torch.autocast(device.type, enabled=device.type == "cuda"):
             out.append(model(prepare_image(images, device, cfg, train=False)).float().cpu().numpy())
     return np.concatenate(out)
@@ -154,11 +156,11 @@ def extract(
     words: Path | None = None,
     batch_size: int = 128,
     workers: int = 1,
-    params: audio.ProsodyParams = audio.ProsodyParams(),
+    params: audio.ProsodyParams | None = None,
     progress: Callable[[str, int], None] | None = None,
 ) -> dict:
     """Writes the feature shards of `shards` to `out` and returns their manifest."""
-    shards, out = Path(shards), Path(out)
+    shards, out, params = Path(shards), Path(out), params or audio.ProsodyParams()
     source = read_manifest(shards)
     stamp = {
         "source": str(shards.resolve()),

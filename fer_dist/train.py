@@ -127,7 +127,15 @@ def forward(model, inputs: dict, twice: bool) -> tuple[dict, dict | None]:
 
 
 def train_step(
-    accelerator, model, optimizer, scheduler, inputs: dict, target, mask, heads, loss_cfg: config_lib.LossConfig,
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    inputs: dict,
+    target,
+    mask,
+    heads,
+    loss_cfg: config_lib.LossConfig,
     grad_clip: float,
 ):
     """One micro-batch: forward and backward; at the end of an accumulation also clipping, the

@@ -2,8 +2,8 @@ import torch
 
 from conftest import REPO
 from fer_dist import config
-from fer_dist.models import build, create_model
 from fer_dist.config import LossConfig
+from fer_dist.models import build, create_model
 from fer_dist.models.losses import objective
 
 TINY = {"embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "window_size": 4}

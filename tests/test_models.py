@@ -111,8 +111,15 @@ def test_lstm_carries_its_state_across_segments():
 def test_feature_transformer_keeps_segments_apart():
     torch.manual_seed(0)
     model = create_model(
-        "feature_transformer", embedding_dim=6, audio_features_dim=3, affine_dim=16, layers=1, num_heads=4,
-        ff_dim=32, segment=4, head_dims=[8],
+        "feature_transformer",
+        embedding_dim=6,
+        audio_features_dim=3,
+        affine_dim=16,
+        layers=1,
+        num_heads=4,
+        ff_dim=32,
+        segment=4,
+        head_dims=[8],
     ).eval()
     emb, aud = torch.randn(1, 8, 6), torch.randn(1, 8, 3)
     with torch.no_grad():
@@ -128,8 +135,14 @@ def test_decoder_fusion_takes_the_static_feature_as_keys_and_values():
     """Paper 001: the decoder's second attention has Q from the sequence, K = V = h_s."""
     torch.manual_seed(0)
     model = create_model(
-        "decoder_fusion", embedding_dim=6, audio_features_dim=3, static_backbone="resnet10t", context=3, dim=16,
-        decoder_heads=2, mlp_dims=[16],
+        "decoder_fusion",
+        embedding_dim=6,
+        audio_features_dim=3,
+        static_backbone="resnet10t",
+        context=3,
+        dim=16,
+        decoder_heads=2,
+        mlp_dims=[16],
     ).eval()
     image, emb, aud = torch.randn(1, 5, 3, 32, 32), torch.randn(1, 5, 6), torch.randn(1, 5, 3)
     seen = {}
@@ -150,8 +163,12 @@ def test_decoder_fusion_takes_the_static_feature_as_keys_and_values():
 
 
 def test_decoder_fusion_words_are_optional():
-    model = build({"name": "decoder_fusion", "static_backbone": "resnet10t", "dim": 16, "decoder_heads": 2},
-                  64, [64, 64], {"embedding_dim": 6, "audio_features_dim": 3, "words_dim": 5})
+    model = build(
+        {"name": "decoder_fusion", "static_backbone": "resnet10t", "dim": 16, "decoder_heads": 2},
+        64,
+        [64, 64],
+        {"embedding_dim": 6, "audio_features_dim": 3, "words_dim": 5},
+    )
     assert model.inputs == ("image", "embedding", "audio_features", "words") and "words" in model.gru
     out = model(torch.randn(1, 3, 3, 32, 32), torch.randn(1, 3, 6), torch.randn(1, 3, 3), torch.randn(1, 3, 5))
     assert out["expr"].shape == (1, 3, 8)

@@ -30,8 +30,11 @@ def train(config: str, shards, run_dir, *extra: str) -> dict:
 @pytest.mark.parametrize(
     "config, data, extra",
     [
-        ("mfm_cpu", "shards", ["data.epoch_samples=1920", "train.epochs=2", "data.image_size=32",
-                               "data.audio_size=[32, 32]"]),
+        (
+            "mfm_cpu",
+            "shards",
+            ["data.epoch_samples=1920", "train.epochs=2", "data.image_size=32", "data.audio_size=[32, 32]"],
+        ),
         ("decoder_fusion_cpu", "features", []),
         ("feature_lstm_cpu", "features", []),
         ("feature_transformer_cpu", "features", []),

@@ -41,7 +41,9 @@ def main(shards: str, out: str, steps: int) -> None:
     label = torch.randint(0, 8, (16,), generator=g)
     mine = slice(rank * 16 // world, (rank + 1) * 16 // world)
     inputs = {"image": image[mine], "audio": audio[mine]}
-    train_step(accelerator, model, optimizer, scheduler, inputs, label[mine], None, net.heads, cfg.loss, cfg.optim.grad_clip)
+    train_step(
+        accelerator, model, optimizer, scheduler, inputs, label[mine], None, net.heads, cfg.loss, cfg.optim.grad_clip
+    )
     if accelerator.is_main_process:
         save_weights(net.state_dict(), Path(out) / "fixed.safetensors")
 
@@ -50,7 +52,9 @@ def main(shards: str, out: str, steps: int) -> None:
     loader, _ = stream.train_loader(cfg.data, manifest, seed=0, epoch=0, rank=rank, world=world)
     for _, batch in zip(range(steps), loader, strict=False):
         inputs, target, mask = training_inputs(batch, accelerator, cfg, manifest, counts)
-        train_step(accelerator, model, optimizer, scheduler, inputs, target, mask, net.heads, cfg.loss, cfg.optim.grad_clip)
+        train_step(
+            accelerator, model, optimizer, scheduler, inputs, target, mask, net.heads, cfg.loss, cfg.optim.grad_clip
+        )
     save_weights(net.state_dict(), Path(out) / f"rank{rank}.safetensors")
 
 

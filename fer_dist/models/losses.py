@@ -30,9 +30,7 @@ def frames(x: torch.Tensor, mask: torch.Tensor | None, soft: bool) -> torch.Tens
     return x.flatten(0, x.dim() - 2) if soft else x.flatten()
 
 
-def cross_entropy(
-    logits: torch.Tensor, q: torch.Tensor, weights: torch.Tensor | None = None
-) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, q: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     w = q if weights is None else q * weights
     return -(w * logits.float().log_softmax(-1)).sum() / w.sum().clamp_min(1e-12)
 
