@@ -86,9 +86,8 @@ def prepare(batch: dict, device: torch.device, cfg: DataConfig, manifest: dict, 
         inputs["image"] = prepare_image(batch["image"], device, cfg, train).unflatten(0, lead)
     if "mel" in batch:
         stats = manifest["mel_stats"]
-        mel = (batch["mel"].to(device, non_blocking=True).flatten(0, len(lead) - 1).float() - stats["mean"]) / stats[
-            "std"
-        ]
+        mel = batch["mel"].to(device, non_blocking=True).flatten(0, len(lead) - 1).float()
+        mel = (mel - stats["mean"]) / stats["std"]
         window = batch["window"].to(device).flatten(0, len(lead) - 1)
         inputs["audio"] = crop_resize_windows(mel, window, tuple(cfg.audio_size)).unflatten(0, lead)
     for name, stats in manifest.get("feature_stats", {}).items():

@@ -522,9 +522,11 @@ def bench_models(workdir: Path, videos: int) -> dict:
     """Trains every system's CPU config on the same synthetic shards (and their feature shards),
     each in its own process, and reports its parameters (paper and CPU config), training
     samples/s and held-out macro-F1 after the CPU config's epochs."""
-    from fer_dist.affwild2 import discover
+    from fer_dist import predictions
+    from fer_dist.affwild2 import NUM_CLASSES, discover
     from fer_dist.config import CONFIGS
     from fer_dist.extract import extract
+    from fer_dist.metrics import chance_macro_f1
     from fer_dist.models import feature_dims
 
     root = synthetic(workdir, videos)
@@ -544,6 +546,7 @@ def bench_models(workdir: Path, videos: int) -> dict:
         run_measured(cmd + [f"data.shards={data[kind]}", f"train.run_dir={run_dir}", "train.tensorboard=false"])
         last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
         model, paper_parameters = parameters(CONFIGS / f"{paper_config}.yaml", PAPER_FEATURES)
+        held_out = predictions.load(run_dir / "predictions" / f"epoch{last['epoch']:03d}.npz").label
         rows.append(
             {
                 "paper": paper,
@@ -554,6 +557,7 @@ def bench_models(workdir: Path, videos: int) -> dict:
                 "cpu_parameters": parameters(CONFIGS / f"{cpu_config}.yaml", feature_dims(features))[1],
                 "cpu_samples_per_s": last["train_samples_per_s"],
                 "held_out_macro_f1": last["macro_f1"],
+                "chance_macro_f1": chance_macro_f1(np.bincount(held_out, minlength=NUM_CLASSES)),
                 "epochs": last["epoch"],
             }
         )

@@ -211,6 +211,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 "cpu_parameters": f"{r['cpu_parameters'] / 1e6:.2f} M",
                 "cpu_samples_per_s": f"{r['cpu_samples_per_s']:.0f}",
                 "held_out_macro_f1": f"{r['held_out_macro_f1']:.3f}",
+                "chance_macro_f1": f"{r['chance_macro_f1']:.3f}",
             }
             for r in result["systems"]
         ]
@@ -223,6 +224,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "cpu_parameters": "CPU parameters",
             "cpu_samples_per_s": "CPU samples/s",
             "held_out_macro_f1": "held-out macro-F1",
+            "chance_macro_f1": "chance",
         }
         print_table(f"the papers' systems on {result['videos']} synthetic videos", columns, rows)
         return 0

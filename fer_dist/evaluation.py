@@ -62,7 +62,7 @@ def evaluate(accelerator, net, cfg: Config, manifest: dict, name: str, bar: Prog
         with accelerator.autocast():
             outputs = net(**inputs)
         for h, v in outputs.items():
-            logits.setdefault(h, []).append((v[mask.to(v.device)] if mask is not None else v).float().cpu().numpy())
+            logits.setdefault(h, []).append((v[inputs["mask"]] if mask is not None else v).float().cpu().numpy())
         keys += [k for row in batch["key"] for k in row if k] if mask is not None else batch["key"]
         labels.append((batch["label"][mask] if mask is not None else batch["label"]).numpy())
         tally.see(batch)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -37,6 +36,9 @@ from fer_dist.augment import prepare_image
 from fer_dist.config import DataConfig
 from fer_dist.models.backbones import create_backbone
 from fer_dist.shard import atomic_write, npy_bytes, read_manifest
+from fer_dist.stream import MEMBERS
+
+DTYPES = {"embedding": np.float16, "audio_features": np.float32, "words": np.float16}  # as stored
 
 
 class ExtractError(ValueError):
@@ -102,35 +104,28 @@ def extract_shard(
     except (OSError, EOFError, ValueError) as exc:
         raise ExtractError(f"{src}: {exc}; repack the shards") from exc
     try:
-        embeddings = embed(model, [s["jpg"] for s in samples], size, batch, device)
+        features = {"embedding": embed(model, [s["jpg"] for s in samples], size, batch, device)}
     except RuntimeError as exc:
         raise ExtractError(f"{src}: a crop does not decode ({exc}); repack the shards") from exc
-    sums: dict[str, dict] = {}
-    tmp = dst.with_name(dst.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        for sample, emb in zip(samples, embeddings, strict=True):
-            meta = json.loads(sample["json"])
-            video, frame = meta["video"], meta["frame"]
-            features = {"embedding": emb, "audio_features": prosodies[video][frame - 1]}
-            if words is not None:
-                features["words"] = row(words.get(video), frame, words_dim)
-            members = {k: sample[k] for k in ("jpg", "cls", "json")}
-            members["emb.npy"] = npy_bytes(emb.astype(np.float16))
-            members["afeat.npy"] = npy_bytes(features["audio_features"].astype(np.float32))
-            if words is not None:
-                members["words.npy"] = npy_bytes(features["words"].astype(np.float16))
-            fh.write(tars.tar_record(sample["__key__"], members))
-            for name, value in features.items():
-                value = value.astype(np.float64)
-                s = sums.setdefault(name, {"sum": 0.0, "sumsq": 0.0, "count": 0})
-                s["sum"] = s["sum"] + value
-                s["sumsq"] = s["sumsq"] + value**2
-                s["count"] += 1
-        fh.write(tars.TAR_END)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, dst)
-    return {n: {k: np.asarray(v).tolist() for k, v in s.items()} for n, s in sums.items()}
+    frames = [(m["video"], m["frame"]) for m in (json.loads(s["json"]) for s in samples)]
+    features["audio_features"] = np.stack([prosodies[video][frame - 1] for video, frame in frames])
+    if words is not None:
+        features["words"] = np.stack([row(words.get(video), frame, words_dim) for video, frame in frames])
+    records = []
+    for i, sample in enumerate(samples):
+        members = {k: sample[k] for k in ("jpg", "cls", "json")}
+        for name, values in features.items():
+            members[MEMBERS[name]] = npy_bytes(values[i].astype(DTYPES[name]))
+        records.append(tars.tar_record(sample["__key__"], members))
+    atomic_write(dst, b"".join(records) + tars.TAR_END)
+    return {
+        name: {
+            "sum": values.sum(0, np.float64).tolist(),
+            "sumsq": np.square(values, dtype=np.float64).sum(0).tolist(),
+            "count": len(values),
+        }
+        for name, values in features.items()
+    }
 
 
 def statistics(parts: list[dict[str, dict]]) -> dict[str, dict]:
@@ -203,33 +198,33 @@ def extract(
         for shard in record["shards"]:
             stats_path = work / f"{shard['name']}.stats.json"
             dst = out / shard["name"]
-            if not (dst.exists() and stats_path.exists()):
+            if dst.exists() and stats_path.exists():
+                stats = json.loads(stats_path.read_text())
+            else:
                 stats = extract_shard(
                     shards / shard["name"], dst, model, image_size, batch_size, device, prosodies, tables, words_dim
                 )
                 atomic_write(stats_path, json.dumps(stats).encode())
             if group.startswith("fold"):
-                parts[shard["name"]] = json.loads(stats_path.read_text())
+                parts[shard["name"]] = stats
             if progress:
                 progress(shard["name"], shard["samples"])
     embedding_dim = len(next(iter(parts.values()))["embedding"]["sum"])
     features = {
         "embedding": {
-            "member": "emb.npy",
             "dim": embedding_dim,
             "backbone": backbone,
             "weights": weights,
             "image_size": image_size,
         },
         "audio_features": {
-            "member": "afeat.npy",
             "dim": params.n_mfcc + 2,
             "names": [f"mfcc{i}" for i in range(params.n_mfcc)] + ["pitch_hz", "log_energy"],
             "videos_without_audio": source["totals"]["videos_without_audio"],  # their features are zeros
         },
     }
     if words:
-        features["words"] = {"member": "words.npy", "dim": words_dim, "source": str(words), "videos_without": wordless}
+        features["words"] = {"dim": words_dim, "source": str(words), "videos_without": wordless}
     manifest = {
         **source,
         "members": ["image", *features],

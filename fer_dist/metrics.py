@@ -27,6 +27,14 @@ def macro_f1(labels: np.ndarray, preds: np.ndarray) -> float:
     return float(f1_per_class(confusion(labels, preds)).mean())
 
 
+def chance_macro_f1(class_counts) -> float:
+    """The expected macro-F1 of guessing each class with probability 1/n, given the true class
+    counts: class c with share p_c scores F1_c = 2 p_c (1/n) / (p_c + 1/n)."""
+    p = np.asarray(class_counts, float) / np.sum(class_counts)
+    n = len(p)
+    return float(np.mean(2 * p / n / (p + 1 / n)))
+
+
 def confusion_png(cm: np.ndarray, classes: list[str], path: Path, title: str) -> None:
     """The confusion matrix as an image: rows are true classes, cells shaded by the row's share and
     labelled with the frame count."""

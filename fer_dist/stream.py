@@ -46,6 +46,7 @@ MEMBERS = {
     "audio_features": "afeat.npy",
     "words": "words.npy",
 }
+PACKED = ("image", "audio")  # what `fer-dist shard` packs
 COUNTS = ("read", "no_window", "discarded", "emitted", "corrupt_shards", "corrupt_samples")
 
 
@@ -97,7 +98,7 @@ def shard_paths(root: str | Path, manifest: dict, groups: list[str]) -> list[str
     return [str(Path(root) / s["name"]) for g in groups for s in manifest["groups"][g]["shards"]]
 
 
-def check(cfg: DataConfig, manifest: dict, inputs: tuple[str, ...] = ("image", "audio")) -> None:
+def check(cfg: DataConfig, manifest: dict, inputs: tuple[str, ...] = PACKED) -> None:
     """What the config asks of the shards, checked before anything starts."""
     if f"fold{cfg.holdout_fold}" not in manifest["groups"]:
         raise ConfigError(
@@ -105,10 +106,10 @@ def check(cfg: DataConfig, manifest: dict, inputs: tuple[str, ...] = ("image", "
         )
     if not shard_paths(cfg.shards, manifest, training_groups(manifest, cfg.holdout_fold)):
         raise ConfigError(f"no shards to train on besides the held-out fold{cfg.holdout_fold}")
-    held = manifest.get("members", ["image", "audio"])
+    held = manifest.get("members", PACKED)
     missing = [name for name in inputs if name not in held]
     if missing:
-        hint = "; feature shards come from `fer-dist extract`" if set(missing) - {"image", "audio"} else ""
+        hint = "; feature shards come from `fer-dist extract`" if set(missing) - set(PACKED) else ""
         raise ConfigError(
             f"the model takes {', '.join(missing)}, which the shards in {cfg.shards} do not hold "
             f"(they hold {', '.join(held)}){hint}"
@@ -392,7 +393,7 @@ def train_loader(
     world: int,
     skip: int = 0,
     multiple: int = 1,
-    inputs: tuple[str, ...] = ("image", "audio"),
+    inputs: tuple[str, ...] = PACKED,
 ) -> tuple[wds.WebLoader, int]:
     """The rank's training batches of the model's `inputs` for one epoch after the first `skip`,
     and how many the whole epoch has (equal on every rank, a multiple of `multiple`)."""
@@ -421,7 +422,7 @@ def train_loader(
 
 
 def eval_loader(
-    cfg: DataConfig, manifest: dict, group: str, *, rank: int, world: int, inputs: tuple[str, ...] = ("image", "audio")
+    cfg: DataConfig, manifest: dict, group: str, *, rank: int, world: int, inputs: tuple[str, ...] = PACKED
 ) -> wds.WebLoader | list:
     """This rank's share of `group`: whole shards, rank r taking shards r, r + world, ..."""
     urls = shard_paths(cfg.shards, manifest, [group])[rank::world]

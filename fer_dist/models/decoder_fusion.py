@@ -23,14 +23,10 @@ import torch
 from torch import nn
 
 from fer_dist.models.backbones import create_backbone, tokens
-from fer_dist.models.layers import mlp, neighbourhoods, real_frames
+from fer_dist.models.layers import RunScorer, mlp, neighbourhoods, real_frames
 
 
-class DecoderFusionNet(nn.Module):
-    sequences = True
-    heads = ("expr",)
-    output = "expr"
-
+class DecoderFusionNet(RunScorer):
     def __init__(
         self,
         embedding_dim: int,

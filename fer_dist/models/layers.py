@@ -9,6 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class RunScorer(nn.Module):
+    """A sequence model with one head, `expr`, that scores every frame of a clip-mode run."""
+
+    sequences = True
+    heads = ("expr",)
+    output = "expr"
+
+
 def mlp(dims: list[int], num_classes: int, dropout: float) -> nn.Sequential:
     """Linear + ReLU + dropout through `dims` (the first is the input width), then the classifier."""
     layers: list[nn.Module] = []

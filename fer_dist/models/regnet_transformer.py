@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fer_dist.models.backbones import create_backbone
-from fer_dist.models.layers import real_frames
+from fer_dist.models.layers import RunScorer, real_frames
 
 
 class EncoderBlock(nn.Module):
@@ -40,11 +40,8 @@ class EncoderBlock(nn.Module):
         return self.norm2(x + self.drop(self.ff(x)))
 
 
-class RegNetTransformer(nn.Module):
-    sequences = True
+class RegNetTransformer(RunScorer):
     inputs = ("image",)
-    heads = ("expr",)
-    output = "expr"
 
     def __init__(
         self,

@@ -18,15 +18,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fer_dist.models.layers import mlp, real_frames, sinusoid
+from fer_dist.models.layers import RunScorer, mlp, real_frames, sinusoid
 
 
-class FeatureEncoder(nn.Module):
+class FeatureEncoder(RunScorer):
     """f^m = FC([f^v, f^a]) and the 512-256 head, around a temporal encoder."""
-
-    sequences = True
-    heads = ("expr",)
-    output = "expr"
 
     def __init__(
         self,
