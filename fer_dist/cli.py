@@ -33,9 +33,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from fer_dist.synth import synthesize
 
     with bar() as progress:
-        task = progress.add_task("synthesizing videos", total=args.videos, info="")
-        total = synthesize(Path(args.out), args.videos, args.seed, args.workers, lambda: progress.advance(task))
+        task = progress.add_task("synthesizing videos", total=args.videos + args.test_videos, info="")
+
+        def advance() -> None:
+            progress.advance(task)
+
+        total = synthesize(Path(args.out), args.videos, args.seed, args.workers, advance, test_videos=args.test_videos)
     console.print(f"{args.videos} videos, {total} labelled frames in {args.out}")
+    if args.test_videos:
+        console.print(f"{args.test_videos} test videos: {args.out}/test_set.txt, test_template.csv, test_labels/")
     return 0
 
 
@@ -178,6 +184,80 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return main_job(Path(args.workdir), args.videos, args.seed, args.epochs)
 
 
+def print_report(report: dict) -> None:
+    """The ensemble report's tables (per-class F1 in %), as in report.md."""
+    sections = [("each fold on its held-out videos", report["validation"])]
+    if report.get("test"):
+        sections.append(("the test videos", report["test"]))
+    for title, rows in sections:
+        table = Table(title=title)
+        table.add_column("", no_wrap=True)
+        for col in (*(c[:3] for c in CLASSES), "Avg."):
+            table.add_column(col, justify="right")
+        for r in rows:
+            table.add_row(r["name"], *(f"{100 * v:.1f}" for v in r["per_class_f1"]), f"{100 * r['macro_f1']:.1f}")
+        out.print(table)
+    p = report["postprocess"]
+    out.print(
+        f"post-processing: moving average over {p['window']} frames, run thresholds {p['thresholds']}, "
+        f"neighbourhoods {p['neighbourhoods']}"
+    )
+    if "submission" in report:
+        s = report["submission"]
+        out.print(f"submissions: {s['abaw3_files']} ABAW3 files, {s['abaw5_rows']} ABAW5/6 rows")
+
+
+def optional_path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def interruptible(job, *args) -> dict | int:
+    """The job's report, or the requeue status when a signal stopped one of its runs."""
+    from fer_dist.checkpoint import REQUEUE_EXIT
+    from fer_dist.cv import Interrupted
+
+    try:
+        return job(*args)
+    except Interrupted as exc:
+        console.print(f"[yellow]{exc}")
+        return REQUEUE_EXIT
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    from fer_dist.config import load
+    from fer_dist.cv import cross_validate
+
+    cv_dir = Path(args.cv_dir or load(args.config, args.overrides).train.run_dir)
+    template, truth = optional_path(args.template), optional_path(args.truth)
+    report = interruptible(cross_validate, args.config, args.overrides, cv_dir, args.launch, args.how, template, truth)
+    if isinstance(report, int):
+        return report
+    print_report(report)
+    out.print(f"report: {cv_dir / 'ensemble' / 'report.md'}")
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from fer_dist.ensemble import run
+
+    report = run(args.runs, Path(args.out), args.how, optional_path(args.truth))
+    print_report(report)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fer_dist.cv import predict
+
+    template, truth = optional_path(args.template), optional_path(args.truth)
+    shards, target = Path(args.shards), Path(args.out)
+    report = interruptible(predict, args.runs, shards, target, args.launch, args.how, template, truth)
+    if isinstance(report, int):
+        return report
+    print_report(report)
+    out.print(f"submissions in {Path(args.out) / 'submission'}")
+    return 0
+
+
 def print_table(title: str, columns: dict[str, str], rows: list[dict]) -> None:
     table = Table(title=title)
     for heading in columns.values():
@@ -307,6 +387,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--videos", type=int, default=24)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--test-videos", type=int, default=0, help="also test videos, with a test list and a template")
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("shard", help="pack a dataset into WebDataset shards")
@@ -348,6 +429,31 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train in this process (accelerate launch fer_dist/train.py for several)")
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("cv", help="cross-validation: every fold on this machine, then the ensemble")
+    s.add_argument("--config", required=True)
+    s.add_argument("--cv-dir", help="where the fold runs go (default: the config's train.run_dir)")
+    s.add_argument("--launch", help="an Accelerate config file for each fold (default: all GPUs, or 1 process)")
+    s.add_argument("--how", default="vote", choices=["vote", "mean"])
+    s.add_argument("--template", help="ABAW5/6 template listing the required test frames")
+    s.add_argument("--truth", help="folder of test annotation files, to score the test predictions")
+    s.add_argument("overrides", nargs="*", help="section.key=value")
+    s.set_defaults(func=cmd_cv)
+
+    for name, text in (
+        ("ensemble", "combine fold models' predictions, tune post-processing, report"),
+        ("predict", "ensemble over test shards and write both ABAW submission formats"),
+    ):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("runs", nargs="+", help="RUN_DIR[:HEAD]; a cross-validation directory means all its folds")
+        s.add_argument("--out", required=True)
+        s.add_argument("--how", default="vote", choices=["vote", "mean"])
+        s.add_argument("--truth", help="folder of test annotation files, to score the test predictions")
+        if name == "predict":
+            s.add_argument("--shards", required=True, help="shards holding the test videos (group test)")
+            s.add_argument("--launch", help="an Accelerate config file (default: all GPUs, or 1 process)")
+            s.add_argument("--template", help="ABAW5/6 template listing the required test frames")
+        s.set_defaults(func=cmd_ensemble if name == "ensemble" else cmd_predict)
 
     s = sub.add_parser("bench", help="the performance figures quoted in the README")
     s.add_argument("what", choices=["pack", "loader", "step", "models"])

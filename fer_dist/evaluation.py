@@ -14,7 +14,7 @@ from fer_dist import predictions as preds_lib
 from fer_dist import stream
 from fer_dist.affwild2 import CLASSES
 from fer_dist.augment import prepare
-from fer_dist.config import Config
+from fer_dist.config import Config, ConfigError
 from fer_dist.metrics import confusion, confusion_png, f1_per_class
 
 
@@ -40,11 +40,15 @@ def reduce_counts(accelerator, tally: stream.Tally) -> dict:
 
 
 @torch.no_grad()
-def evaluate(accelerator, net, cfg: Config, manifest: dict, name: str, bar: Progress) -> dict | None:
-    """Predicts every frame of the held-out group once over all ranks (`net` unwrapped: no
-    gradient sync); rank 0 merges, scores and draws `confusion/{name}.png`."""
+def evaluate(
+    accelerator, net, cfg: Config, manifest: dict, name: str, bar: Progress, group: str | None = None
+) -> dict | None:
+    """Predicts every frame of `group` (default: the held-out fold) once over all ranks (`net`
+    unwrapped: no gradient sync); rank 0 merges, scores and draws `confusion/{name}.png`."""
     net.eval()
-    group = f"fold{cfg.data.holdout_fold}"
+    group = group or f"fold{cfg.data.holdout_fold}"
+    if group not in manifest["groups"]:
+        raise ConfigError(f"{cfg.data.shards} has no group {group!r} (it has {', '.join(manifest['groups'])})")
     run_dir = Path(cfg.train.run_dir)
     expected = manifest["groups"][group]["samples"]
     task = bar.add_task(
@@ -73,6 +77,7 @@ def evaluate(accelerator, net, cfg: Config, manifest: dict, name: str, bar: Prog
         np.array(keys, str),
         np.concatenate(labels) if labels else np.array([], np.int64),
         {h: np.concatenate(v) for h, v in logits.items()},
+        net.output,
     )
     out_dir = run_dir / "predictions"
     part_path = out_dir / f"{name}.rank{accelerator.process_index}.npz"

@@ -1,7 +1,8 @@
 """Per-frame predictions files: what evaluation writes and ensembles, smoothing and submissions read.
 
-One `.npz` (read with allow_pickle=False) holding `key` (`<video>/<frame:05d>`), `label` and one
-`logits_<head>` array per model head, rows sorted by key. Each rank writes its own part; rank 0
+One `.npz` (read with allow_pickle=False) holding `key` (`<video>/<frame:05d>`), `label`, one
+`logits_<head>` array per model head and `output`, the head that is the model's prediction; rows
+sorted by key. Each rank writes its own part; rank 0
 merges the parts and refuses a frame seen twice.
 """
 
@@ -20,6 +21,7 @@ class Predictions:
     key: np.ndarray  # str
     label: np.ndarray  # int
     logits: dict[str, np.ndarray]  # head -> [N, classes] float32
+    output: str = ""
 
     def __len__(self) -> int:
         return len(self.key)
@@ -27,7 +29,8 @@ class Predictions:
 
 def save(path: Path, p: Predictions) -> None:
     buf = io.BytesIO()
-    np.savez(buf, key=p.key.astype(str), label=p.label, **{f"logits_{h}": v for h, v in p.logits.items()})
+    logits = {f"logits_{h}": v for h, v in p.logits.items()}
+    np.savez(buf, key=p.key.astype(str), label=p.label, output=np.array(p.output), **logits)
     tmp = Path(f"{path}.tmp")
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, path)
@@ -36,14 +39,15 @@ def save(path: Path, p: Predictions) -> None:
 def load(path: Path) -> Predictions:
     with np.load(path, allow_pickle=False) as z:
         logits = {name[len("logits_") :]: z[name] for name in z.files if name.startswith("logits_")}
-        return Predictions(z["key"], z["label"], logits)
+        output = str(z["output"]) if "output" in z.files else ""
+        return Predictions(z["key"], z["label"], logits, output)
 
 
 def concat(parts: list[Predictions]) -> Predictions:
     """One predictions set sorted by key; a frame in two parts is an error, never a silent overwrite."""
     parts = [p for p in parts if len(p)]
     if not parts:
-        return Predictions(np.array([], str), np.array([], np.int64), {})
+        return Predictions(np.array([], str), np.array([], np.int64), {}, "")
     key = np.concatenate([p.key for p in parts])
     order = np.argsort(key, kind="stable")
     key = key[order]
@@ -55,4 +59,5 @@ def concat(parts: list[Predictions]) -> Predictions:
         key,
         np.concatenate([p.label for p in parts])[order],
         {h: np.concatenate([p.logits[h] for p in parts])[order] for h in heads},
+        parts[0].output,
     )

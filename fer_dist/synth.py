@@ -46,6 +46,7 @@ CROP = 112
 VIDEO_SIZE = 64
 TRANSITION = 6  # frames over which the face eases into a new expression
 AUDIO_RATE = {".mp4": 44100, ".avi": 22050}
+TEST_LIST, TEST_TEMPLATE, TEST_LABELS = "test_set.txt", "test_template.csv", "test_labels"
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,9 @@ class Plan:
     crop_dir: str
 
 
-def plan(n_videos: int) -> list[Plan]:
+def plan(n_videos: int, test_videos: int = 0) -> list[Plan]:
     """Which video gets which quirk: a `_left`/`_right` pair, an .avi, a silent video, 25 and 29.97
-    fps, ABAW5's extra folders; about a quarter of the videos are validation."""
+    fps, ABAW5's extra folders; about a quarter of the videos are validation. Test videos follow."""
     plans = []
     for i in range(n_videos):
         fps = Fraction(30000, 1001) if i % 4 == 3 else Fraction(25) if i % 4 == 1 else Fraction(30)
@@ -83,6 +84,11 @@ def plan(n_videos: int) -> list[Plan]:
                 crop_dir="cropped_aligned_new_50_vids" if late else "cropped_aligned",
             )
         )
+    for i in range(n_videos, n_videos + test_videos):
+        fps = Fraction(30000, 1001) if i % 2 else Fraction(30)
+        stem = f"{i + 1}-{round(float(fps))}-640x360"
+        media = ("batch1", "batch2")[i % 2]
+        plans.append(Plan(stem, (stem,), "test", fps, ".mp4", True, media, "cropped_aligned"))
     return plans
 
 
@@ -216,6 +222,29 @@ def write_video(path: Path, frames: list[np.ndarray], fps: Fraction, audio: np.n
             out.mux(sound.encode())
 
 
+def annotation_path(out: Path, split: str, face: str) -> Path:
+    """Train and validation labels where the challenge puts them; test labels apart, in
+    `test_labels/` (as organisers release them after a challenge), for scoring only."""
+    if split == "test":
+        return out / TEST_LABELS / f"{face}.txt"
+    split_dir = {"train": "Train_Set", "val": "Validation_Set"}[split]
+    return out / "6th ABAW Annotations" / "EXPR_Recognition_Challenge" / split_dir / f"{face}.txt"
+
+
+def write_test_files(out: Path, plans: list[Plan]) -> None:
+    """The organisers' test files: the list of test videos and the ABAW5/6 template naming every
+    frame that needs a label."""
+    faces = [face for p in plans if p.split == "test" for face in p.faces]
+    if not faces:
+        return
+    (out / TEST_LIST).write_text("".join(f"{face}\n" for face in faces))
+    rows = ["image_location," + ",".join(CLASSES)]
+    for face in faces:
+        n = len((out / TEST_LABELS / f"{face}.txt").read_text().splitlines()) - 1
+        rows += [f"{face}/{f:05d}.jpg," for f in range(1, n + 1)]
+    (out / TEST_TEMPLATE).write_text("\n".join(rows) + "\n")
+
+
 def make_video(job: tuple[Path, Plan, int, int, int]) -> int:
     """Writes one video file, its faces' crops and annotations; returns labelled frames."""
     out, p, seed, index, length = job
@@ -251,11 +280,10 @@ def make_video(job: tuple[Path, Plan, int, int, int]) -> int:
             if face == p.faces[0]:
                 small = Image.open(io.BytesIO(jpeg)).resize((VIDEO_SIZE, VIDEO_SIZE))
                 video_frames.append(np.asarray(small))
-        split_dir = {"train": "Train_Set", "val": "Validation_Set"}[p.split]
-        ann = out / "6th ABAW Annotations" / "EXPR_Recognition_Challenge" / split_dir / f"{face}.txt"
+        ann = annotation_path(out, p.split, face)
         ann.parent.mkdir(parents=True, exist_ok=True)
         ann.write_text(",".join(CLASSES) + "\n" + "".join(f"{v}\n" for v in labels))
-        labelled += int((labels != UNLABELLED).sum())
+        labelled += int((labels != UNLABELLED).sum()) if p.split != "test" else 0
     rate = AUDIO_RATE[p.suffix]
     audio = synthesize_audio(truth, p.fps, rate, rng) if p.audio else None
     media = out / p.media_dir / f"{p.stem}{p.suffix}"
@@ -265,19 +293,28 @@ def make_video(job: tuple[Path, Plan, int, int, int]) -> int:
 
 
 def synthesize(
-    out: Path, n_videos: int = 24, seed: int = 0, workers: int = 2, progress=None, length: int = 1000
+    out: Path,
+    n_videos: int = 24,
+    seed: int = 0,
+    workers: int = 2,
+    progress=None,
+    length: int = 1000,
+    test_videos: int = 0,
 ) -> int:
-    """Writes the dataset under `out` (videos of about `length` frames); returns labelled frames."""
+    """Writes the dataset under `out` (videos of about `length` frames) and, with `test_videos`,
+    the test files of a challenge; returns the labelled frames of train and validation."""
     if n_videos < 4:
         raise ValueError("--videos must be at least 4 (the layout's quirks need that many)")
     if length < 300:
         raise ValueError("videos need at least 300 frames to hold every class")
     out = Path(out)
-    jobs = [(out, p, seed, i, length) for i, p in enumerate(plan(n_videos))]
+    plans = plan(n_videos, test_videos)
+    jobs = [(out, p, seed, i, length) for i, p in enumerate(plans)]
     total = 0
     with multiprocessing.get_context("forkserver").Pool(max(1, workers)) as pool:
         for labelled in pool.imap_unordered(make_video, jobs):
             total += labelled
             if progress is not None:
                 progress()
+    write_test_files(out, plans)
     return total

@@ -3,6 +3,7 @@
     accelerate launch fer_dist/train.py --config configs/mfm_swin_tiny.yaml [key=value ...]
     accelerate launch fer_dist/train.py --resume runs/mfm_swin_tiny [key=value ...]
     accelerate launch fer_dist/train.py --config RUN/config.yaml --evaluate RUN/checkpoints/best/model.safetensors
+    accelerate launch fer_dist/train.py --config RUN/config.yaml --evaluate WEIGHTS --group test data.shards=TEST
 
 Each epoch trains on every fold group but `data.holdout_fold` and evaluates on that one. The run
 directory gets the resolved config, step checkpoints and the best model (safetensors + config),
@@ -214,9 +215,11 @@ def keep_metrics(path: Path, epochs: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
-def run(cfg: config_lib.Config, evaluate_weights: str | None = None, resume: bool = False) -> dict | None:
-    """Trains (from the last checkpoint when `resume`), or only evaluates `evaluate_weights`;
-    returns rank 0's last metrics."""
+def run(
+    cfg: config_lib.Config, evaluate_weights: str | None = None, resume: bool = False, group: str | None = None
+) -> dict | None:
+    """Trains (from the last checkpoint when `resume`), or only evaluates `evaluate_weights` on
+    `group` (default: the held-out fold; `predictions/<group>.npz`); returns rank 0's last metrics."""
     checkpoint.watch_signals()  # from the start: a signal before the first step stops the run at that step
     accelerator = make_accelerator(cfg)
     torch.manual_seed(cfg.train.seed)
@@ -239,9 +242,10 @@ def run(cfg: config_lib.Config, evaluate_weights: str | None = None, resume: boo
         if evaluate_weights:
             model.load_state_dict(load_file(evaluate_weights))
             model.to(accelerator.device)
-            metrics = evaluate(accelerator, model, cfg, manifest, "evaluate", bar)
+            name = group or "evaluate"
+            metrics = evaluate(accelerator, model, cfg, manifest, name, bar, group)
             if main:
-                (run_dir / "evaluate.json").write_text(json.dumps(metrics, indent=1))
+                (run_dir / f"{name}.json").write_text(json.dumps(metrics, indent=1))
             return metrics
         initialise(model, cfg.train)
         return fit(accelerator, model, cfg, manifest, bar, checkpoint.latest(run_dir) if resume else None)
@@ -396,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="experiment YAML")
     parser.add_argument("--resume", metavar="RUN_DIR", help="go on from RUN_DIR's last checkpoint (and its config)")
     parser.add_argument("--evaluate", metavar="WEIGHTS", help="only evaluate these safetensors weights")
+    parser.add_argument("--group", help="with --evaluate: the group to predict (default: held-out fold)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console)])
@@ -409,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise config_lib.ConfigError(f"--resume {args.resume}: no config.yaml there; give --config too")
             overrides.append(f"train.run_dir={args.resume}")
         cfg = config_lib.load(source, overrides)
-        run(cfg, args.evaluate, resume=bool(args.resume))
+        run(cfg, args.evaluate, resume=bool(args.resume), group=args.group)
     except Requeue as stop:
         console.print(f"[yellow]stopped by {stop}[/]; go on with --resume {cfg.train.run_dir}")
         return checkpoint.REQUEUE_EXIT

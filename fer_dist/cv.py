@@ -1,0 +1,166 @@
+"""Cross-validation on one machine and submissions for the test videos.
+
+`fer-dist cv` trains one run per fold group, one after another, each through `accelerate launch`
+(so on whatever GPUs or CPU processes there are), into `<cv dir>/fold{k}`; a fold whose last epoch
+is done is not trained again, and an interrupted one resumes from its checkpoint. Then
+`fer-dist predict` runs every fold's best model over the test group, and the ensemble combines
+them. `slurm/cv5.sh` trains the same fold directories on a cluster and ends with this command,
+which then finds every fold finished.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from fer_dist import ensemble, postprocess, submission
+from fer_dist import predictions as preds_lib
+from fer_dist.checkpoint import REQUEUE_EXIT
+from fer_dist.config import ConfigError, load
+from fer_dist.shard import read_manifest
+
+TRAIN = Path(__file__).resolve().with_name("train.py")
+console = Console(stderr=True)
+
+
+class Interrupted(Exception):
+    """A fold stopped on a signal; its checkpoint is on disk and rerunning the command resumes it."""
+
+
+def launcher(launch: str | None) -> list[str]:
+    """`accelerate launch` with a config file, or over every GPU there is, or one process."""
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if launch:
+        return command + ["--config_file", launch]
+    gpus = torch.cuda.device_count()
+    if gpus > 1:
+        return command + ["--multi_gpu", "--num_processes", str(gpus)]
+    single = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return command + single
+
+
+def finished(run_dir: Path) -> bool:
+    """The run's last epoch was evaluated and its best weights exported."""
+    metrics, config = run_dir / "metrics.jsonl", run_dir / "config.yaml"
+    if not (metrics.exists() and config.exists() and (run_dir / "checkpoints" / "best" / "metrics.json").exists()):
+        return False
+    epochs = load(config).train.epochs
+    lines = metrics.read_text().splitlines()
+    return bool(lines) and json.loads(lines[-1])["epoch"] == epochs
+
+
+def launch_run(command: list[str], run_dir: Path, what: str) -> None:
+    status = subprocess.run(command).returncode
+    if status == REQUEUE_EXIT or (run_dir / "requeue.json").exists():
+        raise Interrupted(f"{what} was stopped by a signal; run the same command again to resume it")
+    if status:
+        raise RuntimeError(f"{what} failed with status {status}")
+
+
+def train_folds(config: str, overrides: list[str], cv_dir: Path, launch: str | None) -> list[Path]:
+    cfg = load(config, overrides)
+    groups = read_manifest(Path(cfg.data.shards))["groups"]
+    folds = sorted(int(g[4:]) for g in groups if g.startswith("fold"))
+    if len(folds) < 2:
+        raise ConfigError(f"{cfg.data.shards} has {len(folds)} fold group(s); cross-validation needs at least 2")
+    runs = []
+    for k in folds:
+        run_dir = cv_dir / f"fold{k}"
+        runs.append(run_dir)
+        if finished(run_dir):
+            console.print(f"fold {k}: finished, kept ({run_dir})")
+            continue
+        console.print(f"[bold]fold {k}[/] of {len(folds)}: training into {run_dir}")
+        command = [*launcher(launch), str(TRAIN), "--resume", str(run_dir), "--config", config, *overrides]
+        launch_run(command + [f"data.holdout_fold={k}"], run_dir, f"fold {k}")
+    return runs
+
+
+def predict_members(specs: list[str], shards: Path, out: Path, launch: str | None, group: str = "test") -> None:
+    """`<out>/test/<member>.npz`: each member's best weights over `group` of `shards` (kept when there)."""
+    (out / "test").mkdir(parents=True, exist_ok=True)
+    for m in ensemble.members(specs):
+        target = out / "test" / f"{m.name}.npz"
+        if target.exists():
+            continue
+        work = out / "runs" / m.name
+        console.print(f"predicting {group} of {shards} with {m.run_dir}")
+        best = m.run_dir / "checkpoints" / "best"
+        command = [
+            *launcher(launch),
+            str(TRAIN),
+            "--config",
+            str(best / "config.yaml"),
+            "--evaluate",
+            str(best / "model.safetensors"),
+            "--group",
+            group,
+            f"data.shards={shards}",
+            f"train.run_dir={work}",
+            "model.pretrained=false",
+            "train.tensorboard=false",
+        ]
+        launch_run(command, work, f"prediction with {m.name}")
+        shutil.copyfile(work / "predictions" / f"{group}.npz", target)
+
+
+def submit(out: Path, shards: Path, template: Path | None) -> dict:
+    """Both submission formats from the post-processed ensemble over the test videos."""
+    test = preds_lib.load(out / "test.npz")
+    params = postprocess.PostParams.from_dict(json.loads((out / "postprocess.json").read_text()))
+    labels = postprocess.apply(test.key, test.logits["ensemble"], params)
+    videos = read_manifest(shards)["videos"]
+    frames = {v: r["frames"] for v, r in videos.items() if r["split"] == "test"}
+    required = (
+        submission.read_template(template)
+        if template
+        else [(v, f) for v, n in sorted(frames.items()) for f in range(1, n + 1)]
+    )
+    files = submission.write_abaw3(out / "submission" / "abaw3", test.key, labels, frames)
+    rows = submission.write_abaw5(out / "submission" / "abaw5.csv", test.key, labels, required)
+    return {"abaw3_files": len(files), "abaw5_rows": rows, "labels": np.bincount(labels, minlength=8).tolist()}
+
+
+def predict(
+    specs: list[str],
+    shards: Path,
+    out: Path,
+    launch: str | None = None,
+    how: str = "vote",
+    template: Path | None = None,
+    truth: Path | None = None,
+) -> dict:
+    """The ensemble of `specs` over the test videos of `shards`: report, predictions, submissions."""
+    if "test" not in read_manifest(shards)["groups"]:
+        raise ConfigError(f"{shards} holds no test videos (pack them with fer-dist shard --test-list)")
+    predict_members(specs, shards, out, launch)
+    report = ensemble.run(specs, out, how, truth)
+    report["submission"] = submit(out, shards, template)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def cross_validate(
+    config: str,
+    overrides: list[str],
+    cv_dir: Path,
+    launch: str | None = None,
+    how: str = "vote",
+    template: Path | None = None,
+    truth: Path | None = None,
+) -> dict:
+    """Every fold, then the ensemble; with test videos in the shards, their predictions and submissions."""
+    overrides = [*overrides, f"train.run_dir={cv_dir}"]
+    train_folds(config, overrides, cv_dir, launch)
+    shards = Path(load(config, overrides).data.shards)
+    out = cv_dir / "ensemble"
+    if "test" in read_manifest(shards)["groups"]:
+        return predict([str(cv_dir)], shards, out, launch, how, template, truth)
+    return ensemble.run([str(cv_dir)], out, how, truth)

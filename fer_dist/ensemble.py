@@ -1,0 +1,228 @@
+"""Combining the fold models of a cross-validation (and several models' folds) into one prediction.
+
+Each member is a training run directory. Its validation predictions are those of its best epoch
+on its own held-out fold; put end to end over the folds they are the out-of-fold predictions on
+which post-processing is tuned. Test predictions (`<out>/test/<member>.npz`, written by `fer-dist
+predict`) are combined by averaging probabilities or by majority vote, as in *Transformer-based
+Multimodal Information Fusion for Facial Expression Analysis* and *Multi-modal Expression
+Recognition with Ensemble Method*. The report puts per-class F1 of every fold next to the
+ensemble's, in the layout of the former's Table 2.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from fer_dist import postprocess
+from fer_dist import predictions as preds_lib
+from fer_dist.affwild2 import CLASSES, NUM_CLASSES, read_annotation
+from fer_dist.metrics import confusion, f1_per_class
+
+HOW = ("vote", "mean")
+
+
+class EnsembleError(ValueError):
+    """Members that cannot be combined, or predictions that are not there."""
+
+
+@dataclass(frozen=True)
+class Member:
+    run_dir: Path
+    head: str = ""  # "" is the model's own output head
+
+    @property
+    def name(self) -> str:
+        return f"{self.run_dir.parent.name}-{self.run_dir.name}" + (f"-{self.head}" if self.head else "")
+
+    @property
+    def fold(self) -> int:
+        return int(yaml.safe_load((self.run_dir / "config.yaml").read_text())["data"]["holdout_fold"])
+
+
+def members(specs: list[str]) -> list[Member]:
+    """`RUN_DIR[:HEAD]` for each spec; a cross-validation directory stands for all its folds."""
+    found = []
+    for spec in specs:
+        path, _, head = spec.partition(":")
+        folds = sorted(p for p in Path(path).glob("fold*") if (p / "config.yaml").exists())
+        runs = folds or [Path(path)]
+        for run in runs:
+            if not (run / "checkpoints" / "best" / "metrics.json").exists():
+                raise EnsembleError(f"{run}: no finished training run there (checkpoints/best/metrics.json)")
+            found.append(Member(run, head))
+    if not found:
+        raise EnsembleError("no members given")
+    return found
+
+
+def validation(m: Member) -> preds_lib.Predictions:
+    """The member's predictions on its held-out fold at its best epoch."""
+    epoch = json.loads((m.run_dir / "checkpoints" / "best" / "metrics.json").read_text())["epoch"]
+    return preds_lib.load(m.run_dir / "predictions" / f"epoch{epoch:03d}.npz")
+
+
+def probabilities(p: preds_lib.Predictions, head: str = "") -> np.ndarray:
+    head = head or p.output
+    if head not in p.logits:
+        raise EnsembleError(f"no head {head!r} in these predictions (they have {', '.join(p.logits)})")
+    z = p.logits[head].astype(np.float64)
+    z = np.exp(z - z.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
+def combine(probs: list[np.ndarray], how: str) -> np.ndarray:
+    """mean: the average probability; vote: each member's label counts once, and a tie goes to the
+    class with the higher average probability. Both return rows that sum to 1."""
+    if how not in HOW:
+        raise EnsembleError(f"--how must be one of {', '.join(HOW)}, not {how!r}")
+    mean = np.mean(probs, axis=0)
+    if how == "mean":
+        return mean
+    votes = sum(np.eye(NUM_CLASSES)[p.argmax(1)] for p in probs)
+    return (votes + mean) / (len(probs) + 1)
+
+
+def aligned(named: dict[str, preds_lib.Predictions]) -> np.ndarray:
+    """The keys all these predictions share; a frame one of them lacks is an error."""
+    (first, p0), *rest = named.items()
+    for name, p in rest:
+        if len(p.key) != len(p0.key) or not np.array_equal(p.key, p0.key):
+            missing = np.setdiff1d(p0.key, p.key)
+            extra = np.setdiff1d(p.key, p0.key)
+            example = missing[0] if len(missing) else extra[0] if len(extra) else "(order)"
+            raise EnsembleError(
+                f"{name} and {first} predict different frames: {len(missing)} missing, {len(extra)} extra, "
+                f"e.g. {example}"
+            )
+    return p0.key
+
+
+def truth_labels(keys: np.ndarray, truth: Path) -> np.ndarray:
+    """Labels of these frames from annotation files `<truth>/<video>.txt` (-1 where not annotated)."""
+    labels = np.full(len(keys), -1, np.int64)
+    videos = np.array([k.rsplit("/", 1)[0] for k in keys.tolist()])
+    frames = np.array([int(k.rsplit("/", 1)[1]) for k in keys.tolist()], np.int64)
+    for video in np.unique(videos):
+        path = truth / f"{video}.txt"
+        if not path.exists():
+            raise EnsembleError(f"--truth {truth}: no annotation file for test video {video}")
+        track = read_annotation(path).astype(np.int64)
+        rows = np.flatnonzero(videos == video)
+        inside = frames[rows] <= len(track)
+        labels[rows[inside]] = track[frames[rows[inside]] - 1]
+    return labels
+
+
+def row(name: str, labels: np.ndarray, predicted: np.ndarray, **extra) -> dict:
+    f1 = f1_per_class(confusion(labels, predicted))
+    return {"name": name, "per_class_f1": f1.round(6).tolist(), "macro_f1": float(f1.mean()), **extra}
+
+
+def run(specs: list[str], out: Path, how: str = "vote", truth: Path | None = None) -> dict:
+    """Combines the members, tunes post-processing on their out-of-fold predictions, writes
+    `validation.npz`, `test.npz` (when every member has test predictions), `postprocess.json`,
+    `report.json` and `report.md` under `out`; returns the report."""
+    ms = members(specs)
+    out.mkdir(parents=True, exist_ok=True)
+    val = {m.name: validation(m) for m in ms}
+    folds: dict[int, list[Member]] = {}
+    for m in ms:
+        folds.setdefault(m.fold, []).append(m)
+    keys, labels, probs, fold_rows = [], [], [], []
+    for fold, group in sorted(folds.items()):
+        shared = aligned({m.name: val[m.name] for m in group})
+        p = combine([probabilities(val[m.name], m.head) for m in group], how)
+        keys.append(shared)
+        labels.append(val[group[0].name].label.astype(np.int64))
+        probs.append(p)
+        for m in group:
+            fold_rows.append(row(m.name, labels[-1], probabilities(val[m.name], m.head).argmax(1), fold=fold))
+    keys, labels, probs = np.concatenate(keys), np.concatenate(labels), np.concatenate(probs)
+    order = np.argsort(keys, kind="stable")
+    keys, labels, probs = keys[order], labels[order], probs[order]
+    if len(np.unique(keys)) != len(keys):
+        raise EnsembleError("the members' held-out folds overlap: a frame is validated by two folds")
+    params, before, after = postprocess.tune(keys, probs, labels)
+    preds_lib.save(out / "validation.npz", preds_lib.Predictions(keys, labels, {"ensemble": probs}, "ensemble"))
+    (out / "postprocess.json").write_text(
+        json.dumps({**params.to_dict(), "validation_macro_f1_before": before, "validation_macro_f1_after": after})
+    )
+    report = {
+        "how": how,
+        "members": [m.name for m in ms],
+        "validation": fold_rows
+        + [
+            row("out-of-fold", labels, probs.argmax(1)),
+            row("out-of-fold + post-processing", labels, postprocess.apply(keys, probs, params)),
+        ],
+        "postprocess": params.to_dict(),
+    }
+    test_files = {m.name: out / "test" / f"{m.name}.npz" for m in ms}
+    if all(f.exists() for f in test_files.values()):
+        report["test"] = test_report(ms, test_files, how, params, out, truth, fold_rows)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(markdown(report))
+    return report
+
+
+def test_report(ms, files: dict[str, Path], how, params, out: Path, truth: Path | None, fold_rows) -> list[dict]:
+    """Combines the members' test predictions into `test.npz`; with the true labels, scores each
+    member, their mean and the ensemble before and after post-processing."""
+    test = {name: preds_lib.load(f) for name, f in files.items()}
+    keys = aligned(test)
+    probs = combine([probabilities(test[m.name], m.head) for m in ms], how)
+    labels = truth_labels(keys, truth) if truth else test[ms[0].name].label.astype(np.int64)
+    preds_lib.save(out / "test.npz", preds_lib.Predictions(keys, labels, {"ensemble": probs}, "ensemble"))
+    if not (labels >= 0).any():
+        return []
+    validation_f1 = {r["name"]: r["macro_f1"] for r in fold_rows}
+    rows = [
+        row(m.name, labels, probabilities(test[m.name], m.head).argmax(1), validation_macro_f1=validation_f1[m.name])
+        for m in ms
+    ]
+    mean = np.mean([r["per_class_f1"] for r in rows], axis=0)
+    rows.append(
+        {
+            "name": "mean of members",
+            "per_class_f1": mean.round(6).tolist(),
+            "macro_f1": float(np.mean([r["macro_f1"] for r in rows])),
+        }
+    )
+    rows.append(row(f"ensemble ({how})", labels, probs.argmax(1)))
+    rows.append(row(f"ensemble ({how}) + post-processing", labels, postprocess.apply(keys, probs, params)))
+    return rows
+
+
+def markdown(report: dict) -> str:
+    """The report's tables: per-class F1 in %, one row per fold, then the combined rows."""
+
+    def table(title: str, rows: list[dict], extra: bool) -> list[str]:
+        head = [title, *CLASSES, "Avg."] + (["validation Avg."] if extra else [])
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            cells = [r["name"], *(f"{100 * v:.1f}" for v in r["per_class_f1"]), f"**{100 * r['macro_f1']:.1f}**"]
+            if extra:
+                v = r.get("validation_macro_f1")
+                cells.append(f"{100 * v:.1f}" if v is not None else "")
+            lines.append("| " + " | ".join(cells) + " |")
+        return lines
+
+    p = report["postprocess"]
+    lines = [
+        f"# Cross-validation ensemble ({report['how']}, {len(report['members'])} members)",
+        "",
+        "Expression F1 (%) of each fold model on its held-out videos:",
+        "",
+        *table("Val set", report["validation"], False),
+        "",
+        f"Post-processing chosen on the out-of-fold predictions: moving average over {p['window']} frames, "
+        f"run thresholds {p['thresholds']} and neighbourhoods {p['neighbourhoods']} (per class).",
+    ]
+    if report.get("test"):
+        lines += ["", "On the test videos:", "", *table("Test set", report["test"], True)]
+    return "\n".join(lines) + "\n"
