@@ -84,15 +84,15 @@ def train_folds(config: str, overrides: list[str], cv_dir: Path, launch: str | N
 
 
 def predict_members(specs: list[str], shards: Path, out: Path, launch: str | None, group: str = "test") -> None:
-    """`<out>/test/<member>.npz`: each member's best weights over `group` of `shards` (kept when there)."""
+    """`<out>/test/<run>.npz`: each run's best weights over `group` of `shards` (kept when there)."""
     (out / "test").mkdir(parents=True, exist_ok=True)
     for m in ensemble.members(specs):
-        target = out / "test" / f"{m.name}.npz"
-        if target.exists():
-            continue
-        work = out / "runs" / m.name
-        console.print(f"predicting {group} of {shards} with {m.run_dir}")
         best = m.run_dir / "checkpoints" / "best"
+        target = out / "test" / f"{m.run_name}.npz"
+        if target.exists() and target.stat().st_mtime >= (best / "model.safetensors").stat().st_mtime:
+            continue  # predicted by these very weights
+        work = out / "runs" / m.run_name
+        console.print(f"predicting {group} of {shards} with {m.run_dir}")
         command = [
             *launcher(launch),
             str(TRAIN),

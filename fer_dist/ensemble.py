@@ -2,7 +2,7 @@
 
 Each member is a training run directory. Its validation predictions are those of its best epoch
 on its own held-out fold; put end to end over the folds they are the out-of-fold predictions on
-which post-processing is tuned. Test predictions (`<out>/test/<member>.npz`, written by `fer-dist
+which post-processing is tuned. Test predictions (`<out>/test/<run>.npz`, written by `fer-dist
 predict`) are combined by averaging probabilities or by majority vote, as in *Transformer-based
 Multimodal Information Fusion for Facial Expression Analysis* and *Multi-modal Expression
 Recognition with Ensemble Method*. The report puts per-class F1 of every fold next to the
@@ -36,8 +36,12 @@ class Member:
     head: str = ""  # "" is the model's own output head
 
     @property
+    def run_name(self) -> str:
+        return f"{self.run_dir.parent.name}-{self.run_dir.name}"
+
+    @property
     def name(self) -> str:
-        return f"{self.run_dir.parent.name}-{self.run_dir.name}" + (f"-{self.head}" if self.head else "")
+        return self.run_name + (f"-{self.head}" if self.head else "")
 
     @property
     def fold(self) -> int:
@@ -162,7 +166,7 @@ def run(specs: list[str], out: Path, how: str = "vote", truth: Path | None = Non
         ],
         "postprocess": params.to_dict(),
     }
-    test_files = {m.name: out / "test" / f"{m.name}.npz" for m in ms}
+    test_files = {m.name: out / "test" / f"{m.run_name}.npz" for m in ms}
     if all(f.exists() for f in test_files.values()):
         report["test"] = test_report(ms, test_files, how, params, out, truth, fold_rows)
     (out / "report.json").write_text(json.dumps(report, indent=1))
