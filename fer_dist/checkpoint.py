@@ -96,6 +96,7 @@ def save(accelerator, model, optimizer, scheduler, run_dir: Path, state: dict, k
     if uses_deepspeed(accelerator):  # every rank writes its optimiser partition
         model.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
     state_dict = weights(accelerator, model)
+    accelerator.wait_for_everyone()  # every rank's files are in tmp before rank 0 renames it
     if main:
         save_weights(state_dict, tmp / "model.safetensors")
         if not uses_deepspeed(accelerator):

@@ -56,8 +56,15 @@ def finished(run_dir: Path) -> bool:
     return bool(lines) and json.loads(lines[-1])["epoch"] == epochs
 
 
-def launch_run(command: list[str], run_dir: Path, what: str) -> None:
-    status = subprocess.run(command).returncode
+def launch_run(args: list[str], launch: str | None, run_dir: Path, what: str, here: bool = False) -> None:
+    """`fer_dist/train.py args` through `accelerate launch`; with `here`, when that would be one
+    process anyway, in this process (a prediction then skips a second start of Python and torch)."""
+    if here and launch is None and torch.cuda.device_count() <= 1:
+        from fer_dist import train
+
+        status = train.main(args)
+    else:
+        status = subprocess.run([*launcher(launch), str(TRAIN), *args]).returncode
     if status == REQUEUE_EXIT or (run_dir / "requeue.json").exists():
         raise Interrupted(f"{what} was stopped by a signal; run the same command again to resume it")
     if status:
@@ -78,8 +85,8 @@ def train_folds(config: str, overrides: list[str], cv_dir: Path, launch: str | N
             console.print(f"fold {k}: finished, kept ({run_dir})")
             continue
         console.print(f"[bold]fold {k}[/] of {len(folds)}: training into {run_dir}")
-        command = [*launcher(launch), str(TRAIN), "--resume", str(run_dir), "--config", config, *overrides]
-        launch_run(command + [f"data.holdout_fold={k}"], run_dir, f"fold {k}")
+        args = ["--resume", str(run_dir), "--config", config, *overrides, f"data.holdout_fold={k}"]
+        launch_run(args, launch, run_dir, f"fold {k}")
     return runs
 
 
@@ -93,9 +100,7 @@ def predict_members(specs: list[str], shards: Path, out: Path, launch: str | Non
             continue  # predicted by these very weights
         work = out / "runs" / m.run_name
         console.print(f"predicting {group} of {shards} with {m.run_dir}")
-        command = [
-            *launcher(launch),
-            str(TRAIN),
+        args = [
             "--config",
             str(best / "config.yaml"),
             "--evaluate",
@@ -107,7 +112,7 @@ def predict_members(specs: list[str], shards: Path, out: Path, launch: str | Non
             "model.pretrained=false",
             "train.tensorboard=false",
         ]
-        launch_run(command, work, f"prediction with {m.name}")
+        launch_run(args, launch, work, f"prediction with {m.name}", here=True)
         shutil.copyfile(work / "predictions" / f"{group}.npz", target)
 
 

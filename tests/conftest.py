@@ -105,3 +105,27 @@ def launch(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+@pytest.fixture(scope="session")
+def challenge(tmp_path_factory) -> Path:
+    """A small challenge: 6 labelled videos in 3 folds and 2 test videos with their test list,
+    template and (for scoring) labels; shards in `<root>/shards`."""
+    from fer_dist.synth import TEST_LIST
+
+    root = tmp_path_factory.mktemp("challenge")
+    synthesize(root / "data", N_VIDEOS, seed=1, workers=2, length=LENGTH, test_videos=2)
+    videos = discover(root / "data", test_list=root / "data" / TEST_LIST)
+    pack(videos, root / "shards", PackParams(samples_per_shard=300, n_folds=3), workers=2)
+    return root
+
+
+def tiny_config(path: Path, shards: Path, *extra: str) -> Path:
+    """configs/mfm_cpu.yaml with the tiny_run settings, as a config file of its own."""
+    import yaml
+
+    from fer_dist import config
+
+    cfg = config.load(REPO / "configs" / "mfm_cpu.yaml", tiny_run(shards, path.parent / "unused", *extra))
+    path.write_text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
+    return path

@@ -1,0 +1,84 @@
+"""`fer-dist cv`, `ensemble` and `predict` from the command line, on a small synthetic challenge."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import REPO, tiny_config
+
+from fer_dist import predictions as preds_lib
+from fer_dist.synth import TEST_LABELS, TEST_TEMPLATE
+
+
+def fer_dist(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "fer_dist.cli", *args]
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_cv_resumes_fold_by_fold_then_predicts_and_submits(challenge, tmp_path):
+    data, shards, cv = challenge / "data", challenge / "shards", tmp_path / "cv"
+    config = tiny_config(tmp_path / "tiny.yaml", shards)
+    args = ["cv", "--config", str(config), "--cv-dir", str(cv)]
+    args += ["--truth", str(data / TEST_LABELS), "--template", str(data / TEST_TEMPLATE)]
+
+    # killed (with its fold's processes) while fold 1 trains
+    first = fer_dist(*args, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (cv / "fold1" / "config.yaml").exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    fold0 = cv / "fold0" / "checkpoints" / "best" / "model.safetensors"
+    trained = fold0.stat().st_mtime_ns
+
+    second = fer_dist(*args)
+    out, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, out[-3000:]
+    assert "fold 0: finished, kept" in out
+    assert "fold 1: finished" not in out
+    assert fold0.stat().st_mtime_ns == trained  # not retrained
+    for k in range(3):
+        epochs = [json.loads(line)["epoch"] for line in (cv / f"fold{k}" / "metrics.jsonl").read_text().splitlines()]
+        assert epochs == [1]
+
+    report = json.loads((cv / "ensemble" / "report.json").read_text())
+    assert [r["name"] for r in report["validation"][:3]] == ["cv-fold0", "cv-fold1", "cv-fold2"]
+    assert {r["name"] for r in report["test"]} >= {"mean of members", "ensemble (vote)"}
+    manifest = json.loads((shards / "manifest.json").read_text())
+    test_videos = {v: r["frames"] for v, r in manifest["videos"].items() if r["split"] == "test"}
+    # every frame of every test video, exactly once, in both formats
+    template_rows = (data / TEST_TEMPLATE).read_text().splitlines()[1:]
+    rows = (cv / "ensemble" / "submission" / "abaw5.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == [r.split(",")[0] for r in template_rows]
+    for video, n in test_videos.items():
+        lines = (cv / "ensemble" / "submission" / "abaw3" / f"{video}.txt").read_text().splitlines()
+        assert len(lines) == n + 1 and all(0 <= int(x) < 8 for x in lines[1:])
+    test = preds_lib.load(cv / "ensemble" / "test.npz")
+    assert len(test) == sum(test_videos.values()) == manifest["groups"]["test"]["samples"]
+
+    # a rerun retrains nothing and predicts nothing again
+    third = fer_dist(*args)
+    out, _ = third.communicate(timeout=300)
+    assert third.returncode == 0 and out.count("finished, kept") == 3 and "predicting" not in out
+
+    # another ensemble of the same folds, by averaging
+    mean = fer_dist("ensemble", str(cv), "--how", "mean", "--out", str(cv / "ensemble"), "--truth", str(data / TEST_LABELS))
+    out, _ = mean.communicate(timeout=120)
+    assert mean.returncode == 0, out
+    assert "ensemble (mean)" in (cv / "ensemble" / "report.md").read_text()
+
+    # a template asking for a frame the shards do not hold: refused, nothing written
+    template = tmp_path / "template.csv"
+    template.write_text((data / TEST_TEMPLATE).read_text() + "no-such-video/00001.jpg,\n")
+    refused = fer_dist("predict", str(cv), "--shards", str(shards), "--out", str(tmp_path / "p"), "--template", str(template))
+    out, _ = refused.communicate(timeout=300)
+    assert refused.returncode == 2
+    assert "refusing to write" in out and "no-such-video/00001" in out
+    assert not (tmp_path / "p" / "submission" / "abaw5.csv").exists()
