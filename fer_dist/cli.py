@@ -465,7 +465,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_bench)
 
-    s = sub.add_parser("demo", help="the main job on synthetic data: synth, shard, train, evaluate")
+    s = sub.add_parser("demo", help="the main job on synthetic data: synth, shard, 5-fold cross-validation, ensemble")
     s.add_argument("--workdir", default="demo")
     s.add_argument("--videos", type=int, default=24)
     s.add_argument("--seed", type=int, default=0)

@@ -10,7 +10,6 @@ import sys
 import time
 
 from conftest import REPO, tiny_config
-
 from fer_dist import predictions as preds_lib
 from fer_dist.synth import TEST_LABELS, TEST_TEMPLATE
 
@@ -69,7 +68,8 @@ def test_cv_resumes_fold_by_fold_then_predicts_and_submits(challenge, tmp_path):
     assert third.returncode == 0 and out.count("finished, kept") == 3 and "predicting" not in out
 
     # another ensemble of the same folds, by averaging
-    mean = fer_dist("ensemble", str(cv), "--how", "mean", "--out", str(cv / "ensemble"), "--truth", str(data / TEST_LABELS))
+    truth = ["--truth", str(data / TEST_LABELS)]
+    mean = fer_dist("ensemble", str(cv), "--how", "mean", "--out", str(cv / "ensemble"), *truth)
     out, _ = mean.communicate(timeout=120)
     assert mean.returncode == 0, out
     assert "ensemble (mean)" in (cv / "ensemble" / "report.md").read_text()
@@ -77,7 +77,8 @@ def test_cv_resumes_fold_by_fold_then_predicts_and_submits(challenge, tmp_path):
     # a template asking for a frame the shards do not hold: refused, nothing written
     template = tmp_path / "template.csv"
     template.write_text((data / TEST_TEMPLATE).read_text() + "no-such-video/00001.jpg,\n")
-    refused = fer_dist("predict", str(cv), "--shards", str(shards), "--out", str(tmp_path / "p"), "--template", str(template))
+    target = ["--out", str(tmp_path / "p"), "--template", str(template)]
+    refused = fer_dist("predict", str(cv), "--shards", str(shards), *target)
     out, _ = refused.communicate(timeout=300)
     assert refused.returncode == 2
     assert "refusing to write" in out and "no-such-video/00001" in out

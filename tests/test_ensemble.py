@@ -100,7 +100,8 @@ def fake_fold(cv, k: int, keys, labels, predicted, test_keys, test_predicted) ->
     test = cv / "ensemble" / "test"
     test.mkdir(parents=True, exist_ok=True)
     tl = {"expr": onehot_logits(test_predicted), "aux": onehot_logits(np.zeros_like(test_predicted))}
-    preds_lib.save(test / f"cv-fold{k}.npz", preds_lib.Predictions(test_keys, -np.ones(len(test_keys), int), tl, "expr"))
+    unlabelled = -np.ones(len(test_keys), int)
+    preds_lib.save(test / f"cv-fold{k}.npz", preds_lib.Predictions(test_keys, unlabelled, tl, "expr"))
 
 
 def test_ensemble_report_from_fold_runs(tmp_path):
@@ -150,7 +151,8 @@ def test_submissions_complete_or_refused(tmp_path):
     assert required == [("b", 2), ("a", 1), ("b", 1)]
     assert submission.write_abaw5(tmp_path / "abaw5.csv", keys, labels, required) == 3
     lines = (tmp_path / "abaw5.csv").read_text().splitlines()
-    assert lines[0].startswith("image_location,Neutral") and lines[1:] == ["b/00002.jpg,0", "a/00001.jpg,3", "b/00001.jpg,7"]
+    assert lines[0].startswith("image_location,Neutral")
+    assert lines[1:] == ["b/00002.jpg,0", "a/00001.jpg,3", "b/00001.jpg,7"]
     with pytest.raises(submission.SubmissionError, match="1 required frame.*a/00004"):
         submission.write_abaw3(tmp_path / "short", keys, labels, {"a": 4, "b": 2})
     assert not (tmp_path / "short").exists()

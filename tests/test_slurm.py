@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, tiny_config
 
+from conftest import REPO, tiny_config
 from fer_dist.synth import TEST_LABELS
 
 needs_slurm = pytest.mark.skipif(
@@ -49,7 +49,8 @@ def wait_for(condition, what: str, timeout: float = 600) -> None:
 def test_cv5_array_two_nodes_requeue_and_ensemble(cluster, challenge, tmp_path):
     cv = tmp_path / "cv"
     # fold 0 trains long enough (40 steps) for the signal to arrive mid-epoch
-    config = tiny_config(tmp_path / "tiny.yaml", challenge / "shards", "data.epoch_samples=640", "train.checkpoint_every=2")
+    longer = ("data.epoch_samples=640", "train.checkpoint_every=2")
+    config = tiny_config(tmp_path / "tiny.yaml", challenge / "shards", *longer)
     env = {
         **cluster,
         "CONFIG": str(config),
