@@ -185,7 +185,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def print_report(report: dict) -> None:
-    """The ensemble report's tables (per-class F1 in %), as in report.md."""
+    """The ensemble report's tables (per-class F1 in %), as in report.md, at least 120 columns wide."""
+    from fer_dist.postprocess import describe
+
+    wide = Console(width=max(out.size.width, 120))
     sections = [("each fold on its held-out videos", report["validation"])]
     if report.get("test"):
         sections.append(("the test videos", report["test"]))
@@ -196,12 +199,8 @@ def print_report(report: dict) -> None:
             table.add_column(col, justify="right")
         for r in rows:
             table.add_row(r["name"], *(f"{100 * v:.1f}" for v in r["per_class_f1"]), f"{100 * r['macro_f1']:.1f}")
-        out.print(table)
-    p = report["postprocess"]
-    out.print(
-        f"post-processing: moving average over {p['window']} frames, run thresholds {p['thresholds']}, "
-        f"neighbourhoods {p['neighbourhoods']}"
-    )
+        wide.print(table)
+    out.print(f"post-processing: {describe(report['postprocess'])}")
     if "submission" in report:
         s = report["submission"]
         out.print(f"submissions: {s['abaw3_files']} ABAW3 files, {s['abaw5_rows']} ABAW5/6 rows")

@@ -224,8 +224,7 @@ def markdown(report: dict) -> str:
         "",
         *table("Val set", report["validation"], False),
         "",
-        f"Post-processing chosen on the out-of-fold predictions: moving average over {p['window']} frames, "
-        f"run thresholds {p['thresholds']} and neighbourhoods {p['neighbourhoods']} (per class).",
+        f"Post-processing chosen on the out-of-fold predictions: {postprocess.describe(p)}.",
     ]
     if report.get("test"):
         lines += ["", "On the test videos:", "", *table("Test set", report["test"], True)]

@@ -34,6 +34,11 @@ class PostParams:
         return cls(int(d["window"]), tuple(map(int, d["thresholds"])), tuple(map(int, d["neighbourhoods"])))
 
 
+def describe(p: dict) -> str:
+    window = f"moving average over {p['window']} frames" if p["window"] > 1 else "no moving average"
+    return f"{window}, run thresholds {list(p['thresholds'])} and neighbourhoods {list(p['neighbourhoods'])} per class"
+
+
 def video_spans(keys: np.ndarray) -> list[slice]:
     """The slices of consecutive rows that belong to one video (rows sorted by key)."""
     videos = np.array([k.rsplit("/", 1)[0] for k in keys.tolist()])

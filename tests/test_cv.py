@@ -74,12 +74,13 @@ def test_cv_resumes_fold_by_fold_then_predicts_and_submits(challenge, tmp_path):
     assert mean.returncode == 0, out
     assert "ensemble (mean)" in (cv / "ensemble" / "report.md").read_text()
 
-    # a template asking for a frame the shards do not hold: refused, nothing written
+    # a template asking for a frame the shards do not hold: refused, the file is left as it was
     template = tmp_path / "template.csv"
     template.write_text((data / TEST_TEMPLATE).read_text() + "no-such-video/00001.jpg,\n")
-    target = ["--out", str(tmp_path / "p"), "--template", str(template)]
+    written = (cv / "ensemble" / "submission" / "abaw5.csv").read_bytes()
+    target = ["--out", str(cv / "ensemble"), "--template", str(template)]
     refused = fer_dist("predict", str(cv), "--shards", str(shards), *target)
     out, _ = refused.communicate(timeout=300)
     assert refused.returncode == 2
     assert "refusing to write" in out and "no-such-video/00001" in out
-    assert not (tmp_path / "p" / "submission" / "abaw5.csv").exists()
+    assert (cv / "ensemble" / "submission" / "abaw5.csv").read_bytes() == written
