@@ -211,15 +211,18 @@ def optional_path(value: str | None) -> Path | None:
 
 
 def interruptible(job, *args) -> dict | int:
-    """The job's report, or the requeue status when a signal stopped one of its runs."""
+    """The job's report; the requeue status when a signal stopped one of its runs, 1 when one failed."""
     from fer_dist.checkpoint import REQUEUE_EXIT
-    from fer_dist.cv import Interrupted
+    from fer_dist.cv import Interrupted, RunFailed
 
     try:
         return job(*args)
     except Interrupted as exc:
         console.print(f"[yellow]{exc}")
         return REQUEUE_EXIT
+    except RunFailed as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 1
 
 
 def cmd_cv(args: argparse.Namespace) -> int:

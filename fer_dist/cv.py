@@ -34,6 +34,10 @@ class Interrupted(Exception):
     """A fold stopped on a signal; its checkpoint is on disk and rerunning the command resumes it."""
 
 
+class RunFailed(Exception):
+    """A fold's training or a prediction failed; its own output above says why."""
+
+
 def launcher(launch: str | None) -> list[str]:
     """`accelerate launch` with a config file, or over every GPU there is, or one process."""
     command = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -68,7 +72,7 @@ def launch_run(args: list[str], launch: str | None, run_dir: Path, what: str, he
     if status == REQUEUE_EXIT or (run_dir / "requeue.json").exists():
         raise Interrupted(f"{what} was stopped by a signal; run the same command again to resume it")
     if status:
-        raise RuntimeError(f"{what} failed with status {status}")
+        raise RunFailed(f"{what} failed with status {status} (see its output above; {run_dir})")
 
 
 def train_folds(config: str, overrides: list[str], cv_dir: Path, launch: str | None) -> list[Path]:
