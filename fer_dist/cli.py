@@ -172,12 +172,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0 if agree else 1
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from fer_dist import train
-
-    return train.main(args.rest)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from fer_dist.demo import main_job
 
@@ -428,9 +422,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_inspect)
 
-    s = sub.add_parser("train", help="train in this process (accelerate launch fer_dist/train.py for several)")
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(func=cmd_train)
+    sub.add_parser(
+        "train", help="train in this process (accelerate launch fer_dist/train.py for several)", add_help=False
+    )
 
     s = sub.add_parser("cv", help="cross-validation: every fold on this machine, then the ensemble")
     s.add_argument("--config", required=True)
@@ -477,6 +471,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # the rest is train.py's own command line, options included
+        from fer_dist import train
+
+        return train.main(argv[1:])
     args = parser().parse_args(argv)
     try:
         return args.func(args)

@@ -22,6 +22,7 @@ from rich.console import Console
 
 from fer_dist import ensemble, postprocess, submission
 from fer_dist import predictions as preds_lib
+from fer_dist.affwild2 import NUM_CLASSES
 from fer_dist.checkpoint import REQUEUE_EXIT
 from fer_dist.config import ConfigError, load
 from fer_dist.shard import read_manifest
@@ -134,7 +135,8 @@ def submit(out: Path, shards: Path, template: Path | None) -> dict:
     )
     files = submission.write_abaw3(out / "submission" / "abaw3", test.key, labels, frames)
     rows = submission.write_abaw5(out / "submission" / "abaw5.csv", test.key, labels, required)
-    return {"abaw3_files": len(files), "abaw5_rows": rows, "labels": np.bincount(labels, minlength=8).tolist()}
+    counts = np.bincount(labels, minlength=NUM_CLASSES).tolist()
+    return {"abaw3_files": len(files), "abaw5_rows": rows, "labels": counts}
 
 
 def predict(

@@ -109,8 +109,7 @@ def aligned(named: dict[str, preds_lib.Predictions]) -> np.ndarray:
 def truth_labels(keys: np.ndarray, truth: Path) -> np.ndarray:
     """Labels of these frames from annotation files `<truth>/<video>.txt` (-1 where not annotated)."""
     labels = np.full(len(keys), -1, np.int64)
-    videos = np.array([k.rsplit("/", 1)[0] for k in keys.tolist()])
-    frames = np.array([int(k.rsplit("/", 1)[1]) for k in keys.tolist()], np.int64)
+    videos, frames = preds_lib.split_keys(keys)
     for video in np.unique(videos):
         path = truth / f"{video}.txt"
         if not path.exists():
@@ -134,18 +133,16 @@ def run(specs: list[str], out: Path, how: str = "vote", truth: Path | None = Non
     ms = members(specs)
     out.mkdir(parents=True, exist_ok=True)
     val = {m.name: validation(m) for m in ms}
+    member_probs = {m.name: probabilities(val[m.name], m.head) for m in ms}
     folds: dict[int, list[Member]] = {}
     for m in ms:
         folds.setdefault(m.fold, []).append(m)
     keys, labels, probs, fold_rows = [], [], [], []
     for fold, group in sorted(folds.items()):
-        shared = aligned({m.name: val[m.name] for m in group})
-        p = combine([probabilities(val[m.name], m.head) for m in group], how)
-        keys.append(shared)
+        keys.append(aligned({m.name: val[m.name] for m in group}))
         labels.append(val[group[0].name].label.astype(np.int64))
-        probs.append(p)
-        for m in group:
-            fold_rows.append(row(m.name, labels[-1], probabilities(val[m.name], m.head).argmax(1), fold=fold))
+        probs.append(combine([member_probs[m.name] for m in group], how))
+        fold_rows += [row(m.name, labels[-1], member_probs[m.name].argmax(1), fold=fold) for m in group]
     keys, labels, probs = np.concatenate(keys), np.concatenate(labels), np.concatenate(probs)
     order = np.argsort(keys, kind="stable")
     keys, labels, probs = keys[order], labels[order], probs[order]
@@ -166,29 +163,27 @@ def run(specs: list[str], out: Path, how: str = "vote", truth: Path | None = Non
         ],
         "postprocess": params.to_dict(),
     }
-    test_files = {m.name: out / "test" / f"{m.run_name}.npz" for m in ms}
-    if all(f.exists() for f in test_files.values()):
-        report["test"] = test_report(ms, test_files, how, params, out, truth, fold_rows)
+    if all((out / "test" / f"{m.run_name}.npz").exists() for m in ms):
+        report["test"] = test_report(ms, how, params, out, truth, fold_rows)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(markdown(report))
     return report
 
 
-def test_report(ms, files: dict[str, Path], how, params, out: Path, truth: Path | None, fold_rows) -> list[dict]:
-    """Combines the members' test predictions into `test.npz`; with the true labels, scores each
-    member, their mean and the ensemble before and after post-processing."""
-    test = {name: preds_lib.load(f) for name, f in files.items()}
+def test_report(ms: list[Member], how, params, out: Path, truth: Path | None, fold_rows) -> list[dict]:
+    """Combines the members' test predictions (`<out>/test/<run>.npz`, one file for all heads of
+    a run) into `test.npz`; with the true labels, scores each member, their mean and the ensemble
+    before and after post-processing."""
+    test = {m.run_name: preds_lib.load(out / "test" / f"{m.run_name}.npz") for m in ms}
     keys = aligned(test)
-    probs = combine([probabilities(test[m.name], m.head) for m in ms], how)
-    labels = truth_labels(keys, truth) if truth else test[ms[0].name].label.astype(np.int64)
+    member_probs = {m.name: probabilities(test[m.run_name], m.head) for m in ms}
+    probs = combine(list(member_probs.values()), how)
+    labels = truth_labels(keys, truth) if truth else test[ms[0].run_name].label.astype(np.int64)
     preds_lib.save(out / "test.npz", preds_lib.Predictions(keys, labels, {"ensemble": probs}, "ensemble"))
     if not (labels >= 0).any():
         return []
     validation_f1 = {r["name"]: r["macro_f1"] for r in fold_rows}
-    rows = [
-        row(m.name, labels, probabilities(test[m.name], m.head).argmax(1), validation_macro_f1=validation_f1[m.name])
-        for m in ms
-    ]
+    rows = [row(m.name, labels, member_probs[m.name].argmax(1), validation_macro_f1=validation_f1[m.name]) for m in ms]
     mean = np.mean([r["per_class_f1"] for r in rows], axis=0)
     rows.append(
         {

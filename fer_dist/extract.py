@@ -35,7 +35,7 @@ from fer_dist.affwild2 import Video
 from fer_dist.augment import prepare_image
 from fer_dist.config import DataConfig
 from fer_dist.models.backbones import create_backbone
-from fer_dist.shard import atomic_write, npy_bytes, read_manifest
+from fer_dist.shard import atomic_write, claim, npy_bytes, read_manifest
 from fer_dist.stream import MEMBERS
 
 DTYPES = {"embedding": np.float16, "audio_features": np.float32, "words": np.float16}  # as stored
@@ -165,17 +165,10 @@ def extract(
         "words": str(words) if words else None,
         "prosody": asdict(params),
     }
-    if (out / "manifest.json").exists():
-        done = json.loads((out / "manifest.json").read_text())
-        if done.get("extract_stamp") != stamp:
-            raise ExtractError(f"{out} holds features extracted with other settings; remove it or extract elsewhere")
+    done = claim(out, "extract_stamp", stamp, ExtractError, "feature shards")
+    if done is not None:
         return done
     work = out / ".work"
-    work.mkdir(parents=True, exist_ok=True)
-    stamp_path = work / "stamp.json"
-    if stamp_path.exists() and json.loads(stamp_path.read_text()) != stamp:
-        raise ExtractError(f"{out} holds an extraction started with other settings; remove it or extract elsewhere")
-    atomic_write(stamp_path, json.dumps(stamp).encode())
 
     by_name = {v.name: v for v in videos}
     unknown = sorted(set(source["videos"]) - set(by_name))

@@ -15,6 +15,7 @@ import numpy as np
 
 from fer_dist.affwild2 import NUM_CLASSES
 from fer_dist.metrics import macro_f1
+from fer_dist.predictions import split_keys
 
 WINDOWS = (1, 5, 11, 21, 41, 81)
 THRESHOLDS = (0, 4, 8, 16, 32)
@@ -41,7 +42,7 @@ def describe(p: dict) -> str:
 
 def video_spans(keys: np.ndarray) -> list[slice]:
     """The slices of consecutive rows that belong to one video (rows sorted by key)."""
-    videos = np.array([k.rsplit("/", 1)[0] for k in keys.tolist()])
+    videos, _ = split_keys(keys)
     starts = np.flatnonzero(np.r_[True, videos[1:] != videos[:-1]]) if len(videos) else np.array([], int)
     ends = np.r_[starts[1:], len(videos)]
     return [slice(int(a), int(b)) for a, b in zip(starts, ends, strict=True)]

@@ -27,6 +27,12 @@ class Predictions:
         return len(self.key)
 
 
+def split_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The video (str) and frame number (int) of each `<video>/<frame:05d>` key."""
+    parts = [k.rsplit("/", 1) for k in keys.tolist()]
+    return np.array([p[0] for p in parts], str), np.array([int(p[1]) for p in parts], np.int64)
+
+
 def save(path: Path, p: Predictions) -> None:
     buf = io.BytesIO()
     logits = {f"logits_{h}": v for h, v in p.logits.items()}

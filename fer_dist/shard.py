@@ -151,6 +151,24 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def claim(out: Path, key: str, stamp: dict, error: type[ValueError], what: str) -> dict | None:
+    """The finished manifest under `out` when it was made with `stamp` (under `key`), else None
+    after recording `stamp` for the work in `out/.work`; other settings, finished or begun, are an
+    `error` naming `what` was made there."""
+    if (out / "manifest.json").exists():
+        done = json.loads((out / "manifest.json").read_text())
+        if done.get(key) != stamp:
+            raise error(f"{out} holds {what} made with other settings; remove it or use another folder")
+        return done
+    work = out / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    stamp_path = work / "stamp.json"
+    if stamp_path.exists() and json.loads(stamp_path.read_text()) != stamp:
+        raise error(f"{out} holds {what} started with other settings; remove it or use another folder")
+    atomic_write(stamp_path, json.dumps(stamp).encode())
+    return None
+
+
 def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
     """Pass 1 for one video: writes `work/<video>.tar` (samples in frame order) and returns its record."""
     video, group, params, work = job
@@ -403,17 +421,10 @@ def pack(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = json.loads(json.dumps({"params": asdict(params), "videos": sorted(v.name for v in videos)}))
-    if (out / "manifest.json").exists():
-        manifest = json.loads((out / "manifest.json").read_text())
-        if manifest.get("stamp") != stamp:
-            raise ValueError(f"{out} holds shards packed with other parameters or videos; remove it or pack elsewhere")
-        return manifest
+    done = claim(out, "stamp", stamp, ValueError, "shards (packing parameters and videos)")
+    if done is not None:
+        return done
     work = out / ".work"
-    work.mkdir(exist_ok=True)
-    stamp_path = work / "stamp.json"
-    if stamp_path.exists() and json.loads(stamp_path.read_text()) != stamp:
-        raise ValueError(f"{out} holds a pack started with other parameters or videos; remove it or pack elsewhere")
-    atomic_write(stamp_path, json.dumps(stamp).encode())
     groups = assign_folds(videos, params.folds, params.n_folds, params.seed)
     records: dict[str, dict] = {}
     # forkserver: workers never inherit a parent's OpenMP state (torch's STFT in a forked child

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fer_dist.affwild2 import CLASSES
+from fer_dist.predictions import split_keys
 from fer_dist.shard import atomic_write
 
 
@@ -22,9 +23,9 @@ class SubmissionError(ValueError):
 
 def by_frame(keys: np.ndarray, labels: np.ndarray) -> dict[str, dict[int, int]]:
     table: dict[str, dict[int, int]] = {}
-    for key, label in zip(keys.tolist(), labels.tolist(), strict=True):
-        video, frame = key.rsplit("/", 1)
-        table.setdefault(video, {})[int(frame)] = int(label)
+    videos, frames = split_keys(keys)
+    for video, frame, label in zip(videos.tolist(), frames.tolist(), labels.tolist(), strict=True):
+        table.setdefault(video, {})[frame] = label
     return table
 
 

@@ -37,3 +37,11 @@ def test_yaml_is_not_executed(tmp_path):
     f.write_text("model: !!python/object/apply:os.system ['echo hacked']\n")
     with pytest.raises(Exception, match="could not determine a constructor"):
         config.load(f)
+
+
+def test_fer_dist_train_passes_its_options_to_the_loop(tmp_path, capsys):
+    """`fer-dist train --config X` reaches train.py's own parser, which names the missing file."""
+    from fer_dist.cli import main
+
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
