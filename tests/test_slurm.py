@@ -59,7 +59,7 @@ def test_cv5_array_two_nodes_requeue_and_ensemble(cluster, challenge, tmp_path):
         "TRUTH": str(challenge / "data" / TEST_LABELS),
         "OMP_NUM_THREADS": "1",
     }
-    slurm(env, "sbatch", "--chdir", str(REPO), str(REPO / "slurm" / "cv5.sh"))
+    slurm(env, "sbatch", "--chdir", str(REPO), "--output", str(tmp_path / "submit.log"), str(REPO / "slurm" / "cv5.sh"))
     wait_for(lambda: (cv / "jobs.json").exists(), "the submitting job")
     jobs = json.loads((cv / "jobs.json").read_text())
     assert jobs["folds"] == 3
