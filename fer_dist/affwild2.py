@@ -67,6 +67,8 @@ def read_annotation(path: Path) -> np.ndarray:
             f"{','.join(CLASSES)} (or the 7-class subset without Other)"
         )
     mapping = np.array([CLASSES.index(n) for n in names], dtype=np.int8)
+    while len(lines) > 1 and not lines[-1].strip():  # blank lines an editor left at the end carry no frame
+        lines.pop()
     labels = np.empty(len(lines) - 1, dtype=np.int8)
     for i, line in enumerate(lines[1:]):
         text = line.strip()

@@ -6,6 +6,11 @@ tensor operations. Each sample's audio window is cut from the stored widest wind
 the audio input in one `grid_sample` call. Clip-mode batches ([B, L, ...]) are flattened to frames
 and every frame of a run gets its run's augmentation. `mix` then blends pairs of samples (mixup,
 or Remix, which moves the label towards the minority class).
+
+Modality dropout (`audio_dropout`): in training, a share of the samples (whole runs in clip mode)
+hear silence, the log-mel a video without an audio stream is packed with, so that a fusion model
+learns to fall back on the face when a video has no sound instead of meeting silence first at test
+time.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fer_dist.audio import SILENCE
 from fer_dist.config import DataConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -87,6 +93,10 @@ def prepare(batch: dict, device: torch.device, cfg: DataConfig, manifest: dict, 
     if "mel" in batch:
         stats = manifest["mel_stats"]
         mel = batch["mel"].to(device, non_blocking=True).flatten(0, len(lead) - 1).float()
+        if train and cfg.audio_dropout:
+            runs, length = lead[0], math.prod(lead[1:])
+            silent = per_run(torch.rand(runs, device=device) < cfg.audio_dropout, length)
+            mel = torch.where(silent[:, None, None], SILENCE, mel)
         mel = (mel - stats["mean"]) / stats["std"]
         window = batch["window"].to(device).flatten(0, len(lead) - 1)
         inputs["audio"] = crop_resize_windows(mel, window, tuple(cfg.audio_size)).unflatten(0, lead)

@@ -173,8 +173,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fer_dist.demo import main_job
+    from fer_dist.demo import main_job, seeds_job
 
+    if args.seeds:
+        return seeds_job(Path(args.workdir), args.seeds, args.videos, args.epochs)
     return main_job(Path(args.workdir), args.videos, args.seed, args.epochs)
 
 
@@ -465,6 +467,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", default="demo")
     s.add_argument("--videos", type=int, default=24)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seeds", type=int, nargs="+", help="one job per seed in WORKDIR/seed<s>, then mean ± sd")
     s.add_argument("--epochs", type=int, default=None)
     s.set_defaults(func=cmd_demo)
     return p

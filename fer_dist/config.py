@@ -55,6 +55,7 @@ class DataConfig:
     rotation: float = 10.0  # degrees, uniform in +-rotation
     crop_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])  # random resized crop, area fraction
     color_jitter: float = 0.2  # brightness, contrast and saturation factors in 1 +- color_jitter
+    audio_dropout: float = 0.0  # training samples whose sound is replaced by silence, as a video without audio has
     mix: str = "none"  # batch mixing: none | mixup | remix
     mix_alpha: float = 1.0  # lambda ~ Beta(alpha, alpha)
     remix_kappa: float = 3.0  # Remix (paper 001): class-count ratio that moves the label to the minority
@@ -83,6 +84,7 @@ class LossConfig:
     focal_alpha: float = 1.0  # focal: the loss's scale alpha (paper 003: 0.9)
     focal_gamma: float = 2.0  # focal: the focusing exponent gamma (paper 003: 2)
     rdrop_alpha: float = 0.0  # > 0: R-Drop, two dropout passes and this weight on their symmetric KL (paper 004: 5)
+    head_weights: dict[str, float] = field(default_factory=dict)  # per-head loss weight; a head not named weighs 1
 
 
 @dataclass
@@ -215,6 +217,7 @@ def validate(cfg: Config) -> None:
             len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
             "data.crop_scale: [min, max] in (0, 1]",
         ),
+        (0 <= d.audio_dropout < 1, "data.audio_dropout is a probability in [0, 1)"),
         (d.mix in ("none", "mixup", "remix"), f"data.mix must be none, mixup or remix, not {d.mix!r}"),
         (
             d.mix_alpha > 0 and d.remix_kappa >= 1 and 0 <= d.remix_tau <= 1,
@@ -234,6 +237,13 @@ def validate(cfg: Config) -> None:
         (
             0 <= cfg.loss.label_smoothing < 1 and cfg.loss.focal_gamma >= 0 and cfg.loss.rdrop_alpha >= 0,
             "0 <= loss.label_smoothing < 1, loss.focal_gamma >= 0 and loss.rdrop_alpha >= 0",
+        ),
+        (
+            all(
+                isinstance(w, int | float) and not isinstance(w, bool) and w >= 0
+                for w in cfg.loss.head_weights.values()
+            ),
+            "loss.head_weights: a mapping of head name to a non-negative weight, e.g. {image: 1.0, fusion: 2.0}",
         ),
         (
             len(cfg.loss.class_weights) in (0, N_CLASSES) and min(cfg.loss.class_weights, default=1) >= 0,

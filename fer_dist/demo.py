@@ -1,18 +1,24 @@
 """The main job on the built-in synthetic data: synthesize a small challenge (labelled videos and
 test videos), shard it, train the fusion model of paper 000 on every fold of a 5-fold
 cross-validation on CPU, ensemble the five fold models on the test videos, post-process, write both
-submission formats and print the per-fold and ensemble table.
+submission formats and print the per-fold and ensemble tables.
 
 Each stage is skipped when its output is already complete, and finished folds are kept, so a
-rerun goes on where the last one stopped.
+rerun goes on where the last one stopped. The job then checks what the model is for: on every
+fold the prediction beats each single-modality head, and on the test videos the ensemble is not
+below the mean of its members nor lowered by post-processing. A failed check is printed and the
+job exits with status 1. `--seeds` repeats the job per seed and reports mean and spread.
 """
 
 from __future__ import annotations
 
+import json
+import statistics
 import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
 from fer_dist import config
 from fer_dist.affwild2 import discover
@@ -20,14 +26,39 @@ from fer_dist.cv import cross_validate
 from fer_dist.shard import PackParams, pack
 from fer_dist.synth import TEST_LABELS, TEST_LIST, TEST_TEMPLATE
 
-CONFIG = config.CONFIGS / "mfm_cpu.yaml"
-EPOCHS = 1  # per fold: 250 steps of 32 frames
+CONFIG = config.CONFIGS / "mfm_cpu.yaml"  # per fold: one epoch of 500 steps of 32 frames
+HEADS = ("image", "audio", "fusion", "ensemble")  # the model's heads; "ensemble" is its prediction
+console = Console()
+
+
+def fold_heads(cv_dir: Path) -> list[dict]:
+    """Held-out macro-F1 of every head of each fold's best model."""
+    rows = []
+    for run in sorted(cv_dir.glob("fold*/checkpoints/best/metrics.json")):
+        by_head = json.loads(run.read_text())["macro_f1_by_head"]
+        rows.append({"fold": run.parents[2].name, **{h: by_head[h] for h in HEADS}})
+    return rows
+
+
+def checks(folds: list[dict], test: dict[str, float], how: str) -> list[str]:
+    """What the main job must show; each failure as one line."""
+    failed = [
+        f"{f['fold']}: the prediction ({f['ensemble']:.3f}) is not above the {h} head ({f[h]:.3f})"
+        for f in folds
+        for h in ("image", "audio")
+        if f["ensemble"] <= f[h]
+    ]
+    ensemble, mean = test[f"ensemble ({how})"], test["mean of members"]
+    if ensemble < mean:
+        failed.append(f"test: the {how} ensemble ({ensemble:.3f}) is below the mean of its members ({mean:.3f})")
+    if test[f"ensemble ({how}) + post-processing"] < ensemble:
+        failed.append(f"test: post-processing lowers the {how} ensemble")
+    return failed
 
 
 def main_job(workdir: Path, videos: int = 24, seed: int = 0, epochs: int | None = None, test_videos: int = 4) -> int:
     from fer_dist.cli import bar, print_report, report
 
-    console = Console()
     started = time.perf_counter()
     data, shards, cv_dir = workdir / "affwild2", workdir / "shards", workdir / "cv"
     if not (data / ".complete").exists():
@@ -47,17 +78,53 @@ def main_job(workdir: Path, videos: int = 24, seed: int = 0, epochs: int | None 
         report(manifest)
     if not CONFIG.exists():
         raise FileNotFoundError(f"{CONFIG} not found: run the demo from a checkout of fer-dist")
-    overrides = [f"data.shards={shards}", f"train.seed={seed}", f"train.epochs={epochs or EPOCHS}"]
+    overrides = [f"data.shards={shards}", f"train.seed={seed}", *([f"train.epochs={epochs}"] if epochs else [])]
     result = cross_validate(str(CONFIG), overrides, cv_dir, truth=data / TEST_LABELS, template=data / TEST_TEMPLATE)
     print_report(result)
+    folds = fold_heads(cv_dir)
+    table = Table(title="macro-F1 of each head on the fold's held-out videos")
+    for col in ("", "image", "audio", "fusion", "prediction"):
+        table.add_column(col, justify="right")
+    for f in folds:
+        table.add_row(f["fold"], *(f"{f[h]:.3f}" for h in HEADS))
+    console.print(table)
     test = {r["name"]: r["macro_f1"] for r in result["test"]}
     console.print(
         f"test macro-F1: mean of the fold models {test['mean of members']:.3f}, "
         f"vote ensemble {test['ensemble (vote)']:.3f}, "
         f"with post-processing {test['ensemble (vote) + post-processing']:.3f}"
     )
+    minutes = (time.perf_counter() - started) / 60
+    failed = checks(folds, test, "vote")
+    summary = {"seed": seed, "minutes": round(minutes, 2), "folds": folds, "test": test, "failed": failed}
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     console.print(
         f"report: {cv_dir / 'ensemble' / 'report.md'}; submissions: {cv_dir / 'ensemble' / 'submission'}  "
-        f"({(time.perf_counter() - started) / 60:.1f} min)"
+        f"({minutes:.1f} min)"
     )
-    return 0
+    for line in failed:
+        console.print(f"[red]check failed:[/] {line}")
+    return 1 if failed else 0
+
+
+def spread(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def seeds_job(workdir: Path, seeds: list[int], videos: int = 24, epochs: int | None = None) -> int:
+    """The main job once per seed (data, packing and training all seeded) in `<workdir>/seed<s>`,
+    then each figure as mean ± sd (min-max) over the seeds."""
+    status = max(main_job(workdir / f"seed{s}", videos, s, epochs) for s in seeds)
+    runs = [json.loads((workdir / f"seed{s}" / "summary.json").read_text()) for s in seeds]
+    table = Table(title=f"over seeds {', '.join(map(str, seeds))}: mean ± sd (min-max)")
+    table.add_column("")
+    table.add_column("macro-F1", justify="right")
+    for h, name in zip(HEADS, ("image head", "audio head", "fusion head", "prediction"), strict=True):
+        table.add_row(f"{name}, each fold on its held-out videos", spread([f[h] for r in runs for f in r["folds"]]))
+    for row in runs[0]["test"]:
+        table.add_row(f"test videos: {row}", spread([r["test"][row] for r in runs]))
+    console.print(table)
+    failed = sum(len(r["failed"]) for r in runs)
+    console.print(f"checks failed: {failed} over {len(seeds)} seed(s)")
+    return status

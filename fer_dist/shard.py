@@ -15,6 +15,7 @@ import contextlib
 import io
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -358,9 +359,12 @@ def problems(records: dict[str, dict]) -> list[str]:
 
 
 def manifest_of(records: dict[str, dict], shards: dict[str, list[dict]], params: PackParams) -> dict:
+    """The manifest; the same whatever order the videos finished in (records are taken sorted by
+    video and the log-mel sums exactly rounded, so a resumed packing gives the same bytes)."""
+    records = dict(sorted(records.items()))
     count = sum(r["mel_count"] for r in records.values())
-    mean = sum(r["mel_sum"] for r in records.values()) / max(count, 1)
-    var = sum(r["mel_sumsq"] for r in records.values()) / max(count, 1) - mean**2
+    mean = math.fsum(r["mel_sum"] for r in records.values()) / max(count, 1)
+    var = math.fsum(r["mel_sumsq"] for r in records.values()) / max(count, 1) - mean**2
     videos = {
         name: {k: v for k, v in r.items() if k not in ("mel_sum", "mel_sumsq", "mel_count")}
         for name, r in sorted(records.items())

@@ -226,6 +226,11 @@ def run(
     manifest = read_manifest(Path(cfg.data.shards))
     model = build(cfg.model, cfg.data.image_size, cfg.data.audio_size, feature_dims(manifest))
     stream.check(cfg.data, manifest, model.inputs)
+    strangers = sorted(set(cfg.loss.head_weights) - set(model.heads))
+    if strangers:
+        raise config_lib.ConfigError(
+            f"loss.head_weights names {', '.join(strangers)}; this model trains the heads {', '.join(model.heads)}"
+        )
     if model.sequences != bool(cfg.data.sequence_length):
         kind = (
             "runs of frames (set data.sequence_length)" if model.sequences else "single frames (data.sequence_length=0)"

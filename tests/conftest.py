@@ -60,11 +60,14 @@ def samples(shards: Path, pattern: str = "*.tar"):
                 yield current
 
 
+SWIN = "swin_tiny_patch4_window7_224"
 TINY = "{embed_dim: 16, depths: [1, 1], num_heads: [1, 2], window_size: 4}"
 
 
 def tiny_run(shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    """Overrides that make configs/mfm_cpu.yaml a seconds-long run on the test shards."""
+    """Overrides that make configs/mfm_cpu.yaml a seconds-long run on the test shards. The
+    branches are tiny Swins: layer norms only, so a step's gradients do not depend on how the
+    batch is split over ranks (batch norm's statistics would)."""
     return [
         f"data.shards={shards}",
         f"train.run_dir={run_dir}",
@@ -75,6 +78,8 @@ def tiny_run(shards: Path, run_dir: Path, *extra: str) -> list[str]:
         "data.workers=0",
         "data.image_size=32",
         "data.audio_size=[32, 32]",
+        f"model.image_backbone={SWIN}",
+        f"model.audio_backbone={SWIN}",
         f"model.image_backbone_args={TINY}",
         f"model.audio_backbone_args={TINY}",
         "model.fusion_dim=32",

@@ -34,3 +34,16 @@ def test_other_header_is_refused(tmp_path):
     f.write_text("valence,arousal\n0.1,0.2\n")
     with pytest.raises(LayoutError, match="not an expression header"):
         read_annotation(f)
+
+
+def test_blank_lines_at_the_end_carry_no_frame(tmp_path):
+    f = tmp_path / "v.txt"
+    f.write_text(",".join(CLASSES) + "\n0\n5\n\n  \n\t\n")
+    assert read_annotation(f).tolist() == [0, 5]
+
+
+def test_blank_line_before_more_labels_is_malformed(tmp_path):
+    f = tmp_path / "v.txt"
+    f.write_text(",".join(CLASSES) + "\n0\n\n5\n\n")
+    with pytest.raises(LayoutError, match=r"v\.txt:3: malformed label ''"):
+        read_annotation(f)

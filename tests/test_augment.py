@@ -81,3 +81,24 @@ def test_augmentation_is_per_run_in_clip_mode():
     assert not torch.allclose(out["image"][0], out["image"][1])  # runs differ
     plain = prepare(batch_of(images, (2, 4)), torch.device("cpu"), cfg, MANIFEST, train=False)
     torch.testing.assert_close(plain["image"][0], plain["image"][1])  # evaluation: no augmentation
+
+
+def test_audio_dropout_silences_whole_runs_in_training_only():
+    from fer_dist.audio import SILENCE
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 4, 3, 40, 40), dtype=torch.uint8)
+    batch = batch_of(images, (64, 4))
+    cpu = torch.device("cpu")
+    out = prepare(batch, cpu, data_cfg("data.audio_dropout=0.5"), MANIFEST, train=True)["audio"]
+    silent = (out == SILENCE).flatten(2).all(-1)  # [runs, frames]: the window is silence throughout
+    assert (silent == silent[:, :1]).all()  # a run is silent as a whole or not at all
+    assert 10 < silent[:, 0].sum() < 54  # about half of the 64 runs
+    heard = ~silent[:, 0]
+    plain = prepare(batch, cpu, data_cfg(), MANIFEST, train=True)["audio"]
+    torch.testing.assert_close(out[heard], plain[heard])  # the others are untouched
+    for train in (True, False):
+        kept = prepare(
+            batch, cpu, data_cfg("data.audio_dropout=0.0" if train else "data.audio_dropout=0.5"), MANIFEST, train
+        )
+        assert not (kept["audio"] == SILENCE).flatten(2).all(-1).any()

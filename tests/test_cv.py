@@ -84,3 +84,15 @@ def test_cv_resumes_fold_by_fold_then_predicts_and_submits(challenge, tmp_path):
     assert refused.returncode == 2
     assert "refusing to write" in out and "no-such-video/00001" in out
     assert (cv / "ensemble" / "submission" / "abaw5.csv").read_bytes() == written
+
+
+def test_a_single_process_fold_gets_every_core(tmp_path):
+    """`accelerate launch` alone would start the lone training process with one thread."""
+    from fer_dist.cv import launcher
+
+    script = tmp_path / "threads.py"
+    script.write_text("import torch\nprint('threads', torch.get_num_threads())\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    done = subprocess.run([*launcher(None), str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"threads {len(os.sched_getaffinity(0))}" in done.stdout

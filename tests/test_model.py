@@ -1,8 +1,9 @@
+import pytest
 import torch
 
 from conftest import REPO
 from fer_dist import config
-from fer_dist.config import LossConfig
+from fer_dist.config import ConfigError, LossConfig
 from fer_dist.models import build, create_model
 from fer_dist.models.losses import objective
 
@@ -83,3 +84,68 @@ def test_configs_build():
     )
     swin = sum(p.numel() for p in paper.image_branch.parameters())
     assert 27e6 < swin < 28.5e6  # Swin-Tiny without its head
+
+
+NARROW_RESNET = {"channels": [8, 16, 16, 32], "stem_width": 8}
+BACKBONES = {
+    "cnn": ("resnet10t", NARROW_RESNET, 32),  # feature map 2x2 of a 64x64 input: 4 tokens of 32
+    "swin": ("swin_tiny_patch4_window7_224", TINY, 32),
+}
+
+
+@pytest.mark.parametrize("image_kind", sorted(BACKBONES))
+@pytest.mark.parametrize("audio_kind", sorted(BACKBONES))
+def test_each_branch_takes_a_cnn_or_a_swin(image_kind, audio_kind):
+    (image_name, image_args, image_dim), (audio_name, audio_args, audio_dim) = (
+        BACKBONES[image_kind],
+        BACKBONES[audio_kind],
+    )
+    m = create_model(
+        "mfm",
+        image_backbone=image_name,
+        image_backbone_args=image_args,
+        audio_backbone=audio_name,
+        audio_backbone_args=audio_args,
+        image_size=64,
+        audio_size=(64, 32),
+        fusion_dim=16,
+        fusion_heads=2,
+    )
+    from fer_dist.models.backbones import tokens
+
+    assert tokens(m.image_branch, torch.randn(2, 3, 64, 64)).shape[-1] == image_dim
+    assert tokens(m.audio_branch, torch.randn(2, 1, 64, 32)).shape[-1] == audio_dim
+    out = m(torch.randn(2, 3, 64, 64), torch.randn(2, 1, 64, 32))
+    assert all(v.shape == (2, 8) for v in out.values())
+    loss = objective(out, torch.tensor([1, 2]), m.heads, LossConfig())
+    loss.backward()
+    for branch in (m.image_branch, m.audio_branch):
+        assert all(p.grad is not None for p in branch.parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"image_backbone": "resnet_does_not_exist"}, "'resnet_does_not_exist' is not a timm model"),
+        (
+            {"audio_backbone": "resnet10t", "audio_backbone_args": {"embed_dim": 32}},
+            "backbone 'resnet10t' cannot be built",
+        ),
+        (
+            {"image_backbone_args": {**TINY, "num_heads": [1]}},
+            "backbone 'swin_tiny_patch4_window7_224' cannot be built",
+        ),
+    ],
+)
+def test_a_backbone_that_cannot_work_is_a_config_error(kwargs, message):
+    kwargs = {"image_backbone_args": TINY, "audio_backbone_args": TINY, **kwargs}
+    with pytest.raises(ConfigError, match=message):
+        create_model("mfm", image_size=32, audio_size=(32, 32), fusion_heads=2, **kwargs)
+
+
+def test_head_weights_scale_each_heads_loss():
+    outputs = {h: torch.randn(4, 8) for h in ("image", "audio", "fusion")}
+    target = torch.tensor([0, 3, 5, 7])
+    each = {h: objective(outputs, target, (h,), LossConfig()) for h in outputs}
+    weighted = objective(outputs, target, tuple(outputs), LossConfig(head_weights={"fusion": 0.5, "image": 2.0}))
+    torch.testing.assert_close(weighted, 2.0 * each["image"] + each["audio"] + 0.5 * each["fusion"])

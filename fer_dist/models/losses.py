@@ -54,7 +54,8 @@ def objective(
     mask: torch.Tensor | None = None,
     again: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The configured loss summed over `heads`; `again` is the second pass of R-Drop."""
+    """The configured loss summed over `heads`, each weighted by `cfg.head_weights` (1 when not
+    named); `again` is the second pass of R-Drop."""
     num_classes = outputs[heads[0]].shape[-1]
     soft = target.is_floating_point()
     q = soft_targets(frames(target, mask, soft), num_classes, cfg.label_smoothing)
@@ -69,8 +70,9 @@ def objective(
     for h in heads:
         first = frames(outputs[h], mask, True)
         if again is None:
-            total = total + loss(first)
-            continue
-        second = frames(again[h], mask, True)
-        total = total + 0.5 * (loss(first) + loss(second)) + cfg.rdrop_alpha * symmetric_kl(first, second)
+            term = loss(first)
+        else:
+            second = frames(again[h], mask, True)
+            term = 0.5 * (loss(first) + loss(second)) + cfg.rdrop_alpha * symmetric_kl(first, second)
+        total = total + cfg.head_weights.get(h, 1.0) * term
     return total
