@@ -120,3 +120,33 @@ def test_inspect_command_reads_the_tars(shards, tmp_path):
     )
     assert result.returncode == 1
     assert f"shard {victim.name}: manifest" in result.stdout and "disagree" in result.stdout
+
+
+def test_the_manifest_does_not_depend_on_the_order_videos_finished_in():
+    """Resumed packing finishes videos in another order; float sums must not see it."""
+    import itertools
+
+    from fer_dist.shard import PackParams, manifest_of
+
+    def record(fold: str, mel_sum: float) -> dict:
+        counts = [1, 0, 0, 0, 0, 0, 0, 1]
+        return {
+            "fold": fold, "parent": "p", "fps": 30.0, "fps_source": "container", "frames": 2, "audio": True,
+            "audio_error": None, "labelled": 2, "with_crop": 2, "with_crop_class_counts": counts, "samples": 2,
+            "filled": 0, "corrupt_crops": 0, "dropped": {f"reason of {fold}": 1}, "class_counts": counts,
+            "labelled_class_counts": counts, "window_counts": [2, 2, 2], "window_patterns": [[1, 1]],
+            "mel_sum": mel_sum, "mel_sumsq": abs(mel_sum), "mel_count": 4,
+        }  # fmt: skip
+
+    sums = {"a": 1e16, "b": 1.0, "c": -1e16, "d": 0.1}  # naive float sums of these depend on the order
+    shards = {
+        "fold0": [{"name": "fold0-000000.tar", "samples": 4}],
+        "fold1": [{"name": "fold1-000000.tar", "samples": 4}],
+    }
+    written = set()
+    for order in itertools.permutations(sums):
+        records = {v: record(f"fold{i % 2}", sums[v]) for i, v in enumerate(sorted(sums))}
+        records = {v: records[v] for v in order}
+        written.add(json.dumps(manifest_of(records, shards, PackParams())))
+    assert len(written) == 1
+    assert json.loads(written.pop())["mel_stats"]["mean"] == 1.1 / 16  # exactly rounded
