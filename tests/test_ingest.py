@@ -15,7 +15,7 @@ import pytest
 from conftest import samples
 from fer_dist.affwild2 import CLASSES, LayoutError, discover, list_crops, read_annotation
 from fer_dist.audio import read_media
-from fer_dist.shard import PackParams, assign_folds, pack, read_manifest
+from fer_dist.shard import PackParams, assign_folds, pack
 
 ANN = Path("6th ABAW Annotations") / "EXPR_Recognition_Challenge"
 
