@@ -29,16 +29,17 @@ def create_backbone(
         if not Path(pretrained).is_file():
             raise FileNotFoundError(f"pretrained weights {pretrained} not found")
         kwargs["pretrained_cfg_overlay"] = {"file": pretrained}
-    sized = {"img_size": img_size} if img_size is not None else {}
+
+    def build(**sized) -> nn.Module:
+        return timm.create_model(name, pretrained=bool(pretrained), num_classes=0, in_chans=in_chans, **kwargs, **sized)
+
     try:
         try:
-            model = timm.create_model(
-                name, pretrained=bool(pretrained), num_classes=0, in_chans=in_chans, **kwargs, **sized
-            )
-        except TypeError as exc:
-            if not sized or "img_size" not in str(exc):
+            model = build(img_size=img_size) if img_size is not None else build()
+        except TypeError as exc:  # a CNN: it takes any input size
+            if img_size is None or "img_size" not in str(exc):
                 raise
-            model = timm.create_model(name, pretrained=bool(pretrained), num_classes=0, in_chans=in_chans, **kwargs)
+            model = build()
         if img_size is not None:
             size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
             with torch.no_grad():
