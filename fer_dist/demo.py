@@ -88,14 +88,14 @@ def main_job(workdir: Path, videos: int = 24, seed: int = 0, epochs: int | None 
     for f in folds:
         table.add_row(f["fold"], *(f"{f[h]:.3f}" for h in HEADS))
     console.print(table)
-    test = {r["name"]: r["macro_f1"] for r in result["test"]}
+    test, how = {r["name"]: r["macro_f1"] for r in result["test"]}, result["how"]
     console.print(
         f"test macro-F1: mean of the fold models {test['mean of members']:.3f}, "
-        f"vote ensemble {test['ensemble (vote)']:.3f}, "
-        f"with post-processing {test['ensemble (vote) + post-processing']:.3f}"
+        f"{how} ensemble {test[f'ensemble ({how})']:.3f}, "
+        f"with post-processing {test[f'ensemble ({how}) + post-processing']:.3f}"
     )
     minutes = (time.perf_counter() - started) / 60
-    failed = checks(folds, test, "vote")
+    failed = checks(folds, test, how)
     summary = {"seed": seed, "minutes": round(minutes, 2), "folds": folds, "test": test, "failed": failed}
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     console.print(

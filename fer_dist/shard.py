@@ -367,7 +367,7 @@ def manifest_of(records: dict[str, dict], shards: dict[str, list[dict]], params:
     var = math.fsum(r["mel_sumsq"] for r in records.values()) / max(count, 1) - mean**2
     videos = {
         name: {k: v for k, v in r.items() if k not in ("mel_sum", "mel_sumsq", "mel_count")}
-        for name, r in sorted(records.items())
+        for name, r in records.items()
     }
     groups = {}
     for group, group_shards in sorted(shards.items()):

@@ -5,6 +5,7 @@ from conftest import REPO
 from fer_dist import config
 from fer_dist.config import ConfigError, LossConfig
 from fer_dist.models import build, create_model
+from fer_dist.models.backbones import tokens
 from fer_dist.models.losses import objective
 
 TINY = {"embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "window_size": 4}
@@ -51,8 +52,6 @@ def test_co_attention_directions():
 
 def test_token_sequences_not_pooled():
     m = tiny_model()
-    from fer_dist.models.backbones import tokens
-
     # patch 4 then one patch merging: 32x32 -> 8x8 -> 4x4 tokens; 64x32 -> 16x8 -> 8x4
     assert tokens(m.image_branch, torch.randn(1, 3, 32, 32)).shape[1:] == (16, 32)
     assert tokens(m.audio_branch, torch.randn(1, 1, 64, 32)).shape[1:] == (32, 32)
@@ -111,8 +110,6 @@ def test_each_branch_takes_a_cnn_or_a_swin(image_kind, audio_kind):
         fusion_dim=16,
         fusion_heads=2,
     )
-    from fer_dist.models.backbones import tokens
-
     assert tokens(m.image_branch, torch.randn(2, 3, 64, 64)).shape[-1] == image_dim
     assert tokens(m.audio_branch, torch.randn(2, 1, 64, 32)).shape[-1] == audio_dim
     out = m(torch.randn(2, 3, 64, 64), torch.randn(2, 1, 64, 32))

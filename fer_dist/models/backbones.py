@@ -19,7 +19,7 @@ from fer_dist.config import ConfigError
 def create_backbone(
     name: str, *, in_chans: int, img_size: int | tuple[int, int] | None, pretrained: bool | str, **kwargs
 ) -> nn.Module:
-    """A timm model without its classifier, checked with one forward pass of an input of its size.
+    """A timm model without its classifier; given `img_size`, checked with one forward pass of it.
     `pretrained`: True loads ImageNet weights from the hub; a path loads them from that local file
     (safetensors or a state dict, as timm reads them); timm adapts the first layer to `in_chans`.
     A name timm does not know, or a model that cannot take these inputs, is a ConfigError."""
