@@ -1,4 +1,4 @@
-"""`fer-dist`: a thin command line over the library functions."""
+"""`fer-dist`: the command line, one library call per command."""
 
 from __future__ import annotations
 
@@ -7,38 +7,22 @@ import json
 import sys
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-
-from fer_dist.affwild2 import CLASSES, LayoutError
-from fer_dist.config import CONFIGS
-
-console = Console(stderr=True)
-out = Console()
-
-
-def bar() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=console,
-    )
+from fer_dist.console import console, out, progress
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from fer_dist.synth import synthesize
+    from fer_dist.data.synth import synthesize
 
-    with bar() as progress:
-        task = progress.add_task("synthesizing videos", total=args.videos + args.test_videos, info="")
-
-        def advance() -> None:
-            progress.advance(task)
-
-        total = synthesize(Path(args.out), args.videos, args.seed, args.workers, advance, test_videos=args.test_videos)
+    with progress() as bar:
+        task = bar.add_task("synthesizing videos", total=args.videos + args.test_videos, info="")
+        total = synthesize(
+            Path(args.out),
+            args.videos,
+            args.seed,
+            args.workers,
+            lambda: bar.advance(task),
+            test_videos=args.test_videos,
+        )
     console.print(f"{args.videos} videos, {total} labelled frames in {args.out}")
     if args.test_videos:
         console.print(f"{args.test_videos} test videos: {args.out}/test_set.txt, test_template.csv, test_labels/")
@@ -46,18 +30,19 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
-    from fer_dist.affwild2 import discover
-    from fer_dist.audio import MelParams
-    from fer_dist.shard import PackParams, pack
+    from fer_dist.data import pack
+    from fer_dist.data.audio import MelParams
+    from fer_dist.data.format import PackParams
+    from fer_dist.data.layout import LayoutError, discover
 
     if args.src != "affwild2":
         raise LayoutError(f"--src {args.src}: only affwild2 is known")
     videos = discover(
         Path(args.root),
-        annotations=Path(args.annotations) if args.annotations else None,
+        annotations=optional_path(args.annotations),
         crop_dirs=[Path(p) for p in args.crops] or None,
         video_dirs=[Path(p) for p in args.video_dirs] or None,
-        test_list=Path(args.test_list) if args.test_list else None,
+        test_list=optional_path(args.test_list),
     )
     params = PackParams(
         folds=args.folds,
@@ -68,138 +53,67 @@ def cmd_shard(args: argparse.Namespace) -> int:
         missing=args.missing,
         mel=MelParams(sample_rate=args.sample_rate),
     )
-    with bar() as progress:
-        task = progress.add_task("packing videos", total=len(videos), info="")
-        frames = 0
-
-        def advance(_: str, n: int) -> None:
-            nonlocal frames
-            frames += n
-            progress.update(task, advance=1, info=f"{frames} frames")
-
-        manifest = pack(videos, Path(args.out), params, args.workers, advance)
-    report(manifest)
+    with progress() as bar:
+        task = bar.add_task("packing videos", total=len(videos), info="")
+        manifest = pack.pack(videos, Path(args.out), params, args.workers, lambda _, n: bar.advance(task))
+    pack.show(manifest)
     return 0
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from fer_dist.affwild2 import discover
-    from fer_dist.extract import extract
-    from fer_dist.shard import read_manifest
+    from fer_dist.data.format import read_manifest
+    from fer_dist.data.layout import discover
+    from fer_dist.jobs import extract
 
-    source = read_manifest(Path(args.shards))
+    source = read_manifest(args.shards)
     videos = discover(Path(args.root), video_dirs=[Path(p) for p in args.video_dirs] or None)
-    with bar() as progress:
-        task = progress.add_task("extracting", total=source["totals"]["samples"], info="audio features")
-
-        def advance(name: str, n: int) -> None:
-            progress.update(task, advance=n, info=name)
-
-        manifest = extract(
+    with progress() as bar:
+        task = bar.add_task("extracting", total=source.totals.samples, info="audio features")
+        manifest = extract.extract(
             Path(args.shards),
             Path(args.out),
             videos,
             args.backbone,
             args.weights,
             args.image_size,
-            Path(args.words) if args.words else None,
+            optional_path(args.words),
             args.batch_size,
             args.workers,
-            progress=advance,
+            progress=lambda name, n: bar.update(task, advance=n, info=name),
         )
-    features = manifest["features"]
-    console.print(
-        f"{manifest['totals']['samples']} samples in {args.out}: "
-        + ", ".join(f"{name} [{f['dim']}]" for name, f in features.items())
-    )
-    silent = features["audio_features"]["videos_without_audio"]
-    if silent:
-        console.print(f"[yellow]{len(silent)} video(s) without audio have zero audio features:[/] {', '.join(silent)}")
-    if "words" in features and features["words"]["videos_without"]:
-        missing = features["words"]["videos_without"]
-        console.print(f"[yellow]{len(missing)} video(s) without word embeddings have zeros:[/] {', '.join(missing)}")
+    extract.show(manifest, Path(args.out))
     return 0
 
 
-def report(manifest: dict) -> None:
-    """The paper's Table 1 for these data, with both counts, and everything that went wrong."""
-    t = manifest["totals"]
-    table = Table(title="labelled frames per class")
-    for col in ("class", "all labelled", "with a crop", "packed"):
-        table.add_column(col, justify="right")
-    for c, name in enumerate(CLASSES):
-        counts = (t["labelled_class_counts"][c], t["with_crop_class_counts"][c], t["class_counts"][c])
-        table.add_row(name, *map(str, counts))
-    table.add_row("total", str(t["labelled"]), str(t["with_crop"]), str(sum(t["class_counts"])))
-    out.print(table)
-    out.print(
-        f"{t['videos']} videos, {t['samples']} samples; {t['filled']} frames filled from the nearest crop; "
-        f"{t['corrupt_crops']} corrupt crops; {len(t['videos_without_audio'])} videos packed without audio; "
-        f"dropped: {', '.join(f'{n} ({r})' for r, n in t['dropped'].items() if n) or 'none'}"
-    )
-    groups = ", ".join(f"{g} {v['samples']} ({len(v['shards'])} shards)" for g, v in manifest["groups"].items())
-    out.print(f"groups: {groups}")
-    for line in manifest["problems"]:
-        console.print(f"[yellow]warning:[/] {line}")
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from fer_dist.inspection import compare, survey
-    from fer_dist.shard import read_manifest
+    from fer_dist.data import inspect
+    from fer_dist.data.format import ManifestError, read_manifest
 
-    found = survey(Path(args.shards))
+    found = inspect.survey(Path(args.shards))
     try:
-        diffs = compare(found, read_manifest(Path(args.shards)))
-    except FileNotFoundError as exc:
+        diffs = inspect.compare(found, read_manifest(args.shards))
+    except ManifestError as exc:
         diffs = [str(exc)]
     agree = not diffs and not found["problems"]
     if args.json:
         out.print_json(json.dumps({**found, "manifest_differences": diffs, "agrees": agree}))
-        return 0 if agree else 1
-    table = Table(title=f"{args.shards}: samples read from the tars")
-    for col in ("group", "samples", *CLASSES):
-        table.add_column(col, justify="right")
-    for g, v in found["groups"].items():
-        table.add_row(g, str(v["samples"]), *map(str, v["class_counts"]))
-    out.print(table)
-    out.print(
-        f"{found['samples']} samples in {len(found['shards'])} shards, {len(found['videos'])} videos, "
-        f"{found['filled']} filled crops"
-    )
-    for line in found["problems"] + diffs:
-        out.print(f"[red]{line}")
-    out.print("[green]tars agree with manifest.json" if agree else "[red]tars and manifest.json disagree")
+    else:
+        inspect.show(Path(args.shards), found, diffs, agree)
     return 0 if agree else 1
 
 
+def cmd_train(argv: list[str]) -> int:
+    from fer_dist import train
+
+    return train.main(argv)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fer_dist.demo import main_job, seeds_job
+    from fer_dist.jobs.demo import main_job, seeds_job
 
     if args.seeds:
         return seeds_job(Path(args.workdir), args.seeds, args.videos, args.epochs)
     return main_job(Path(args.workdir), args.videos, args.seed, args.epochs)
-
-
-def print_report(report: dict) -> None:
-    """The ensemble report's tables (per-class F1 in %), as in report.md, at least 120 columns wide."""
-    from fer_dist.postprocess import describe
-
-    wide = Console(width=max(out.size.width, 120))
-    sections = [("each fold on its held-out videos", report["validation"])]
-    if report.get("test"):
-        sections.append(("the test videos", report["test"]))
-    for title, rows in sections:
-        table = Table(title=title)
-        table.add_column("", no_wrap=True)
-        for col in (*(c[:3] for c in CLASSES), "Avg."):
-            table.add_column(col, justify="right")
-        for r in rows:
-            table.add_row(r["name"], *(f"{100 * v:.1f}" for v in r["per_class_f1"]), f"{100 * r['macro_f1']:.1f}")
-        wide.print(table)
-    out.print(f"post-processing: {describe(report['postprocess'])}")
-    if "submission" in report:
-        s = report["submission"]
-        out.print(f"submissions: {s['abaw3_files']} ABAW3 files, {s['abaw5_rows']} ABAW5/6 rows")
 
 
 def optional_path(value: str | None) -> Path | None:
@@ -208,8 +122,8 @@ def optional_path(value: str | None) -> Path | None:
 
 def interruptible(job, *args) -> dict | int:
     """The job's report; the requeue status when a signal stopped one of its runs, 1 when one failed."""
-    from fer_dist.checkpoint import REQUEUE_EXIT
-    from fer_dist.cv import Interrupted, RunFailed
+    from fer_dist.engine.checkpoint import REQUEUE_EXIT
+    from fer_dist.jobs.cv import Interrupted, RunFailed
 
     try:
         return job(*args)
@@ -223,156 +137,48 @@ def interruptible(job, *args) -> dict | int:
 
 def cmd_cv(args: argparse.Namespace) -> int:
     from fer_dist.config import load
-    from fer_dist.cv import cross_validate
+    from fer_dist.jobs.cv import cross_validate
+    from fer_dist.results import ensemble
 
     cv_dir = Path(args.cv_dir or load(args.config, args.overrides).train.run_dir)
     template, truth = optional_path(args.template), optional_path(args.truth)
     report = interruptible(cross_validate, args.config, args.overrides, cv_dir, args.launch, args.how, template, truth)
     if isinstance(report, int):
         return report
-    print_report(report)
+    ensemble.show(report)
     out.print(f"report: {cv_dir / 'ensemble' / 'report.md'}")
     return 0
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
-    from fer_dist.ensemble import run
+    from fer_dist.results import ensemble
 
-    report = run(args.runs, Path(args.out), args.how, optional_path(args.truth))
-    print_report(report)
+    ensemble.show(ensemble.run(args.runs, Path(args.out), args.how, optional_path(args.truth)))
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from fer_dist.cv import predict
+    from fer_dist.jobs.cv import predict
+    from fer_dist.results import ensemble
 
     template, truth = optional_path(args.template), optional_path(args.truth)
     shards, target = Path(args.shards), Path(args.out)
     report = interruptible(predict, args.runs, shards, target, args.launch, args.how, template, truth)
     if isinstance(report, int):
         return report
-    print_report(report)
-    out.print(f"submissions in {Path(args.out) / 'submission'}")
+    ensemble.show(report)
+    out.print(f"submissions in {target / 'submission'}")
     return 0
-
-
-def print_table(title: str, columns: dict[str, str], rows: list[dict]) -> None:
-    table = Table(title=title)
-    for heading in columns.values():
-        table.add_column(heading, justify="right")
-    for r in rows:
-        table.add_row(*(str(r[k]) for k in columns))
-    out.print(table)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from fer_dist import bench
 
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if args.what == "pack":
-        result = bench.bench_pack(workdir, args.videos, args.workers)
-    elif args.what == "models":
-        result = bench.bench_models(workdir, args.videos)
-    elif args.what == "step":
-        result = bench.bench_step(str(CONFIGS / "mfm_cpu.yaml"), str(CONFIGS / "mfm_swin_tiny.yaml"), 32, args.steps)
-    else:
-        result = bench.bench_loader(workdir, args.videos, args.workers[-1], args.samples)
+    result = bench.run(args.what, Path(args.workdir), args.videos, args.workers, args.samples, args.steps)
     if args.json:
         out.print_json(json.dumps(result))
-        return 0
-    if args.what == "models":
-        rows = [
-            {
-                **r,
-                "parameters": f"{r['parameters'] / 1e6:.1f} M",
-                "cpu_parameters": f"{r['cpu_parameters'] / 1e6:.2f} M",
-                "cpu_samples_per_s": f"{r['cpu_samples_per_s']:.0f}",
-                "held_out_macro_f1": f"{r['held_out_macro_f1']:.3f}",
-                "chance_macro_f1": f"{r['chance_macro_f1']:.3f}",
-            }
-            for r in result["systems"]
-        ]
-        columns = {
-            "model": "model",
-            "paper": "paper",
-            "config": "config",
-            "parameters": "parameters",
-            "cpu_config": "CPU config",
-            "cpu_parameters": "CPU parameters",
-            "cpu_samples_per_s": "CPU samples/s",
-            "held_out_macro_f1": "held-out macro-F1",
-            "chance_macro_f1": "chance",
-        }
-        print_table(f"the papers' systems on {result['videos']} synthetic videos", columns, rows)
-        return 0
-    if args.what == "step":
-        rows = [
-            {"what": "fer-dist loop, s/step", "value": f"{result['loop_s_per_step']:.4f}"},
-            {"what": "bare PyTorch loop, s/step", "value": f"{result['bare_s_per_step']:.4f}"},
-            {
-                "what": "fer-dist loop without gradient clipping, s/step",
-                "value": f"{result['loop_unclipped_s_per_step']:.4f}",
-            },
-            {"what": "overhead", "value": f"{result['overhead']:+.1%}"},
-            {"what": "overhead without clipping", "value": f"{result['overhead_unclipped']:+.1%}"},
-            {"what": "samples/s, 1 process", "value": f"{result['throughput_1proc']:.1f}"},
-            {"what": "samples/s, 2 processes", "value": f"{result['throughput_2proc']:.1f}"},
-        ]
-        rows += [
-            {"what": f"paper model, largest micro-batch on 11 GB ({p})", "value": str(n)}
-            for p, n in result["max_micro_batch_11gb"].items()
-        ]
-        print_table(
-            f"training step: {Path(result['config']).name}, batch {result['batch_size']}",
-            {"what": "", "value": ""},
-            rows,
-        )
-        return 0
-    if args.what == "pack":
-        columns = {
-            "workers": "workers",
-            "seconds": "command s",
-            "pack_seconds": "pack() s",
-            "frames_per_s": "frames/s",
-            "frames_per_s_per_core": "frames/s per core",
-            "scaling": "scaling",
-            "peak_rss_mb": "peak RSS (MB)",
-        }
-        title = f"fer-dist shard: {result['labelled_frames']} labelled frames, {result['videos']} videos"
-        print_table(title, columns, result["runs"])
-        return 0
-    rows = [
-        {"loader": "training stream", "rate": result["stream_per_core"], "rss": result["peak_rss_mb"]},
-        {
-            "loader": "folder of JPEGs (teams' style)",
-            "rate": result["baseline_per_core"],
-            "rss": result["baseline_peak_rss_mb"],
-        },
-        {
-            "loader": "decode only (limit)",
-            "rate": result["decode_limit_per_core"],
-            "rss": result["decode_limit_peak_rss_mb"],
-        },
-        {"loader": "training stream, 10x dataset", "rate": "", "rss": result["peak_rss_mb_10x_dataset"]},
-    ]
-    title = f"loaders, {result['workers']} worker(s), batch {result['batch_size']}"
-    print_table(title, {"loader": "loader", "rate": "samples/s per worker", "rss": "peak RSS (MB)"}, rows)
-    classes = [
-        {"c": c, "t": f"{t:.4f}", "e": f"{e:.4f}"}
-        for c, t, e in zip(CLASSES, result["target_class_fraction"], result["emitted_class_fraction"], strict=True)
-    ]
-    print_table(
-        f"class shares over {result['emitted_samples']} emitted samples",
-        {"c": "class", "t": "target", "e": "emitted"},
-        classes,
-    )
-    r = result
-    out.print(
-        f"stream / teams' loader {r['stream_vs_baseline']}x, stream / decode limit {r['stream_vs_decode_limit']:.0%}, "
-        f"largest relative class error {r['max_relative_class_error']:.1%}, "
-        f"discarded {r['discarded_fraction']:.1%} of what was read"
-    )
+    else:
+        bench.show(args.what, result)
     return 0
 
 
@@ -425,7 +231,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_inspect)
 
     sub.add_parser(
-        "train", help="train in this process (accelerate launch fer_dist/train.py for several)", add_help=False
+        "train", help="train in this process (accelerate launch -m fer_dist.train for several)", add_help=False
     )
 
     s = sub.add_parser("cv", help="cross-validation: every fold on this machine, then the ensemble")
@@ -475,14 +281,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train"]:  # the rest is train.py's own command line, options included
-        from fer_dist import train
-
-        return train.main(argv[1:])
+    if argv[:1] == ["train"]:  # the rest is fer_dist.train's own command line, options included
+        return cmd_train(argv[1:])
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (LayoutError, ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # bad input: layout, manifest, config, missing files
         console.print(f"[red]error:[/] {exc}")
         return 2
 

@@ -13,15 +13,19 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from fer_dist.affwild2 import CLASSES
+from fer_dist.labels import CLASSES
 
 N_CLASSES = len(CLASSES)
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the experiment configs of a checkout
+# The experiment configs and Accelerate launch files: the checkout's configs/ and launch/, shipped
+# in the wheel as the packages fer_dist.configs and fer_dist.launch (one copy, see pyproject.toml).
+CONFIGS = Path(str(resources.files("fer_dist.configs")))
+LAUNCH = Path(str(resources.files("fer_dist.launch")))
 
 
 class ConfigError(ValueError):
@@ -35,6 +39,7 @@ class DataConfig:
     batch_size: int = 32  # per process
     eval_batch_size: int = 64
     workers: int = 4  # DataLoader processes per rank (decode only)
+    start_method: str = "auto"  # how loader workers start: auto (Python's default) | fork | spawn | forkserver
     shuffle_buffer: int = 2000  # samples, held undecoded
     epoch_samples: int = 0  # samples per epoch over all ranks; 0: one expected pass over the training groups
     # Class-balanced resampling (fer_dist.balance); per-class lists are in CLASSES order.
@@ -211,6 +216,10 @@ def validate(cfg: Config) -> None:
             len(d.subsample) in (0, N_CLASSES) and all(0 < k <= 1 for k in d.subsample),
             per_class("subsample", "in (0, 1]"),
         ),
+        (
+            d.start_method in ("auto", "fork", "spawn", "forkserver"),
+            f"data.start_method must be auto, fork, spawn or forkserver, not {d.start_method!r}",
+        ),
         (d.sequence_length >= 0, "data.sequence_length must be 0 (frames) or positive"),
         (d.rotation >= 0 and 0 <= d.color_jitter < 1, "data.rotation >= 0 and 0 <= data.color_jitter < 1"),
         (
@@ -268,9 +277,21 @@ def validate(cfg: Config) -> None:
             raise ConfigError(message)
 
 
+def find(path: str | Path) -> Path:
+    """A config file: `path` itself, or the shipped config of that name (`mfm_cpu`, `mfm_cpu.yaml`)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    shipped = CONFIGS / (path.name if path.suffix else f"{path.name}.yaml")
+    if path.parent == Path(".") and shipped.exists():
+        return shipped
+    known = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"config {path} not found (a YAML file, or one of the shipped configs: {known})")
+
+
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Reads a YAML config and applies `section.key=value` overrides (values parsed as YAML)."""
-    raw = yaml.safe_load(Path(path).read_text()) if path else {}
+    """Reads a YAML config (`find`) and applies `section.key=value` overrides (values parsed as YAML)."""
+    raw = yaml.safe_load(find(path).read_text()) if path else {}
     raw = raw or {}
     for item in overrides:
         if "=" not in item:
@@ -282,3 +303,8 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Config) -> str:
+    """The config as YAML that `load` reads back to the same config."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

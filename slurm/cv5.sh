@@ -50,8 +50,8 @@ submit() {
   local shards folds array
   shards=$("$PYTHON" -c 'import sys; from fer_dist.config import load; print(load(sys.argv[1], sys.argv[2:]).data.shards)' \
     "$CONFIG" "${overrides[@]}")
-  folds=${FOLDS:-$("$PYTHON" -c 'import json, sys; g = json.load(open(sys.argv[1] + "/manifest.json"))["groups"]
-print(sum(k.startswith("fold") for k in g))' "$shards")}
+  folds=${FOLDS:-$("$PYTHON" -c 'import sys; from fer_dist.data.format import read_manifest
+print(len(read_manifest(sys.argv[1]).fold_groups()))' "$shards")}
   # shellcheck disable=SC2086
   array=$(sbatch --parsable ${SBATCH_ARGS:-} --job-name=fer-dist-fold --array=0-$((folds - 1)) \
     --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 --cpus-per-task="$GPUS_PER_NODE" --time="${TIME:-24:00:00}" \
@@ -88,7 +88,7 @@ fold() {
   srun --nodes="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=0 --open-mode=append \
     --output="$LOGS/fold$k-node%n.log" \
     bash -c 'trap "" USR1; exec "$0" -m accelerate.commands.launch --machine_rank "$SLURM_NODEID" "$@"' \
-    "$PYTHON" $launch fer_dist/train.py --resume "$run" --config "$CONFIG" "${overrides[@]}" \
+    "$PYTHON" $launch -m fer_dist.train --resume "$run" --config "$CONFIG" "${overrides[@]}" \
     "data.holdout_fold=$k" || status=$?
   if [[ -f $run/requeue.json ]]; then
     echo "fold $k: $(cat "$run/requeue.json"); requeueing"

@@ -1,6 +1,7 @@
 import pytest
 
-from fer_dist.affwild2 import CLASSES, LayoutError, read_annotation
+from fer_dist.data.layout import LayoutError, read_annotation
+from fer_dist.labels import CLASSES
 
 
 def test_labels_crlf_and_unannotated(tmp_path):

@@ -1,10 +1,13 @@
+from types import SimpleNamespace
+
 import torch
 
 from fer_dist import config
-from fer_dist.audio import SILENCE
-from fer_dist.augment import mix, prepare, random_affine, remix_label_weight
+from fer_dist.data.audio import SILENCE
+from fer_dist.data.format import MelStats
+from fer_dist.data.transforms import mix, prepare, random_affine, remix_label_weight
 
-MANIFEST = {"mel_stats": {"mean": 0.0, "std": 1.0}}
+MANIFEST = SimpleNamespace(mel_stats=MelStats(0.0, 1.0), feature_stats={})  # what prepare() reads of a manifest
 
 
 def data_cfg(*overrides):

@@ -9,13 +9,14 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO, tiny_config
-from fer_dist import predictions as preds_lib
-from fer_dist.synth import TEST_LABELS, TEST_TEMPLATE
+from fer_dist.data.format import read_manifest
+from fer_dist.data.synth import TEST_LABELS, TEST_TEMPLATE
+from fer_dist.engine import predictions as preds_lib
+from helpers import REPO, tiny_config
 
 
 def fer_dist(*args: str, **kw) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "fer_dist.cli", *args]
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
@@ -50,8 +51,8 @@ def test_cv_resumes_fold_by_fold_then_predicts_and_submits(challenge, tmp_path):
     report = json.loads((cv / "ensemble" / "report.json").read_text())
     assert [r["name"] for r in report["validation"][:3]] == ["cv-fold0", "cv-fold1", "cv-fold2"]
     assert {r["name"] for r in report["test"]} >= {"mean of members", "ensemble (vote)"}
-    manifest = json.loads((shards / "manifest.json").read_text())
-    test_videos = {v: r["frames"] for v, r in manifest["videos"].items() if r["split"] == "test"}
+    manifest = read_manifest(shards)
+    test_videos = {v: r.frames for v, r in manifest.videos.items() if r.split == "test"}
     # every frame of every test video, exactly once, in both formats
     template_rows = (data / TEST_TEMPLATE).read_text().splitlines()[1:]
     rows = (cv / "ensemble" / "submission" / "abaw5.csv").read_text().splitlines()
@@ -60,7 +61,7 @@ def test_cv_resumes_fold_by_fold_then_predicts_and_submits(challenge, tmp_path):
         lines = (cv / "ensemble" / "submission" / "abaw3" / f"{video}.txt").read_text().splitlines()
         assert len(lines) == n + 1 and all(0 <= int(x) < 8 for x in lines[1:])
     test = preds_lib.load(cv / "ensemble" / "test.npz")
-    assert len(test) == sum(test_videos.values()) == manifest["groups"]["test"]["samples"]
+    assert len(test) == sum(test_videos.values()) == manifest.groups["test"].samples
 
     # a rerun retrains nothing and predicts nothing again
     third = fer_dist(*args)
@@ -88,7 +89,7 @@ def test_cv_resumes_fold_by_fold_then_predicts_and_submits(challenge, tmp_path):
 
 def test_a_single_process_fold_gets_every_core(tmp_path):
     """`accelerate launch` alone would start the lone training process with one thread."""
-    from fer_dist.cv import launcher
+    from fer_dist.jobs.cv import launcher
 
     script = tmp_path / "threads.py"
     script.write_text("import torch\nprint('threads', torch.get_num_threads())\n")

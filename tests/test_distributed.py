@@ -9,12 +9,13 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, free_port, launch, tiny_run
-from fer_dist import predictions
+from fer_dist.engine import predictions
+from fer_dist.engine.evaluation import scores
+from helpers import REPO, TRAIN_SCRIPT, free_port, launch, tiny_run
 
 
 def launch_train(processes, *args):
-    return launch(processes, "--config", str(REPO / "configs" / "mfm_cpu.yaml"), *args)
+    return launch(processes, *TRAIN_SCRIPT, "--config", REPO / "configs" / "mfm_cpu.yaml", *args)
 
 
 def test_two_ranks_train_and_evaluate_like_one(shards, tmp_path):
@@ -28,15 +29,13 @@ def test_two_ranks_train_and_evaluate_like_one(shards, tmp_path):
     trained = predictions.load(run / "predictions" / "epoch001.npz")
     assert len(trained) == metrics[0]["eval_frames"] == len(set(trained.key))
 
-    weights = run / "checkpoints" / "best" / "model.safetensors"
+    best = run / "checkpoints" / "best"
     scored = {}
-    for n in (1, 2, 3):
-        out = tmp_path / f"eval{n}"
-        launch_train(n, *tiny_run(shards, out), "--evaluate", str(weights))
-        scored[n] = (
-            predictions.load(out / "predictions" / "evaluate.npz"),
-            json.loads((out / "evaluate.json").read_text()),
-        )
+    for n in (1, 2, 3):  # the prediction job alone, over the held-out group, on 1, 2 and 3 ranks
+        out = tmp_path / f"eval{n}.npz"
+        launch(n, "-m", "fer_dist.jobs.predict", best, "--shards", shards, "--group", "fold0", "--out", out)
+        p = predictions.load(out)
+        scored[n] = (p, scores(p, p.output)[0])
     one, m1 = scored[1]
     assert one.key.tolist() == trained.key.tolist()
     for n in (2, 3):
@@ -54,7 +53,7 @@ def torchrun(world, shards, out, holdout, epochs=2, workers=2):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world)]
     cmd += ["--master_port", str(free_port()), str(REPO / "tests" / "stream_ranks.py")]
     cmd += [str(shards), str(out), str(epochs), str(workers), str(holdout)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]

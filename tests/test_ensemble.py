@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import yaml
 
-from fer_dist import ensemble, postprocess, submission
-from fer_dist import predictions as preds_lib
-from fer_dist.affwild2 import CLASSES
+from fer_dist.engine import predictions as preds_lib
+from fer_dist.labels import CLASSES
+from fer_dist.results import ensemble, postprocess, submission
 
 
 def onehot_logits(labels, strength=5.0) -> np.ndarray:

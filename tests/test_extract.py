@@ -11,10 +11,11 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from fer_dist.affwild2 import discover
-from fer_dist.audio import ProsodyParams, prosody
-from fer_dist.extract import ExtractError, extract
-from tests.conftest import samples
+from fer_dist.data.audio import ProsodyParams, prosody
+from fer_dist.data.format import read_manifest
+from fer_dist.data.layout import discover
+from fer_dist.jobs.extract import ExtractError, extract
+from helpers import samples
 
 
 def npy(data: bytes) -> np.ndarray:
@@ -34,14 +35,13 @@ def test_prosody_of_a_tone():
 
 
 def test_feature_shards_mirror_the_source(shards, features):
-    source = json.loads((shards / "manifest.json").read_text())
-    manifest = json.loads((features / "manifest.json").read_text())
-    assert manifest["members"] == ["image", "embedding", "audio_features"]
-    assert manifest["groups"] == source["groups"]
+    source, manifest = read_manifest(shards), read_manifest(features)
+    assert manifest.members == ["image", "embedding", "audio_features"]
+    assert manifest.groups == source.groups
     assert sorted(p.name for p in features.glob("*.tar")) == sorted(p.name for p in shards.glob("*.tar"))
-    silent = set(source["totals"]["videos_without_audio"])
+    silent = set(source.totals.videos_without_audio)
     assert silent, "the synthetic data has a video without audio"
-    dim = manifest["features"]["embedding"]["dim"]
+    dim = manifest.features["embedding"]["dim"]
     for a, b in zip(samples(shards), samples(features), strict=True):  # same keys, same order
         assert a["__key__"] == b["__key__"]
         assert a["jpg"] == b["jpg"] and a["cls"] == b["cls"] and a["json"] == b["json"]
@@ -50,12 +50,12 @@ def test_feature_shards_mirror_the_source(shards, features):
         assert emb.shape == (dim,) and emb.dtype == np.float16 and aud.shape == (15,)
         video = json.loads(a["json"])["video"]
         assert (not aud.any()) == (video in silent)
-    stats = manifest["feature_stats"]
-    assert len(stats["embedding"]["std"]) == dim and min(stats["audio_features"]["std"]) > 0
+    stats = manifest.feature_stats
+    assert len(stats["embedding"].std) == dim and min(stats["audio_features"].std) > 0
 
 
 def test_extract_resumes_after_a_kill(shards, synthetic, features, tmp_path, monkeypatch):
-    import fer_dist.extract as ex
+    import fer_dist.jobs.extract as ex
 
     real, done = ex.extract_shard, []
 
@@ -103,8 +103,8 @@ def test_words_are_an_optional_modality(shards, synthetic, tmp_path):
         np.save(words / f"{name}.npy", np.full((videos[name]["frames"], 4), i, np.float32))
     out = tmp_path / "out"
     manifest = extract(shards, out, discover(synthetic), "test_convnext", image_size=32, words=words)
-    assert manifest["members"] == ["image", "embedding", "audio_features", "words"]
-    assert manifest["features"]["words"]["dim"] == 4 and manifest["features"]["words"]["videos_without"] == names[:1]
+    assert manifest.members == ["image", "embedding", "audio_features", "words"]
+    assert manifest.features["words"]["dim"] == 4 and manifest.features["words"]["videos_without"] == names[:1]
     for s in samples(out):
         video = json.loads(s["json"])["video"]
         assert (npy(s["words.npy"]) == names.index(video)).all()  # zeros for the video without words

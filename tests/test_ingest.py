@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import samples
-from fer_dist.affwild2 import CLASSES, LayoutError, discover, list_crops, read_annotation
-from fer_dist.audio import read_media
-from fer_dist.shard import PackParams, assign_folds, pack
+from fer_dist.data.audio import read_media
+from fer_dist.data.format import PackParams
+from fer_dist.data.layout import LayoutError, discover, list_crops, read_annotation
+from fer_dist.data.pack import assign_folds, pack
+from fer_dist.labels import CLASSES
+from helpers import samples
 
 ANN = Path("6th ABAW Annotations") / "EXPR_Recognition_Challenge"
 
@@ -124,7 +126,7 @@ def test_test_set_packs_every_frame(synthetic, tmp_path):
         frames = len(read_annotation(synthetic / ANN / "Validation_Set" / f"{name}.txt"))
         assert sorted(got[name]) == list(range(1, frames + 1))  # every frame, crop or not
         assert len(list_crops(v.crops)) < frames
-    assert manifest["groups"]["test"]["samples"] == sum(len(f) for f in got.values())
+    assert manifest.groups["test"].samples == sum(len(f) for f in got.values())
 
 
 @pytest.fixture
@@ -147,8 +149,8 @@ def test_bad_input_is_counted_and_reported(damaged, tmp_path):
     root, names, crops = damaged
     out = tmp_path / "shards"
     manifest = pack(discover(root), out, PackParams(samples_per_shard=150), workers=2)
-    records, problems = manifest["videos"], "\n".join(manifest["problems"])
-    assert records[names[0]]["corrupt_crops"] == 2
+    records, problems = manifest.videos, "\n".join(manifest.problems)
+    assert records[names[0]].corrupt_crops == 2
     assert f"{names[0]}: 2 corrupt crop(s) treated as missing" in problems
     by_key = {s["__key__"]: s for s in samples(out)}
     good = {int(p.stem): p for p in crops if p not in (crops[5], crops[9])}
@@ -158,12 +160,12 @@ def test_bad_input_is_counted_and_reported(damaged, tmp_path):
         if sample is not None:  # labelled: filled from the nearest readable crop
             src = json.loads(sample["json"])["filled_from"]
             assert src != frame and sample["jpg"] == good[src].read_bytes()
-    assert records[names[1]]["audio"] is False and f"{names[1]}: video unreadable" in problems
-    assert records[names[2]]["audio"] is False and f"{names[2]}: no video file found" in problems
-    assert records[names[3]]["samples"] == 0
-    assert records[names[3]]["dropped"] == {"no readable crop in the video": records[names[3]]["labelled"]}
-    assert f"{names[3]}: {records[names[3]]['labelled']} frame(s) dropped" in problems
-    assert manifest["totals"]["samples"] == manifest["totals"]["labelled"] - records[names[3]]["labelled"]
+    assert records[names[1]].audio is False and f"{names[1]}: video unreadable" in problems
+    assert records[names[2]].audio is False and f"{names[2]}: no video file found" in problems
+    assert records[names[3]].samples == 0
+    assert records[names[3]].dropped == {"no readable crop in the video": records[names[3]].labelled}
+    assert f"{names[3]}: {records[names[3]].labelled} frame(s) dropped" in problems
+    assert manifest.totals.samples == manifest.totals.labelled - records[names[3]].labelled
 
 
 def test_malformed_annotation_is_a_clear_error(synthetic, tmp_path):

@@ -1,6 +1,6 @@
 import numpy as np
 
-from fer_dist.metrics import confusion, f1_per_class, macro_f1
+from fer_dist.engine.metrics import confusion, f1_per_class, macro_f1
 
 
 def test_f1_by_hand():

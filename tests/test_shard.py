@@ -8,12 +8,12 @@ from collections import Counter
 
 import numpy as np
 
-from conftest import samples
-from fer_dist.affwild2 import discover, list_crops, read_annotation
-from fer_dist.audio import MelParams, frame_columns, log_mel, read_media, window
-from fer_dist.inspection import compare, survey
-from fer_dist.shard import read_manifest
-from fer_dist.windows import purity_flags
+from fer_dist.data.audio import MelParams, frame_columns, log_mel, read_media, window
+from fer_dist.data.format import read_manifest
+from fer_dist.data.inspect import compare, survey
+from fer_dist.data.layout import discover, list_crops, read_annotation
+from fer_dist.data.windows import purity_flags
+from helpers import samples
 
 
 def test_every_labelled_frame_exactly_once(synthetic, shards):
@@ -52,16 +52,16 @@ def test_crops_are_byte_identical_or_filled_from_nearest(synthetic, shards):
             assert s["jpg"] == crops[video][src].read_bytes()
             nearest = min(crops[video], key=lambda f: (abs(f - frame), f))
             assert src == nearest
-    assert filled == read_manifest(shards)["totals"]["filled"] > 0
+    assert filled == read_manifest(shards).totals.filled > 0
 
 
 def test_left_right_share_a_fold(shards):
-    videos = read_manifest(shards)["videos"]
+    videos = read_manifest(shards).videos
     left = next(n for n in videos if n.endswith("_left"))
-    assert videos[left]["fold"] == videos[left.replace("_left", "_right")]["fold"]
+    assert videos[left].fold == videos[left.replace("_left", "_right")].fold
     parents = {}
     for r in videos.values():
-        assert parents.setdefault(r["parent"], r["fold"]) == r["fold"]
+        assert parents.setdefault(r.parent, r.fold) == r.fold
 
 
 def test_window_flags_and_mel_windows(synthetic, shards):
@@ -87,9 +87,9 @@ def test_window_flags_and_mel_windows(synthetic, shards):
 
 def test_video_without_audio_is_marked(shards):
     manifest = read_manifest(shards)
-    silent = manifest["totals"]["videos_without_audio"]
+    silent = manifest.totals.videos_without_audio
     assert len(silent) == 1
-    assert manifest["videos"][silent[0]]["audio"] is False
+    assert manifest.videos[silent[0]].audio is False
 
 
 def test_shards_are_clips_of_consecutive_frames(shards):
@@ -110,7 +110,7 @@ def test_inspect_command_reads_the_tars(shards, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["agrees"] and report["samples"] == read_manifest(shards)["totals"]["samples"]
+    assert report["agrees"] and report["samples"] == read_manifest(shards).totals.samples
     copy = tmp_path / "copy"
     shutil.copytree(shards, copy)
     victim = sorted(copy.glob("fold1-*.tar"))[0]
@@ -126,12 +126,13 @@ def test_the_manifest_does_not_depend_on_the_order_videos_finished_in():
     """Resumed packing finishes videos in another order; float sums must not see it."""
     import itertools
 
-    from fer_dist.shard import PackParams, manifest_of
+    from fer_dist.data.format import PackParams
+    from fer_dist.data.pack import manifest_of
 
     def record(fold: str, mel_sum: float) -> dict:
         counts = [1, 0, 0, 0, 0, 0, 0, 1]
         return {
-            "fold": fold, "parent": "p", "fps": 30.0, "fps_source": "container", "frames": 2, "audio": True,
+            "split": "train", "fold": fold, "parent": "p", "fps": 30.0, "fps_source": "container", "frames": 2, "audio": True,
             "audio_error": None, "labelled": 2, "with_crop": 2, "with_crop_class_counts": counts, "samples": 2,
             "filled": 0, "corrupt_crops": 0, "dropped": {f"reason of {fold}": 1}, "class_counts": counts,
             "labelled_class_counts": counts, "window_counts": [2, 2, 2], "window_patterns": [[1, 1]],
@@ -147,6 +148,6 @@ def test_the_manifest_does_not_depend_on_the_order_videos_finished_in():
     for order in itertools.permutations(sums):
         records = {v: record(f"fold{i % 2}", sums[v]) for i, v in enumerate(sorted(sums))}
         records = {v: records[v] for v in order}
-        written.add(json.dumps(manifest_of(records, shards, PackParams())))
+        written.add(manifest_of(records, shards, PackParams()).to_json())
     assert len(written) == 1
     assert json.loads(written.pop())["mel_stats"]["mean"] == 1.1 / 16  # exactly rounded

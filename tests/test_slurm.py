@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, tiny_config
-from fer_dist.synth import TEST_LABELS
+from fer_dist.data.synth import TEST_LABELS
+from helpers import REPO, tiny_config
 
 needs_slurm = pytest.mark.skipif(
     shutil.which("slurmctld") is None or os.geteuid() != 0,

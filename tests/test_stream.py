@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from fer_dist import balance, config
-from fer_dist.augment import crop_resize_windows
-from fer_dist.shard import read_manifest
-from fer_dist.stream import (
+from fer_dist import config
+from fer_dist.data import balance
+from fer_dist.data.format import read_manifest
+from fer_dist.data.stream import (
     COUNTS,
     Counter,
     Tally,
@@ -19,8 +19,8 @@ from fer_dist.stream import (
     pick_window,
     resampling_plan,
     train_loader,
-    training_groups,
 )
+from fer_dist.data.transforms import crop_resize_windows
 
 
 def data_cfg(shards, **kw):
@@ -68,7 +68,7 @@ def test_evaluation_sees_every_frame_once(shards, world):
     keys = []
     for rank in range(world):
         keys += keys_of(eval_loader(cfg, manifest, "fold1", rank=rank, world=world))
-    assert len(keys) == len(set(keys)) == manifest["groups"]["fold1"]["samples"]
+    assert len(keys) == len(set(keys)) == manifest.groups["fold1"].samples
 
 
 def test_target_families():
@@ -112,7 +112,7 @@ def test_stochastic_rounding_mean():
 def test_stream_emits_the_planned_class_shares(shards):
     manifest = read_manifest(shards)
     cfg = data_cfg(shards, epoch_samples=6000, batch_size=50, balance="uniform", shuffle_buffer=200)
-    plan = resampling_plan(manifest, training_groups(manifest, 0), cfg)
+    plan = resampling_plan(manifest, manifest.fold_groups(0), cfg)
     loader, _ = train_loader(cfg, manifest, seed=0, epoch=0, rank=0, world=1)
     tally, labels = Tally(), []
     for batch in loader:
@@ -124,7 +124,7 @@ def test_stream_emits_the_planned_class_shares(shards):
     counts = describe(tally.total())
     assert counts["emitted"] >= 6000 and counts["read"] > 0
     assert counts["discarded_fraction"] > 0  # the uniform target thins the majority classes
-    expected = expected_thrown_away(manifest, training_groups(manifest, 0), plan)
+    expected = expected_thrown_away(manifest, manifest.fold_groups(0), plan)
     assert abs(counts["discarded_fraction"] - expected) < 0.05, (counts, expected)
 
 
@@ -166,7 +166,7 @@ def test_clip_mode_runs_of_consecutive_frames(shards):
         for batch in eval_loader(cfg, manifest, "fold2", rank=rank, world=2):
             keys += [k for row in batch["key"] for k in row if k]
             assert (batch["label"][~batch["mask"]] == -1).all()
-    assert len(keys) == len(set(keys)) == manifest["groups"]["fold2"]["samples"]
+    assert len(keys) == len(set(keys)) == manifest.groups["fold2"].samples
 
 
 def test_sequence_longer_than_the_packed_clips_is_refused(shards):
@@ -180,7 +180,7 @@ def corrupt_copy(shards, tmp_path):
     out = tmp_path / "shards"
     shutil.copytree(shards, out)
     manifest = read_manifest(out)
-    first, second = (out / s["name"] for s in manifest["groups"]["fold1"]["shards"][:2])
+    first, second = (out / s.name for s in manifest.groups["fold1"].shards[:2])
     first.write_bytes(first.read_bytes()[: first.stat().st_size // 2 + 7])
     second.write_bytes(second.read_bytes().replace(b"\xff\xd8\xff", b"\0\0\0"))  # JPEGs without their SOI
     return out, manifest

@@ -4,9 +4,10 @@ import av
 import numpy as np
 from PIL import Image
 
-from conftest import LENGTH, N_VIDEOS
-from fer_dist.affwild2 import CLASSES, discover, read_annotation
-from fer_dist.synth import LOOK, SOUND, synthesize
+from fer_dist.data.layout import discover, read_annotation
+from fer_dist.data.synth import LOOK, SOUND, synthesize
+from fer_dist.labels import CLASSES
+from helpers import LENGTH, N_VIDEOS
 
 HEADER = ",".join(CLASSES)
 
@@ -76,7 +77,7 @@ def test_deterministic(tmp_path):
 
 def test_audio_follows_the_sound_of_the_label(synthetic):
     """Frames of classes that share a sound have alike spectra; classes that do not, differ."""
-    from fer_dist.audio import MelParams, frame_columns, log_mel, read_media
+    from fer_dist.data.audio import MelParams, frame_columns, log_mel, read_media
 
     v = next(v for v in discover(synthetic) if v.media.suffix == ".mp4" and "_" not in v.name)
     labels = read_annotation(v.annotation)

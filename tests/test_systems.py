@@ -9,10 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from fer_dist import predictions
-from fer_dist.affwild2 import NUM_CLASSES
-from fer_dist.metrics import chance_macro_f1
-from tests.conftest import REPO
+from fer_dist.data.format import read_manifest
+from fer_dist.engine import predictions
+from fer_dist.engine.metrics import chance_macro_f1
+from fer_dist.labels import NUM_CLASSES
+from helpers import REPO
 
 
 def chance(labels: np.ndarray) -> float:
@@ -56,8 +57,8 @@ def test_regnet_transformer_trains_on_runs_of_crops(shards, tmp_path):
     metrics = train("regnet_transformer_cpu", shards, run, "train.epochs=2", "data.epoch_samples=5120")
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert metrics["train_loss"] < 0.9 * first["train_loss"]
-    manifest = json.loads((shards / "manifest.json").read_text())
-    assert metrics["eval_frames"] == manifest["groups"]["fold0"]["samples"]
+    manifest = read_manifest(shards)
+    assert metrics["eval_frames"] == manifest.groups["fold0"].samples
 
 
 def test_the_image_branch_alone_learns_faces_it_never_saw(shards, tmp_path):

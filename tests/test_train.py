@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -16,15 +17,16 @@ import yaml
 from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO, TINY, free_port, launch, launch_cmd, tiny_run
-from fer_dist import checkpoint, config
-from fer_dist.distributed import accumulation_steps, choose_precision
+from fer_dist import config
+from fer_dist.engine import checkpoint
+from fer_dist.engine.distributed import accumulation_steps, choose_precision
+from fer_dist.engine.optim import initialise, lr_factor
 from fer_dist.models import build
 from fer_dist.models.backbones import create_backbone
-from fer_dist.train import initialise, lr_factor
+from helpers import REPO, TINY, TRAIN_MODULE, TRAIN_SCRIPT, free_port, launch, launch_cmd, tiny_mfm, tiny_run
 
 CPU_CONFIG = str(REPO / "configs" / "mfm_cpu.yaml")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def test_learning_rate_schedules():
@@ -57,8 +59,7 @@ def test_precision_follows_the_hardware_and_accumulation_the_effective_batch():
 
 
 def tiny_model(**kwargs):
-    args = {"image_backbone_args": yaml.safe_load(TINY), "audio_backbone_args": yaml.safe_load(TINY)}
-    return build({"name": "mfm", **args, "fusion_dim": 32, "fusion_heads": 2, **kwargs}, 32, [32, 32])
+    return tiny_mfm(fusion_dim=32, **kwargs)
 
 
 def test_staged_training_loads_branches_and_freezes(tmp_path):
@@ -87,7 +88,7 @@ def test_staged_training_loads_branches_and_freezes(tmp_path):
 
 
 def test_pretrained_weights_from_a_local_file(tmp_path):
-    kwargs = {"in_chans": 3, "img_size": 32, **yaml.safe_load(TINY)}
+    kwargs = {"in_chans": 3, "img_size": 32, **TINY}
     source = create_backbone("swin_tiny_patch4_window7_224", pretrained=False, **kwargs)
     path = tmp_path / "swin.safetensors"
     save_file(source.state_dict(), str(path))
@@ -103,7 +104,7 @@ def test_gradient_checkpointing_and_channels_last_give_the_same_gradients():
     grads = []
     for train_cfg in (config.TrainConfig(), config.TrainConfig(gradient_checkpointing=True, channels_last=True)):
         torch.manual_seed(0)
-        model = tiny_model(dropout=0.0, image_backbone_args={**yaml.safe_load(TINY), "drop_path_rate": 0.0})
+        model = tiny_model(dropout=0.0, image_backbone_args={**TINY, "drop_path_rate": 0.0})
         initialise(model, train_cfg)
         model(**inputs)["ensemble"].sum().backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
@@ -117,7 +118,7 @@ def test_a_step_on_two_ranks_matches_one_rank_with_the_whole_batch(shards, tmp_p
     for n in (1, 2):
         outs[n] = tmp_path / f"ranks{n}"
         outs[n].mkdir()
-        launch(n, str(shards), str(outs[n]), "3", script=REPO / "tests" / "train_ranks.py")
+        launch(n, REPO / "tests" / "train_ranks.py", shards, outs[n], "3")
     one, two = load_file(str(outs[1] / "fixed.safetensors")), load_file(str(outs[2] / "fixed.safetensors"))
     for k, v in one.items():
         torch.testing.assert_close(two[k], v, rtol=1e-5, atol=1e-6)
@@ -127,8 +128,10 @@ def test_a_step_on_two_ranks_matches_one_rank_with_the_whole_batch(shards, tmp_p
         assert torch.equal(rank1[k], v), k  # and both ranks hold the same ones
 
 
-def train_cmd(*args):
-    return [sys.executable, str(REPO / "fer_dist" / "train.py"), *args]
+# The doors into training that run in one process; every one reaches fer_dist.engine.trainer.train.
+SCRIPT = [sys.executable, str(REPO / "fer_dist" / "train.py")]
+MODULE = [sys.executable, "-m", "fer_dist.train"]
+CLI = [str(Path(sys.executable).with_name("fer-dist")), "train"]
 
 
 def comparable(run_dir):
@@ -156,13 +159,13 @@ def wait_for(path, proc, timeout=300):
 def test_a_run_killed_with_sigkill_resumes_to_the_same_weights_and_metrics(shards, tmp_path):
     extra = ["train.epochs=2", "data.workers=2", "train.effective_batch_size=16", "train.checkpoint_every=2"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(train_cmd("--config", CPU_CONFIG, *tiny_run(shards, straight, *extra)), env=ENV, check=True)
-    proc = start(train_cmd("--config", CPU_CONFIG, *tiny_run(shards, killed, *extra)), tmp_path / "killed.log")
+    subprocess.run([*SCRIPT, "--config", CPU_CONFIG, *tiny_run(shards, straight, *extra)], env=ENV, check=True)
+    proc = start([*MODULE, "--config", CPU_CONFIG, *tiny_run(shards, killed, *extra)], tmp_path / "killed.log")
     wait_for(killed / "checkpoints" / "step-00000002", proc)  # 2 of 4 optimiser steps into the first epoch
     proc.kill()
     proc.wait()
     assert not (killed / "metrics.jsonl").exists()
-    subprocess.run(train_cmd("--resume", str(killed)), env=ENV, check=True)
+    subprocess.run([*CLI, "--resume", str(killed)], env=ENV, check=True)
 
     assert comparable(killed) == comparable(straight)
     for name in ("step-00000008", "best"):
@@ -188,21 +191,21 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights_and_metrics(shard
 
 def test_sigterm_checkpoints_and_exits_with_the_requeue_status(shards, tmp_path):
     run = tmp_path / "run"
-    cmd = train_cmd("--config", CPU_CONFIG, *tiny_run(shards, run, "train.epochs=3", "train.checkpoint_every=1000"))
+    cmd = [*MODULE, "--config", CPU_CONFIG, *tiny_run(shards, run, "train.epochs=3", "train.checkpoint_every=1000")]
     proc = start(cmd, tmp_path / "run.log")
     wait_for(run / "tensorboard", proc)  # training has started
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == checkpoint.REQUEUE_EXIT
     stopped = checkpoint.latest(run)
     assert stopped is not None and json.loads((run / "requeue.json").read_text())["checkpoint"] == str(stopped)
-    subprocess.run(train_cmd("--resume", str(run)), env=ENV, check=True)
+    subprocess.run([*MODULE, "--resume", str(run)], env=ENV, check=True)
     assert [m["epoch"] for m in comparable(run)] == [1, 2, 3] and not (run / "requeue.json").exists()
 
 
 def test_sigusr1_to_one_rank_stops_both_at_the_same_step_and_resumes(shards, tmp_path):
     run = tmp_path / "run"
     args = ["--config", CPU_CONFIG, *tiny_run(shards, run, "train.epochs=2", "data.epoch_samples=160")]
-    proc = start(launch_cmd(2, REPO / "fer_dist" / "train.py", *args), tmp_path / "run.log")
+    proc = start(launch_cmd(2, *TRAIN_SCRIPT, *args), tmp_path / "run.log")
     wait_for(run / "tensorboard", proc)
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
     assert len(workers) == 2
@@ -215,7 +218,7 @@ def test_sigusr1_to_one_rank_stops_both_at_the_same_step_and_resumes(shards, tmp
         "rng-rank0.pt",
         "rng-rank1.pt",
     }
-    launch(2, "--resume", str(run))
+    launch(2, *TRAIN_MODULE, "--resume", run)
     assert [m["epoch"] for m in comparable(run)] == [1, 2]
 
 
@@ -223,7 +226,7 @@ def test_deepspeed_zero2_trains_checkpoints_and_resumes_on_cpu(shards, tmp_path)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     extra = ["train.epochs=2", "train.checkpoint_every=3", "train.keep_checkpoints=10"]
     ds = {"launch_file": "deepspeed_zero2.yaml"}
-    result = launch(1, "--config", CPU_CONFIG, *tiny_run(shards, straight, *extra), **ds)
+    result = launch(1, *TRAIN_MODULE, "--config", CPU_CONFIG, *tiny_run(shards, straight, *extra), **ds)
     assert "1 process(es) on cpu, fp32" in result.stderr
     first = checkpoint.step_dirs(straight)[0]
     assert (first / "deepspeed" / "state").is_dir() and not (first / "optimizer.pt").exists()
@@ -232,7 +235,7 @@ def test_deepspeed_zero2_trains_checkpoints_and_resumes_on_cpu(shards, tmp_path)
     shutil.copytree(first, resumed / "checkpoints" / first.name)
     saved = yaml.safe_load((straight / "config.yaml").read_text())
     (resumed / "config.yaml").write_text(yaml.safe_dump(saved))
-    launch(1, "--resume", str(resumed), **ds)
+    launch(1, *TRAIN_MODULE, "--resume", resumed, **ds)
     assert comparable(resumed)[-1] == comparable(straight)[-1]
 
 
@@ -254,8 +257,8 @@ def test_the_multi_gpu_deepspeed_launch_file_resolves():
 
 
 def test_compile_goes_through_accelerate_and_checkpoints_keep_plain_names():
-    from fer_dist.checkpoint import weights
-    from fer_dist.distributed import make_accelerator
+    from fer_dist.engine.checkpoint import weights
+    from fer_dist.engine.distributed import make_accelerator
 
     cfg = config.load(CPU_CONFIG, ["train.compile=true"])
     accelerator = make_accelerator(cfg)

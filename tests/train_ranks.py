@@ -12,13 +12,16 @@ from pathlib import Path
 
 import torch
 
-from conftest import tiny_run
-from fer_dist import config, stream
-from fer_dist.checkpoint import save_weights
-from fer_dist.distributed import make_accelerator
+from fer_dist import config
+from fer_dist.data import stream
+from fer_dist.data.format import read_manifest
+from fer_dist.engine.checkpoint import save_weights
+from fer_dist.engine.distributed import make_accelerator
+from fer_dist.engine.optim import lr_factor, make_optimizer
+from fer_dist.engine.task import Step, Task
+from fer_dist.engine.trainer import train_step
 from fer_dist.models import build
-from fer_dist.shard import read_manifest
-from fer_dist.train import lr_factor, make_optimizer, train_step, training_inputs
+from helpers import tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,21 +43,18 @@ def main(shards: str, out: str, steps: int) -> None:
     image, audio = torch.randn(16, 3, 32, 32, generator=g), torch.randn(16, 1, 32, 32, generator=g)
     label = torch.randint(0, 8, (16,), generator=g)
     mine = slice(rank * 16 // world, (rank + 1) * 16 // world)
-    inputs = {"image": image[mine], "audio": audio[mine]}
-    train_step(
-        accelerator, model, optimizer, scheduler, inputs, label[mine], None, net.heads, cfg.loss, cfg.optim.grad_clip
-    )
+    step = Step({"image": image[mine], "audio": audio[mine]}, label[mine], None, len(label[mine]))
+    train_step(accelerator, model, optimizer, scheduler, Task(cfg, None, net), step, cfg.optim.grad_clip)
     if accelerator.is_main_process:
         save_weights(net.state_dict(), Path(out) / "fixed.safetensors")
 
     manifest = read_manifest(Path(shards))
-    counts = torch.as_tensor(stream.resampling_plan(manifest, stream.training_groups(manifest, 0), cfg.data).read)
+    counts = torch.as_tensor(stream.resampling_plan(manifest, manifest.fold_groups(0), cfg.data).read)
+    task = Task(cfg, manifest, net, counts)
     loader, _ = stream.train_loader(cfg.data, manifest, seed=0, epoch=0, rank=rank, world=world)
     for _, batch in zip(range(steps), loader, strict=False):
-        inputs, target, mask = training_inputs(batch, accelerator, cfg, manifest, counts)
-        train_step(
-            accelerator, model, optimizer, scheduler, inputs, target, mask, net.heads, cfg.loss, cfg.optim.grad_clip
-        )
+        step = task.prepare(batch, accelerator.device, train=True)
+        train_step(accelerator, model, optimizer, scheduler, task, step, cfg.optim.grad_clip)
     save_weights(net.state_dict(), Path(out) / f"rank{rank}.safetensors")
 
 

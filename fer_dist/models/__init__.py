@@ -1,10 +1,9 @@
 """Models by name: `create_model("mfm", **kwargs)`.
 
-A model is an nn.Module whose forward takes the stream's inputs by keyword and returns a dict of
-logits per head. `inputs` names what it takes (`image`, `audio`, and the feature-shard inputs
-`embedding`, `audio_features`, `words`); `heads` the heads its loss trains; `output` the head that
-is its prediction; `sequences` whether it takes clip-mode runs [B, L, ...] of frames (and then
-also `mask`, the real frames of the runs). Nothing else about a model is known outside this package.
+A model is an `ExpressionModel` (models/contract.py): an nn.Module whose forward takes the
+stream's inputs by keyword and returns a dict of logits per head, and which declares its inputs,
+the heads it trains, the head that is its prediction, whether it takes runs of frames, and how its
+image input is normalised. Nothing else about a model is known outside this package.
 
     mfm                   paper 000: Swin image + audio branches, Modal Fusion Module
     decoder_fusion        paper 001: static feature + GRU sequences, transformer-decoder fusion
@@ -17,15 +16,14 @@ from __future__ import annotations
 
 import inspect
 
-from torch import nn
-
 from fer_dist.config import ConfigError
+from fer_dist.models.contract import ExpressionModel
 from fer_dist.models.decoder_fusion import DecoderFusionNet
 from fer_dist.models.mfm import ModalFusionNet
 from fer_dist.models.regnet_transformer import RegNetTransformer
 from fer_dist.models.temporal import FeatureLSTM, FeatureTransformer
 
-MODELS: dict[str, type[nn.Module]] = {
+MODELS: dict[str, type[ExpressionModel]] = {
     "mfm": ModalFusionNet,
     "decoder_fusion": DecoderFusionNet,
     "regnet_transformer": RegNetTransformer,
@@ -38,7 +36,7 @@ def list_models() -> list[str]:
     return sorted(MODELS)
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
+def create_model(name: str, **kwargs) -> ExpressionModel:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
     cls = MODELS[name]
@@ -55,12 +53,9 @@ def create_model(name: str, **kwargs) -> nn.Module:
     return cls(**kwargs)
 
 
-def feature_dims(manifest: dict) -> dict[str, int]:
-    """`<input>_dim` of each per-frame feature the shards hold (feature shards of `fer-dist extract`)."""
-    return {f"{name}_dim": record["dim"] for name, record in manifest.get("features", {}).items()}
-
-
-def build(model_cfg: dict, image_size: int, audio_size: list[int], features: dict[str, int] | None = None) -> nn.Module:
+def build(
+    model_cfg: dict, image_size: int, audio_size: list[int], features: dict[str, int] | None = None
+) -> ExpressionModel:
     """The configured model; input sizes and feature widths come from the data when the model
     takes them and the config does not set them."""
     kwargs = {k: v for k, v in model_cfg.items() if k != "name"}

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fer_dist.models.backbones import create_backbone, tokens
+from fer_dist.models.contract import normalisation_of
 from fer_dist.models.layers import RunScorer, mlp, neighbourhoods, real_frames
 
 
@@ -53,6 +54,7 @@ class DecoderFusionNet(RunScorer):
         self.static = create_backbone(
             static_backbone, in_chans=3, img_size=None, pretrained=pretrained, **(static_backbone_args or {})
         )
+        self.image_normalisation = normalisation_of(self.static)
         static_dim = self.static.num_features
         self.static_proj = nn.Linear(static_dim, dim)
         self.gru = nn.ModuleDict(

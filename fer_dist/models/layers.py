@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fer_dist.models.contract import ExpressionModel
 
-class RunScorer(nn.Module):
+
+class RunScorer(ExpressionModel):
     """A sequence model with one head, `expr`, that scores every frame of a clip-mode run."""
 
     sequences = True

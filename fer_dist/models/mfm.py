@@ -22,13 +22,12 @@ import torch
 from torch import nn
 
 from fer_dist.models.backbones import create_backbone, tokens
+from fer_dist.models.contract import ExpressionModel, normalisation_of
 
 STAGES = {"image": ("image",), "audio": ("audio",), "fusion": ("image", "audio", "fusion")}
 
 
-class ModalFusionNet(nn.Module):
-    sequences = False  # takes single frames, not clip-mode runs [B, L, ...]
-
+class ModalFusionNet(ExpressionModel):
     def __init__(
         self,
         image_backbone: str = "swin_tiny_patch4_window7_224",
@@ -55,6 +54,7 @@ class ModalFusionNet(nn.Module):
             self.image_branch = create_backbone(
                 image_backbone, in_chans=3, img_size=image_size, pretrained=pretrained, **(image_backbone_args or {})
             )
+            self.image_normalisation = normalisation_of(self.image_branch)
         if stage != "image":
             self.audio_branch = create_backbone(
                 audio_backbone,

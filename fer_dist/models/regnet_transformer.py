@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fer_dist.models.backbones import create_backbone
+from fer_dist.models.contract import normalisation_of
 from fer_dist.models.layers import RunScorer, real_frames
 
 
@@ -60,6 +61,7 @@ class RegNetTransformer(RunScorer):
         self.backbone = create_backbone(
             backbone, in_chans=3, img_size=None, pretrained=pretrained, **(backbone_args or {})
         )
+        self.image_normalisation = normalisation_of(self.backbone)
         dim = self.backbone.num_features
         self.encoder = nn.ModuleList(
             EncoderBlock(dim, num_heads, head_dim, ff_dim, attention_dropout) for _ in range(depth)

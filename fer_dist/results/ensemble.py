@@ -17,11 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from rich.console import Console
+from rich.table import Table
 
-from fer_dist import postprocess
-from fer_dist import predictions as preds_lib
-from fer_dist.affwild2 import CLASSES, NUM_CLASSES, read_annotation
-from fer_dist.metrics import confusion, f1_per_class
+from fer_dist.console import out as stdout
+from fer_dist.data.layout import read_annotation
+from fer_dist.engine import predictions as preds_lib
+from fer_dist.engine.metrics import confusion, f1_per_class
+from fer_dist.labels import CLASSES, NUM_CLASSES
+from fer_dist.results import postprocess
 
 HOW = ("vote", "mean")
 
@@ -224,3 +228,23 @@ def markdown(report: dict) -> str:
     if report.get("test"):
         lines += ["", "On the test videos:", "", *table("Test set", report["test"], True)]
     return "\n".join(lines) + "\n"
+
+
+def show(report: dict) -> None:
+    """The report's tables (per-class F1 in %), as in report.md, at least 120 columns wide."""
+    wide = Console(width=max(stdout.size.width, 120))
+    sections = [("each fold on its held-out videos", report["validation"])]
+    if report.get("test"):
+        sections.append(("the test videos", report["test"]))
+    for title, rows in sections:
+        table = Table(title=title)
+        table.add_column("", no_wrap=True)
+        for col in (*(c[:3] for c in CLASSES), "Avg."):
+            table.add_column(col, justify="right")
+        for r in rows:
+            table.add_row(r["name"], *(f"{100 * v:.1f}" for v in r["per_class_f1"]), f"{100 * r['macro_f1']:.1f}")
+        wide.print(table)
+    stdout.print(f"post-processing: {postprocess.describe(report['postprocess'])}")
+    if "submission" in report:
+        s = report["submission"]
+        stdout.print(f"submissions: {s['abaw3_files']} ABAW3 files, {s['abaw5_rows']} ABAW5/6 rows")

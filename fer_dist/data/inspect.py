@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fer_dist.affwild2 import NUM_CLASSES
-from fer_dist.windows import NAMES
-
-MEMBERS = {"cls", "jpg", "json", "mel.npy"}
+from fer_dist.console import out, print_table
+from fer_dist.data.format import META, SAMPLE_MEMBERS, Manifest
+from fer_dist.data.windows import NAMES
+from fer_dist.labels import CLASSES, NUM_CLASSES
 
 
 def empty_video() -> dict:
@@ -42,7 +42,7 @@ def survey(folder: Path) -> dict:
                 for m in tar:
                     key, ext = m.name.split(".", 1)
                     members[key].add(ext)
-                    if ext != "json":
+                    if ext != META:
                         continue
                     meta = json.loads(tar.extractfile(m).read())
                     if key in seen:
@@ -61,10 +61,10 @@ def survey(folder: Path) -> dict:
                     count += 1
         except (tarfile.TarError, OSError, ValueError, KeyError) as exc:
             problems.append(f"{path.name}: unreadable ({type(exc).__name__}: {exc})")
-        incomplete = [k for k, exts in members.items() if exts != MEMBERS]
+        incomplete = [k for k, exts in members.items() if exts != SAMPLE_MEMBERS]
         if incomplete:
             problems.append(
-                f"{path.name}: {len(incomplete)} samples without all of {sorted(MEMBERS)}, e.g. {incomplete[0]}"
+                f"{path.name}: {len(incomplete)} samples without all of {sorted(SAMPLE_MEMBERS)}, e.g. {incomplete[0]}"
             )
         shards[path.name] = count
     return {
@@ -80,23 +80,42 @@ def survey(folder: Path) -> dict:
     }
 
 
-def compare(found: dict, manifest: dict) -> list[str]:
+def compare(found: dict, manifest: Manifest) -> list[str]:
     """Every way the tars disagree with the manifest; empty when they agree."""
     diffs = []
-    listed = {s["name"]: s["samples"] for g in manifest["groups"].values() for s in g["shards"]}
+    listed = {s.name: s.samples for g in manifest.groups.values() for s in g.shards}
     for name in sorted(set(listed) | set(found["shards"])):
         if listed.get(name) != found["shards"].get(name):
             diffs.append(f"shard {name}: manifest {listed.get(name)}, tars {found['shards'].get(name)}")
-    for name, record in manifest["videos"].items():
+    for name, record in manifest.videos.items():
         got = found["videos"].get(name) or empty_video()
         for key in ("samples", "filled", "class_counts", "window_counts"):
-            if got[key] != record[key]:
-                diffs.append(f"video {name}: {key} manifest {record[key]}, tars {got[key]}")
-        if record["samples"] and got["group"] != record["fold"]:
-            diffs.append(f"video {name}: group manifest {record['fold']}, tars {got['group']}")
-    for name in sorted(set(found["videos"]) - set(manifest["videos"])):
+            if got[key] != getattr(record, key):
+                diffs.append(f"video {name}: {key} manifest {getattr(record, key)}, tars {got[key]}")
+        if record.samples and got["group"] != record.fold:
+            diffs.append(f"video {name}: group manifest {record.fold}, tars {got['group']}")
+    for name in sorted(set(found["videos"]) - set(manifest.videos)):
         diffs.append(f"video {name}: in the tars, not in the manifest")
     total = np.sum([v["class_counts"] for v in found["videos"].values()], axis=0).tolist() if found["videos"] else []
-    if total and total != manifest["totals"]["class_counts"]:
-        diffs.append(f"class counts: manifest {manifest['totals']['class_counts']}, tars {total}")
+    if total and total != manifest.totals.class_counts:
+        diffs.append(f"class counts: manifest {manifest.totals.class_counts}, tars {total}")
     return diffs
+
+
+def show(folder: Path, found: dict, diffs: list[str], agree: bool) -> None:
+    rows = [
+        {"group": g, "samples": v["samples"], **dict(zip(CLASSES, v["class_counts"], strict=True))}
+        for g, v in found["groups"].items()
+    ]
+    print_table(
+        f"{folder}: samples read from the tars",
+        {"group": "group", "samples": "samples", **{c: c for c in CLASSES}},
+        rows,
+    )
+    out.print(
+        f"{found['samples']} samples in {len(found['shards'])} shards, {len(found['videos'])} videos, "
+        f"{found['filled']} filled crops"
+    )
+    for line in found["problems"] + diffs:
+        out.print(f"[red]{line}")
+    out.print("[green]tars agree with manifest.json" if agree else "[red]tars and manifest.json disagree")

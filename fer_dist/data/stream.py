@@ -19,12 +19,10 @@ every batch carries its worker's running counts, and a `Tally` sums the last of 
 from __future__ import annotations
 
 import functools
-import io
 import itertools
 import json
 import logging
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,21 +30,13 @@ import webdataset as wds
 from torch.utils.data import get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from fer_dist import balance, tars
 from fer_dist.config import ConfigError, DataConfig
-from fer_dist.windows import NAMES, column_span
+from fer_dist.data import balance, tars
+from fer_dist.data.format import LABEL, MEMBERS, META, PACKED, Manifest, load_npy
+from fer_dist.data.windows import NAMES, column_span
 
 log = logging.getLogger(__name__)
 
-# A model input and the shard member it is decoded from; `fer-dist extract` writes the last three.
-MEMBERS = {
-    "image": "jpg",
-    "audio": "mel.npy",
-    "embedding": "emb.npy",
-    "audio_features": "afeat.npy",
-    "words": "words.npy",
-}
-PACKED = ("image", "audio")  # what `fer-dist shard` packs
 COUNTS = ("read", "no_window", "discarded", "emitted", "corrupt_shards", "corrupt_samples")
 
 
@@ -94,19 +84,14 @@ def describe(total: torch.Tensor) -> dict:
     return counts
 
 
-def shard_paths(root: str | Path, manifest: dict, groups: list[str]) -> list[str]:
-    return [str(Path(root) / s["name"]) for g in groups for s in manifest["groups"][g]["shards"]]
-
-
-def check(cfg: DataConfig, manifest: dict, inputs: tuple[str, ...] = PACKED) -> None:
-    """What the config asks of the shards, checked before anything starts."""
-    if f"fold{cfg.holdout_fold}" not in manifest["groups"]:
-        raise ConfigError(
-            f"data.holdout_fold={cfg.holdout_fold}: the shards have groups {', '.join(manifest['groups'])}"
-        )
-    if not shard_paths(cfg.shards, manifest, training_groups(manifest, cfg.holdout_fold)):
+def check(cfg: DataConfig, manifest: Manifest, inputs: tuple[str, ...] = PACKED, training: bool = True) -> None:
+    """What the config asks of the shards (for training: a held-out group and others to train
+    on), checked before anything starts."""
+    if training and f"fold{cfg.holdout_fold}" not in manifest.groups:
+        raise ConfigError(f"data.holdout_fold={cfg.holdout_fold}: the shards have groups {', '.join(manifest.groups)}")
+    if training and not manifest.shard_paths(cfg.shards, manifest.fold_groups(cfg.holdout_fold)):
         raise ConfigError(f"no shards to train on besides the held-out fold{cfg.holdout_fold}")
-    held = manifest.get("members", PACKED)
+    held = manifest.members
     missing = [name for name in inputs if name not in held]
     if missing:
         hint = "; feature shards come from `fer-dist extract`" if set(missing) - set(PACKED) else ""
@@ -114,16 +99,12 @@ def check(cfg: DataConfig, manifest: dict, inputs: tuple[str, ...] = PACKED) -> 
             f"the model takes {', '.join(missing)}, which the shards in {cfg.shards} do not hold "
             f"(they hold {', '.join(held)}){hint}"
         )
-    clip_len = manifest["params"]["clip_len"]
+    clip_len = manifest.params.clip_len
     if cfg.sequence_length > clip_len:
         raise ConfigError(
             f"data.sequence_length={cfg.sequence_length} is longer than the shards' clips ({clip_len} frames); "
             f"pack them with `fer-dist shard --clip-len {cfg.sequence_length}`"
         )
-
-
-def training_groups(manifest: dict, holdout: int) -> list[str]:
-    return sorted(g for g in manifest["groups"] if g.startswith("fold") and g != f"fold{holdout}")
 
 
 def no_window_policy(cfg: DataConfig) -> str:
@@ -139,12 +120,10 @@ def usable_patterns(cfg: DataConfig) -> list[int]:
     return [p for p in range(8) if any(p & b for b in bits)]
 
 
-def resampling_plan(manifest: dict, groups: list[str], cfg: DataConfig) -> balance.Plan:
+def resampling_plan(manifest: Manifest, groups: list[str], cfg: DataConfig) -> balance.Plan:
     usable = usable_patterns(cfg)
     counts = {
-        name: np.asarray(v["window_patterns"])[:, usable].sum(1)
-        for name, v in manifest["videos"].items()
-        if v.get("fold") in groups
+        name: np.asarray(v.window_patterns)[:, usable].sum(1) for name, v in manifest.videos.items() if v.fold in groups
     }
     return balance.plan(
         counts,
@@ -156,9 +135,9 @@ def resampling_plan(manifest: dict, groups: list[str], cfg: DataConfig) -> balan
     )
 
 
-def expected_thrown_away(manifest: dict, groups: list[str], plan: balance.Plan) -> float:
+def expected_thrown_away(manifest: Manifest, groups: list[str], plan: balance.Plan) -> float:
     """Expected share of read samples never decoded: no pure window, or no copy."""
-    total = sum(manifest["groups"][g]["samples"] for g in groups)
+    total = sum(manifest.groups[g].samples for g in groups)
     return float(1 - plan.read.sum() * (1 - plan.discarded_fraction) / max(1, total))
 
 
@@ -210,8 +189,8 @@ def read_shards(src, counter: Counter, give_up: int = 100):
 def parse(src, counter: Counter):
     for sample in src:
         try:
-            sample["meta"] = json.loads(sample["json"])
-            sample["label"] = int(sample["cls"])
+            sample["meta"] = json.loads(sample[META])
+            sample["label"] = int(sample[LABEL])
         except (KeyError, ValueError) as exn:
             counter.sample_fault(ValueError(f"{sample.get('__key__')}: unreadable label or metadata ({exn})"))
             continue
@@ -278,27 +257,6 @@ def shuffled(src, bufsize: int, base: str):
     yield from wds.shuffle(bufsize, min(bufsize, 100), rng=worker_rng(base, "shuffle"))(src)
 
 
-@functools.lru_cache(maxsize=64)
-def npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
-    fp = io.BytesIO(header)
-    version = np.lib.format.read_magic(fp)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read(fp)
-    if dtype.hasobject:
-        raise ValueError("a .npy member holds Python objects; shards hold numbers only")
-    return dtype, shape, fortran
-
-
-def load_npy(data: bytes) -> np.ndarray:
-    """A .npy member, parsed without pickles; every window of a video shares one header, whose
-    parse is cached (np.load re-parsed it for each sample, a sixth of the stream's time)."""
-    width = 2 if data[6:7] == b"\x01" else 4
-    start = 8 + width + int.from_bytes(data[8 : 8 + width], "little")
-    dtype, shape, fortran = npy_layout(bytes(data[:start]))
-    values = np.frombuffer(bytearray(data[start:]), dtype)
-    return values.reshape(shape, order="F" if fortran else "C")
-
-
 def decode_frame(sample: dict, inputs: tuple[str, ...]) -> dict:
     """The members the model takes, decoded: JPEG to uint8 [3, H, W], .npy arrays to tensors."""
     frame = {"key": sample["__key__"], "label": sample["label"]}
@@ -356,7 +314,8 @@ def _worker_init(shift: int, _: int) -> None:
     torch.set_num_threads(1)
 
 
-def _loader(pipeline: wds.DataPipeline, workers: int, shift: int = 0) -> wds.WebLoader:
+def _loader(pipeline: wds.DataPipeline, workers: int, start_method: str, shift: int = 0) -> wds.WebLoader:
+    processes = {"multiprocessing_context": start_method} if workers and start_method != "auto" else {}
     return wds.WebLoader(
         pipeline,
         batch_size=None,
@@ -364,6 +323,7 @@ def _loader(pipeline: wds.DataPipeline, workers: int, shift: int = 0) -> wds.Web
         worker_init_fn=functools.partial(_worker_init, shift) if workers else None,
         generator=torch.Generator(),  # the workers' seeds are drawn here, not from the training RNG
         persistent_workers=False,
+        **processes,
     )
 
 
@@ -385,7 +345,7 @@ def skipped(src, batches: int, size: int):
 
 def train_loader(
     cfg: DataConfig,
-    manifest: dict,
+    manifest: Manifest,
     *,
     seed: int,
     epoch: int,
@@ -396,50 +356,53 @@ def train_loader(
     inputs: tuple[str, ...] = PACKED,
 ) -> tuple[wds.WebLoader, int]:
     """The rank's training batches of the model's `inputs` for one epoch after the first `skip`,
-    and how many the whole epoch has (equal on every rank, a multiple of `multiple`)."""
-    groups = training_groups(manifest, cfg.holdout_fold)
-    urls = shard_paths(cfg.shards, manifest, groups)
+    and how many the whole epoch has (equal on every rank, a multiple of `multiple`). Stages are
+    module-level functions with their arguments bound, so workers start under any start method."""
+    groups = manifest.fold_groups(cfg.holdout_fold)
+    urls = manifest.shard_paths(cfg.shards, groups)
     base = f"{seed}/{epoch}/{rank}"
     plan = resampling_plan(manifest, groups, cfg)
     counter = Counter()
+    stage = functools.partial
     stages = [
-        lambda: dealt_shards(urls, f"{seed}/{epoch}", rank, world),
-        lambda src: read_shards(src, counter),
-        lambda src: parse(src, counter),
-        lambda src: pick_window(src, cfg.train_windows, no_window_policy(cfg), base, counter),
+        stage(dealt_shards, urls, f"{seed}/{epoch}", rank, world),
+        stage(read_shards, counter=counter),
+        stage(parse, counter=counter),
+        stage(pick_window, windows=cfg.train_windows, no_window=no_window_policy(cfg), base=base, counter=counter),
     ]
     if cfg.sequence_length:
-        stages.append(lambda src: runs(src, cfg.sequence_length))
+        stages.append(stage(runs, length=cfg.sequence_length))
     stages += [
-        lambda src: balanced(src, plan.copies, base, counter),
-        lambda src: shuffled(src, cfg.shuffle_buffer, base),
-        lambda src: skipped(src, skip, cfg.batch_size),
-        lambda src: decoded(src, inputs, counter),
-        lambda src: batched(src, cfg.batch_size, cfg.sequence_length, False, counter),
+        stage(balanced, copies=plan.copies, base=base, counter=counter),
+        stage(shuffled, bufsize=cfg.shuffle_buffer, base=base),
+        stage(skipped, batches=skip, size=cfg.batch_size),
+        stage(decoded, inputs=inputs, counter=counter),
+        stage(batched, size=cfg.batch_size, length=cfg.sequence_length, partial=False, counter=counter),
     ]
     n = batches_per_epoch(plan, cfg, world, multiple)
-    return _loader(wds.DataPipeline(*stages), cfg.workers, skip).with_epoch(n - skip), n
+    return _loader(wds.DataPipeline(*stages), cfg.workers, cfg.start_method, skip).with_epoch(n - skip), n
 
 
 def eval_loader(
-    cfg: DataConfig, manifest: dict, group: str, *, rank: int, world: int, inputs: tuple[str, ...] = PACKED
+    cfg: DataConfig, manifest: Manifest, group: str, *, rank: int, world: int, inputs: tuple[str, ...] = PACKED
 ) -> wds.WebLoader | list:
     """This rank's share of `group`: whole shards, rank r taking shards r, r + world, ..."""
-    urls = shard_paths(cfg.shards, manifest, [group])[rank::world]
+    urls = manifest.shard_paths(cfg.shards, [group])[rank::world]
     if not urls:
         return []
     counter = Counter()
+    stage = functools.partial
     stages = [
         wds.SimpleShardList(urls),
         wds.split_by_worker,
-        lambda src: read_shards(src, counter),
-        lambda src: parse(src, counter),
-        lambda src: fixed_window(src, cfg.eval_window),
+        stage(read_shards, counter=counter),
+        stage(parse, counter=counter),
+        stage(fixed_window, window=cfg.eval_window),
     ]
     if cfg.sequence_length:
-        stages.append(lambda src: runs(src, cfg.sequence_length))
+        stages.append(stage(runs, length=cfg.sequence_length))
     stages += [
-        lambda src: decoded(src, inputs, counter),
-        lambda src: batched(src, cfg.eval_batch_size, cfg.sequence_length, True, counter),
+        stage(decoded, inputs=inputs, counter=counter),
+        stage(batched, size=cfg.eval_batch_size, length=cfg.sequence_length, partial=True, counter=counter),
     ]
-    return _loader(wds.DataPipeline(*stages), min(cfg.workers, len(urls)))
+    return _loader(wds.DataPipeline(*stages), min(cfg.workers, len(urls)), cfg.start_method)

@@ -20,11 +20,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fer_dist.audio import SILENCE
 from fer_dist.config import DataConfig
+from fer_dist.data.audio import SILENCE
+from fer_dist.data.format import Manifest
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # mean and std per RGB channel
 GRAY = (0.299, 0.587, 0.114)
 
 
@@ -83,33 +83,47 @@ def color_jitter(image: torch.Tensor, strength: float, length: int = 1) -> torch
     return image.clamp_(0, 1)
 
 
-def prepare(batch: dict, device: torch.device, cfg: DataConfig, manifest: dict, train: bool) -> dict:
-    """The model inputs the batch holds, on `device`, leading dims kept: `image` [..., 3, S, S],
-    `audio` [..., 1, H, W], and per-frame feature vectors standardised with the shards' statistics."""
+def prepare(
+    batch: dict,
+    device: torch.device,
+    cfg: DataConfig,
+    manifest: Manifest,
+    train: bool,
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]] = IMAGENET,
+) -> dict:
+    """The model inputs the batch holds, on `device`, leading dims kept: `image` [..., 3, S, S]
+    standardised with `normalisation` (the model's), `audio` [..., 1, H, W] and per-frame feature
+    vectors standardised with the shards' statistics."""
     lead = batch["label"].shape
     inputs = {}
     if "image" in batch:
-        inputs["image"] = prepare_image(batch["image"], device, cfg, train).unflatten(0, lead)
+        inputs["image"] = prepare_image(batch["image"], device, cfg, train, normalisation).unflatten(0, lead)
     if "mel" in batch:
-        stats = manifest["mel_stats"]
+        stats = manifest.mel_stats
         mel = batch["mel"].to(device, non_blocking=True).flatten(0, len(lead) - 1).float()
         if train and cfg.audio_dropout:
             runs, length = lead[0], math.prod(lead[1:])
             silent = per_run(torch.rand(runs, device=device) < cfg.audio_dropout, length)
             mel = torch.where(silent[:, None, None], SILENCE, mel)
-        mel = (mel - stats["mean"]) / stats["std"]
+        mel = (mel - stats.mean) / stats.std
         window = batch["window"].to(device).flatten(0, len(lead) - 1)
         inputs["audio"] = crop_resize_windows(mel, window, tuple(cfg.audio_size)).unflatten(0, lead)
-    for name, stats in manifest.get("feature_stats", {}).items():
+    for name, stats in manifest.feature_stats.items():
         if name in batch:
-            mean, std = (torch.tensor(stats[k], device=device) for k in ("mean", "std"))
+            mean, std = torch.tensor(stats.mean, device=device), torch.tensor(stats.std, device=device)
             inputs[name] = (batch[name].to(device, non_blocking=True).float() - mean) / std
     return inputs
 
 
-def prepare_image(images: torch.Tensor, device: torch.device, cfg: DataConfig, train: bool) -> torch.Tensor:
-    """uint8 crops [..., 3, H, W] to normalised float frames [N, 3, S, S]; in training, one random
-    affine warp and colour jitter per run (per frame outside clip mode)."""
+def prepare_image(
+    images: torch.Tensor,
+    device: torch.device,
+    cfg: DataConfig,
+    train: bool,
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]] = IMAGENET,
+) -> torch.Tensor:
+    """uint8 crops [..., 3, H, W] to float frames [N, 3, S, S] standardised with (mean, std); in
+    training, one random affine warp and colour jitter per run (per frame outside clip mode)."""
     lead = images.shape[:-3]
     runs, length = lead[0], math.prod(lead[1:])
     image = images.to(device, non_blocking=True).flatten(0, len(lead) - 1).float().div_(255)
@@ -121,8 +135,7 @@ def prepare_image(images: torch.Tensor, device: torch.device, cfg: DataConfig, t
         image = F.grid_sample(image, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         if cfg.color_jitter:
             image = color_jitter(image, cfg.color_jitter, length)
-    mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
+    mean, std = (torch.tensor(v, device=device)[:, None, None] for v in normalisation)
     return (image - mean) / std
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fer_dist.audio import WIDEST
+from fer_dist.data.audio import WIDEST
 
 NAMES = ("s", "m", "l")
 HALF_WIDTHS = (16, 24, 32)

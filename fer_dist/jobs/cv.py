@@ -1,35 +1,33 @@
 """Cross-validation on one machine and submissions for the test videos.
 
-`fer-dist cv` trains one run per fold group, one after another, each through `accelerate launch`
-(so on whatever GPUs or CPU processes there are), into `<cv dir>/fold{k}`; a fold whose last epoch
-is done is not trained again, and an interrupted one resumes from its checkpoint. Then
-`fer-dist predict` runs every fold's best model over the test group, and the ensemble combines
-them. `slurm/cv5.sh` trains the same fold directories on a cluster and ends with this command,
-which then finds every fold finished.
+`fer-dist cv` resolves the config once per fold group (`data.holdout_fold=k`, the run folder
+`<cv dir>/fold{k}`), writes it into the fold's folder and trains it there through
+`accelerate launch -m fer_dist.train --resume` (so on whatever GPUs or CPU processes there are),
+one fold after another; a fold whose last epoch is done is not trained again, and an interrupted
+one resumes from its checkpoint. Then `fer-dist predict` runs every fold's best model over the
+test group (`fer_dist.jobs.predict`), and the ensemble combines them. `slurm/cv5.sh` trains the
+same fold folders on a cluster and ends with this command, which then finds every fold finished.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 
-from fer_dist import ensemble, postprocess, submission
-from fer_dist import predictions as preds_lib
-from fer_dist.affwild2 import NUM_CLASSES
-from fer_dist.checkpoint import REQUEUE_EXIT
-from fer_dist.config import ConfigError, load
-from fer_dist.shard import read_manifest
-
-TRAIN = Path(__file__).resolve().with_name("train.py")
-console = Console(stderr=True)
+from fer_dist.config import ConfigError, dump, load
+from fer_dist.console import console
+from fer_dist.data.format import read_manifest
+from fer_dist.engine import predictions as preds_lib
+from fer_dist.engine.checkpoint import REQUEUE_EXIT
+from fer_dist.jobs import predict as predict_job
+from fer_dist.labels import NUM_CLASSES
+from fer_dist.results import ensemble, postprocess, submission
 
 
 class Interrupted(Exception):
@@ -65,27 +63,25 @@ def finished(run_dir: Path) -> bool:
     return bool(lines) and json.loads(lines[-1])["epoch"] == epochs
 
 
-def launch_run(args: list[str], launch: str | None, run_dir: Path, what: str, here: bool = False) -> None:
-    """`fer_dist/train.py args` through `accelerate launch`; with `here`, when that would be one
-    process anyway, in this process (a prediction then skips a second start of Python and torch)."""
-    if here and launch is None and torch.cuda.device_count() <= 1:
-        from fer_dist import train
-
-        status = train.main(args)
+def launch_module(module: str, args: list[str], launch: str | None, what: str, run_dir: Path | None = None) -> None:
+    """`python -m module args` through `accelerate launch`; a prediction that would be one process
+    anyway runs in this process (skipping a second start of Python and torch)."""
+    if module == "fer_dist.jobs.predict" and launch is None and torch.cuda.device_count() <= 1:
+        status = predict_job.main(args)
     else:
-        status = subprocess.run([*launcher(launch), str(TRAIN), *args]).returncode
-    if status == REQUEUE_EXIT or (run_dir / "requeue.json").exists():
+        status = subprocess.run([*launcher(launch), "-m", module, *args]).returncode
+    if status == REQUEUE_EXIT or (run_dir is not None and (run_dir / "requeue.json").exists()):
         raise Interrupted(f"{what} was stopped by a signal; run the same command again to resume it")
     if status:
-        raise RunFailed(f"{what} failed with status {status} (see its output above; {run_dir})")
+        raise RunFailed(f"{what} failed with status {status} (see its output above{f'; {run_dir}' if run_dir else ''})")
 
 
 def train_folds(config: str, overrides: list[str], cv_dir: Path, launch: str | None) -> list[Path]:
-    cfg = load(config, overrides)
-    groups = read_manifest(Path(cfg.data.shards))["groups"]
-    folds = sorted(int(g[4:]) for g in groups if g.startswith("fold"))
+    """Each fold's config, resolved here and written into its run folder, trained from there."""
+    shards = load(config, overrides).data.shards
+    folds = sorted(int(g[4:]) for g in read_manifest(shards).fold_groups())
     if len(folds) < 2:
-        raise ConfigError(f"{cfg.data.shards} has {len(folds)} fold group(s); cross-validation needs at least 2")
+        raise ConfigError(f"{shards} has {len(folds)} fold group(s); cross-validation needs at least 2")
     runs = []
     for k in folds:
         run_dir = cv_dir / f"fold{k}"
@@ -94,8 +90,10 @@ def train_folds(config: str, overrides: list[str], cv_dir: Path, launch: str | N
             console.print(f"fold {k}: finished, kept ({run_dir})")
             continue
         console.print(f"[bold]fold {k}[/] of {len(folds)}: training into {run_dir}")
-        args = ["--resume", str(run_dir), "--config", config, *overrides, f"data.holdout_fold={k}"]
-        launch_run(args, launch, run_dir, f"fold {k}")
+        fold = load(config, [*overrides, f"data.holdout_fold={k}", f"train.run_dir={run_dir}"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump(fold))
+        launch_module("fer_dist.train", ["--resume", str(run_dir)], launch, f"fold {k}", run_dir)
     return runs
 
 
@@ -107,22 +105,9 @@ def predict_members(specs: list[str], shards: Path, out: Path, launch: str | Non
         target = out / "test" / f"{m.run_name}.npz"
         if target.exists() and target.stat().st_mtime >= (best / "model.safetensors").stat().st_mtime:
             continue  # predicted by these very weights
-        work = out / "runs" / m.run_name
         console.print(f"predicting {group} of {shards} with {m.run_dir}")
-        args = [
-            "--config",
-            str(best / "config.yaml"),
-            "--evaluate",
-            str(best / "model.safetensors"),
-            "--group",
-            group,
-            f"data.shards={shards}",
-            f"train.run_dir={work}",
-            "model.pretrained=false",
-            "train.tensorboard=false",
-        ]
-        launch_run(args, launch, work, f"prediction with {m.name}", here=True)
-        shutil.copyfile(work / "predictions" / f"{group}.npz", target)
+        args = [str(best), "--shards", str(shards), "--group", group, "--out", str(target)]
+        launch_module("fer_dist.jobs.predict", args, launch, f"prediction with {m.name}")
 
 
 def submit(out: Path, shards: Path, template: Path | None) -> dict:
@@ -130,8 +115,8 @@ def submit(out: Path, shards: Path, template: Path | None) -> dict:
     test = preds_lib.load(out / "test.npz")
     params = postprocess.PostParams.from_dict(json.loads((out / "postprocess.json").read_text()))
     labels = postprocess.apply(test.key, test.logits["ensemble"], params)
-    videos = read_manifest(shards)["videos"]
-    frames = {v: r["frames"] for v, r in videos.items() if r["split"] == "test"}
+    videos = read_manifest(shards).videos
+    frames = {v: r.frames for v, r in videos.items() if r.split == "test"}
     required = (
         submission.read_template(template)
         if template
@@ -153,7 +138,7 @@ def predict(
     truth: Path | None = None,
 ) -> dict:
     """The ensemble of `specs` over the test videos of `shards`: report, predictions, submissions."""
-    if "test" not in read_manifest(shards)["groups"]:
+    if "test" not in read_manifest(shards).groups:
         raise ConfigError(f"{shards} holds no test videos (pack them with fer-dist shard --test-list)")
     predict_members(specs, shards, out, launch)
     report = ensemble.run(specs, out, how, truth)
@@ -176,6 +161,6 @@ def cross_validate(
     train_folds(config, overrides, cv_dir, launch)
     shards = Path(load(config, overrides).data.shards)
     out = cv_dir / "ensemble"
-    if "test" in read_manifest(shards)["groups"]:
+    if "test" in read_manifest(shards).groups:
         return predict([str(cv_dir)], shards, out, launch, how, template, truth)
     return ensemble.run([str(cv_dir)], out, how, truth)

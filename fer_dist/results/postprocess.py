@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from fer_dist.affwild2 import NUM_CLASSES
-from fer_dist.metrics import macro_f1
-from fer_dist.predictions import split_keys
+from fer_dist.engine.metrics import macro_f1
+from fer_dist.engine.predictions import split_keys
+from fer_dist.labels import NUM_CLASSES
 
 WINDOWS = (1, 5, 11, 21, 41, 81)
 THRESHOLDS = (0, 4, 8, 16, 32)

@@ -17,18 +17,20 @@ import statistics
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from fer_dist import config
-from fer_dist.affwild2 import discover
-from fer_dist.cv import cross_validate
-from fer_dist.shard import PackParams, pack
-from fer_dist.synth import TEST_LABELS, TEST_LIST, TEST_TEMPLATE
+from fer_dist.console import out as console
+from fer_dist.console import progress
+from fer_dist.data import pack
+from fer_dist.data.format import PackParams
+from fer_dist.data.layout import discover
+from fer_dist.data.synth import TEST_LABELS, TEST_LIST, TEST_TEMPLATE
+from fer_dist.jobs.cv import cross_validate
+from fer_dist.results import ensemble
 
 CONFIG = config.CONFIGS / "mfm_cpu.yaml"  # per fold: one epoch of 500 steps of 32 frames
 HEADS = ("image", "audio", "fusion", "ensemble")  # the model's heads; "ensemble" is its prediction
-console = Console()
 
 
 def fold_heads(cv_dir: Path) -> list[dict]:
@@ -57,30 +59,26 @@ def checks(folds: list[dict], test: dict[str, float], how: str) -> list[str]:
 
 
 def main_job(workdir: Path, videos: int = 24, seed: int = 0, epochs: int | None = None, test_videos: int = 4) -> int:
-    from fer_dist.cli import bar, print_report, report
-
     started = time.perf_counter()
     data, shards, cv_dir = workdir / "affwild2", workdir / "shards", workdir / "cv"
     if not (data / ".complete").exists():
-        from fer_dist.synth import synthesize
+        from fer_dist.data.synth import synthesize
 
-        with bar() as progress:
-            task = progress.add_task("synthesizing videos", total=videos + test_videos, info="")
-            synthesize(data, videos, seed, 2, lambda: progress.advance(task), test_videos=test_videos)
+        with progress() as bar:
+            task = bar.add_task("synthesizing videos", total=videos + test_videos, info="")
+            synthesize(data, videos, seed, 2, lambda: bar.advance(task), test_videos=test_videos)
         (data / ".complete").touch()
     if not (shards / "manifest.json").exists():
         vids = discover(data, test_list=data / TEST_LIST)
-        with bar() as progress:
-            task = progress.add_task("packing videos", total=len(vids), info="")
-            manifest = pack(
-                vids, shards, PackParams(samples_per_shard=500, seed=seed), 2, lambda _, n: progress.advance(task)
+        with progress() as bar:
+            task = bar.add_task("packing videos", total=len(vids), info="")
+            manifest = pack.pack(
+                vids, shards, PackParams(samples_per_shard=500, seed=seed), 2, lambda _, n: bar.advance(task)
             )
-        report(manifest)
-    if not CONFIG.exists():
-        raise FileNotFoundError(f"{CONFIG} not found: run the demo from a checkout of fer-dist")
+        pack.show(manifest)
     overrides = [f"data.shards={shards}", f"train.seed={seed}", *([f"train.epochs={epochs}"] if epochs else [])]
     result = cross_validate(str(CONFIG), overrides, cv_dir, truth=data / TEST_LABELS, template=data / TEST_TEMPLATE)
-    print_report(result)
+    ensemble.show(result)
     folds = fold_heads(cv_dir)
     table = Table(title="macro-F1 of each head on the fold's held-out videos")
     for col in ("", "image", "audio", "fusion", "prediction"):

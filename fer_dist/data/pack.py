@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import io
 import itertools
 import json
 import math
@@ -20,7 +19,7 @@ import multiprocessing
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from fractions import Fraction
 from pathlib import Path
 
@@ -28,31 +27,31 @@ import numpy as np
 import torch
 from torchvision.io import decode_jpeg
 
-from fer_dist import audio
-from fer_dist.affwild2 import CLASSES, NUM_CLASSES, UNLABELLED, Video, list_crops, read_annotation
-from fer_dist.tars import TAR_END, tar_record
-from fer_dist.windows import NAMES, purity_flags
+from fer_dist.console import console, out, print_table
+from fer_dist.data import audio
+from fer_dist.data.format import (
+    FORMAT_VERSION,
+    LABEL,
+    MEMBERS,
+    META,
+    Group,
+    Manifest,
+    MelStats,
+    PackParams,
+    Shard,
+    Totals,
+    VideoRecord,
+    atomic_write,
+    claim,
+    npy_bytes,
+    npy_header,
+)
+from fer_dist.data.layout import Video, list_crops, read_annotation
+from fer_dist.data.tars import TAR_END, tar_record
+from fer_dist.data.windows import NAMES, purity_flags
+from fer_dist.labels import CLASSES, NUM_CLASSES, UNLABELLED
 
-FORMAT_VERSION = 1
-FOLD_SCHEMES = ("video5", "train4+val", "official")
 ASSUMED_FPS = Fraction(30)
-
-
-@dataclass(frozen=True)
-class PackParams:
-    folds: str = "video5"
-    n_folds: int = 5
-    seed: int = 0
-    samples_per_shard: int = 2000
-    clip_len: int = 32
-    missing: str = "fill"  # "fill": labelled frames without a crop take the nearest crop; "skip": dropped
-    mel: audio.MelParams = field(default_factory=audio.MelParams)
-
-    def __post_init__(self) -> None:
-        if self.folds not in FOLD_SCHEMES:
-            raise ValueError(f"--folds must be one of {', '.join(FOLD_SCHEMES)}, not {self.folds!r}")
-        if self.missing not in ("fill", "skip"):
-            raise ValueError(f"--missing must be fill or skip, not {self.missing!r}")
 
 
 def assign_folds(videos: list[Video], scheme: str, n_folds: int, seed: int) -> dict[str, str]:
@@ -134,42 +133,6 @@ def fill_source(f: int, crops: dict[int, Path], readable: dict[int, bytes], corr
     raise ValueError(f"no readable crop near frame {f}")
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    np.save(out, array, allow_pickle=False)
-    return out.getvalue()
-
-
-def npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
-    """The .npy header every window of one video shares; header + array.tobytes() is a .npy file."""
-    empty = np.zeros(shape, dtype)
-    return npy_bytes(empty)[: -empty.nbytes]
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def claim(out: Path, key: str, stamp: dict, error: type[ValueError], what: str) -> dict | None:
-    """The finished manifest under `out` when it was made with `stamp` (under `key`), else None
-    after recording `stamp` for the work in `out/.work`; other settings, finished or begun, are an
-    `error` naming `what` was made there."""
-    if (out / "manifest.json").exists():
-        done = json.loads((out / "manifest.json").read_text())
-        if done.get(key) != stamp:
-            raise error(f"{out} holds {what} made with other settings; remove it or use another folder")
-        return done
-    work = out / ".work"
-    work.mkdir(parents=True, exist_ok=True)
-    stamp_path = work / "stamp.json"
-    if stamp_path.exists() and json.loads(stamp_path.read_text()) != stamp:
-        raise error(f"{out} holds {what} started with other settings; remove it or use another folder")
-    atomic_write(stamp_path, json.dumps(stamp).encode())
-    return None
-
-
 def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
     """Pass 1 for one video: writes `work/<video>.tar` (samples in frame order) and returns its record."""
     video, group, params, work = job
@@ -230,10 +193,10 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
             record = tar_record(
                 f"{video.name}/{f:05d}",
                 {
-                    "jpg": readable[src],
-                    "mel.npy": header + audio.window(half, f).tobytes(),
-                    "cls": str(label).encode(),
-                    "json": json.dumps(meta, sort_keys=True).encode(),
+                    MEMBERS["image"]: readable[src],
+                    MEMBERS["audio"]: header + audio.window(half, f).tobytes(),
+                    LABEL: str(label).encode(),
+                    META: json.dumps(meta, sort_keys=True).encode(),
                 },
             )
             extents.append((f, fh.tell(), len(record)))
@@ -358,27 +321,25 @@ def problems(records: dict[str, dict]) -> list[str]:
     return out
 
 
-def manifest_of(records: dict[str, dict], shards: dict[str, list[dict]], params: PackParams) -> dict:
+def manifest_of(
+    records: dict[str, dict], shards: dict[str, list[dict]], params: PackParams, stamp: dict | None = None
+) -> Manifest:
     """The manifest; the same whatever order the videos finished in (records are taken sorted by
     video and the log-mel sums exactly rounded, so a resumed packing gives the same bytes)."""
     records = dict(sorted(records.items()))
     count = sum(r["mel_count"] for r in records.values())
     mean = math.fsum(r["mel_sum"] for r in records.values()) / max(count, 1)
     var = math.fsum(r["mel_sumsq"] for r in records.values()) / max(count, 1) - mean**2
-    videos = {
-        name: {k: v for k, v in r.items() if k not in ("mel_sum", "mel_sumsq", "mel_count")}
-        for name, r in records.items()
-    }
     groups = {}
     for group, group_shards in sorted(shards.items()):
         members = [r for r in records.values() if r["fold"] == group]
-        groups[group] = {
-            "shards": group_shards,
-            "samples": sum(s["samples"] for s in group_shards),
-            "class_counts": np.sum([r["class_counts"] for r in members], axis=0).astype(int).tolist(),
-            "window_patterns": np.sum([r["window_patterns"] for r in members], axis=0).astype(int).tolist(),
-            "videos": len(members),
-        }
+        groups[group] = Group(
+            shards=[Shard(**s) for s in group_shards],
+            samples=sum(s["samples"] for s in group_shards),
+            class_counts=np.sum([r["class_counts"] for r in members], axis=0).astype(int).tolist(),
+            window_patterns=np.sum([r["window_patterns"] for r in members], axis=0).astype(int).tolist(),
+            videos=len(members),
+        )
 
     def total(key: str) -> int | list[int]:
         values = [r[key] for r in records.values()]
@@ -387,31 +348,33 @@ def manifest_of(records: dict[str, dict], shards: dict[str, list[dict]], params:
     dropped: collections.Counter = collections.Counter()
     for r in records.values():
         dropped.update(r["dropped"])
-    return {
-        "format": FORMAT_VERSION,
-        "classes": list(CLASSES),
-        "params": {**asdict(params)},
-        "mel_stats": {
-            "mean": mean if count else audio.SILENCE,
-            "std": float(np.sqrt(max(var, 1e-12))) if count else 1.0,
+    totals = Totals(
+        videos=len(records),
+        samples=total("samples"),
+        labelled=total("labelled"),
+        with_crop=total("with_crop"),
+        filled=total("filled"),
+        corrupt_crops=total("corrupt_crops"),
+        videos_without_audio=sorted(n for n, r in records.items() if not r["audio"]),
+        dropped=dict(dropped),
+        class_counts=total("class_counts"),
+        labelled_class_counts=total("labelled_class_counts"),
+        with_crop_class_counts=total("with_crop_class_counts"),
+    )
+    return Manifest(
+        format=FORMAT_VERSION,
+        classes=list(CLASSES),
+        params=params,
+        mel_stats=MelStats(mean, float(np.sqrt(max(var, 1e-12)))) if count else MelStats(audio.SILENCE, 1.0),
+        totals=totals,
+        problems=problems(records),
+        groups=groups,
+        videos={
+            name: VideoRecord(**{k: v for k, v in r.items() if k not in ("mel_sum", "mel_sumsq", "mel_count")})
+            for name, r in records.items()
         },
-        "totals": {
-            "videos": len(records),
-            "samples": total("samples"),
-            "labelled": total("labelled"),
-            "with_crop": total("with_crop"),
-            "filled": total("filled"),
-            "corrupt_crops": total("corrupt_crops"),
-            "videos_without_audio": sorted(n for n, r in records.items() if not r["audio"]),
-            "dropped": dict(dropped),
-            "class_counts": total("class_counts"),
-            "labelled_class_counts": total("labelled_class_counts"),
-            "with_crop_class_counts": total("with_crop_class_counts"),
-        },
-        "problems": problems(records),
-        "groups": groups,
-        "videos": videos,
-    }
+        stamp=stamp,
+    )
 
 
 def pack(
@@ -420,7 +383,7 @@ def pack(
     params: PackParams,
     workers: int = 1,
     progress: Callable[[str, int], None] | None = None,
-) -> dict:
+) -> Manifest:
     """Packs `videos` into shards under `out`; returns the manifest (also written to manifest.json)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -442,17 +405,33 @@ def pack(
         names = sorted(set(groups.values()))
         jobs2 = [(g, records, params, work, out) for g in names]
         shards = dict(zip(names, pool.imap(write_group, jobs2), strict=True))
-    manifest = {**manifest_of(records, shards, params), "stamp": stamp}
-    atomic_write(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+    manifest = manifest_of(records, shards, params, stamp)
+    manifest.write(out)
     shutil.rmtree(work)
     return manifest
 
 
-def read_manifest(shards: Path) -> dict:
-    path = Path(shards) / "manifest.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: pack the data first (fer-dist shard ... --out {shards})")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format {manifest.get('format')}, this fer-dist reads {FORMAT_VERSION}; repack")
-    return manifest
+def show(manifest: Manifest) -> None:
+    """The paper's Table 1 for these data, with both counts, and everything that went wrong."""
+    t = manifest.totals
+    rows = [
+        {
+            "class": name,
+            "all": t.labelled_class_counts[c],
+            "crop": t.with_crop_class_counts[c],
+            "packed": t.class_counts[c],
+        }
+        for c, name in enumerate(CLASSES)
+    ]
+    rows.append({"class": "total", "all": t.labelled, "crop": t.with_crop, "packed": sum(t.class_counts)})
+    columns = {"class": "class", "all": "all labelled", "crop": "with a crop", "packed": "packed"}
+    print_table("labelled frames per class", columns, rows)
+    out.print(
+        f"{t.videos} videos, {t.samples} samples; {t.filled} frames filled from the nearest crop; "
+        f"{t.corrupt_crops} corrupt crops; {len(t.videos_without_audio)} videos packed without audio; "
+        f"dropped: {', '.join(f'{n} ({r})' for r, n in t.dropped.items() if n) or 'none'}"
+    )
+    groups = ", ".join(f"{g} {v.samples} ({len(v.shards)} shards)" for g, v in manifest.groups.items())
+    out.print(f"groups: {groups}")
+    for line in manifest.problems:
+        console.print(f"[yellow]warning:[/] {line}")

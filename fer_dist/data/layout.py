@@ -13,13 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-CLASSES = ("Neutral", "Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise", "Other")
-NUM_CLASSES = len(CLASSES)
-UNLABELLED = -1
-
-# Paper 000 (Multi Modal Facial Expression Recognition with Transformer-Based Fusion Networks and
-# Dynamic Sampling), Table 1: labelled training frames per class.
-PAPER_TRAIN_COUNTS = (180227, 17153, 10978, 9110, 97302, 80671, 32033, 169887)
+from fer_dist.labels import CLASSES, UNLABELLED
 
 CHALLENGE_DIRS = ("EXPR_Recognition_Challenge", "EXPR_Classification_Challenge", "EXPR_Set")
 SPLIT_DIRS = {"Train_Set": "train", "Training_Set": "train", "Validation_Set": "val"}

@@ -1,5 +1,5 @@
-"""Scoring the held-out fold group: every frame predicted once over all ranks, merged by rank 0
-into a predictions file, scored per head, with a confusion-matrix PNG."""
+"""Scoring a fold group: every frame predicted once over all ranks, merged by rank 0 into a
+predictions file, scored per head, with a confusion-matrix PNG."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from fer_dist import predictions as preds_lib
-from fer_dist import stream
-from fer_dist.affwild2 import CLASSES
-from fer_dist.augment import prepare
-from fer_dist.config import Config, ConfigError
-from fer_dist.metrics import confusion, confusion_png, f1_per_class
+from fer_dist.config import ConfigError
+from fer_dist.data import stream
+from fer_dist.data.format import Manifest
+from fer_dist.engine import predictions as preds_lib
+from fer_dist.engine.metrics import confusion, confusion_png, f1_per_class
+from fer_dist.engine.task import Task
+from fer_dist.labels import CLASSES
 
 
 def scores(p: preds_lib.Predictions, output: str) -> tuple[dict, np.ndarray]:
@@ -41,37 +42,30 @@ def reduce_counts(accelerator, tally: stream.Tally) -> dict:
 
 @torch.no_grad()
 def evaluate(
-    accelerator, net, cfg: Config, manifest: dict, name: str, bar: Progress, group: str | None = None
+    accelerator, net, task: Task, manifest: Manifest, group: str, out: Path, bar: Progress, chart: Path | None = None
 ) -> dict | None:
-    """Predicts every frame of `group` (default: the held-out fold) once over all ranks (`net`
-    unwrapped: no gradient sync); rank 0 merges, scores and draws `confusion/{name}.png`."""
+    """Predicts every frame of `group` once over all ranks (`net` unwrapped: no gradient sync);
+    rank 0 merges the ranks' parts into the predictions file `out`, draws the confusion matrix
+    into `chart` and returns the scores (other ranks return None)."""
+    data = task.cfg.data
+    if group not in manifest.groups:
+        raise ConfigError(f"{data.shards} has no group {group!r} (it has {', '.join(manifest.groups)})")
     net.eval()
-    group = group or f"fold{cfg.data.holdout_fold}"
-    if group not in manifest["groups"]:
-        raise ConfigError(f"{cfg.data.shards} has no group {group!r} (it has {', '.join(manifest['groups'])})")
-    run_dir = Path(cfg.train.run_dir)
-    expected = manifest["groups"][group]["samples"]
-    task = bar.add_task(
-        "evaluate", total=math.ceil(expected / cfg.data.eval_batch_size / accelerator.num_processes), info=""
-    )
+    expected, world, rank = manifest.groups[group].samples, accelerator.num_processes, accelerator.process_index
+    progress = bar.add_task(f"evaluate {group}", total=math.ceil(expected / data.eval_batch_size / world), info="")
     keys, labels, logits, tally = [], [], {}, stream.Tally()
-    loader = stream.eval_loader(
-        cfg.data, manifest, group, rank=accelerator.process_index, world=accelerator.num_processes, inputs=net.inputs
-    )
-    for batch in loader:
-        inputs = prepare(batch, accelerator.device, cfg.data, manifest, train=False)
-        mask = batch.get("mask")  # clip mode: the real frames of padded runs
-        if mask is not None:
-            inputs["mask"] = mask.to(accelerator.device)
+    for batch in stream.eval_loader(data, manifest, group, rank=rank, world=world, inputs=net.inputs):
+        step = task.prepare(batch, accelerator.device, train=False)
         with accelerator.autocast():
-            outputs = net(**inputs)
+            outputs = net(**step.inputs)
+        mask = batch.get("mask")  # clip mode: the real frames of padded runs
         for h, v in outputs.items():
-            logits.setdefault(h, []).append((v[inputs["mask"]] if mask is not None else v).float().cpu().numpy())
+            logits.setdefault(h, []).append((v[step.mask] if mask is not None else v).float().cpu().numpy())
         keys += [k for row in batch["key"] for k in row if k] if mask is not None else batch["key"]
         labels.append((batch["label"][mask] if mask is not None else batch["label"]).numpy())
         tally.see(batch)
-        bar.advance(task)
-    bar.remove_task(task)
+        bar.advance(progress)
+    bar.remove_task(progress)
     faults = reduce_counts(accelerator, tally)
     part = preds_lib.Predictions(
         np.array(keys, str),
@@ -79,25 +73,23 @@ def evaluate(
         {h: np.concatenate(v) for h, v in logits.items()},
         net.output,
     )
-    out_dir = run_dir / "predictions"
-    part_path = out_dir / f"{name}.rank{accelerator.process_index}.npz"
-    preds_lib.save(part_path, part)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    parts = [out.with_name(f"{out.stem}.rank{r}.npz") for r in range(world)]
+    preds_lib.save(parts[rank], part)
     accelerator.wait_for_everyone()
     net.train()
     if not accelerator.is_main_process:
         return None
-    parts = [out_dir / f"{name}.rank{r}.npz" for r in range(accelerator.num_processes)]
     merged = preds_lib.concat([preds_lib.load(p) for p in parts])
     if len(merged) != expected:
         raise RuntimeError(
             f"evaluation saw {len(merged)} frames of {group}, the manifest lists {expected} "
             f"({faults['corrupt_shards']} corrupt shard(s) and {faults['corrupt_samples']} corrupt sample(s) skipped)"
         )
-    preds_lib.save(out_dir / f"{name}.npz", merged)
+    preds_lib.save(out, merged)
     for p in parts:
         p.unlink()
     metrics, cm = scores(merged, net.output)
-    confusion_png(
-        cm, list(CLASSES), run_dir / "confusion" / f"{name}.png", f"{name}: macro-F1 {metrics['macro_f1']:.4f}"
-    )
+    if chart is not None:
+        confusion_png(cm, list(CLASSES), chart, f"{out.stem}: macro-F1 {metrics['macro_f1']:.4f}")
     return metrics

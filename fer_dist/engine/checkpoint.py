@@ -25,11 +25,11 @@ import signal
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from fer_dist.config import ConfigError
-from fer_dist.distributed import uses_deepspeed
+from fer_dist.engine.distributed import uses_deepspeed
+from fer_dist.engine.state import TrainState
 
 REQUEUE_EXIT = 75  # EX_TEMPFAIL: stopped on request, resume me
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -83,9 +83,9 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
-def save(accelerator, model, optimizer, scheduler, run_dir: Path, state: dict, keep: int) -> Path:
+def save(accelerator, model, optimizer, scheduler, run_dir: Path, state: TrainState, keep: int) -> Path:
     """A complete step checkpoint, written by every rank (its RNG) and made visible by rank 0."""
-    final = run_dir / "checkpoints" / f"step-{state['global_step']:08d}"
+    final = run_dir / "checkpoints" / f"step-{state.global_step:08d}"
     tmp = final.with_name(final.name + ".tmp")
     main = accelerator.is_main_process
     if main:
@@ -104,7 +104,7 @@ def save(accelerator, model, optimizer, scheduler, run_dir: Path, state: dict, k
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "world": accelerator.num_processes}))
+        (tmp / "state.json").write_text(state.to_json())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in step_dirs(run_dir)[:-keep]:
@@ -113,12 +113,13 @@ def save(accelerator, model, optimizer, scheduler, run_dir: Path, state: dict, k
     return final
 
 
-def load(accelerator, model, optimizer, scheduler, directory: Path) -> dict:
-    """Restores what `save` wrote into the prepared objects; returns the loop's state."""
-    state = json.loads((directory / "state.json").read_text())
-    if state["world"] != accelerator.num_processes:
+def load(accelerator, model, optimizer, scheduler, directory: Path) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """Restores what `save` wrote into the prepared objects; returns the loop's state and this
+    rank's RNG state (set when its epoch's loader has started)."""
+    state = TrainState.from_json((directory / "state.json").read_text())
+    if state.world != accelerator.num_processes:
         raise ConfigError(
-            f"{directory} was written by {state['world']} process(es); resume it with the same number "
+            f"{directory} was written by {state.world} process(es); resume it with the same number "
             f"(this run has {accelerator.num_processes}): each rank's stream position and RNG are in it"
         )
     bare = accelerator.unwrap_model(model, keep_torch_compile=False)
@@ -133,8 +134,7 @@ def load(accelerator, model, optimizer, scheduler, directory: Path) -> dict:
     scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
     if accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(torch.load(directory / "scaler.pt", weights_only=True))
-    state["rng"] = torch.load(directory / f"rng-rank{accelerator.process_index}.pt", weights_only=True)
-    return state
+    return state, torch.load(directory / f"rng-rank{accelerator.process_index}.pt", weights_only=True)
 
 
 def check_deepspeed_files(directory: Path) -> None:
@@ -151,7 +151,7 @@ def check_deepspeed_files(directory: Path) -> None:
             raise ConfigError(f"{path} holds more than tensors and DeepSpeed's state; not loaded: {exn}") from exn
 
 
-def export_best(accelerator, model, run_dir: Path, config: dict, metrics: dict) -> None:
+def export_best(accelerator, model, run_dir: Path, config: str, metrics: dict | None) -> None:
     """checkpoints/best: safetensors weights plus the config that rebuilds the model, replaced whole."""
     state_dict = weights(accelerator, model)
     if accelerator.is_main_process:
@@ -160,7 +160,7 @@ def export_best(accelerator, model, run_dir: Path, config: dict, metrics: dict) 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_weights(state_dict, tmp / "model.safetensors")
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (tmp / "config.yaml").write_text(config)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
         old = best.with_name("best.old")
         if best.exists():

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fer_dist.affwild2 import CLASSES
-from fer_dist.predictions import split_keys
-from fer_dist.shard import atomic_write
+from fer_dist.data.format import atomic_write
+from fer_dist.engine.predictions import split_keys
+from fer_dist.labels import CLASSES
 
 
 class SubmissionError(ValueError):

@@ -20,6 +20,7 @@ with. Shards are written under a temporary name and renamed; a rerun keeps the f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 from collections.abc import Callable
@@ -30,13 +31,24 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from fer_dist import audio, tars
-from fer_dist.affwild2 import Video
-from fer_dist.augment import prepare_image
 from fer_dist.config import DataConfig
+from fer_dist.console import console
+from fer_dist.data import audio, tars
+from fer_dist.data.format import (
+    LABEL,
+    MEMBERS,
+    META,
+    FeatureStats,
+    Manifest,
+    atomic_write,
+    claim,
+    npy_bytes,
+    read_manifest,
+)
+from fer_dist.data.layout import Video
+from fer_dist.data.transforms import prepare_image
 from fer_dist.models.backbones import create_backbone
-from fer_dist.shard import atomic_write, claim, npy_bytes, read_manifest
-from fer_dist.stream import MEMBERS
+from fer_dist.models.contract import normalisation_of
 
 DTYPES = {"embedding": np.float16, "audio_features": np.float32, "words": np.float16}  # as stored
 
@@ -54,10 +66,10 @@ def prosody_job(job: tuple[Video, int, float, audio.ProsodyParams, Path]) -> Non
         atomic_write(path, npy_bytes(audio.prosody(media.audio, frames, fps, params)))
 
 
-def word_tables(words: Path, manifest: dict) -> tuple[dict[str, np.ndarray], int, list[str]]:
+def word_tables(words: Path, manifest: Manifest) -> tuple[dict[str, np.ndarray], int, list[str]]:
     """Each video's word embeddings [frames, Dw], their width, and the videos that have none."""
     tables, missing = {}, []
-    for name in manifest["videos"]:
+    for name in manifest.videos:
         path = words / f"{name}.npy"
         if not path.exists():
             missing.append(name)
@@ -83,14 +95,14 @@ def row(table: np.ndarray | None, frame: int, dim: int) -> np.ndarray:
 @torch.no_grad()
 def embed(model: torch.nn.Module, crops: list[bytes], size: int, batch: int, device: torch.device) -> np.ndarray:
     out = []
-    cfg = DataConfig(image_size=size)
+    cfg, normalisation = DataConfig(image_size=size), normalisation_of(model)
     for i in range(0, len(crops), batch):
         chunk = crops[i : i + batch]
         images = torch.stack(
             [decode_jpeg(torch.frombuffer(bytearray(c), dtype=torch.uint8), mode=ImageReadMode.RGB) for c in chunk]
         )
         with torch.autocast(device.type, enabled=device.type == "cuda"):
-            out.append(model(prepare_image(images, device, cfg, train=False)).float().cpu().numpy())
+            out.append(model(prepare_image(images, device, cfg, False, normalisation)).float().cpu().numpy())
     return np.concatenate(out)
 
 
@@ -104,16 +116,16 @@ def extract_shard(
     except (OSError, EOFError, ValueError) as exc:
         raise ExtractError(f"{src}: {exc}; repack the shards") from exc
     try:
-        features = {"embedding": embed(model, [s["jpg"] for s in samples], size, batch, device)}
+        features = {"embedding": embed(model, [s[MEMBERS["image"]] for s in samples], size, batch, device)}
     except RuntimeError as exc:
         raise ExtractError(f"{src}: a crop does not decode ({exc}); repack the shards") from exc
-    frames = [(m["video"], m["frame"]) for m in (json.loads(s["json"]) for s in samples)]
+    frames = [(m["video"], m["frame"]) for m in (json.loads(s[META]) for s in samples)]
     features["audio_features"] = np.stack([prosodies[video][frame - 1] for video, frame in frames])
     if words is not None:
         features["words"] = np.stack([row(words.get(video), frame, words_dim) for video, frame in frames])
     records = []
     for i, sample in enumerate(samples):
-        members = {k: sample[k] for k in ("jpg", "cls", "json")}
+        members = {k: sample[k] for k in (MEMBERS["image"], LABEL, META)}
         for name, values in features.items():
             members[MEMBERS[name]] = npy_bytes(values[i].astype(DTYPES[name]))
         records.append(tars.tar_record(sample["__key__"], members))
@@ -128,7 +140,7 @@ def extract_shard(
     }
 
 
-def statistics(parts: list[dict[str, dict]]) -> dict[str, dict]:
+def statistics(parts: list[dict[str, dict]]) -> dict[str, FeatureStats]:
     """Per-dimension mean and std of each feature over `parts` (the fold groups' shards)."""
     stats = {}
     for name in parts[0]:
@@ -137,7 +149,7 @@ def statistics(parts: list[dict[str, dict]]) -> dict[str, dict]:
         var = sum(np.asarray(p[name]["sumsq"]) for p in parts) / count - mean**2
         std = np.sqrt(np.maximum(var, 0))
         std = np.maximum(std, 0.1 * std.mean() + 1e-8)  # a near-constant dimension is not blown up into noise
-        stats[name] = {"mean": mean.tolist(), "std": std.tolist()}
+        stats[name] = FeatureStats(mean.tolist(), std.tolist())
     return stats
 
 
@@ -153,7 +165,7 @@ def extract(
     workers: int = 1,
     params: audio.ProsodyParams | None = None,
     progress: Callable[[str, int], None] | None = None,
-) -> dict:
+) -> Manifest:
     """Writes the feature shards of `shards` to `out` and returns their manifest."""
     shards, out, params = Path(shards), Path(out), params or audio.ProsodyParams()
     source = read_manifest(shards)
@@ -171,15 +183,15 @@ def extract(
     work = out / ".work"
 
     by_name = {v.name: v for v in videos}
-    unknown = sorted(set(source["videos"]) - set(by_name))
+    unknown = sorted(set(source.videos) - set(by_name))
     if unknown:
         raise ExtractError(f"{len(unknown)} video(s) of the shards are not in the dataset given, e.g. {unknown[0]}")
-    jobs = [(by_name[n], r["frames"], r["fps"], params, work) for n, r in source["videos"].items()]
+    jobs = [(by_name[n], r.frames, r.fps, params, work) for n, r in source.videos.items()]
     with multiprocessing.get_context("forkserver").Pool(max(1, workers)) as pool:  # see shard.pack
         for _ in pool.imap_unordered(prosody_job, jobs):
             if progress:
                 progress("audio", 0)
-    prosodies = {n: np.load(work / f"{n}.afeat.npy", allow_pickle=False) for n in source["videos"]}
+    prosodies = {n: np.load(work / f"{n}.afeat.npy", allow_pickle=False) for n in source.videos}
     tables, words_dim, wordless = word_tables(words, source) if words else (None, 0, [])
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -187,21 +199,21 @@ def extract(
     model = create_backbone(backbone, in_chans=3, img_size=None, pretrained=weights or False).eval().to(device)
     model.requires_grad_(False)
     parts = {}
-    for group, record in source["groups"].items():
-        for shard in record["shards"]:
-            stats_path = work / f"{shard['name']}.stats.json"
-            dst = out / shard["name"]
+    for group, record in source.groups.items():
+        for shard in record.shards:
+            stats_path = work / f"{shard.name}.stats.json"
+            dst = out / shard.name
             if dst.exists() and stats_path.exists():
                 stats = json.loads(stats_path.read_text())
             else:
                 stats = extract_shard(
-                    shards / shard["name"], dst, model, image_size, batch_size, device, prosodies, tables, words_dim
+                    shards / shard.name, dst, model, image_size, batch_size, device, prosodies, tables, words_dim
                 )
                 atomic_write(stats_path, json.dumps(stats).encode())
             if group.startswith("fold"):
-                parts[shard["name"]] = stats
+                parts[shard.name] = stats
             if progress:
-                progress(shard["name"], shard["samples"])
+                progress(shard.name, shard.samples)
     embedding_dim = len(next(iter(parts.values()))["embedding"]["sum"])
     features = {
         "embedding": {
@@ -213,20 +225,34 @@ def extract(
         "audio_features": {
             "dim": params.n_mfcc + 2,
             "names": [f"mfcc{i}" for i in range(params.n_mfcc)] + ["pitch_hz", "log_energy"],
-            "videos_without_audio": source["totals"]["videos_without_audio"],  # their features are zeros
+            "videos_without_audio": source.totals.videos_without_audio,  # their features are zeros
         },
     }
     if words:
         features["words"] = {"dim": words_dim, "source": str(words), "videos_without": wordless}
-    manifest = {
-        **source,
-        "members": ["image", *features],
-        "features": features,
-        "feature_stats": statistics(list(parts.values())),
-        "extract_stamp": stamp,
-    }
-    atomic_write(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+    manifest = dataclasses.replace(
+        source,
+        members=["image", *features],
+        features=features,
+        feature_stats=statistics(list(parts.values())),
+        extract_stamp=stamp,
+    )
+    manifest.write(out)
     for path in work.iterdir():
         path.unlink()
     work.rmdir()
     return manifest
+
+
+def show(manifest: Manifest, out: Path) -> None:
+    features = manifest.features
+    console.print(
+        f"{manifest.totals.samples} samples in {out}: "
+        + ", ".join(f"{name} [{f['dim']}]" for name, f in features.items())
+    )
+    silent = features["audio_features"]["videos_without_audio"]
+    if silent:
+        console.print(f"[yellow]{len(silent)} video(s) without audio have zero audio features:[/] {', '.join(silent)}")
+    missing = features.get("words", {}).get("videos_without")
+    if missing:
+        console.print(f"[yellow]{len(missing)} video(s) without word embeddings have zeros:[/] {', '.join(missing)}")

@@ -25,7 +25,7 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fer_dist.affwild2 import CLASSES, NUM_CLASSES, PAPER_TRAIN_COUNTS, UNLABELLED
+from fer_dist.labels import CLASSES, NUM_CLASSES, PAPER_TRAIN_COUNTS, UNLABELLED
 
 LOOK = (0, 1, 2, 3, 4, 5, 3, 0)  # class -> face; Fear/Surprise and Neutral/Other share one
 SOUND = (0, 1, 1, 2, 3, 4, 3, 5)  # class -> sound; Anger/Disgust and Happiness/Surprise share one

@@ -1,0 +1,33 @@
+"""`fer-dist bench`: the performance figures quoted in the README, measured on synthetic data.
+
+pack    bench/pack.py     packing speed per core, for each worker count
+loader  bench/loader.py   the training stream against the teams' loader and the decode limit
+step    bench/step.py     fer-dist's training step against a bare loop; 1 and 2 processes; memory
+models  bench/models.py   every paper's system trained by its CPU config: speed and macro-F1
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fer_dist.bench import loader, models, pack, step
+
+BENCHMARKS = {"pack": pack, "loader": loader, "step": step, "models": models}
+
+
+def run(what: str, workdir: Path, videos: int, workers: list[int], samples: int, steps: int) -> dict:
+    """The benchmark's figures, as one JSON-ready dict."""
+    from fer_dist.config import CONFIGS
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    if what == "pack":
+        return pack.bench_pack(workdir, videos, workers)
+    if what == "loader":
+        return loader.bench_loader(workdir, videos, workers[-1], samples)
+    if what == "step":
+        return step.bench_step(str(CONFIGS / "mfm_cpu.yaml"), str(CONFIGS / "mfm_swin_tiny.yaml"), 32, steps)
+    return models.bench_models(workdir, videos)
+
+
+def show(what: str, result: dict) -> None:
+    BENCHMARKS[what].show(result)

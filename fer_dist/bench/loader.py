@@ -1,0 +1,142 @@
+"""`fer-dist bench loader`: the training stream against a folder-of-JPEGs loader in the style of
+the ABAW teams' code (`bench/baseline.py`) and against the limit, decoding the same JPEG bytes and
+nothing else; all with the same workers and batch size, in samples per second per worker; and
+the class shares the stream emits against its resampling target."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fer_dist.bench.common import child, packed, synthetic, timed_batches
+from fer_dist.console import out, print_table
+from fer_dist.data.format import Shard, read_manifest
+from fer_dist.labels import CLASSES
+
+
+def time_stream(shards: str, workers: int, samples: int, batch_size: int) -> dict:
+    from fer_dist import config
+    from fer_dist.data.format import read_manifest
+    from fer_dist.data.stream import Tally, describe, resampling_plan, train_loader
+
+    overrides = [f"data.shards={shards}", f"data.workers={workers}", f"data.batch_size={batch_size}"]
+    cfg = config.load(None, overrides).data
+    manifest = read_manifest(Path(shards))
+    plan = resampling_plan(manifest, manifest.fold_groups(cfg.holdout_fold), cfg)
+    passes = math.ceil(samples / plan.emitted.sum())  # whole passes over the shards, as epochs are
+    cfg.epoch_samples = math.ceil(passes * plan.emitted.sum())
+    loader, _ = train_loader(cfg, manifest, seed=0, epoch=0, rank=0, world=1)
+    histogram, tally = np.zeros(8, np.int64), Tally()
+
+    def count(batch: dict) -> None:
+        histogram[:] += np.bincount(batch["label"].numpy(), minlength=8)
+        tally.see(batch)
+
+    result = timed_batches(loader, batch_size, count)
+    return {
+        **result,
+        "emitted": int(histogram.sum()),
+        "passes": passes,
+        "emitted_class_fraction": (histogram / histogram.sum()).round(5).tolist(),
+        "target_class_fraction": plan.target.round(5).tolist(),
+        "discarded_fraction": round(describe(tally.total())["discarded_fraction"], 4),
+    }
+
+
+def scaled(shards: Path, factor: int) -> Path:
+    """The shards `factor` times over (symbolic links, video records repeated): the stream's
+    memory as the dataset grows, without packing it again."""
+    out = shards.parent / f"{shards.name}-x{factor}"
+    if (out / "manifest.json").exists():
+        return out
+    out.mkdir(exist_ok=True)
+    manifest = read_manifest(shards)
+    groups, videos = {}, dict(manifest.videos)
+    for name, group in manifest.groups.items():
+        entries = []
+        for k in range(factor):
+            for shard in group.shards:
+                link = out / f"x{k}-{shard.name}"
+                if not link.exists():
+                    os.symlink((shards / shard.name).resolve(), link)
+                entries.append(Shard(link.name, shard.samples))
+        groups[name] = dataclasses.replace(group, shards=entries, samples=group.samples * factor)
+    for k in range(1, factor):
+        videos.update({f"{v}#{k}": record for v, record in manifest.videos.items()})
+    dataclasses.replace(manifest, groups=groups, videos=videos).write(out)
+    return out
+
+
+def bench_loader(workdir: Path, videos: int, workers: int, samples: int, batch_size: int = 32) -> dict:
+    root = synthetic(workdir, videos)
+    shards = packed(workdir, root, 2)
+    common = {"workers": workers, "batch_size": batch_size}
+    mel_dir = str(workdir / f"{root.name}-mels")
+    stream, stream_peak = child("time_stream", shards=str(shards), samples=samples, **common)
+    large, large_peak = child("time_stream", shards=str(scaled(shards, 10)), samples=samples, **common)
+    side = {"root": str(root), "shards": str(shards), "mel_dir": mel_dir}
+    teams, teams_peak = child("time_teams", samples=max(2000, samples // 10), **side, **common)
+    decode, decode_peak = child("time_decode", samples=samples, **side, **common)
+    emitted, target = np.array(stream["emitted_class_fraction"]), np.array(stream["target_class_fraction"])
+    per_core = {
+        name: r["samples_per_s"] / max(1, workers)
+        for name, r in (("stream", stream), ("teams", teams), ("decode", decode))
+    }
+    return {
+        "videos": videos,
+        "workers": workers,
+        "batch_size": batch_size,
+        "stream_per_core": round(per_core["stream"]),
+        "baseline_per_core": round(per_core["teams"]),
+        "decode_limit_per_core": round(per_core["decode"]),
+        "stream_vs_baseline": round(per_core["stream"] / per_core["teams"], 2),
+        "stream_vs_decode_limit": round(per_core["stream"] / per_core["decode"], 3),
+        "emitted_samples": stream["emitted"],
+        "passes_over_the_shards": stream["passes"],
+        "emitted_class_fraction": stream["emitted_class_fraction"],
+        "target_class_fraction": stream["target_class_fraction"],
+        "max_relative_class_error": round(float(np.max(np.abs(emitted[target > 0] / target[target > 0] - 1))), 4),
+        "discarded_fraction": stream["discarded_fraction"],
+        "peak_rss_mb": round(stream_peak),
+        "peak_rss_mb_10x_dataset": round(large_peak),
+        "baseline_peak_rss_mb": round(teams_peak),
+        "decode_limit_peak_rss_mb": round(decode_peak),
+    }
+
+
+def show(result: dict) -> None:
+    rows = [
+        {"loader": "training stream", "rate": result["stream_per_core"], "rss": result["peak_rss_mb"]},
+        {
+            "loader": "folder of JPEGs (teams' style)",
+            "rate": result["baseline_per_core"],
+            "rss": result["baseline_peak_rss_mb"],
+        },
+        {
+            "loader": "decode only (limit)",
+            "rate": result["decode_limit_per_core"],
+            "rss": result["decode_limit_peak_rss_mb"],
+        },
+        {"loader": "training stream, 10x dataset", "rate": "", "rss": result["peak_rss_mb_10x_dataset"]},
+    ]
+    title = f"loaders, {result['workers']} worker(s), batch {result['batch_size']}"
+    print_table(title, {"loader": "loader", "rate": "samples/s per worker", "rss": "peak RSS (MB)"}, rows)
+    classes = [
+        {"c": c, "t": f"{t:.4f}", "e": f"{e:.4f}"}
+        for c, t, e in zip(CLASSES, result["target_class_fraction"], result["emitted_class_fraction"], strict=True)
+    ]
+    print_table(
+        f"class shares over {result['emitted_samples']} emitted samples",
+        {"c": "class", "t": "target", "e": "emitted"},
+        classes,
+    )
+    r = result
+    out.print(
+        f"stream / teams' loader {r['stream_vs_baseline']}x, stream / decode limit {r['stream_vs_decode_limit']:.0%}, "
+        f"largest relative class error {r['max_relative_class_error']:.1%}, "
+        f"discarded {r['discarded_fraction']:.1%} of what was read"
+    )

@@ -1,0 +1,251 @@
+"""The shard contract: member names, the .npy members, atomic writes and the typed manifest.
+
+Every reader and writer of shards goes through this module. A shard folder holds the tars
+(`fold{k}-{i:06d}.tar`, `test-{i:06d}.tar`, see `data/tars.py` for their byte format) and
+`manifest.json`, which `Manifest` reads and writes:
+
+    format, classes         the format version and the class order of every count list
+    params                  the packing parameters (`PackParams`)
+    mel_stats               mean and std of the log-mel values, for standardisation
+    totals, problems        what was packed, dropped, filled or degraded, over all videos
+    groups                  per fold group: its shards with their sample counts, class counts and
+                            window-pattern counts (the stream's resampling weights come from them)
+    videos                  per video: split, fold, frame rate, audio, per-class and per-window counts
+    stamp                   what the packing was made from (a rerun with other inputs is refused)
+    members, features,      feature shards (`fer-dist extract`): the model inputs they hold, what
+    feature_stats           each feature is, and its per-dimension mean and std
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fer_dist.data.audio import MelParams
+
+FORMAT_VERSION = 1
+FOLD_SCHEMES = ("video5", "train4+val", "official")
+
+# A model input and the shard member it is decoded from; `fer-dist extract` writes the last three.
+MEMBERS = {
+    "image": "jpg",
+    "audio": "mel.npy",
+    "embedding": "emb.npy",
+    "audio_features": "afeat.npy",
+    "words": "words.npy",
+}
+LABEL, META = "cls", "json"  # every sample's label and metadata (video, frame, windows, ...)
+PACKED = ("image", "audio")  # the inputs `fer-dist shard` packs
+SAMPLE_MEMBERS = {LABEL, META, MEMBERS["image"], MEMBERS["audio"]}  # a packed sample has exactly these
+
+
+class ManifestError(ValueError):
+    """A shard folder without a manifest this fer-dist reads; the message says how to get one."""
+
+
+@dataclass(frozen=True)
+class PackParams:
+    folds: str = "video5"
+    n_folds: int = 5
+    seed: int = 0
+    samples_per_shard: int = 2000
+    clip_len: int = 32
+    missing: str = "fill"  # "fill": labelled frames without a crop take the nearest crop; "skip": dropped
+    mel: MelParams = field(default_factory=MelParams)
+
+    def __post_init__(self) -> None:
+        if self.folds not in FOLD_SCHEMES:
+            raise ValueError(f"--folds must be one of {', '.join(FOLD_SCHEMES)}, not {self.folds!r}")
+        if self.missing not in ("fill", "skip"):
+            raise ValueError(f"--missing must be fill or skip, not {self.missing!r}")
+
+
+@dataclass
+class Shard:
+    name: str
+    samples: int
+
+
+@dataclass
+class Group:
+    shards: list[Shard]
+    samples: int
+    class_counts: list[int]
+    window_patterns: list[list[int]]  # [class][s + 2m + 4l]: samples per class and pure-window pattern
+    videos: int
+
+
+@dataclass
+class VideoRecord:
+    split: str  # train | val | test
+    fold: str  # the group it is packed into: fold{k} | test
+    parent: str  # the video file; _left/_right faces share it
+    fps: float
+    fps_source: str  # container | assumed
+    frames: int
+    audio: bool
+    audio_error: str | None
+    labelled: int
+    with_crop: int
+    with_crop_class_counts: list[int]
+    samples: int
+    filled: int
+    corrupt_crops: int
+    dropped: dict[str, int]
+    class_counts: list[int]
+    labelled_class_counts: list[int]
+    window_counts: list[int]
+    window_patterns: list[list[int]]
+
+
+@dataclass
+class MelStats:
+    mean: float
+    std: float
+
+
+@dataclass
+class Totals:
+    videos: int
+    samples: int
+    labelled: int
+    with_crop: int
+    filled: int
+    corrupt_crops: int
+    videos_without_audio: list[str]
+    dropped: dict[str, int]
+    class_counts: list[int]
+    labelled_class_counts: list[int]
+    with_crop_class_counts: list[int]
+
+
+@dataclass
+class FeatureStats:
+    mean: list[float]
+    std: list[float]
+
+
+@dataclass
+class Manifest:
+    format: int
+    classes: list[str]
+    params: PackParams
+    mel_stats: MelStats
+    totals: Totals
+    problems: list[str]
+    groups: dict[str, Group]
+    videos: dict[str, VideoRecord]
+    stamp: dict | None = None
+    members: list[str] = field(default_factory=lambda: list(PACKED))
+    features: dict[str, dict] = field(default_factory=dict)  # name -> {"dim": width, what it is}
+    feature_stats: dict[str, FeatureStats] = field(default_factory=dict)
+    extract_stamp: dict | None = None
+
+    def fold_groups(self, holdout: int | None = None) -> list[str]:
+        """The fold groups (not the test group), without `holdout`'s."""
+        return sorted(g for g in self.groups if g.startswith("fold") and g != f"fold{holdout}")
+
+    def shard_paths(self, root: str | Path, groups: list[str]) -> list[str]:
+        return [str(Path(root) / s.name) for g in groups for s in self.groups[g].shards]
+
+    def feature_dims(self) -> dict[str, int]:
+        """`<input>_dim` of each per-frame feature, the widths a feature model is built with."""
+        return {f"{name}_dim": info["dim"] for name, info in self.features.items()}
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1).encode()
+
+    def write(self, folder: Path) -> None:
+        atomic_write(Path(folder) / "manifest.json", self.to_json())
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Manifest:
+        params = raw["params"]
+        return cls(
+            **{
+                **raw,
+                "params": PackParams(**{**params, "mel": MelParams(**params["mel"])}),
+                "mel_stats": MelStats(**raw["mel_stats"]),
+                "totals": Totals(**raw["totals"]),
+                "groups": {
+                    g: Group(**{**v, "shards": [Shard(**s) for s in v["shards"]]}) for g, v in raw["groups"].items()
+                },
+                "videos": {n: VideoRecord(**v) for n, v in raw["videos"].items()},
+                "feature_stats": {n: FeatureStats(**s) for n, s in raw.get("feature_stats", {}).items()},
+            }
+        )
+
+
+def read_manifest(shards: str | Path) -> Manifest:
+    path = Path(shards) / "manifest.json"
+    if not path.exists():
+        raise ManifestError(f"{path} not found: pack the data first (fer-dist shard ... --out {shards})")
+    raw = json.loads(path.read_text())
+    if raw.get("format") != FORMAT_VERSION:
+        raise ManifestError(f"{path}: format {raw.get('format')}, this fer-dist reads {FORMAT_VERSION}; repack")
+    try:
+        return Manifest.from_dict(raw)
+    except (TypeError, KeyError) as exc:
+        raise ManifestError(f"{path}: not a manifest of format {FORMAT_VERSION} ({exc}); repack") from exc
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def claim(out: Path, key: str, stamp: dict, error: type[ValueError], what: str) -> Manifest | None:
+    """The finished manifest under `out` when it was made with `stamp` (under `key`), else None
+    after recording `stamp` for the work in `out/.work`; other settings, finished or begun, are an
+    `error` naming `what` was made there."""
+    if (out / "manifest.json").exists():
+        if json.loads((out / "manifest.json").read_text()).get(key) != stamp:
+            raise error(f"{out} holds {what} made with other settings; remove it or use another folder")
+        return read_manifest(out)
+    work = out / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    stamp_path = work / "stamp.json"
+    if stamp_path.exists() and json.loads(stamp_path.read_text()) != stamp:
+        raise error(f"{out} holds {what} started with other settings; remove it or use another folder")
+    atomic_write(stamp_path, json.dumps(stamp).encode())
+    return None
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, array, allow_pickle=False)
+    return out.getvalue()
+
+
+def npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """The .npy header every window of one video shares; header + array.tobytes() is a .npy file."""
+    empty = np.zeros(shape, dtype)
+    return npy_bytes(empty)[: -empty.nbytes]
+
+
+@functools.lru_cache(maxsize=64)
+def npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
+    fp = io.BytesIO(header)
+    version = np.lib.format.read_magic(fp)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(fp)
+    if dtype.hasobject:
+        raise ValueError("a .npy member holds Python objects; shards hold numbers only")
+    return dtype, shape, fortran
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """A .npy member, parsed without pickles; every window of a video shares one header, whose
+    parse is cached (np.load re-parsed it for each sample, a sixth of the stream's time)."""
+    width = 2 if data[6:7] == b"\x01" else 4
+    start = 8 + width + int.from_bytes(data[8 : 8 + width], "little")
+    dtype, shape, fortran = npy_layout(bytes(data[:start]))
+    values = np.frombuffer(bytearray(data[start:]), dtype)
+    return values.reshape(shape, order="F" if fortran else "C")

@@ -1,0 +1,77 @@
+"""What is trained and how fast: the optimiser with its weight-decay groups, the learning-rate
+schedule, and the model's starting point (weights of earlier stages, frozen parts, gradient
+checkpointing, memory layout)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from safetensors.torch import load_file
+
+from fer_dist import config as config_lib
+from fer_dist.console import console
+
+
+def make_optimizer(cfg: config_lib.OptimConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    trained = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trained if p.ndim > 1], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in trained if p.ndim <= 1], "weight_decay": 0.0},  # biases and norms
+    ]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def lr_factor(cfg: config_lib.OptimConfig, total_steps: int, steps_per_epoch: int):
+    """The learning rate's multiplier at each optimiser step: linear warm-up, then a cosine decay to
+    `min_lr_ratio` over the rest of the run, or (`restarts`) cosine cycles of `restart_epochs`
+    epochs, each `restart_mult` times longer than the last, that restart from the full rate."""
+    warmup = int(cfg.warmup_fraction * total_steps)
+
+    def cosine(progress: float) -> float:
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = step - warmup
+        if cfg.schedule == "cosine":
+            return cosine(t / max(1, total_steps - warmup))
+        cycle = max(1, round(cfg.restart_epochs * steps_per_epoch))
+        while t >= cycle:
+            t, cycle = t - cycle, cycle * cfg.restart_mult
+        return cosine(t / cycle)
+
+    return factor
+
+
+def initialise(model: torch.nn.Module, cfg: config_lib.TrainConfig) -> None:
+    """Weights of earlier stages (`init_from`), frozen parts, and backbone gradient checkpointing."""
+    own = model.state_dict()
+    for path in cfg.init_from:
+        weights = load_file(path)
+        misfits = [k for k, v in weights.items() if k not in own or own[k].shape != v.shape]
+        if misfits:
+            raise config_lib.ConfigError(
+                f"train.init_from {path}: {len(misfits)} of its tensors do not fit this model (first: {misfits[0]})"
+            )
+        model.load_state_dict(weights, strict=False)
+        console.print(f"initialised {len(weights)} tensors from {path}")
+    for prefix in cfg.freeze:
+        params = [p for n, p in model.named_parameters() if n.startswith(prefix)]
+        if not params:
+            raise config_lib.ConfigError(f"train.freeze: no parameter name starts with {prefix!r}")
+        for p in params:
+            p.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        backbones = [m for m in model.modules() if m is not model and hasattr(m, "set_grad_checkpointing")]
+        if not backbones:
+            raise config_lib.ConfigError("train.gradient_checkpointing: this model has no timm backbone")
+        for m in backbones:
+            m.set_grad_checkpointing(True)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)

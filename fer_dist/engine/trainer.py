@@ -1,0 +1,298 @@
+"""The training loop: one configured model fitted on every fold group but `data.holdout_fold`,
+evaluated on that one after each epoch.
+
+The run folder gets the resolved config, step checkpoints and the best model (safetensors +
+config), `metrics.jsonl`, TensorBoard scalars, confusion matrices and per-frame predictions.
+SIGTERM or SIGUSR1 makes the loop checkpoint at the next optimiser step and stop (`Requeue`); a
+resumed run goes on from the last checkpoint as if nothing had happened. The loop moves batches
+and steps the optimiser: what a batch means to the model is the `Task`'s business, where the
+processes are is Accelerate's (`engine/distributed.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+
+from fer_dist import config as config_lib
+from fer_dist.console import console, progress
+from fer_dist.data import stream
+from fer_dist.data.format import Manifest, read_manifest
+from fer_dist.engine import checkpoint
+from fer_dist.engine.distributed import first_raised, make_accelerator
+from fer_dist.engine.evaluation import evaluate, reduce_counts
+from fer_dist.engine.optim import initialise, lr_factor, make_optimizer
+from fer_dist.engine.state import TrainState
+from fer_dist.engine.task import Step, Task, model_for
+
+PRECISION = {"no": "fp32", "bf16": "bf16 mixed precision", "fp16": "fp16 mixed precision with loss scaling"}
+
+
+class Requeue(Exception):
+    """A signal asked the run to stop; a checkpoint holds where it was."""
+
+
+def train_step(accelerator, model, optimizer, scheduler, task: Task, step: Step, grad_clip: float):
+    """One micro-batch: forward and backward; at the end of an accumulation also clipping, the
+    optimiser and the schedule. Returns the loss (on the device) and whether the weights moved."""
+    with accelerator.accumulate(model):
+        loss = task.loss(model, step, accelerator.autocast)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    stepped = accelerator.sync_gradients
+    if stepped and not accelerator.optimizer_step_was_skipped:  # fp16: no schedule step on an overflow
+        scheduler.step()
+    return loss.detach(), stepped
+
+
+def report_stream(counts: dict) -> None:
+    line = (
+        f"stream: read {counts['read']}, emitted {counts['emitted']}, "
+        f"discarded {counts['discarded_fraction']:.1%} of what was read"
+    )
+    if counts["corrupt_shards"] + counts["corrupt_samples"]:
+        line += (
+            f"; [yellow]skipped {counts['corrupt_shards']} corrupt shard(s), "
+            f"{counts['corrupt_samples']} corrupt sample(s)"
+        )
+    console.print(line)
+    if counts["discarded_fraction"] > 0.5:
+        console.print("[yellow]warning:[/] most of what the stream read was discarded (see data.balance, video_cap)")
+
+
+def keep_metrics(path: Path, epochs: int) -> None:
+    """metrics.jsonl without lines of epochs a resumed checkpoint had not finished."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["epoch"] <= epochs]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+class Trainer:
+    """One run: the prepared model and optimiser, the stream's plan, the run folder, and the
+    `TrainState` that a checkpoint saves."""
+
+    def __init__(self, accelerator, model, cfg: config_lib.Config, manifest: Manifest, bar: Progress) -> None:
+        self.accelerator, self.cfg, self.manifest, self.bar = accelerator, cfg, manifest, bar
+        self.run_dir, self.main = Path(cfg.train.run_dir), accelerator.is_main_process
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.holdout = f"fold{cfg.data.holdout_fold}"
+        self.groups = manifest.fold_groups(cfg.data.holdout_fold)
+        self.plan = stream.resampling_plan(manifest, self.groups, cfg.data)
+        accumulation = accelerator.gradient_accumulation_steps
+        self.steps = stream.batches_per_epoch(self.plan, cfg.data, self.world, accumulation)  # micro-batches per rank
+        updates = self.steps // accumulation
+        optimizer = make_optimizer(cfg.optim, model)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_factor(cfg.optim, updates * cfg.train.epochs, updates)
+        )
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)  # the schedule steps once per update
+        self.net = accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        self.task = Task(cfg, manifest, self.net, torch.as_tensor(self.plan.read))
+        self.state = TrainState(world=self.world)
+        self.writer = None
+
+    def fit(self, resume: Path | None = None) -> dict | None:
+        """Epochs from where the state stands: train, evaluate, export the best, checkpoint."""
+        rng = self.restore(resume) if resume else None
+        self.announce(resume)
+        metrics = None
+        for epoch in range(self.state.epoch, self.cfg.train.epochs):
+            counts = self.train_epoch(epoch, rng)
+            rng = None
+            metrics = self.evaluate_epoch(epoch, counts)
+            self.state.epoch, self.state.micro_step = epoch + 1, 0
+            saved = self.checkpoint()
+            if epoch + 1 < self.cfg.train.epochs:
+                self.stop_if_asked(saved)
+        if self.writer:
+            self.writer.close()
+        self.accelerator.end_training()
+        return metrics
+
+    def train_epoch(self, epoch: int, rng: dict | None) -> dict:
+        """The epoch's batches from the state's position on; returns the stream's counts."""
+        s, accelerator, train = self.state, self.accelerator, self.cfg.train
+        skip = s.micro_step
+        if not skip:
+            s.new_epoch()
+        loader, _ = stream.train_loader(
+            self.cfg.data,
+            self.manifest,
+            seed=train.seed,
+            epoch=epoch,
+            rank=self.rank,
+            world=self.world,
+            skip=skip,
+            multiple=accelerator.gradient_accumulation_steps,
+            inputs=self.net.inputs,
+        )
+        if rng is not None:  # after the loader drew its workers' seeds, as the first start did
+            checkpoint.set_rng_state(rng)
+        progress = self.bar.add_task(f"epoch {epoch + 1}/{train.epochs}", total=self.steps, completed=skip, info="")
+        self.model.train()
+        tally, before, start = stream.Tally(), s.train_time, time.perf_counter()
+        if skip == self.steps and self.main:  # stopped after the epoch's last batch: the counts were saved
+            tally.latest[-1] = torch.tensor(s.stream)
+        loss_sum, window = torch.tensor(s.loss_sum, dtype=torch.float64, device=accelerator.device), []
+        for micro, batch in enumerate(loader, start=skip):
+            step = self.task.prepare(batch, accelerator.device, train=True)
+            loss, stepped = train_step(
+                accelerator, self.model, self.optimizer, self.scheduler, self.task, step, self.cfg.optim.grad_clip
+            )
+            loss_sum += loss
+            window.append(loss)
+            s.losses += 1
+            s.seen += step.frames * self.world
+            tally.see(batch)
+            self.bar.advance(progress)
+            if not stepped:
+                continue
+            s.global_step += 1
+            if s.global_step % train.log_every == 0 or micro == self.steps - 1:
+                self.log_progress(progress, torch.stack(window).mean().item(), before + time.perf_counter() - start)
+                window = []
+            stop = first_raised(accelerator, checkpoint.stop_requested())
+            every = train.checkpoint_every
+            if stop or (every and s.global_step % every == 0 and micro + 1 < self.steps):
+                s.micro_step, s.loss_sum = micro + 1, loss_sum.item()
+                s.train_time = before + time.perf_counter() - start
+                s.stream = [reduce_counts(accelerator, tally)[k] for k in stream.COUNTS]
+                saved = self.checkpoint()
+                if stop:
+                    self.requeue(stop, saved)
+        self.bar.remove_task(progress)
+        s.loss_sum, s.train_time = loss_sum.item(), before + time.perf_counter() - start
+        return reduce_counts(accelerator, tally)
+
+    def evaluate_epoch(self, epoch: int, counts: dict) -> dict | None:
+        """Scores the held-out group, records the metrics and exports the best model."""
+        s, name = self.state, f"epoch{epoch + 1:03d}"
+        out, chart = self.run_dir / "predictions" / f"{name}.npz", self.run_dir / "confusion" / f"{name}.png"
+        metrics = evaluate(self.accelerator, self.net, self.task, self.manifest, self.holdout, out, self.bar, chart)
+        is_best = False
+        if self.main:
+            metrics = {
+                "epoch": epoch + 1,
+                "step": s.global_step,
+                **metrics,
+                "train_loss": s.loss_sum / max(1, s.losses),
+                "train_samples_per_s": s.seen / s.train_time,
+                "stream": counts,
+            }
+            self.record(metrics)
+            is_best = metrics["macro_f1"] > s.best
+            s.best = max(s.best, metrics["macro_f1"])
+        if first_raised(self.accelerator, is_best):
+            checkpoint.export_best(self.accelerator, self.model, self.run_dir, config_lib.dump(self.cfg), metrics)
+        return metrics
+
+    def record(self, metrics: dict) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(metrics) + "\n")
+        by_head = "  ".join(f"{h} {v:.3f}" for h, v in metrics["macro_f1_by_head"].items())
+        console.print(
+            f"epoch {metrics['epoch']}: loss {metrics['train_loss']:.3f}  macro-F1 {metrics['macro_f1']:.4f}  "
+            f"({by_head})"
+        )
+        report_stream(metrics["stream"])
+        if self.writer:
+            for head, value in metrics["macro_f1_by_head"].items():
+                self.writer.add_scalar(f"eval/macro_f1/{head}", value, metrics["step"])
+            for name, value in metrics["per_class_f1"].items():
+                self.writer.add_scalar(f"eval/f1/{name}", value, metrics["step"])
+            self.writer.flush()
+
+    def log_progress(self, progress: int, loss: float, seconds: float) -> None:
+        s = self.state
+        rate = s.seen / seconds
+        self.bar.update(progress, info=f"step {s.global_step}  loss {loss:.3f}  {rate:.0f} samples/s")
+        if self.writer:
+            self.writer.add_scalar("train/loss", loss, s.global_step)
+            self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], s.global_step)
+            self.writer.add_scalar("train/samples_per_s", rate, s.global_step)
+
+    def checkpoint(self) -> Path:
+        return checkpoint.save(
+            self.accelerator,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.run_dir,
+            self.state,
+            self.cfg.train.keep_checkpoints,
+        )
+
+    def restore(self, directory: Path) -> dict:
+        """The state of the checkpoint in `directory`; returns this rank's RNG state."""
+        self.state, rng = checkpoint.load(self.accelerator, self.model, self.optimizer, self.scheduler, directory)
+        if self.main:
+            keep_metrics(self.run_dir / "metrics.jsonl", self.state.epoch)
+        return rng
+
+    def stop_if_asked(self, saved: Path) -> None:
+        stop = first_raised(self.accelerator, checkpoint.stop_requested())
+        if stop:
+            self.requeue(stop, saved)
+
+    def requeue(self, raised: tuple[int, int], saved: Path) -> None:
+        """Leaves requeue.json for launchers whose exit status does not carry ours, and stops every rank."""
+        rank, signum = raised
+        reason = f"{signal.Signals(signum).name} on rank {rank}: checkpointed at {saved}"
+        if self.main:
+            (self.run_dir / "requeue.json").write_text(json.dumps({"reason": reason, "checkpoint": str(saved)}))
+        raise Requeue(reason)
+
+    def announce(self, resume: Path | None) -> None:
+        """What the run is about to do, and its TensorBoard writer."""
+        if not self.main:
+            return
+        cfg, accelerator = self.cfg, self.accelerator
+        accumulation = accelerator.gradient_accumulation_steps
+        console.print(
+            f"[bold]fer-dist[/] {cfg.model['name']}: {self.world} process(es) on {accelerator.device}, "
+            f"{PRECISION[accelerator.mixed_precision]}; batch {cfg.data.batch_size} x accumulation {accumulation} "
+            f"x {self.world} = effective {cfg.data.batch_size * accumulation * self.world}; "
+            f"{self.steps // accumulation} steps/epoch"
+        )
+        thrown_away = stream.expected_thrown_away(self.manifest, self.groups, self.plan)
+        console.print(
+            f"resampling: {cfg.data.balance} target; expected share of read samples discarded before decoding "
+            f"{thrown_away:.1%} (no pure window, or no copy)"
+        )
+        if thrown_away > 0.5:
+            console.print("[yellow]warning:[/] most samples read will be discarded; the stream reads more than it uses")
+        if resume:
+            console.print(f"resumed from {resume}: epoch {self.state.epoch + 1}, batch {self.state.micro_step}")
+        if cfg.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge = self.state.global_step if resume else None
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
+
+
+def train(cfg: config_lib.Config, resume: bool = False) -> dict | None:
+    """Trains `cfg` into its run folder (from the folder's last checkpoint when `resume`); returns
+    rank 0's metrics of the last epoch. Every way of starting training ends here."""
+    checkpoint.watch_signals()  # from the start: a signal before the first step stops the run at that step
+    accelerator = make_accelerator(cfg)
+    torch.manual_seed(cfg.train.seed)
+    manifest = read_manifest(cfg.data.shards)
+    model = model_for(cfg, manifest)
+    run_dir = Path(cfg.train.run_dir)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_lib.dump(cfg))
+        (run_dir / "requeue.json").unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    initialise(model, cfg.train)
+    with progress(accelerator.is_main_process) as bar:
+        trainer = Trainer(accelerator, model, cfg, manifest, bar)
+        return trainer.fit(checkpoint.latest(run_dir) if resume else None)

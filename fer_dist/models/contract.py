@@ -1,0 +1,33 @@
+"""What every model declares: the one thing the rest of fer-dist knows about a model.
+
+inputs               what forward() takes by keyword: image, audio, embedding, audio_features, words
+heads                the heads its loss trains (forward returns logits for each, and maybe more)
+output               the head that is its prediction
+sequences            takes clip-mode runs [B, L, ...] (and `mask`, their real frames), not frames
+image_normalisation  (mean, std) per RGB channel the `image` input is standardised with: its
+                     image backbone's, from timm's pretrained config, so pretrained weights see
+                     inputs as they were trained on
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fer_dist.data.transforms import IMAGENET
+
+Normalisation = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+class ExpressionModel(nn.Module):
+    inputs: tuple[str, ...] = ()
+    heads: tuple[str, ...] = ()
+    output: str = ""
+    sequences: bool = False
+    image_normalisation: Normalisation = IMAGENET
+
+
+def normalisation_of(backbone: nn.Module) -> Normalisation:
+    """The mean and std a timm backbone's pretrained weights expect (ImageNet's when it says none)."""
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean", IMAGENET[0]), cfg.get("std", IMAGENET[1])
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)

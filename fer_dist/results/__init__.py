@@ -1,0 +1,1 @@
+"""What runs produce, combined: ensembles of fold models, post-processing, challenge submissions."""
