@@ -320,3 +320,28 @@ def test_every_config_builds_its_model(name):
     model = build(model_cfg, cfg.data.image_size, cfg.data.audio_size, {"embedding_dim": 512, "audio_features_dim": 15})
     assert model.sequences == bool(cfg.data.sequence_length)
     assert model.output in (*model.heads, "ensemble")
+
+
+@pytest.mark.parametrize(
+    ("backbone", "args", "mean", "std"),
+    [
+        ("vit_tiny_patch16_224", {"depth": 1, "embed_dim": 32, "num_heads": 2}, (0.5,) * 3, (0.5,) * 3),
+        ("resnet10t", {"channels": [8, 8, 8, 8], "stem_width": 8}, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ],
+)
+def test_image_inputs_are_normalised_as_the_backbone_was_pretrained(backbone, args, mean, std):
+    """timm configures a ViT (and paper 001's inception_resnet_v2) with mean and std 0.5, a ResNet
+    with ImageNet's: the model declares it, and the batch preparation of training and evaluation
+    standardises the crops with it."""
+    from types import SimpleNamespace
+
+    from fer_dist.engine.task import Task
+
+    model = tiny_mfm(image_backbone=backbone, image_backbone_args=args)
+    assert model.image_normalisation == (mean, std)
+    cfg = config.load(None, ["data.image_size=32"])
+    shards = SimpleNamespace(mel_stats=None, feature_stats={})
+    crops = torch.full((2, 3, 32, 32), 191, dtype=torch.uint8)  # 0.749 of full scale in every channel
+    image = Task(cfg, shards, model).prepare({"image": crops, "label": torch.tensor([0, 1])}, "cpu", False).inputs
+    expected = (191 / 255 - torch.tensor(mean)) / torch.tensor(std)
+    torch.testing.assert_close(image["image"][:, :, 5, 7], expected.expand(2, 3))

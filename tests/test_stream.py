@@ -209,3 +209,21 @@ def test_a_stream_of_unreadable_shards_stops_with_an_error(shards, tmp_path):
     loader, _ = train_loader(cfg, read_manifest(out), seed=0, epoch=0, rank=0, world=1)
     with pytest.raises(RuntimeError, match="shards in a row could not be read"):
         list(loader)
+
+
+@pytest.mark.slow
+def test_workers_started_by_fork_spawn_or_forkserver_give_the_same_samples(shards):
+    """Every stage is a module-level function with its arguments bound, so a worker started by
+    spawn or forkserver (Python 3.14's default on Linux), which gets the pipeline pickled, reads
+    what a forked one reads: the training stream of a resumed epoch, in clip mode, and evaluation."""
+    manifest = read_manifest(shards)
+    seen = {}
+    for method in ("fork", "spawn", "forkserver"):
+        cfg = data_cfg(shards, workers=2, start_method=method, epoch_samples=320, sequence_length=4)
+        loader, _ = train_loader(cfg, manifest, seed=0, epoch=1, rank=0, world=1, skip=1)
+        batches = list(loader)
+        train = [k for b in batches for run in b["key"] for k in run]
+        held_out = keys_of(eval_loader(data_cfg(shards, workers=2, start_method=method), manifest, "fold1", rank=0, world=1))
+        seen[method] = (train, held_out, [b["image"].sum().item() for b in batches])
+    assert len(seen["fork"][0]) > 0 and len(seen["fork"][1]) == manifest.groups["fold1"].samples
+    assert seen["spawn"] == seen["fork"] and seen["forkserver"] == seen["fork"]

@@ -1,0 +1,100 @@
+"""The package as users get it: a wheel that carries its configs and launch files, and a code base
+whose stages import only from the stages before them."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+# The data path: each module may import from its own stage (without cycles) or an earlier one.
+STAGES = ["labels", "config", "console", "data", "models", "engine", "results", "jobs", "bench", "train", "cli"]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(REPO)]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=out)
+    (found,) = out.glob("fer_dist-*.whl")
+    return found
+
+
+def test_the_wheel_carries_the_configs_and_launch_files(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for folder in ("configs", "launch"):
+        shipped = {p.name for p in (REPO / folder).iterdir() if p.suffix in (".yaml", ".json")}
+        assert shipped and {f"fer_dist/{folder}/{name}" for name in shipped} <= names, folder
+    assert not any(n.startswith(("tests/", "configs/", "launch/")) for n in names)  # one copy, inside the package
+
+
+def test_the_installed_wheel_finds_its_files_away_from_the_checkout(wheel, tmp_path):
+    site = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(site), str(wheel)]
+    subprocess.run(pip, check=True, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(site)}  # ahead of the checkout's editable install
+
+    def run(*args: str) -> str:
+        result = subprocess.run([sys.executable, *args], env=env, cwd=tmp_path, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    for command in ("demo", "bench"):
+        assert "usage: fer-dist " + command in run("-m", "fer_dist.cli", command, "--help")
+    probe = (
+        "import fer_dist, fer_dist.config as c, fer_dist.jobs.demo as d;"
+        "print(fer_dist.__file__, c.CONFIGS, c.LAUNCH, d.CONFIG.exists(), (c.LAUNCH / 'cpu.yaml').exists());"
+        "print(c.load('mfm_cpu').model['name'], len(list(c.CONFIGS.glob('*.yaml'))))"
+    )
+    where, names = run("-c", probe).splitlines()
+    package, configs, launch, demo_config, cpu_launch = where.split()
+    assert all(Path(p).is_relative_to(site) for p in (package, configs, launch)), where
+    assert demo_config == cpu_launch == "True"
+    assert names == f"mfm {len(list((REPO / 'configs').glob('*.yaml')))}"
+
+
+def imports(path: Path) -> set[str]:
+    """The fer_dist modules a file imports, at the top or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fer_dist"):
+            found |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("fer_dist")}
+    return found
+
+
+def test_each_stage_imports_only_from_earlier_stages_and_nothing_imports_in_a_circle():
+    package = REPO / "fer_dist"
+    modules = {
+        ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in package.rglob("*.py")
+    }
+
+    def stage(module: str) -> int:
+        return STAGES.index(module.split(".")[1]) if module != "fer_dist" else -1
+
+    graph = {}
+    for name, path in modules.items():
+        targets = {t for t in imports(path) if t in modules and t != name}
+        graph[name] = targets
+        backwards = [t for t in targets if stage(t) > stage(name)]
+        assert not backwards, f"{name} (stage {STAGES[stage(name)]}) imports later stages: {backwards}"
+
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> None:
+        assert node not in path, "import cycle: " + " -> ".join([*path[path.index(node) :], node])
+        if node not in done:
+            for target in sorted(graph[node]):
+                visit(target, [*path, node])
+            done.add(node)
+
+    for name in sorted(graph):
+        visit(name, [])
