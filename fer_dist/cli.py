@@ -123,7 +123,7 @@ def optional_path(value: str | None) -> Path | None:
 def interruptible(job, *args) -> dict | int:
     """The job's report; the requeue status when a signal stopped one of its runs, 1 when one failed."""
     from fer_dist.engine.checkpoint import REQUEUE_EXIT
-    from fer_dist.jobs.cv import Interrupted, RunFailed
+    from fer_dist.jobs.launch import Interrupted, RunFailed
 
     try:
         return job(*args)
@@ -158,7 +158,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from fer_dist.jobs.cv import predict
+    from fer_dist.jobs.predict import predict
     from fer_dist.results import ensemble
 
     template, truth = optional_path(args.template), optional_path(args.truth)

@@ -38,8 +38,6 @@ def features(shards, synthetic, tmp_path_factory) -> Path:
     return out
 
 
-
-
 @pytest.fixture(scope="session")
 def challenge(tmp_path_factory) -> Path:
     """A small challenge: 6 labelled videos in 3 folds and 2 test videos with their test list,

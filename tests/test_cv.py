@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from fer_dist.data.format import read_manifest
 from fer_dist.data.synth import TEST_LABELS, TEST_TEMPLATE
 from fer_dist.engine import predictions as preds_lib
@@ -21,6 +23,7 @@ def fer_dist(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_cv_resumes_fold_by_fold_then_predicts_and_submits(challenge, tmp_path):
     data, shards, cv = challenge / "data", challenge / "shards", tmp_path / "cv"
     config = tiny_config(tmp_path / "tiny.yaml", shards)
@@ -89,7 +92,7 @@ def test_cv_resumes_fold_by_fold_then_predicts_and_submits(challenge, tmp_path):
 
 def test_a_single_process_fold_gets_every_core(tmp_path):
     """`accelerate launch` alone would start the lone training process with one thread."""
-    from fer_dist.jobs.cv import launcher
+    from fer_dist.jobs.launch import launcher
 
     script = tmp_path / "threads.py"
     script.write_text("import torch\nprint('threads', torch.get_num_threads())\n")

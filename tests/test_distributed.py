@@ -13,6 +13,8 @@ from fer_dist.engine import predictions
 from fer_dist.engine.evaluation import scores
 from helpers import REPO, TRAIN_SCRIPT, free_port, launch, tiny_run
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 
 def launch_train(processes, *args):
     return launch(processes, *TRAIN_SCRIPT, "--config", REPO / "configs" / "mfm_cpu.yaml", *args)

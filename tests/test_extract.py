@@ -54,6 +54,7 @@ def test_feature_shards_mirror_the_source(shards, features):
     assert len(stats["embedding"].std) == dim and min(stats["audio_features"].std) > 0
 
 
+@pytest.mark.slow
 def test_extract_resumes_after_a_kill(shards, synthetic, features, tmp_path, monkeypatch):
     import fer_dist.jobs.extract as ex
 

@@ -203,6 +203,7 @@ def run_until(cmd, ready, timeout=120):
     return proc.wait()
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_byte_identical(synthetic, shards, tmp_path):
     out = tmp_path / "shards"
     cmd = [

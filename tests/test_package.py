@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from helpers import REPO
 
 # The data path: each module may import from its own stage (without cycles) or an earlier one.
@@ -73,8 +74,7 @@ def imports(path: Path) -> set[str]:
 def test_each_stage_imports_only_from_earlier_stages_and_nothing_imports_in_a_circle():
     package = REPO / "fer_dist"
     modules = {
-        ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
-        for p in package.rglob("*.py")
+        ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p for p in package.rglob("*.py")
     }
 
     def stage(module: str) -> int:

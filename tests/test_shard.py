@@ -132,9 +132,9 @@ def test_the_manifest_does_not_depend_on_the_order_videos_finished_in():
     def record(fold: str, mel_sum: float) -> dict:
         counts = [1, 0, 0, 0, 0, 0, 0, 1]
         return {
-            "split": "train", "fold": fold, "parent": "p", "fps": 30.0, "fps_source": "container", "frames": 2, "audio": True,
-            "audio_error": None, "labelled": 2, "with_crop": 2, "with_crop_class_counts": counts, "samples": 2,
-            "filled": 0, "corrupt_crops": 0, "dropped": {f"reason of {fold}": 1}, "class_counts": counts,
+            "split": "train", "fold": fold, "parent": "p", "fps": 30.0, "fps_source": "container", "frames": 2,
+            "audio": True, "audio_error": None, "labelled": 2, "with_crop": 2, "with_crop_class_counts": counts,
+            "samples": 2, "filled": 0, "corrupt_crops": 0, "dropped": {f"reason of {fold}": 1}, "class_counts": counts,
             "labelled_class_counts": counts, "window_counts": [2, 2, 2], "window_patterns": [[1, 1]],
             "mel_sum": mel_sum, "mel_sumsq": abs(mel_sum), "mel_count": 4,
         }  # fmt: skip

@@ -21,6 +21,8 @@ needs_slurm = pytest.mark.skipif(
     reason="needs root and slurm-wlm + munge (sudo slurm/cluster.sh install; .ci/run installs them)",
 )
 
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
 
 @pytest.fixture
 def cluster(tmp_path):

@@ -223,7 +223,9 @@ def test_workers_started_by_fork_spawn_or_forkserver_give_the_same_samples(shard
         loader, _ = train_loader(cfg, manifest, seed=0, epoch=1, rank=0, world=1, skip=1)
         batches = list(loader)
         train = [k for b in batches for run in b["key"] for k in run]
-        held_out = keys_of(eval_loader(data_cfg(shards, workers=2, start_method=method), manifest, "fold1", rank=0, world=1))
+        held_out = keys_of(
+            eval_loader(data_cfg(shards, workers=2, start_method=method), manifest, "fold1", rank=0, world=1)
+        )
         seen[method] = (train, held_out, [b["image"].sum().item() for b in batches])
     assert len(seen["fork"][0]) > 0 and len(seen["fork"][1]) == manifest.groups["fold1"].samples
     assert seen["spawn"] == seen["fork"] and seen["forkserver"] == seen["fork"]

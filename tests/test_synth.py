@@ -2,6 +2,7 @@ from fractions import Fraction
 
 import av
 import numpy as np
+import pytest
 from PIL import Image
 
 from fer_dist.data.layout import discover, read_annotation
@@ -61,6 +62,7 @@ def test_needs_both_modalities():
     assert len(same_look) >= 2 and len(same_sound) >= 2
 
 
+@pytest.mark.slow
 def test_deterministic(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):

@@ -15,6 +15,8 @@ from fer_dist.engine.metrics import chance_macro_f1
 from fer_dist.labels import NUM_CLASSES
 from helpers import REPO
 
+pytestmark = [pytest.mark.slow]
+
 
 def chance(labels: np.ndarray) -> float:
     return chance_macro_f1(np.bincount(labels, minlength=NUM_CLASSES))

@@ -113,6 +113,8 @@ def test_gradient_checkpointing_and_channels_last_give_the_same_gradients():
         torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_a_step_on_two_ranks_matches_one_rank_with_the_whole_batch(shards, tmp_path):
     outs = {}
     for n in (1, 2):
@@ -156,6 +158,7 @@ def wait_for(path, proc, timeout=300):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_run_killed_with_sigkill_resumes_to_the_same_weights_and_metrics(shards, tmp_path):
     extra = ["train.epochs=2", "data.workers=2", "train.effective_batch_size=16", "train.checkpoint_every=2"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -189,6 +192,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights_and_metrics(shard
     assert [e.step for e in events.Scalars("eval/macro_f1/ensemble")] == [4, 8]
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_with_the_requeue_status(shards, tmp_path):
     run = tmp_path / "run"
     cmd = [*MODULE, "--config", CPU_CONFIG, *tiny_run(shards, run, "train.epochs=3", "train.checkpoint_every=1000")]
@@ -202,6 +206,8 @@ def test_sigterm_checkpoints_and_exits_with_the_requeue_status(shards, tmp_path)
     assert [m["epoch"] for m in comparable(run)] == [1, 2, 3] and not (run / "requeue.json").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_sigusr1_to_one_rank_stops_both_at_the_same_step_and_resumes(shards, tmp_path):
     run = tmp_path / "run"
     args = ["--config", CPU_CONFIG, *tiny_run(shards, run, "train.epochs=2", "data.epoch_samples=160")]
@@ -222,6 +228,7 @@ def test_sigusr1_to_one_rank_stops_both_at_the_same_step_and_resumes(shards, tmp
     assert [m["epoch"] for m in comparable(run)] == [1, 2]
 
 
+@pytest.mark.slow
 def test_deepspeed_zero2_trains_checkpoints_and_resumes_on_cpu(shards, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     extra = ["train.epochs=2", "train.checkpoint_every=3", "train.keep_checkpoints=10"]
@@ -269,6 +276,8 @@ def test_compile_goes_through_accelerate_and_checkpoints_keep_plain_names():
     assert weights(accelerator, compiled).keys() == model.state_dict().keys()
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("launch_file", ["multi_node.yaml", "multi_node_c10d.yaml"])
 def test_the_multi_node_launch_files_join_two_nodes(shards, tmp_path, launch_file):
     """Two "nodes" on this machine, one process each, as `srun` starts them on a cluster."""

@@ -1,11 +1,15 @@
-"""One trained model's predictions for every frame of a shard group, on any number of processes.
+"""Predictions for the test videos: each model's, then the ensemble's, then the submission files.
+
+One trained model over every frame of a shard group, on any number of processes, is this
+module's own entry point:
 
     accelerate launch -m fer_dist.jobs.predict RUN/checkpoints/best --shards SHARDS --group test --out OUT.npz
 
 The weights folder is a run's exported model (`model.safetensors` with the `config.yaml` that
-builds it). Every frame of the group is predicted once over all ranks and rank 0 writes the
-predictions file (`engine/predictions.py`) with the model's scores printed when the group is
-labelled. `fer-dist predict` and `fer-dist cv` run it for each fold model over the test videos.
+builds it); every frame of the group is predicted once over all ranks and rank 0 writes the
+predictions file (`engine/predictions.py`). `fer-dist predict` (and `fer-dist cv` after its
+folds) runs it for each member into `<out>/test/<run>.npz`, ensembles the members, post-processes
+and writes both ABAW submission formats.
 """
 
 from __future__ import annotations
@@ -15,14 +19,20 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 from safetensors.torch import load_file
 
 from fer_dist import config as config_lib
+from fer_dist.config import ConfigError
 from fer_dist.console import console, progress
 from fer_dist.data.format import ManifestError, read_manifest
+from fer_dist.engine import predictions as preds_lib
 from fer_dist.engine.distributed import make_accelerator
 from fer_dist.engine.evaluation import evaluate
 from fer_dist.engine.task import Task, model_for
+from fer_dist.jobs.launch import run_module
+from fer_dist.labels import NUM_CLASSES
+from fer_dist.results import ensemble, postprocess, submission
 
 
 def predict_group(weights: Path, shards: Path, group: str, out: Path) -> dict | None:
@@ -54,6 +64,56 @@ def main(argv: list[str] | None = None) -> int:
     if metrics is not None:
         console.print(f"{args.out}: {metrics['eval_frames']} frames; " + json.dumps(metrics["macro_f1_by_head"]))
     return 0
+
+
+def predict_members(specs: list[str], shards: Path, out: Path, launch: str | None, group: str = "test") -> None:
+    """`<out>/test/<run>.npz`: each run's best weights over `group` of `shards` (kept when there)."""
+    (out / "test").mkdir(parents=True, exist_ok=True)
+    for m in ensemble.members(specs):
+        best = m.run_dir / "checkpoints" / "best"
+        target = out / "test" / f"{m.run_name}.npz"
+        if target.exists() and target.stat().st_mtime >= (best / "model.safetensors").stat().st_mtime:
+            continue  # predicted by these very weights
+        console.print(f"predicting {group} of {shards} with {m.run_dir}")
+        args = [str(best), "--shards", str(shards), "--group", group, "--out", str(target)]
+        run_module("fer_dist.jobs.predict", args, launch, f"prediction with {m.name}", here=main)
+
+
+def submit(out: Path, shards: Path, template: Path | None) -> dict:
+    """Both submission formats from the post-processed ensemble over the test videos."""
+    test = preds_lib.load(out / "test.npz")
+    params = postprocess.PostParams.from_dict(json.loads((out / "postprocess.json").read_text()))
+    labels = postprocess.apply(test.key, test.logits["ensemble"], params)
+    videos = read_manifest(shards).videos
+    frames = {v: r.frames for v, r in videos.items() if r.split == "test"}
+    required = (
+        submission.read_template(template)
+        if template
+        else [(v, f) for v, n in sorted(frames.items()) for f in range(1, n + 1)]
+    )
+    files = submission.write_abaw3(out / "submission" / "abaw3", test.key, labels, frames)
+    rows = submission.write_abaw5(out / "submission" / "abaw5.csv", test.key, labels, required)
+    counts = np.bincount(labels, minlength=NUM_CLASSES).tolist()
+    return {"abaw3_files": len(files), "abaw5_rows": rows, "labels": counts}
+
+
+def predict(
+    specs: list[str],
+    shards: Path,
+    out: Path,
+    launch: str | None = None,
+    how: str = "vote",
+    template: Path | None = None,
+    truth: Path | None = None,
+) -> dict:
+    """The ensemble of `specs` over the test videos of `shards`: report, predictions, submissions."""
+    if "test" not in read_manifest(shards).groups:
+        raise ConfigError(f"{shards} holds no test videos (pack them with fer-dist shard --test-list)")
+    predict_members(specs, shards, out, launch)
+    report = ensemble.run(specs, out, how, truth)
+    report["submission"] = submit(out, shards, template)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    return report
 
 
 if __name__ == "__main__":
