@@ -174,7 +174,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from fer_dist import bench
 
-    result = bench.run(args.what, Path(args.workdir), args.videos, args.workers, args.samples, args.steps)
+    result = bench.run(args.what, optional_path(args.workdir), args.videos, args.workers, args.samples, args.steps)
     if args.json:
         out.print_json(json.dumps(result))
     else:
@@ -260,8 +260,8 @@ def parser() -> argparse.ArgumentParser:
         s.set_defaults(func=cmd_ensemble if name == "ensemble" else cmd_predict)
 
     s = sub.add_parser("bench", help="the performance figures quoted in the README")
-    s.add_argument("what", choices=["pack", "loader", "step", "models"])
-    s.add_argument("--workdir", default="bench")
+    s.add_argument("what", choices=["pack", "loader", "step", "models", "gpu"])
+    s.add_argument("--workdir", help="where the synthetic data is kept (default: ~/.cache/fer-dist/bench)")
     s.add_argument("--videos", type=int, default=24, help="synthetic videos (24 give ~25,000 labelled frames)")
     s.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="pack: each count; loader: the last")
     s.add_argument("--samples", type=int, default=100_000, help="loader: samples the stream emits")

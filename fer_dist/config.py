@@ -40,6 +40,7 @@ class DataConfig:
     eval_batch_size: int = 64
     workers: int = 4  # DataLoader processes per rank (decode only)
     start_method: str = "auto"  # how loader workers start: auto (Python's default) | fork | spawn | forkserver
+    decode: str = "cpu"  # where crops are decoded: cpu (in the loader workers) | gpu (nvJPEG, in batches on the GPU)
     shuffle_buffer: int = 2000  # samples, held undecoded
     epoch_samples: int = 0  # samples per epoch over all ranks; 0: one expected pass over the training groups
     # Class-balanced resampling (fer_dist.balance); per-class lists are in CLASSES order.
@@ -220,6 +221,7 @@ def validate(cfg: Config) -> None:
             d.start_method in ("auto", "fork", "spawn", "forkserver"),
             f"data.start_method must be auto, fork, spawn or forkserver, not {d.start_method!r}",
         ),
+        (d.decode in ("cpu", "gpu"), f"data.decode must be cpu or gpu, not {d.decode!r}"),
         (d.sequence_length >= 0, "data.sequence_length must be 0 (frames) or positive"),
         (d.rotation >= 0 and 0 <= d.color_jitter < 1, "data.rotation >= 0 and 0 <= data.color_jitter < 1"),
         (

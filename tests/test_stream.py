@@ -229,3 +229,58 @@ def test_workers_started_by_fork_spawn_or_forkserver_give_the_same_samples(shard
         seen[method] = (train, held_out, [b["image"].sum().item() for b in batches])
     assert len(seen["fork"][0]) > 0 and len(seen["fork"][1]) == manifest.groups["fold1"].samples
     assert seen["spawn"] == seen["fork"] and seen["forkserver"] == seen["fork"]
+
+
+@pytest.mark.parametrize("sequence_length", [0, 4])
+def test_crops_decoded_on_the_device_are_the_crops_the_workers_decode(shards, sequence_length):
+    """`data.decode: gpu`: the stream carries each crop's checked JPEG bytes, and the batch
+    preparation decodes them on the training device; on a CPU device that is the same decoder as
+    the workers', so the prepared inputs are equal to the last bit."""
+    from fer_dist.data.transforms import prepare
+
+    manifest = read_manifest(shards)
+    prepared = {}
+    for decode in ("cpu", "gpu"):
+        cfg = data_cfg(shards, epoch_samples=64, sequence_length=sequence_length, decode=decode, image_size=48)
+        batch = next(iter(train_loader(cfg, manifest, seed=0, epoch=0, rank=0, world=1)[0]))
+        assert ("jpeg" in batch) == (decode == "gpu") and ("image" in batch) == (decode == "cpu")
+        prepared[decode] = (batch["key"], prepare(batch, torch.device("cpu"), cfg, manifest, train=False))
+    (keys, cpu), (gpu_keys, gpu) = prepared["cpu"], prepared["gpu"]
+    assert keys == gpu_keys and cpu.keys() == gpu.keys()
+    for name in cpu:
+        assert torch.equal(cpu[name], gpu[name]), name
+
+
+def test_a_truncated_crop_is_caught_in_the_worker_when_the_gpu_decodes(tmp_path):
+    from fer_dist.data.stream import whole_jpeg
+
+    crop = (tmp_path / "c.jpg")
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(crop)
+    data = crop.read_bytes()
+    assert torch.equal(whole_jpeg(data), torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    for broken in (data[: len(data) // 2], b"\x00" * 4 + data[4:]):
+        with pytest.raises(ValueError, match="not a whole JPEG"):
+            whole_jpeg(broken)
+
+
+def test_gpu_decoding_without_a_gpu_is_a_config_error(capsys):
+    from fer_dist.cli import main
+
+    assert main(["train", "--config", "mfm_cpu", "data.decode=gpu"]) == 2
+    assert "data.decode=gpu" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_nvjpeg_decodes_the_crops_as_the_cpu_does_up_to_rounding(shards):
+    from fer_dist.data.transforms import decode_on
+
+    manifest = read_manifest(shards)
+    cfg = data_cfg(shards, epoch_samples=64, decode="gpu")
+    batch = next(iter(train_loader(cfg, manifest, seed=0, epoch=0, rank=0, world=1)[0]))
+    on_gpu = decode_on(batch["jpeg"], torch.device("cuda"), 112).cpu().int()
+    on_cpu = decode_on(batch["jpeg"], torch.device("cpu"), 112).int()
+    difference = (on_gpu - on_cpu).abs().float()
+    assert on_gpu.shape == on_cpu.shape and difference.mean() < 1.0 and difference.max() <= 16

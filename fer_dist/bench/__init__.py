@@ -4,22 +4,37 @@ pack    bench/pack.py     packing speed per core, for each worker count
 loader  bench/loader.py   the training stream against the teams' loader and the decode limit
 step    bench/step.py     fer-dist's training step against a bare loop; 1 and 2 processes; memory
 models  bench/models.py   every paper's system trained by its CPU config: speed and macro-F1
+gpu     bench/gpu.py      the paper model's step on a GPU, the 1080 Ti's micro-batch, the workers a GPU needs
+
+The synthetic datasets and shards they measure on are made once and kept in the user's cache
+(`~/.cache/fer-dist/bench`, or under `$XDG_CACHE_HOME`), not in the current folder, unless
+`--workdir` names a folder.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from fer_dist.bench import loader, models, pack, step
+from fer_dist.bench import gpu, loader, models, pack, step
 
-BENCHMARKS = {"pack": pack, "loader": loader, "step": step, "models": models}
+BENCHMARKS = {"pack": pack, "loader": loader, "step": step, "models": models, "gpu": gpu}
 
 
-def run(what: str, workdir: Path, videos: int, workers: list[int], samples: int, steps: int) -> dict:
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fer-dist" / "bench"
+
+
+def run(what: str, workdir: Path | None, videos: int, workers: list[int], samples: int, steps: int) -> dict:
     """The benchmark's figures, as one JSON-ready dict."""
     from fer_dist.config import CONFIGS
 
+    if what == "gpu":
+        gpu.require_cuda()  # before any data is made
+    workdir = workdir or cache_dir()
     workdir.mkdir(parents=True, exist_ok=True)
+    if what == "gpu":
+        return gpu.bench_gpu(workdir, videos, steps)
     if what == "pack":
         return pack.bench_pack(workdir, videos, workers)
     if what == "loader":

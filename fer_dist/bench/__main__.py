@@ -4,7 +4,7 @@ JSON (from rank 0 alone when launched on several)."""
 import json
 import sys
 
-from fer_dist.bench import baseline, loader, pack, step
+from fer_dist.bench import baseline, gpu, loader, pack, step
 
 JOBS = {
     "time_pack": pack.time_pack,
@@ -13,6 +13,9 @@ JOBS = {
     "time_decode": baseline.time_decode,
     "time_steps": step.time_steps,
     "time_memory": step.time_memory,
+    "time_gpu_step": gpu.time_gpu_step,
+    "time_max_batch": gpu.time_max_batch,
+    "time_feeding": gpu.time_feeding,
 }
 
 result = JOBS[sys.argv[1]](**json.loads(sys.argv[2]))

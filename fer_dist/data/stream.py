@@ -257,12 +257,23 @@ def shuffled(src, bufsize: int, base: str):
     yield from wds.shuffle(bufsize, min(bufsize, 100), rng=worker_rng(base, "shuffle"))(src)
 
 
-def decode_frame(sample: dict, inputs: tuple[str, ...]) -> dict:
-    """The members the model takes, decoded: JPEG to uint8 [3, H, W], .npy arrays to tensors."""
+def whole_jpeg(data: bytes) -> torch.Tensor:
+    """A JPEG's bytes for decoding on the training device, after the checks a worker can make
+    without decoding: the start and end markers a truncated or overwritten crop loses."""
+    if data[:2] != b"\xff\xd8" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        raise ValueError("the crop is not a whole JPEG (start or end marker missing)")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def decode_frame(sample: dict, inputs: tuple[str, ...], decode: str = "cpu") -> dict:
+    """The members the model takes, decoded: JPEG to uint8 [3, H, W] (`decode: gpu`: its checked
+    bytes, decoded on the device in batches), .npy arrays to tensors."""
     frame = {"key": sample["__key__"], "label": sample["label"]}
     for name in inputs:
         data = sample[MEMBERS[name]]
-        if name == "image":
+        if name == "image" and decode == "gpu":
+            frame["jpeg"] = whole_jpeg(data)
+        elif name == "image":
             frame["image"] = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         elif name == "audio":
             start, width = column_span(sample["window"])
@@ -273,19 +284,23 @@ def decode_frame(sample: dict, inputs: tuple[str, ...]) -> dict:
     return frame
 
 
-def decoded(src, inputs: tuple[str, ...], counter: Counter):
+def decoded(src, inputs: tuple[str, ...], counter: Counter, decode: str = "cpu"):
     """Decoded frames (or runs of them); a sample that does not decode is skipped and counted."""
     for sample in src:
         try:
-            frames = [decode_frame(f, inputs) for f in frames_of(sample)]
+            frames = [decode_frame(f, inputs, decode) for f in frames_of(sample)]
         except Exception as exn:  # noqa: BLE001 - any decoder failure is a corrupt sample
             counter.sample_fault(RuntimeError(f"{frames_of(sample)[0]['__key__']}: {exn}"))
             continue
         yield frames if "frames" in sample else frames[0]
 
 
+UNSTACKED = ("key", "jpeg")  # a batch's lists: keys, and JPEG bytes of differing lengths (frame order)
+
+
 def collate(samples: list[dict]) -> dict:
-    batch = {"key": [s["key"] for s in samples], "label": torch.tensor([s["label"] for s in samples])}
+    batch = {k: [s[k] for s in samples] for k in UNSTACKED if k in samples[0]}
+    batch["label"] = torch.tensor([s["label"] for s in samples])
     batch.update({k: torch.stack([s[k] for s in samples]) for k in samples[0] if k not in batch})
     return batch
 
@@ -293,7 +308,7 @@ def collate(samples: list[dict]) -> dict:
 def collate_runs(runs_: list[list[dict]], length: int) -> dict:
     """Runs padded to `length` frames, as [B, L, ...]; `mask` marks the real frames, padded keys are empty."""
     frames = [f for run in runs_ for f in run + [{**run[-1], "key": "", "label": -1}] * (length - len(run))]
-    batch = {k: v.unflatten(0, (len(runs_), length)) for k, v in collate(frames).items() if k != "key"}
+    batch = {k: v if k in UNSTACKED else v.unflatten(0, (len(runs_), length)) for k, v in collate(frames).items()}
     batch["key"] = [[f["key"] for f in frames[i : i + length]] for i in range(0, len(frames), length)]
     batch["mask"] = batch["label"] >= 0
     return batch
@@ -376,7 +391,7 @@ def train_loader(
         stage(balanced, copies=plan.copies, base=base, counter=counter),
         stage(shuffled, bufsize=cfg.shuffle_buffer, base=base),
         stage(skipped, batches=skip, size=cfg.batch_size),
-        stage(decoded, inputs=inputs, counter=counter),
+        stage(decoded, inputs=inputs, counter=counter, decode=cfg.decode),
         stage(batched, size=cfg.batch_size, length=cfg.sequence_length, partial=False, counter=counter),
     ]
     n = batches_per_epoch(plan, cfg, world, multiple)
@@ -402,7 +417,7 @@ def eval_loader(
     if cfg.sequence_length:
         stages.append(stage(runs, length=cfg.sequence_length))
     stages += [
-        stage(decoded, inputs=inputs, counter=counter),
+        stage(decoded, inputs=inputs, counter=counter, decode=cfg.decode),
         stage(batched, size=cfg.eval_batch_size, length=cfg.sequence_length, partial=True, counter=counter),
     ]
     return _loader(wds.DataPipeline(*stages), min(cfg.workers, len(urls)), cfg.start_method)

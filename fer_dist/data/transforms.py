@@ -1,4 +1,5 @@
-"""Batched, on-device preparation of decoded batches: the CPU workers only decode.
+"""Batched, on-device preparation of decoded batches: the CPU workers only decode (and with
+`data.decode: gpu` not even that: the crops' JPEG bytes are decoded here, in one call per batch).
 
 Crops are resized to the model's size; in training each one then goes through one random affine
 warp (random resized crop, small rotation, horizontal flip) and a colour jitter, all as batched
@@ -19,6 +20,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from fer_dist.config import DataConfig
 from fer_dist.data.audio import SILENCE
@@ -96,6 +98,8 @@ def prepare(
     vectors standardised with the shards' statistics."""
     lead = batch["label"].shape
     inputs = {}
+    if "jpeg" in batch:
+        batch = {**batch, "image": decode_on(batch["jpeg"], device, cfg.image_size).unflatten(0, lead)}
     if "image" in batch:
         inputs["image"] = prepare_image(batch["image"], device, cfg, train, normalisation).unflatten(0, lead)
     if "mel" in batch:
@@ -113,6 +117,16 @@ def prepare(
             mean, std = torch.tensor(stats.mean, device=device), torch.tensor(stats.std, device=device)
             inputs[name] = (batch[name].to(device, non_blocking=True).float() - mean) / std
     return inputs
+
+
+def decode_on(jpegs: list[torch.Tensor], device: torch.device, size: int) -> torch.Tensor:
+    """A batch's JPEG bytes decoded in one call on `device` (nvJPEG on a GPU) to uint8 [N, 3, H, W];
+    crops of differing sizes are first resized to `size`, as `prepare_image` would."""
+    images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+    if len({tuple(i.shape) for i in images}) > 1:
+        images = [F.interpolate(i[None].float(), size=(size, size), mode="bilinear", antialias=True)[0] for i in images]
+        return torch.stack(images).round_().clamp_(0, 255).to(torch.uint8)
+    return torch.stack(images)
 
 
 def prepare_image(

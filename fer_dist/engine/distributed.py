@@ -40,6 +40,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
     """An Accelerator for whatever `accelerate launch` started. CPU processes talk over gloo when no
     GPU is present (`--multi_gpu --num_processes N` on CPU gives N ranks); DeepSpeed brings its own
     CPU accelerator, which `cpu=True` would switch off."""
+    if cfg.data.decode == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("data.decode=gpu decodes crops with nvJPEG on a CUDA GPU, and there is none here; use cpu")
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     cpu = not torch.cuda.is_available() and not deepspeed
     world = PartialState(cpu=cpu).num_processes

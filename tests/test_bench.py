@@ -1,0 +1,61 @@
+"""What of the benchmarks can be checked without their hardware: the GPU benchmark's refusal, its
+memory-cap search and worker arithmetic, and where benchmarks keep their data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fer_dist import bench, cli
+from fer_dist.bench import gpu
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is what a machine without CUDA gets")
+def test_bench_gpu_refuses_in_one_line_without_cuda(tmp_path, capsys):
+    assert cli.main(["bench", "gpu", "--workdir", str(tmp_path / "work")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs a CUDA GPU" in err
+    assert not (tmp_path / "work").exists()  # refused before any data was made
+
+
+@pytest.mark.parametrize(("fixed_gib", "per_sample_gib", "limit"), [(1.5, 0.3, 4096), (10.9, 0.3, 4096), (11.5, 0.1, 4096), (0.2, 0.0001, 512)])
+def test_the_memory_cap_search_finds_the_largest_micro_batch(fixed_gib, per_sample_gib, limit):
+    """Against a fake 11 GiB budget: a step needs a fixed part plus a part per sample."""
+    def fits_in_budget(batch_size: int) -> bool:
+        return fixed_gib + per_sample_gib * batch_size <= gpu.BUDGET_GIB
+
+    tried = []
+
+    def fits(batch_size: int) -> bool:
+        tried.append(batch_size)
+        return fits_in_budget(batch_size)
+
+    expected = max([b for b in range(1, limit + 1) if fits_in_budget(b)], default=0)
+    assert gpu.largest_batch(fits, limit) == expected
+    assert len(tried) <= 2 * limit.bit_length() + 1  # doubling, then bisection: logarithmic in the answer
+
+
+def test_the_worker_sweep_names_the_fewest_workers_that_keep_the_gpu_busy():
+    assert gpu.wait_share(1.0, 19.0) == pytest.approx(0.05)
+    rows = [
+        {"decode": "cpu", "workers": 1, "wait_share": 0.60},
+        {"decode": "cpu", "workers": 2, "wait_share": 0.30},
+        {"decode": "cpu", "workers": 4, "wait_share": 0.04},
+        {"decode": "cpu", "workers": 8, "wait_share": 0.01},
+        {"decode": "gpu", "workers": 1, "wait_share": 0.03},
+        {"decode": "gpu", "workers": 2, "wait_share": 0.02},
+    ]
+    assert gpu.workers_needed(rows, "cpu") == 4 and gpu.workers_needed(rows, "gpu") == 1
+    assert gpu.workers_needed([r for r in rows if r["workers"] < 4], "cpu") is None
+
+
+def test_benchmarks_keep_their_data_in_the_cache_not_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    used = []
+    monkeypatch.setattr(bench.pack, "bench_pack", lambda workdir, videos, workers: used.append(workdir) or {})
+    monkeypatch.setattr(bench.pack, "show", lambda result: None)
+    assert cli.main(["bench", "pack"]) == 0
+    assert cli.main(["bench", "pack", "--workdir", "mine"]) == 0
+    assert used == [tmp_path / "cache" / "fer-dist" / "bench", bench.Path("mine")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "mine"]
