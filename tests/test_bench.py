@@ -18,9 +18,13 @@ def test_bench_gpu_refuses_in_one_line_without_cuda(tmp_path, capsys):
     assert not (tmp_path / "work").exists()  # refused before any data was made
 
 
-@pytest.mark.parametrize(("fixed_gib", "per_sample_gib", "limit"), [(1.5, 0.3, 4096), (10.9, 0.3, 4096), (11.5, 0.1, 4096), (0.2, 0.0001, 512)])
+@pytest.mark.parametrize(
+    ("fixed_gib", "per_sample_gib", "limit"),
+    [(1.5, 0.3, 4096), (10.9, 0.3, 4096), (11.5, 0.1, 4096), (0.2, 0.0001, 512)],
+)
 def test_the_memory_cap_search_finds_the_largest_micro_batch(fixed_gib, per_sample_gib, limit):
     """Against a fake 11 GiB budget: a step needs a fixed part plus a part per sample."""
+
     def fits_in_budget(batch_size: int) -> bool:
         return fixed_gib + per_sample_gib * batch_size <= gpu.BUDGET_GIB
 

@@ -254,7 +254,7 @@ def test_crops_decoded_on_the_device_are_the_crops_the_workers_decode(shards, se
 def test_a_truncated_crop_is_caught_in_the_worker_when_the_gpu_decodes(tmp_path):
     from fer_dist.data.stream import whole_jpeg
 
-    crop = (tmp_path / "c.jpg")
+    crop = tmp_path / "c.jpg"
     from PIL import Image
 
     Image.new("RGB", (16, 16), (200, 10, 10)).save(crop)

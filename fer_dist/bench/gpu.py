@@ -36,7 +36,7 @@ def require_cuda() -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise Unavailable("fer-dist bench gpu needs a CUDA GPU and this machine has none (torch.cuda.is_available())")
+        raise Unavailable("fer-dist bench gpu needs a CUDA GPU; this machine has none")
 
 
 def largest_batch(fits: Callable[[int], bool], limit: int = 4096) -> int:
@@ -182,7 +182,12 @@ def time_feeding(shards: str, workers: int, decode: str, batch_size: int, steps:
         if i >= 10:  # after the workers' start and the first batches
             waiting, computing = waiting + fetched - start, computing + time.perf_counter() - fetched
     share = wait_share(waiting, computing)
-    return {"workers": workers, "decode": decode, "wait_share": share, "samples_per_s": steps * batch_size / (waiting + computing)}
+    return {
+        "workers": workers,
+        "decode": decode,
+        "wait_share": share,
+        "samples_per_s": steps * batch_size / (waiting + computing),
+    }
 
 
 def bench_gpu(workdir: Path, videos: int, steps: int, batch_size: int = 32) -> dict:
@@ -233,8 +238,16 @@ def show(result: dict) -> None:
     print_table(f"{result['gpu']}: the paper model's training step, batch {result['batch_size']}", columns, rows)
     for setting, n in result["max_micro_batch_11gib_fp32"].items():
         out.print(f"largest fp32 micro-batch within {BUDGET_GIB:g} GiB, {setting}: {n}")
-    rows = [{**r, "wait_share": f"{r['wait_share']:.1%}", "samples_per_s": f"{r['samples_per_s']:.0f}"} for r in result["feeding"]]
-    columns = {"decode": "decode", "workers": "loader workers", "wait_share": "time waiting for data", "samples_per_s": "samples/s"}
+    rows = [
+        {**r, "wait_share": f"{r['wait_share']:.1%}", "samples_per_s": f"{r['samples_per_s']:.0f}"}
+        for r in result["feeding"]
+    ]
+    columns = {
+        "decode": "decode",
+        "workers": "loader workers",
+        "wait_share": "time waiting for data",
+        "samples_per_s": "samples/s",
+    }
     print_table("training fed by the stream", columns, rows)
     for decode, n in result["workers_needed"].items():
         out.print(f"loader workers that keep the GPU busy, decoding on the {decode}: {n or f'more than {WORKERS[-1]}'}")
