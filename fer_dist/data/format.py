@@ -247,5 +247,5 @@ def load_npy(data: bytes) -> np.ndarray:
     width = 2 if data[6:7] == b"\x01" else 4
     start = 8 + width + int.from_bytes(data[8 : 8 + width], "little")
     dtype, shape, fortran = npy_layout(bytes(data[:start]))
-    values = np.frombuffer(bytearray(data[start:]), dtype)
+    values = np.frombuffer(bytearray(data), dtype, offset=start)  # one writable copy
     return values.reshape(shape, order="F" if fortran else "C")

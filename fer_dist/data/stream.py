@@ -27,7 +27,7 @@ import random
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import get_worker_info
+from torch.utils.data import default_collate, get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from fer_dist.config import ConfigError, DataConfig
@@ -36,6 +36,7 @@ from fer_dist.data.format import LABEL, MEMBERS, META, PACKED, Manifest, load_np
 from fer_dist.data.windows import NAMES, column_span
 
 log = logging.getLogger(__name__)
+SPANS = {name: np.array(column_span(name)) for name in NAMES}  # each window's (start, width) columns
 
 COUNTS = ("read", "no_window", "discarded", "emitted", "corrupt_shards", "corrupt_samples")
 
@@ -60,8 +61,8 @@ class Counter:
     def sample_fault(self, exn: Exception) -> bool:
         return self._skip("sample", exn)
 
-    def snapshot(self) -> torch.Tensor:
-        return torch.tensor([worker_id(), *self.values.tolist()])
+    def snapshot(self) -> np.ndarray:
+        return np.array([worker_id(), *self.values.tolist()])
 
 
 class Tally:
@@ -257,12 +258,12 @@ def shuffled(src, bufsize: int, base: str):
     yield from wds.shuffle(bufsize, min(bufsize, 100), rng=worker_rng(base, "shuffle"))(src)
 
 
-def whole_jpeg(data: bytes) -> torch.Tensor:
+def whole_jpeg(data: bytes) -> np.ndarray:
     """A JPEG's bytes for decoding on the training device, after the checks a worker can make
     without decoding: the start and end markers a truncated or overwritten crop loses."""
     if data[:2] != b"\xff\xd8" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
         raise ValueError("the crop is not a whole JPEG (start or end marker missing)")
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return np.frombuffer(data, np.uint8)
 
 
 def decode_frame(sample: dict, inputs: tuple[str, ...], decode: str = "cpu") -> dict:
@@ -276,9 +277,8 @@ def decode_frame(sample: dict, inputs: tuple[str, ...], decode: str = "cpu") -> 
         elif name == "image":
             frame["image"] = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         elif name == "audio":
-            start, width = column_span(sample["window"])
             frame["mel"] = torch.from_numpy(load_npy(data))
-            frame["window"] = torch.tensor([start, width])
+            frame["window"] = SPANS[sample["window"]]
         else:
             frame[name] = torch.from_numpy(load_npy(data))
     return frame
@@ -295,20 +295,35 @@ def decoded(src, inputs: tuple[str, ...], counter: Counter, decode: str = "cpu")
         yield frames if "frames" in sample else frames[0]
 
 
-UNSTACKED = ("key", "jpeg")  # a batch's lists: keys, and JPEG bytes of differing lengths (frame order)
-
-
 def collate(samples: list[dict]) -> dict:
-    batch = {k: [s[k] for s in samples] for k in UNSTACKED if k in samples[0]}
-    batch["label"] = torch.tensor([s["label"] for s in samples])
-    batch.update({k: torch.stack([s[k] for s in samples]) for k in samples[0] if k not in batch})
+    """One batch, in the form that crosses from a loader worker to the training process cheaply:
+    crops and spectrograms stacked into shared memory (torch's default_collate), everything small
+    as numpy arrays, which travel inside the message (a tensor each would cost a shared-memory
+    segment); JPEG bytes (`decode: gpu`) as one buffer and their lengths. `as_tensors` makes it
+    tensors on the other side."""
+    batch = {"key": [s["key"] for s in samples], "label": np.array([s["label"] for s in samples])}
+    for k in samples[0]:
+        if k == "jpeg":
+            batch["jpeg"] = np.concatenate([s[k] for s in samples])
+            batch["jpeg_lengths"] = np.array([len(s[k]) for s in samples])
+        elif k not in batch:
+            values = [s[k] for s in samples]
+            batch[k] = np.stack(values) if isinstance(values[0], np.ndarray) else default_collate(values)
     return batch
+
+
+def as_tensors(batch: dict) -> dict:
+    """In the training process: the batch's numpy arrays as tensors (sharing their memory)."""
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
 
 
 def collate_runs(runs_: list[list[dict]], length: int) -> dict:
     """Runs padded to `length` frames, as [B, L, ...]; `mask` marks the real frames, padded keys are empty."""
     frames = [f for run in runs_ for f in run + [{**run[-1], "key": "", "label": -1}] * (length - len(run))]
-    batch = {k: v if k in UNSTACKED else v.unflatten(0, (len(runs_), length)) for k, v in collate(frames).items()}
+    batch = {
+        k: v if k == "key" or k.startswith("jpeg") else v.reshape(len(runs_), length, *v.shape[1:])
+        for k, v in collate(frames).items()
+    }
     batch["key"] = [[f["key"] for f in frames[i : i + length]] for i in range(0, len(frames), length)]
     batch["mask"] = batch["label"] >= 0
     return batch
@@ -339,7 +354,7 @@ def _loader(pipeline: wds.DataPipeline, workers: int, start_method: str, shift: 
         generator=torch.Generator(),  # the workers' seeds are drawn here, not from the training RNG
         persistent_workers=False,
         **processes,
-    )
+    ).map(as_tensors)
 
 
 def batches_per_epoch(plan: balance.Plan, cfg: DataConfig, world: int, multiple: int = 1) -> int:

@@ -55,27 +55,51 @@ def _octal(field: bytes) -> int:
     return int(field.rstrip(b"\0 ") or b"0", 8)
 
 
-def members(fh: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of each regular file, up to the end marker."""
+def walk(archive: bytes) -> tuple[list[tuple[int, str, int, int]], int, Exception | None]:
+    """(header offset, name, data offset, size) of each whole member up to the end marker; where
+    the walk stopped; and the fault that stopped it early (None at the end marker). Checksums are
+    not checked here: `members` checks them all in one pass."""
+    found, at = [], 0
     while True:
-        header = fh.read(BLOCK)
+        header = archive[at : at + BLOCK]
         if len(header) < BLOCK:
-            raise EOFError("the tar ends without its end marker (truncated)")
+            return found, at, EOFError("the tar ends without its end marker (truncated)")
         if header == TAR_END[:BLOCK]:
-            return
-        checksum = int(np.frombuffer(header, np.uint8).sum()) - sum(header[148:156]) + 8 * ord(" ")
-        if _octal(header[148:156]) != checksum:
-            raise ValueError("a tar header fails its checksum")
-        if header[156:157] not in (b"0", b"\0"):
-            raise ValueError(f"tar member type {header[156:157]!r} is not a regular file")
-        name = header[:100].split(b"\0", 1)[0]
-        prefix = header[345:500].split(b"\0", 1)[0]
-        size = _octal(header[124:136])
-        padded = size + -size % BLOCK
-        data = fh.read(padded)
-        if len(data) < padded:
-            raise EOFError("a tar member is cut short (truncated)")
-        yield (prefix + b"/" + name if prefix else name).decode(), data[:size]
+            return found, at, None
+        try:
+            size = _octal(header[124:136])
+            name = header[:100].split(b"\0", 1)[0]
+            prefix = header[345:500].split(b"\0", 1)[0]
+            name = (prefix + b"/" + name if prefix else name).decode()
+        except ValueError as exc:
+            return found, at, exc
+        end = at + BLOCK + size + -size % BLOCK
+        if end > len(archive):
+            return found, at, EOFError("a tar member is cut short (truncated)")
+        found.append((at, name, at + BLOCK, size))
+        at = end
+
+
+def members(fh: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of each regular file, up to the end marker. The archive is read whole and
+    every header's checksum checked in one numpy pass (header by header, the checks cost more
+    than the reading); members before a fault are still given, then the fault is raised. A walk
+    stopped by a garbled header reports its failed checksum rather than what the garbling caused."""
+    archive = fh.read()
+    found, stop, fault = walk(archive)
+    offsets = [f[0] for f in found] + ([stop] if fault is not None and stop + BLOCK <= len(archive) else [])
+    headers = np.frombuffer(archive, np.uint8)[np.array(offsets, np.int64)[:, None] + np.arange(BLOCK)]
+    sums = (headers.sum(1, dtype=np.int64) - headers[:, 148:156].sum(1, dtype=np.int64) + 8 * ord(" ")).tolist()
+    for i, (at, checksum) in enumerate(zip(offsets, sums, strict=True)):
+        kind, summed = archive[at + 156 : at + 157], _octal(archive[at + 148 : at + 156]) == checksum
+        if not summed or kind not in (b"0", b"\0"):
+            what = f"has member type {kind!r}, not a regular file" if summed else "fails its checksum"
+            found, fault = found[:i], ValueError(f"a tar header {what}")
+            break
+    for _, name, start, size in found:
+        yield name, archive[start : start + size]
+    if fault is not None:
+        raise fault
 
 
 def samples(fh: BinaryIO, url: str) -> Iterator[dict]:

@@ -99,7 +99,8 @@ def prepare(
     lead = batch["label"].shape
     inputs = {}
     if "jpeg" in batch:
-        batch = {**batch, "image": decode_on(batch["jpeg"], device, cfg.image_size).unflatten(0, lead)}
+        jpegs = list(batch["jpeg"].split(batch["jpeg_lengths"].tolist()))
+        batch = {**batch, "image": decode_on(jpegs, device, cfg.image_size).unflatten(0, lead)}
     if "image" in batch:
         inputs["image"] = prepare_image(batch["image"], device, cfg, train, normalisation).unflatten(0, lead)
     if "mel" in batch:
