@@ -293,3 +293,25 @@ def test_the_multi_node_launch_files_join_two_nodes(shards, tmp_path, launch_fil
         assert proc.wait(timeout=300) == 0, proc.log.read_text()[-3000:]
     rank0, rank1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_the_gradient_clip_is_torchs_global_norm_clip(max_norm):
+    from accelerate import Accelerator
+
+    from fer_dist.engine.optim import clip_gradients
+
+    torch.manual_seed(0)
+    ours, theirs = tiny_model(), tiny_model()
+    theirs.load_state_dict(ours.state_dict())
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        a.grad = torch.randn_like(a)
+        b.grad = a.grad.clone()
+    ours.image_head.weight.grad = None  # a parameter without a gradient is left alone
+    theirs.image_head.weight.grad = None
+    clip_gradients(Accelerator(cpu=True), ours, max_norm)
+    torch.nn.utils.clip_grad_norm_(theirs.parameters(), max_norm)
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert (a.grad is None and b.grad is None) or torch.allclose(a.grad, b.grad, rtol=1e-5, atol=0)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in ours.parameters() if p.grad is not None])
+    assert norm <= max_norm * 1.0001 and (max_norm < 1e6 or norm > 1)

@@ -26,7 +26,7 @@ from fer_dist.data.format import Manifest, read_manifest
 from fer_dist.engine import checkpoint
 from fer_dist.engine.distributed import first_raised, make_accelerator
 from fer_dist.engine.evaluation import evaluate, reduce_counts
-from fer_dist.engine.optim import initialise, lr_factor, make_optimizer
+from fer_dist.engine.optim import clip_gradients, initialise, lr_factor, make_optimizer
 from fer_dist.engine.state import TrainState
 from fer_dist.engine.task import Step, Task, model_for
 
@@ -44,7 +44,7 @@ def train_step(accelerator, model, optimizer, scheduler, task: Task, step: Step,
         loss = task.loss(model, step, accelerator.autocast)
         accelerator.backward(loss)
         if accelerator.sync_gradients and grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+            clip_gradients(accelerator, model, grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     stepped = accelerator.sync_gradients
