@@ -395,8 +395,11 @@ def pack(
     groups = assign_folds(videos, params.folds, params.n_folds, params.seed)
     records: dict[str, dict] = {}
     # forkserver: workers never inherit a parent's OpenMP state (torch's STFT in a forked child
-    # deadlocks once the parent has run a parallel region)
-    with multiprocessing.get_context("forkserver").Pool(max(1, workers)) as pool:
+    # deadlocks once the parent has run a parallel region); the server imports this module once,
+    # before it runs anything, so that each worker starts without importing torch again
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    with context.Pool(max(1, workers)) as pool:
         jobs = [(v, groups[v.name], params, work) for v in videos]
         for name, record in pool.imap_unordered(pack_video, jobs):
             records[name] = record
