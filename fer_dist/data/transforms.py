@@ -100,7 +100,11 @@ def prepare(
     inputs = {}
     if "jpeg" in batch:
         jpegs = list(batch["jpeg"].split(batch["jpeg_lengths"].tolist()))
-        batch = {**batch, "image": decode_on(jpegs, device, cfg.image_size).unflatten(0, lead)}
+        try:
+            images = decode_on(jpegs, device, cfg.image_size)
+        except RuntimeError as exc:  # whole but corrupt inside: packing validated it, so the shard is damaged
+            raise RuntimeError(f"a crop of the batch with keys {batch['key']} does not decode: {exc}") from exc
+        batch = {**batch, "image": images.unflatten(0, lead)}
     if "image" in batch:
         inputs["image"] = prepare_image(batch["image"], device, cfg, train, normalisation).unflatten(0, lead)
     if "mel" in batch:
