@@ -252,17 +252,17 @@ def test_crops_decoded_on_the_device_are_the_crops_the_workers_decode(shards, se
 
 
 def test_a_truncated_crop_is_caught_in_the_worker_when_the_gpu_decodes(tmp_path):
-    from fer_dist.data.stream import whole_jpeg
+    from fer_dist.data.stream import jpeg_bytes
 
     crop = tmp_path / "c.jpg"
     from PIL import Image
 
     Image.new("RGB", (16, 16), (200, 10, 10)).save(crop)
     data = crop.read_bytes()
-    assert whole_jpeg(data).tobytes() == data
+    assert jpeg_bytes(data).tobytes() == data
     for broken in (data[: len(data) // 2], b"\x00" * 4 + data[4:]):
         with pytest.raises(ValueError, match="not a whole JPEG"):
-            whole_jpeg(broken)
+            jpeg_bytes(broken)
 
 
 def test_gpu_decoding_without_a_gpu_is_a_config_error(capsys):

@@ -218,6 +218,12 @@ def claim(out: Path, key: str, stamp: dict, error: type[ValueError], what: str) 
     return None
 
 
+def whole_jpeg(data: bytes) -> bool:
+    """The JPEG start and end markers, which a truncated or overwritten crop loses (trailing zero
+    padding allowed): what can be checked of a crop without decoding it."""
+    return data[:2] == b"\xff\xd8" and data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
+
+
 def npy_bytes(array: np.ndarray) -> bytes:
     out = io.BytesIO()
     np.save(out, array, allow_pickle=False)

@@ -45,6 +45,7 @@ from fer_dist.data.format import (
     claim,
     npy_bytes,
     npy_header,
+    whole_jpeg,
 )
 from fer_dist.data.layout import Video, list_crops, read_annotation
 from fer_dist.data.tars import TAR_END, tar_record
@@ -87,7 +88,7 @@ def assign_folds(videos: list[Video], scheme: str, n_folds: int, seed: int) -> d
 
 
 def valid_jpeg(data: bytes) -> bool:
-    if data[:2] != b"\xff\xd8" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+    if not whole_jpeg(data):
         return False
     try:
         decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))

@@ -32,7 +32,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from fer_dist.config import ConfigError, DataConfig
 from fer_dist.data import balance, tars
-from fer_dist.data.format import LABEL, MEMBERS, META, PACKED, Manifest, load_npy
+from fer_dist.data.format import LABEL, MEMBERS, META, PACKED, Manifest, load_npy, whole_jpeg
 from fer_dist.data.windows import NAMES, column_span
 
 log = logging.getLogger(__name__)
@@ -258,10 +258,10 @@ def shuffled(src, bufsize: int, base: str):
     yield from wds.shuffle(bufsize, min(bufsize, 100), rng=worker_rng(base, "shuffle"))(src)
 
 
-def whole_jpeg(data: bytes) -> np.ndarray:
-    """A JPEG's bytes for decoding on the training device, after the checks a worker can make
-    without decoding: the start and end markers a truncated or overwritten crop loses."""
-    if data[:2] != b"\xff\xd8" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+def jpeg_bytes(data: bytes) -> np.ndarray:
+    """A crop's bytes for decoding on the training device, after what a worker can check without
+    decoding (`whole_jpeg`)."""
+    if not whole_jpeg(data):
         raise ValueError("the crop is not a whole JPEG (start or end marker missing)")
     return np.frombuffer(data, np.uint8)
 
@@ -273,7 +273,7 @@ def decode_frame(sample: dict, inputs: tuple[str, ...], decode: str = "cpu") -> 
     for name in inputs:
         data = sample[MEMBERS[name]]
         if name == "image" and decode == "gpu":
-            frame["jpeg"] = whole_jpeg(data)
+            frame["jpeg"] = jpeg_bytes(data)
         elif name == "image":
             frame["image"] = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         elif name == "audio":
