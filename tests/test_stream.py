@@ -232,6 +232,24 @@ def test_workers_started_by_fork_spawn_or_forkserver_give_the_same_samples(shard
 
 
 @pytest.mark.parametrize("sequence_length", [0, 4])
+def test_a_worker_hands_over_the_batch_it_made_in_one_shared_segment(shards, sequence_length):
+    """A worker's batch reaches the training process equal to the batch made in that process, its
+    crops and spectrograms as views of one shared-memory block and everything small as tensors."""
+    manifest = read_manifest(shards)
+    batches = {}
+    for workers in (0, 1):
+        cfg = data_cfg(shards, workers=workers, epoch_samples=64, sequence_length=sequence_length)
+        batches[workers] = next(iter(train_loader(cfg, manifest, seed=0, epoch=0, rank=0, world=1)[0]))
+    alone, handed = batches[0], batches[1]
+    assert handed.keys() == alone.keys() and handed["key"] == alone["key"]
+    for name, value in alone.items():
+        if name not in ("key", "__key__"):  # the second is webdataset's, None on a batch
+            assert isinstance(handed[name], torch.Tensor) and torch.equal(handed[name], value), name
+    assert handed["image"].is_shared() and handed["image"].shape[: 1 + bool(sequence_length)] == handed["label"].shape
+    assert handed["image"].untyped_storage().data_ptr() == handed["mel"].untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("sequence_length", [0, 4])
 def test_crops_decoded_on_the_device_are_the_crops_the_workers_decode(shards, sequence_length):
     """`data.decode: gpu`: the stream carries each crop's checked JPEG bytes, and the batch
     preparation decodes them on the training device; on a CPU device that is the same decoder as

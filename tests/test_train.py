@@ -296,10 +296,14 @@ def test_the_multi_node_launch_files_join_two_nodes(shards, tmp_path, launch_fil
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 1e6])
-def test_the_gradient_clip_is_torchs_global_norm_clip(max_norm):
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_the_gradient_clip_is_torchs_global_norm_clip(max_norm, name):
+    """The clip folded into the fused optimiser step moves the weights as `clip_grad_norm_` and a
+    plain step do, and leaves the clipped gradients behind."""
     from accelerate import Accelerator
 
-    from fer_dist.engine.optim import clip_gradients
+    from fer_dist import config
+    from fer_dist.engine.optim import clip_gradients, make_optimizer
 
     torch.manual_seed(0)
     ours, theirs = tiny_model(), tiny_model()
@@ -309,9 +313,25 @@ def test_the_gradient_clip_is_torchs_global_norm_clip(max_norm):
         b.grad = a.grad.clone()
     ours.image_head.weight.grad = None  # a parameter without a gradient is left alone
     theirs.image_head.weight.grad = None
-    clip_gradients(Accelerator(cpu=True), ours, max_norm)
+    cfg = config.OptimConfig(name=name, lr=0.1)
+    accelerator = Accelerator(cpu=True)
+    optimizer = accelerator.prepare(make_optimizer(cfg, ours))
+    clip_gradients(accelerator, ours, optimizer, max_norm)
+    optimizer.step()
     torch.nn.utils.clip_grad_norm_(theirs.parameters(), max_norm)
+    plain = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[name]
+    kwargs = {"momentum": cfg.momentum} if name == "sgd" else {}
+    plain(
+        [
+            {"params": [p for p in theirs.parameters() if p.ndim > 1], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in theirs.parameters() if p.ndim <= 1], "weight_decay": 0.0},
+        ],
+        lr=0.1,
+        foreach=False,
+        **kwargs,
+    ).step()
     for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
         assert (a.grad is None and b.grad is None) or torch.allclose(a.grad, b.grad, rtol=1e-5, atol=0)
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     norm = torch.nn.utils.get_total_norm([p.grad for p in ours.parameters() if p.grad is not None])
     assert norm <= max_norm * 1.0001 and (max_norm < 1e6 or norm > 1)

@@ -378,6 +378,16 @@ def manifest_of(
     )
 
 
+def worker_context() -> multiprocessing.context.BaseContext:
+    """How packing workers start: from a forkserver, so that they never inherit a parent's OpenMP
+    state (torch's STFT in a forked child deadlocks once the parent has run a parallel region).
+    The server imports this module once, before it runs anything, so that each worker starts
+    without importing torch again."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 def pack(
     videos: list[Video],
     out: Path,
@@ -395,12 +405,7 @@ def pack(
     work = out / ".work"
     groups = assign_folds(videos, params.folds, params.n_folds, params.seed)
     records: dict[str, dict] = {}
-    # forkserver: workers never inherit a parent's OpenMP state (torch's STFT in a forked child
-    # deadlocks once the parent has run a parallel region); the server imports this module once,
-    # before it runs anything, so that each worker starts without importing torch again
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    with context.Pool(max(1, workers)) as pool:
+    with worker_context().Pool(max(1, workers), initializer=torch.set_num_threads, initargs=(1,)) as pool:
         jobs = [(v, groups[v.name], params, work) for v in videos]
         for name, record in pool.imap_unordered(pack_video, jobs):
             records[name] = record

@@ -22,12 +22,13 @@ import functools
 import itertools
 import json
 import logging
+import math
 import random
 
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import default_collate, get_worker_info
+from torch.utils.data import get_worker_info
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from fer_dist.config import ConfigError, DataConfig
@@ -295,35 +296,63 @@ def decoded(src, inputs: tuple[str, ...], counter: Counter, decode: str = "cpu")
         yield frames if "frames" in sample else frames[0]
 
 
-def collate(samples: list[dict]) -> dict:
-    """One batch, in the form that crosses from a loader worker to the training process cheaply:
-    crops and spectrograms stacked into shared memory (torch's default_collate), everything small
-    as numpy arrays, which travel inside the message (a tensor each would cost a shared-memory
-    segment); JPEG bytes (`decode: gpu`) as one buffer and their lengths. `as_tensors` makes it
-    tensors on the other side."""
-    batch = {"key": [s["key"] for s in samples], "label": np.array([s["label"] for s in samples])}
+def block(members: dict[str, list[torch.Tensor]], lead: tuple[int, ...]) -> tuple[torch.Tensor, dict]:
+    """The batch's crops and spectrograms stacked into one block of memory, shared when made in a
+    loader worker: a batch then costs one shared-memory segment and one file descriptor to hand
+    over, not one per member. The layout says where each member lies in it."""
+    layout, size = {}, 0
+    for name, values in members.items():
+        shape = (*lead, *values[0].shape)
+        layout[name] = (size, values[0].dtype, shape)
+        size += -(-math.prod(shape) * values[0].element_size() // 64) * 64  # members start 64-byte aligned
+    storage = torch.UntypedStorage._new_shared(size) if get_worker_info() else torch.UntypedStorage(size)
+    buffer = torch.empty(0, dtype=torch.uint8).set_(storage)
+    for name, values in members.items():
+        torch.stack(values, out=member(buffer, *layout[name]).flatten(0, len(lead) - 1))
+    return buffer, layout
+
+
+def member(buffer: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    nbytes = math.prod(shape) * dtype.itemsize
+    return buffer[offset : offset + nbytes].view(dtype).view(shape)
+
+
+def collate(samples: list[dict], lead: tuple[int, ...] | None = None) -> dict:
+    """One batch (`lead`: its leading dimensions, [B] or [B, L]), in the form that crosses from a
+    loader worker to the training process cheaply: crops and spectrograms in one shared block,
+    everything small as numpy arrays, which travel inside the message; JPEG bytes (`decode: gpu`)
+    as one buffer and their lengths. `as_tensors` makes it tensors on the other side."""
+    lead = lead or (len(samples),)
+    batch = {"key": [s["key"] for s in samples], "label": np.array([s["label"] for s in samples]).reshape(lead)}
+    tensors = {}
     for k in samples[0]:
         if k == "jpeg":
             batch["jpeg"] = np.concatenate([s[k] for s in samples])
             batch["jpeg_lengths"] = np.array([len(s[k]) for s in samples])
-        elif k not in batch:
-            values = [s[k] for s in samples]
-            batch[k] = np.stack(values) if isinstance(values[0], np.ndarray) else default_collate(values)
+        elif k in batch:
+            continue
+        elif isinstance(samples[0][k], torch.Tensor):
+            tensors[k] = [s[k] for s in samples]
+        else:
+            batch[k] = np.stack([s[k] for s in samples]).reshape(*lead, *np.shape(samples[0][k]))
+    if tensors:
+        batch["block"], batch["layout"] = block(tensors, lead)
     return batch
 
 
 def as_tensors(batch: dict) -> dict:
-    """In the training process: the batch's numpy arrays as tensors (sharing their memory)."""
-    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+    """In the training process: the batch's members as tensors (views of what crossed over)."""
+    tensors = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+    if "block" in tensors:
+        buffer, layout = tensors.pop("block"), tensors.pop("layout")
+        tensors.update({name: member(buffer, *where) for name, where in layout.items()})
+    return tensors
 
 
 def collate_runs(runs_: list[list[dict]], length: int) -> dict:
     """Runs padded to `length` frames, as [B, L, ...]; `mask` marks the real frames, padded keys are empty."""
     frames = [f for run in runs_ for f in run + [{**run[-1], "key": "", "label": -1}] * (length - len(run))]
-    batch = {
-        k: v if k == "key" or k.startswith("jpeg") else v.reshape(len(runs_), length, *v.shape[1:])
-        for k, v in collate(frames).items()
-    }
+    batch = collate(frames, (len(runs_), length))
     batch["key"] = [[f["key"] for f in frames[i : i + length]] for i in range(0, len(frames), length)]
     batch["mask"] = batch["label"] >= 0
     return batch
@@ -344,11 +373,18 @@ def _worker_init(shift: int, _: int) -> None:
     torch.set_num_threads(1)
 
 
+def as_is(batch: dict) -> dict:
+    """The loader's collate step: batches are made in the pipeline, and torch's default here would
+    turn each numpy array into a tensor, that is into a shared-memory segment of its own."""
+    return batch
+
+
 def _loader(pipeline: wds.DataPipeline, workers: int, start_method: str, shift: int = 0) -> wds.WebLoader:
     processes = {"multiprocessing_context": start_method} if workers and start_method != "auto" else {}
     return wds.WebLoader(
         pipeline,
         batch_size=None,
+        collate_fn=as_is,
         num_workers=workers,
         worker_init_fn=functools.partial(_worker_init, shift) if workers else None,
         generator=torch.Generator(),  # the workers' seeds are drawn here, not from the training RNG

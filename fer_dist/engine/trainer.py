@@ -44,7 +44,7 @@ def train_step(accelerator, model, optimizer, scheduler, task: Task, step: Step,
         loss = task.loss(model, step, accelerator.autocast)
         accelerator.backward(loss)
         if accelerator.sync_gradients and grad_clip > 0:
-            clip_gradients(accelerator, model, grad_clip)
+            clip_gradients(accelerator, model, optimizer, grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     stepped = accelerator.sync_gradients
