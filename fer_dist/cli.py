@@ -52,6 +52,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
         clip_len=args.clip_len,
         missing=args.missing,
         mel=MelParams(sample_rate=args.sample_rate),
+        audio_wave=args.audio_wave,
     )
     with progress() as bar:
         task = bar.add_task("packing videos", total=len(videos), info="")
@@ -87,13 +88,15 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from fer_dist.data import inspect
-    from fer_dist.data.format import ManifestError, read_manifest
+    from fer_dist.data.format import ManifestError, PackParams, read_manifest
 
-    found = inspect.survey(Path(args.shards))
     try:
-        diffs = inspect.compare(found, read_manifest(args.shards))
+        manifest = read_manifest(args.shards)
     except ManifestError as exc:
-        diffs = [str(exc)]
+        manifest, diffs = None, [str(exc)]
+    found = inspect.survey(Path(args.shards), (manifest.params if manifest else PackParams()).sample_members())
+    if manifest is not None:
+        diffs = inspect.compare(found, manifest)
     agree = not diffs and not found["problems"]
     if args.json:
         out.print_json(json.dumps({**found, "manifest_differences": diffs, "agrees": agree}))
@@ -209,6 +212,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--clip-len", type=int, default=32)
     s.add_argument("--missing", default="fill", help="labelled frames without a crop: fill | skip")
     s.add_argument("--sample-rate", type=int, default=32000)
+    s.add_argument(
+        "--audio-wave",
+        action="store_true",
+        help="also each frame's raw 16 kHz waveform window (16-bit PCM), for wav2vec2-family encoders",
+    )
     s.add_argument("--workers", type=int, default=2)
     s.set_defaults(func=cmd_shard)
 

@@ -29,6 +29,14 @@ def shards(synthetic, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def wave_shards(synthetic, tmp_path_factory) -> Path:
+    """`shards` with each frame's raw waveform window as well (`fer-dist shard --audio-wave`)."""
+    out = tmp_path_factory.mktemp("wave_shards")
+    pack(discover(synthetic), out, PackParams(samples_per_shard=150, audio_wave=True), workers=2)
+    return out
+
+
+@pytest.fixture(scope="session")
 def features(shards, synthetic, tmp_path_factory) -> Path:
     """Feature shards of `shards`: a tiny random-init ConvNeXt's embeddings and the audio features."""
     from fer_dist.jobs.extract import extract

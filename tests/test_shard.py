@@ -5,6 +5,7 @@ import subprocess
 import sys
 import tarfile
 from collections import Counter
+from fractions import Fraction
 
 import numpy as np
 
@@ -29,9 +30,10 @@ def test_every_labelled_frame_exactly_once(synthetic, shards):
 
 
 def test_inspect_counts_equal_annotations(synthetic, shards):
-    found = survey(shards)
+    manifest = read_manifest(shards)
+    found = survey(shards, manifest.params.sample_members())
     assert not found["problems"]
-    assert compare(found, read_manifest(shards)) == []
+    assert compare(found, manifest) == []
     for v in discover(synthetic):
         labels = read_annotation(v.annotation)
         assert found["videos"][v.name]["class_counts"] == np.bincount(labels[labels >= 0], minlength=8).tolist()
@@ -83,6 +85,38 @@ def test_window_flags_and_mel_windows(synthetic, shards):
         np.testing.assert_allclose(mel, window(columns, f).astype(np.float16), atol=1e-2)
         checked += 1
     assert checked == int((labels >= 0).sum())
+
+
+def test_the_waveform_member_is_the_decoded_16khz_audio_at_its_samples(synthetic, wave_shards):
+    """`--audio-wave`: each sample's `wav.npy` is the video's audio decoded and resampled to
+    16 kHz, as 16-bit PCM, over the 2 x 17,067 samples (+-32 frames at 30 fps) centred on the
+    frame's time; silence beyond the audio and for the video without sound. Format 2 says so."""
+    manifest = read_manifest(wave_shards)
+    assert manifest.format == 2 and manifest.members == ["image", "audio", "wave"]
+    assert compare(survey(wave_shards, manifest.params.sample_members()), manifest) == []
+    audio = {}
+    for v in discover(synthetic):
+        media = read_media(v.media, 16000)
+        pcm = None if media.audio is None else np.clip(np.round(media.audio * 32767), -32768, 32767).astype(np.int16)
+        audio[v.name] = (media.fps, pcm)
+    checked, edges, silent = 0, 0, 0
+    for s in samples(wave_shards):
+        meta = json.loads(s["json"])
+        fps, pcm = audio[meta["video"]]
+        wave = np.load(io.BytesIO(s["wav.npy"]), allow_pickle=False)
+        assert wave.dtype == np.int16 and wave.shape == (34134,)
+        if pcm is None:
+            assert not wave.any()
+            silent += 1
+            continue
+        start = round(Fraction(meta["frame"] - 1) * 16000 / Fraction(fps)) - 17067
+        expected = np.zeros(34134, np.int16)
+        lo, hi = max(0, start), min(len(pcm), start + 34134)
+        expected[lo - start : hi - start] = pcm[lo:hi]
+        np.testing.assert_array_equal(wave, expected)
+        checked += 1
+        edges += start < 0 or start + 34134 > len(pcm)
+    assert checked > 1000 and edges > 0 and silent > 0
 
 
 def test_video_without_audio_is_marked(shards):
@@ -151,3 +185,26 @@ def test_the_manifest_does_not_depend_on_the_order_videos_finished_in():
         written.add(manifest_of(records, shards, PackParams()).to_json())
     assert len(written) == 1
     assert json.loads(written.pop())["mel_stats"]["mean"] == 1.1 / 16  # exactly rounded
+
+
+def test_shards_without_waveforms_stay_format_1_and_an_unknown_format_is_refused(shards, tmp_path):
+    import pytest
+
+    from fer_dist.data.format import ManifestError
+
+    manifest = read_manifest(shards)
+    assert manifest.format == 1 and manifest.members == ["image", "audio"] and not manifest.params.audio_wave
+    raw = json.loads((shards / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**raw, "format": 3}))
+    with pytest.raises(ManifestError, match=r"format 3, this fer-dist reads \(1, 2\)"):
+        read_manifest(tmp_path)
+
+
+def test_the_shard_command_packs_the_waveforms_when_asked(synthetic, wave_shards, tmp_path):
+    from fer_dist.cli import main
+
+    out = tmp_path / "shards"
+    args = ["shard", "--root", str(synthetic), "--out", str(out), "--samples-per-shard", "150", "--audio-wave"]
+    assert main(args) == 0
+    assert (out / "manifest.json").read_bytes() == (wave_shards / "manifest.json").read_bytes()
+    assert all((out / p.name).read_bytes() == p.read_bytes() for p in wave_shards.glob("*.tar"))

@@ -1,3 +1,4 @@
+import io
 import random
 import shutil
 
@@ -21,6 +22,7 @@ from fer_dist.data.stream import (
     train_loader,
 )
 from fer_dist.data.transforms import crop_resize_windows
+from helpers import samples
 
 
 def data_cfg(shards, **kw):
@@ -229,6 +231,37 @@ def test_workers_started_by_fork_spawn_or_forkserver_give_the_same_samples(shard
         seen[method] = (train, held_out, [b["image"].sum().item() for b in batches])
     assert len(seen["fork"][0]) > 0 and len(seen["fork"][1]) == manifest.groups["fold1"].samples
     assert seen["spawn"] == seen["fork"] and seen["forkserver"] == seen["fork"]
+
+
+@pytest.mark.parametrize("sequence_length", [0, 4])
+def test_the_waveform_window_is_cut_from_the_member_as_the_window_drawn(wave_shards, sequence_length):
+    """The stream takes the window drawn for the frame (the same draw as the log-mel's) from the
+    stored waveform: its samples first, then silence, and its length; a frame's mel window and
+    waveform window are the same window."""
+    from fer_dist.data.transforms import prepare
+
+    manifest = read_manifest(wave_shards)
+    stored = {s["__key__"]: s for s in samples(wave_shards)}
+    cfg = data_cfg(wave_shards, epoch_samples=64, sequence_length=sequence_length)
+    loader, _ = train_loader(cfg, manifest, seed=0, epoch=0, rank=0, world=1, inputs=("audio", "wave"))
+    batch = next(iter(loader))
+    keys = [k for run in batch["key"] for k in run] if sequence_length else batch["key"]
+    waves, lengths = batch["wave"].flatten(0, -2), batch["wave_length"].flatten()
+    mel_widths = batch["window"].flatten(0, -2)[:, 1]
+    spans = {64: (0, 34134), 48: (4267, 25600), 32: (8534, 17066)}  # mel columns -> samples
+    seen = set()
+    for key, wave, length, width in zip(keys, waves, lengths, mel_widths.tolist(), strict=True):
+        if not key:  # padding of a short run
+            continue
+        start, expected_length = spans[width]
+        member = np.load(io.BytesIO(stored[key]["wav.npy"]), allow_pickle=False)
+        assert length == expected_length
+        assert np.array_equal(wave[:length].numpy(), member[start : start + length]) and not wave[length:].any()
+        seen.add(width)
+    assert len(seen) > 1  # the windows drawn differ
+    inputs = prepare(batch, torch.device("cpu"), cfg, manifest, train=False)
+    assert inputs["wave"].shape == batch["wave"].shape and inputs["wave"].abs().max() <= 1
+    assert torch.equal(inputs["wave_lengths"], batch["wave_length"])
 
 
 @pytest.mark.parametrize("sequence_length", [0, 4])

@@ -95,6 +95,36 @@ def window(columns: np.ndarray, frame: int) -> np.ndarray:
     return columns[:, frame - 1 : frame - 1 + 2 * WIDEST]
 
 
+WAVE_RATE = 16000  # the wav2vec2 family's input rate
+NOMINAL_FPS = 30  # a waveform window lasts what its frame window lasts at this frame rate
+PCM_SCALE = 32767  # float samples in [-1, 1] to 16-bit PCM
+
+
+def wave_half(half_frames: int) -> int:
+    """A window of +-`half_frames` frames as +- samples of the 16 kHz waveform (at NOMINAL_FPS:
+    the durations are the same for every video, so windows stack into batches)."""
+    return round(half_frames * WAVE_RATE / NOMINAL_FPS)
+
+
+WAVE_WIDTH = 2 * wave_half(WIDEST)  # samples in a frame's stored waveform window
+
+
+def pcm16(audio: np.ndarray) -> np.ndarray:
+    """Float samples as 16-bit PCM, the waveform member's compact form."""
+    return np.clip(np.round(audio * PCM_SCALE), -PCM_SCALE - 1, PCM_SCALE).astype(np.int16)
+
+
+def wave_window(pcm: np.ndarray, frame: int, fps: Fraction) -> np.ndarray:
+    """Frame `frame`'s (1-based) widest waveform window: WAVE_WIDTH samples centred on its time
+    (frame - 1) / fps, zeros before the audio starts and after it ends."""
+    start = round((frame - 1) * Fraction(WAVE_RATE) / Fraction(fps)) - WAVE_WIDTH // 2
+    out = np.zeros(WAVE_WIDTH, np.int16)
+    lo, hi = max(0, start), min(len(pcm), start + WAVE_WIDTH)
+    if hi > lo:
+        out[lo - start : hi - start] = pcm[lo:hi]
+    return out
+
+
 def padding(frame: int, n_frames: int, audio_frames: int) -> tuple[int, int]:
     """How many columns of the frame's widest window lie before frame 1 / after the audio or video."""
     last = min(n_frames, audio_frames)

@@ -12,8 +12,10 @@ Every reader and writer of shards goes through this module. A shard folder holds
                             window-pattern counts (the stream's resampling weights come from them)
     videos                  per video: split, fold, frame rate, audio, per-class and per-window counts
     stamp                   what the packing was made from (a rerun with other inputs is refused)
-    members, features,      feature shards (`fer-dist extract`): the model inputs they hold, what
-    feature_stats           each feature is, and its per-dimension mean and std
+    members                 the model inputs the samples hold: image and audio, and wave when packed
+                            with --audio-wave (format 2); for feature shards, what extract wrote
+    features, feature_stats feature shards (`fer-dist extract`): what each feature is, and its
+                            per-dimension mean and std
 """
 
 from __future__ import annotations
@@ -29,20 +31,21 @@ import numpy as np
 
 from fer_dist.data.audio import MelParams
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: samples may hold the raw waveform (`wave`); shards without it are written as 1
+READS = (1, 2)
 FOLD_SCHEMES = ("video5", "train4+val", "official")
 
 # A model input and the shard member it is decoded from; `fer-dist extract` writes the last three.
 MEMBERS = {
     "image": "jpg",
     "audio": "mel.npy",
+    "wave": "wav.npy",
     "embedding": "emb.npy",
     "audio_features": "afeat.npy",
     "words": "words.npy",
 }
 LABEL, META = "cls", "json"  # every sample's label and metadata (video, frame, windows, ...)
-PACKED = ("image", "audio")  # the inputs `fer-dist shard` packs
-SAMPLE_MEMBERS = {LABEL, META, MEMBERS["image"], MEMBERS["audio"]}  # a packed sample has exactly these
+PACKED = ("image", "audio")  # the inputs `fer-dist shard` packs (and `wave`, with --audio-wave)
 
 
 class ManifestError(ValueError):
@@ -58,6 +61,14 @@ class PackParams:
     clip_len: int = 32
     missing: str = "fill"  # "fill": labelled frames without a crop take the nearest crop; "skip": dropped
     mel: MelParams = field(default_factory=MelParams)
+    audio_wave: bool = False  # also each frame's raw 16 kHz waveform window, as 16-bit PCM (`wave`)
+
+    def inputs(self) -> tuple[str, ...]:
+        return (*PACKED, "wave") if self.audio_wave else PACKED
+
+    def sample_members(self) -> set[str]:
+        """What a packed sample holds, exactly."""
+        return {LABEL, META, *(MEMBERS[name] for name in self.inputs())}
 
     def __post_init__(self) -> None:
         if self.folds not in FOLD_SCHEMES:
@@ -142,7 +153,7 @@ class Manifest:
     groups: dict[str, Group]
     videos: dict[str, VideoRecord]
     stamp: dict | None = None
-    members: list[str] = field(default_factory=lambda: list(PACKED))
+    members: list[str] = field(default_factory=lambda: list(PACKED))  # the model inputs the samples hold
     features: dict[str, dict] = field(default_factory=dict)  # name -> {"dim": width, what it is}
     feature_stats: dict[str, FeatureStats] = field(default_factory=dict)
     extract_stamp: dict | None = None
@@ -187,12 +198,12 @@ def read_manifest(shards: str | Path) -> Manifest:
     if not path.exists():
         raise ManifestError(f"{path} not found: pack the data first (fer-dist shard ... --out {shards})")
     raw = json.loads(path.read_text())
-    if raw.get("format") != FORMAT_VERSION:
-        raise ManifestError(f"{path}: format {raw.get('format')}, this fer-dist reads {FORMAT_VERSION}; repack")
+    if raw.get("format") not in READS:
+        raise ManifestError(f"{path}: format {raw.get('format')}, this fer-dist reads {READS}; repack")
     try:
         return Manifest.from_dict(raw)
     except (TypeError, KeyError) as exc:
-        raise ManifestError(f"{path}: not a manifest of format {FORMAT_VERSION} ({exc}); repack") from exc
+        raise ManifestError(f"{path}: not a manifest of format {raw['format']} ({exc}); repack") from exc
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fer_dist.console import out, print_table
-from fer_dist.data.format import META, SAMPLE_MEMBERS, Manifest
+from fer_dist.data.format import META, Manifest
 from fer_dist.data.windows import NAMES
 from fer_dist.labels import CLASSES, NUM_CLASSES
 
@@ -28,8 +28,9 @@ def empty_video() -> dict:
     }
 
 
-def survey(folder: Path) -> dict:
-    """Counts per video, class, group and shard, straight from the tars."""
+def survey(folder: Path, sample_members: set[str]) -> dict:
+    """Counts per video, class, group and shard, straight from the tars; a sample without exactly
+    `sample_members` is a problem."""
     videos: dict[str, dict] = defaultdict(empty_video)
     groups: dict[str, Counter] = defaultdict(Counter)
     shards, problems, seen = {}, [], set()
@@ -61,10 +62,10 @@ def survey(folder: Path) -> dict:
                     count += 1
         except (tarfile.TarError, OSError, ValueError, KeyError) as exc:
             problems.append(f"{path.name}: unreadable ({type(exc).__name__}: {exc})")
-        incomplete = [k for k, exts in members.items() if exts != SAMPLE_MEMBERS]
+        incomplete = [k for k, exts in members.items() if exts != sample_members]
         if incomplete:
             problems.append(
-                f"{path.name}: {len(incomplete)} samples without all of {sorted(SAMPLE_MEMBERS)}, e.g. {incomplete[0]}"
+                f"{path.name}: {len(incomplete)} samples without exactly {sorted(sample_members)}, e.g. {incomplete[0]}"
             )
         shards[path.name] = count
     return {

@@ -174,6 +174,10 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
 
     half = columns.astype(np.float16)
     header = npy_header((params.mel.n_mels, 2 * audio.WIDEST), np.float16)
+    if params.audio_wave:  # decoded again, resampled straight to 16 kHz
+        wave = audio.read_media(video.media, audio.WAVE_RATE).audio
+        pcm = audio.pcm16(wave) if wave is not None and mel is not None else np.zeros(0, np.int16)
+        wave_header = npy_header((audio.WAVE_WIDTH,), np.int16)
     extents = []
     tmp = work / f"{video.name}.tar.tmp"
     with open(tmp, "wb") as fh:
@@ -191,15 +195,15 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
                 "pad": list(audio.padding(f, n, audio_frames)),
                 "filled_from": None if src == f else src,
             }
-            record = tar_record(
-                f"{video.name}/{f:05d}",
-                {
-                    MEMBERS["image"]: readable[src],
-                    MEMBERS["audio"]: header + audio.window(half, f).tobytes(),
-                    LABEL: str(label).encode(),
-                    META: json.dumps(meta, sort_keys=True).encode(),
-                },
-            )
+            members = {
+                MEMBERS["image"]: readable[src],
+                MEMBERS["audio"]: header + audio.window(half, f).tobytes(),
+                LABEL: str(label).encode(),
+                META: json.dumps(meta, sort_keys=True).encode(),
+            }
+            if params.audio_wave:
+                members[MEMBERS["wave"]] = wave_header + audio.wave_window(pcm, f, fps).tobytes()
+            record = tar_record(f"{video.name}/{f:05d}", members)
             extents.append((f, fh.tell(), len(record)))
             fh.write(record)
         fh.write(TAR_END)
@@ -363,7 +367,7 @@ def manifest_of(
         with_crop_class_counts=total("with_crop_class_counts"),
     )
     return Manifest(
-        format=FORMAT_VERSION,
+        format=FORMAT_VERSION if params.audio_wave else 1,
         classes=list(CLASSES),
         params=params,
         mel_stats=MelStats(mean, float(np.sqrt(max(var, 1e-12)))) if count else MelStats(audio.SILENCE, 1.0),
@@ -375,6 +379,7 @@ def manifest_of(
             for name, r in records.items()
         },
         stamp=stamp,
+        members=list(params.inputs()),
     )
 
 

@@ -33,11 +33,13 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from fer_dist.config import ConfigError, DataConfig
 from fer_dist.data import balance, tars
+from fer_dist.data.audio import WAVE_WIDTH
 from fer_dist.data.format import LABEL, MEMBERS, META, PACKED, Manifest, load_npy, whole_jpeg
-from fer_dist.data.windows import NAMES, column_span
+from fer_dist.data.windows import NAMES, column_span, wave_span
 
 log = logging.getLogger(__name__)
 SPANS = {name: np.array(column_span(name)) for name in NAMES}  # each window's (start, width) columns
+WAVE_SPANS = {name: wave_span(name) for name in NAMES}  # each window's (start, length) samples
 
 COUNTS = ("read", "no_window", "discarded", "emitted", "corrupt_shards", "corrupt_samples")
 
@@ -96,7 +98,8 @@ def check(cfg: DataConfig, manifest: Manifest, inputs: tuple[str, ...] = PACKED,
     held = manifest.members
     missing = [name for name in inputs if name not in held]
     if missing:
-        hint = "; feature shards come from `fer-dist extract`" if set(missing) - set(PACKED) else ""
+        hint = "; pack them with `fer-dist shard --audio-wave`" if "wave" in missing else ""
+        hint = hint or ("; feature shards come from `fer-dist extract`" if set(missing) - set(PACKED) else "")
         raise ConfigError(
             f"the model takes {', '.join(missing)}, which the shards in {cfg.shards} do not hold "
             f"(they hold {', '.join(held)}){hint}"
@@ -280,6 +283,11 @@ def decode_frame(sample: dict, inputs: tuple[str, ...], decode: str = "cpu") -> 
         elif name == "audio":
             frame["mel"] = torch.from_numpy(load_npy(data))
             frame["window"] = SPANS[sample["window"]]
+        elif name == "wave":
+            start, length = WAVE_SPANS[sample["window"]]
+            stored, wave = load_npy(data), np.zeros(WAVE_WIDTH, np.int16)
+            wave[:length] = stored[start : start + length]  # the window first, then silence
+            frame["wave"], frame["wave_length"] = torch.from_numpy(wave), np.int64(length)
         else:
             frame[name] = torch.from_numpy(load_npy(data))
     return frame

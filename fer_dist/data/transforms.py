@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from fer_dist.config import DataConfig
-from fer_dist.data.audio import SILENCE
+from fer_dist.data.audio import PCM_SCALE, SILENCE
 from fer_dist.data.format import Manifest
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # mean and std per RGB channel
@@ -94,8 +94,9 @@ def prepare(
     normalisation: tuple[tuple[float, ...], tuple[float, ...]] = IMAGENET,
 ) -> dict:
     """The model inputs the batch holds, on `device`, leading dims kept: `image` [..., 3, S, S]
-    standardised with `normalisation` (the model's), `audio` [..., 1, H, W] and per-frame feature
-    vectors standardised with the shards' statistics."""
+    standardised with `normalisation` (the model's), `audio` [..., 1, H, W], `wave` [..., T] in
+    [-1, 1] with `wave_lengths` [...] (the window's samples at the start, silence after), and
+    per-frame feature vectors standardised with the shards' statistics."""
     lead = batch["label"].shape
     inputs = {}
     if "jpeg" in batch:
@@ -117,6 +118,13 @@ def prepare(
         mel = (mel - stats.mean) / stats.std
         window = batch["window"].to(device).flatten(0, len(lead) - 1)
         inputs["audio"] = crop_resize_windows(mel, window, tuple(cfg.audio_size)).unflatten(0, lead)
+    if "wave" in batch:
+        wave = batch["wave"].to(device, non_blocking=True).flatten(0, len(lead) - 1).float() / PCM_SCALE
+        if train and cfg.audio_dropout:
+            runs, length = lead[0], math.prod(lead[1:])
+            wave = wave * (per_run(torch.rand(runs, device=device) >= cfg.audio_dropout, length)[:, None])
+        inputs["wave"] = wave.unflatten(0, lead)
+        inputs["wave_lengths"] = batch["wave_length"].to(device)
     for name, stats in manifest.feature_stats.items():
         if name in batch:
             mean, std = torch.tensor(stats.mean, device=device), torch.tensor(stats.std, device=device)
@@ -190,6 +198,9 @@ def mix(
     target = lam_y[..., None] * one_hot_i + (1 - lam_y[..., None]) * one_hot_j
     mixed = {}
     for name, x in inputs.items():
+        if not x.is_floating_point():  # wave_lengths: a blend of two windows lasts as long as the longer
+            mixed[name] = torch.maximum(x, x[perm])
+            continue
         w = lam.view(b, *[1] * (x.dim() - 1))
         mixed[name] = w * x + (1 - w) * x[perm]
     return mixed, target

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fer_dist.data.audio import WIDEST
+from fer_dist.data.audio import WAVE_WIDTH, WIDEST, wave_half
 
 NAMES = ("s", "m", "l")
 HALF_WIDTHS = (16, 24, 32)
@@ -39,3 +39,9 @@ def column_span(name: str) -> tuple[int, int]:
     """Start and width of a window inside the stored widest window (2 * WIDEST columns)."""
     h = HALF_WIDTHS[NAMES.index(name)]
     return WIDEST - h, 2 * h
+
+
+def wave_span(name: str) -> tuple[int, int]:
+    """Start and length of a window inside the stored waveform window (WAVE_WIDTH samples)."""
+    h = wave_half(HALF_WIDTHS[NAMES.index(name)])
+    return WAVE_WIDTH // 2 - h, 2 * h

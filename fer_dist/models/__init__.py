@@ -10,6 +10,8 @@ image input is normalised. Nothing else about a model is known outside this pack
     regnet_transformer    paper 003: RegNetY-1.6GF + transformer encoder over runs, residual fusion
     feature_lstm          paper 004: LSTM over feature runs, state carried across segments
     feature_transformer   paper 004: transformer encoder over feature segments
+    face_voice_temporal   the recent winners' recipe: face ViT + wav2vec2-family voice encoder on
+                          the waveform, gated or cross-attention fusion, transformer or TCN
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from fer_dist.config import ConfigError
 from fer_dist.models.contract import ExpressionModel
 from fer_dist.models.decoder_fusion import DecoderFusionNet
 from fer_dist.models.mfm import ModalFusionNet
+from fer_dist.models.recipe import FaceVoiceTemporal
 from fer_dist.models.regnet_transformer import RegNetTransformer
 from fer_dist.models.temporal import FeatureLSTM, FeatureTransformer
 
@@ -29,6 +32,7 @@ MODELS: dict[str, type[ExpressionModel]] = {
     "regnet_transformer": RegNetTransformer,
     "feature_lstm": FeatureLSTM,
     "feature_transformer": FeatureTransformer,
+    "face_voice_temporal": FaceVoiceTemporal,
 }
 
 
