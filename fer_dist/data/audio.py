@@ -8,7 +8,7 @@ audio's sample rate, and the narrower windows are centre crops of the widest one
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -35,10 +35,12 @@ class Media:
     frames: int  # frames in the video stream (0 if unknown)
     audio: np.ndarray | None  # mono float32 at the requested rate; None: no audio stream or unreadable
     error: str | None = None  # why the file could not be read
+    resampled: dict[int, np.ndarray] = field(default_factory=dict)  # the audio at the `also` rates
 
 
-def read_media(path: Path | None, sample_rate: int) -> Media:
-    """Frame rate from the container, audio decoded with PyAV, mixed to mono and resampled."""
+def read_media(path: Path | None, sample_rate: int, also: tuple[int, ...] = ()) -> Media:
+    """Frame rate from the container, audio decoded with PyAV, mixed to mono and resampled; to
+    the `also` rates as well, from the same decoded frames (one decode for all)."""
     if path is None:
         return Media(None, 0, None, "no video file")
     try:
@@ -49,17 +51,25 @@ def read_media(path: Path | None, sample_rate: int) -> Media:
             if not container.streams.audio:
                 return Media(fps, frames, None)
             stream = container.streams.audio[0]
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-            chunks, start = [], None
+            rates = (sample_rate, *also)
+            resamplers = {r: av.AudioResampler(format="flt", layout="mono", rate=r) for r in rates}
+            chunks: dict[int, list] = {r: [] for r in rates}
+            start = None
             for frame in container.decode(stream):
                 if start is None and frame.pts is not None:
                     start = max(0.0, float(frame.pts * stream.time_base))
-                chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-            chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+                for r, resampler in resamplers.items():
+                    chunks[r] += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+            for r, resampler in resamplers.items():
+                chunks[r] += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
     except (av.error.FFmpegError, IndexError, ValueError) as exc:
         return Media(None, 0, None, f"{type(exc).__name__}: {exc}")
-    lead = np.zeros(int(round((start or 0.0) * sample_rate)), np.float32)
-    return Media(fps, frames, np.concatenate([lead, *chunks]).astype(np.float32))
+
+    def mono(rate: int) -> np.ndarray:
+        lead = np.zeros(int(round((start or 0.0) * rate)), np.float32)
+        return np.concatenate([lead, *chunks[rate]]).astype(np.float32)
+
+    return Media(fps, frames, mono(sample_rate), resampled={r: mono(r) for r in also})
 
 
 def log_mel(audio: np.ndarray, p: MelParams) -> np.ndarray:

@@ -141,7 +141,8 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
     if record_path.exists():
         return video.name, json.loads(record_path.read_text())
     crops = list_crops(video.crops)
-    media = audio.read_media(video.media, params.mel.sample_rate)
+    waves = (audio.WAVE_RATE,) if params.audio_wave else ()
+    media = audio.read_media(video.media, params.mel.sample_rate, also=waves)
     fps = media.fps or ASSUMED_FPS
     if video.annotation is not None:
         labels = read_annotation(video.annotation)
@@ -174,9 +175,8 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
 
     half = columns.astype(np.float16)
     header = npy_header((params.mel.n_mels, 2 * audio.WIDEST), np.float16)
-    if params.audio_wave:  # decoded again, resampled straight to 16 kHz
-        wave = audio.read_media(video.media, audio.WAVE_RATE).audio
-        pcm = audio.pcm16(wave) if wave is not None and mel is not None else np.zeros(0, np.int16)
+    if params.audio_wave:  # resampled straight to 16 kHz from the same decoded frames
+        pcm = audio.pcm16(media.resampled[audio.WAVE_RATE]) if mel is not None else np.zeros(0, np.int16)
         wave_header = npy_header((audio.WAVE_WIDTH,), np.int16)
     extents = []
     tmp = work / f"{video.name}.tar.tmp"

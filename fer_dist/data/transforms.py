@@ -108,21 +108,21 @@ def prepare(
         batch = {**batch, "image": images.unflatten(0, lead)}
     if "image" in batch:
         inputs["image"] = prepare_image(batch["image"], device, cfg, train, normalisation).unflatten(0, lead)
+    silent = None  # audio dropout: the runs that hear silence, in whatever form the audio comes
+    if train and cfg.audio_dropout and ("mel" in batch or "wave" in batch):
+        silent = per_run(torch.rand(lead[0], device=device) < cfg.audio_dropout, math.prod(lead[1:]))
     if "mel" in batch:
         stats = manifest.mel_stats
         mel = batch["mel"].to(device, non_blocking=True).flatten(0, len(lead) - 1).float()
-        if train and cfg.audio_dropout:
-            runs, length = lead[0], math.prod(lead[1:])
-            silent = per_run(torch.rand(runs, device=device) < cfg.audio_dropout, length)
+        if silent is not None:
             mel = torch.where(silent[:, None, None], SILENCE, mel)
         mel = (mel - stats.mean) / stats.std
         window = batch["window"].to(device).flatten(0, len(lead) - 1)
         inputs["audio"] = crop_resize_windows(mel, window, tuple(cfg.audio_size)).unflatten(0, lead)
     if "wave" in batch:
         wave = batch["wave"].to(device, non_blocking=True).flatten(0, len(lead) - 1).float() / PCM_SCALE
-        if train and cfg.audio_dropout:
-            runs, length = lead[0], math.prod(lead[1:])
-            wave = wave * (per_run(torch.rand(runs, device=device) >= cfg.audio_dropout, length)[:, None])
+        if silent is not None:
+            wave = torch.where(silent[:, None], 0.0, wave)
         inputs["wave"] = wave.unflatten(0, lead)
         inputs["wave_lengths"] = batch["wave_length"].to(device)
     for name, stats in manifest.feature_stats.items():

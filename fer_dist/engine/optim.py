@@ -93,10 +93,10 @@ def clip_gradients(accelerator, model: torch.nn.Module, optimizer, max_norm: flo
     trained = [p for p in model.parameters() if p.grad is not None]
     if not trained:
         return
+    accelerator.unscale_gradients()  # fp16 only
+    total = torch.nn.utils.get_total_norm([p.grad for p in trained])
     inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
     if accelerator.scaler is None and inner.defaults.get("fused"):
-        total = torch.nn.utils.get_total_norm([p.grad for p in trained])
         inner.grad_scale = torch.clamp(total / max_norm, min=1.0)
-        return
-    accelerator.unscale_gradients()
-    torch.nn.utils.clip_grads_with_norm_(trained, max_norm, torch.nn.utils.get_total_norm([p.grad for p in trained]))
+    else:
+        torch.nn.utils.clip_grads_with_norm_(trained, max_norm, total)

@@ -102,6 +102,8 @@ class SpeechEncoder(nn.Module):
         self.trainable = trainable
         self.model.requires_grad_(trainable)
         self.dim = self.model.encoder.feature_projection.projection.out_features
+        # torchaudio's WavLM attention takes no padding mask
+        self.masked = not isinstance(self.model.encoder.transformer.layers[0].attention, WavLMSelfAttention)
         self.layer_weights = nn.Parameter(torch.zeros(len(self.model.encoder.transformer.layers)))
 
     def train(self, mode: bool = True) -> SpeechEncoder:
@@ -117,11 +119,10 @@ class SpeechEncoder(nn.Module):
         return lengths
 
     def forward(self, wave: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """torchaudio's WavLM attention takes no padding mask: its frames also attend to the
-        silence after a short window, which the average then leaves out."""
-        masked = not isinstance(self.model.encoder.transformer.layers[0].attention, WavLMSelfAttention)
+        """Without a padding mask (WavLM) the frames also attend to the silence after a short
+        window, which the average then leaves out."""
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            layers, _ = self.model.extract_features(wave, lengths if masked else None)
+            layers, _ = self.model.extract_features(wave, lengths if self.masked else None)
         frames = self.frames(lengths)
         mixed = torch.einsum("l,lntd->ntd", self.layer_weights.softmax(0), torch.stack(layers))
         valid = (torch.arange(mixed.shape[1], device=wave.device) < frames[:, None]).to(mixed.dtype)
