@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fer_dist import config
-from fer_dist.data import balance
+from fer_dist.data import balance, stream
 from fer_dist.data.format import read_manifest
 from fer_dist.data.stream import (
     COUNTS,
@@ -265,21 +265,43 @@ def test_the_waveform_window_is_cut_from_the_member_as_the_window_drawn(wave_sha
 
 
 @pytest.mark.parametrize("sequence_length", [0, 4])
-def test_a_worker_hands_over_the_batch_it_made_in_one_shared_segment(shards, sequence_length):
-    """A worker's batch reaches the training process equal to the batch made in that process, its
-    crops and spectrograms as views of one shared-memory block and everything small as tensors."""
+def test_a_worker_hands_over_the_batches_it_made_in_one_block_each(shards, sequence_length):
+    """A worker's batches reach the training process equal to the batches made in that process
+    (the worker writes later batches into blocks it has handed over before), each batch's crops
+    and spectrograms views of one block, everything small as tensors."""
     manifest = read_manifest(shards)
     batches = {}
     for workers in (0, 1):
-        cfg = data_cfg(shards, workers=workers, epoch_samples=64, sequence_length=sequence_length)
-        batches[workers] = next(iter(train_loader(cfg, manifest, seed=0, epoch=0, rank=0, world=1)[0]))
-    alone, handed = batches[0], batches[1]
-    assert handed.keys() == alone.keys() and handed["key"] == alone["key"]
-    for name, value in alone.items():
-        if name not in ("key", "__key__"):  # the second is webdataset's, None on a batch
-            assert isinstance(handed[name], torch.Tensor) and torch.equal(handed[name], value), name
-    assert handed["image"].is_shared() and handed["image"].shape[: 1 + bool(sequence_length)] == handed["label"].shape
-    assert handed["image"].untyped_storage().data_ptr() == handed["mel"].untyped_storage().data_ptr()
+        cfg = data_cfg(shards, workers=workers, epoch_samples=320, sequence_length=sequence_length, batch_size=8)
+        batches[workers] = list(train_loader(cfg, manifest, seed=0, epoch=0, rank=0, world=1)[0])
+    assert len(batches[1]) == len(batches[0]) > stream.POOL
+    for alone, handed in zip(batches[0], batches[1], strict=True):
+        assert handed.keys() == alone.keys() and handed["key"] == alone["key"]
+        for name, value in alone.items():
+            if name not in ("key", "__key__"):  # the second is webdataset's, None on a batch
+                assert isinstance(handed[name], torch.Tensor) and torch.equal(handed[name], value), name
+        assert handed["image"].shape[: 1 + bool(sequence_length)] == handed["label"].shape
+        assert handed["image"].shape[-3] == 3
+        assert handed["image"].untyped_storage().data_ptr() == handed["mel"].untyped_storage().data_ptr()
+
+
+def test_a_worker_reuses_a_block_only_once_the_training_process_has_copied_it_out(monkeypatch):
+    monkeypatch.setattr(stream, "get_worker_info", lambda: "a worker")
+    monkeypatch.setattr(stream, "_pool", [])
+
+    def made(value: int) -> dict:
+        crop = torch.arange(60, dtype=torch.uint8).view(4, 5, 3).permute(2, 0, 1) + value  # as decode_jpeg gives it
+        frames = [{"key": str(i), "label": 0, "image": crop} for i in range(2)]
+        return stream.collate(frames)
+
+    first, second = made(1), made(2)
+    assert first["block"].data_ptr() != second["block"].data_ptr()  # the first is still in the other's hands
+    received = stream.as_tensors(first)
+    third = made(3)
+    assert third["block"].data_ptr() == first["block"].data_ptr()
+    crops = torch.arange(60, dtype=torch.uint8).view(4, 5, 3).permute(2, 0, 1).expand(2, 3, 4, 5)
+    assert torch.equal(received["image"], crops + 1)
+    assert torch.equal(stream.as_tensors(third)["image"], crops + 3)
 
 
 @pytest.mark.parametrize("sequence_length", [0, 4])

@@ -304,25 +304,56 @@ def decoded(src, inputs: tuple[str, ...], counter: Counter, decode: str = "cpu")
         yield frames if "frames" in sample else frames[0]
 
 
+HEADER = 64  # a block's first bytes; the first says whether the training process is done with it
+RELEASED, SENT = 0, 1
+POOL = 4  # shared blocks a worker keeps: the loader's two prefetched batches, one in hand, one spare
+_pool: list[torch.Tensor] = []  # this worker's shared blocks, newest first
+
+
+def shared_buffer(size: int) -> torch.Tensor:
+    """Shared memory for a worker's next batch: a block the training process has released
+    (`as_tensors`) if there is one, else a fresh one. Writing fresh shared memory costs a page
+    fault per 4 KiB page, a tenth of the worker's time per batch; a released block's pages are
+    mapped already."""
+    for buffer in _pool:
+        if len(buffer) >= size and buffer[0].item() == RELEASED:
+            break
+    else:
+        buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
+        _pool.insert(0, buffer)
+        del _pool[POOL:]
+    buffer[0] = SENT
+    return buffer
+
+
 def block(members: dict[str, list[torch.Tensor]], lead: tuple[int, ...]) -> tuple[torch.Tensor, dict]:
     """The batch's crops and spectrograms stacked into one block of memory, shared when made in a
     loader worker: a batch then costs one shared-memory segment and one file descriptor to hand
-    over, not one per member. The layout says where each member lies in it."""
-    layout, size = {}, 0
+    over, not one per member. The layout says where each member lies in it. Values are stored in
+    their own memory order (a decoded crop is [3, H, W] over H x W x 3 bytes), so stacking them is
+    a plain copy; `member` gives them back with their dimensions in the usual order."""
+    layout, size = {}, HEADER
     for name, values in members.items():
-        shape = (*lead, *values[0].shape)
-        layout[name] = (size, values[0].dtype, shape)
+        order = sorted(range(values[0].dim()), key=lambda d: -values[0].stride(d))
+        shape = (*lead, *(values[0].shape[d] for d in order))
+        layout[name] = (size, values[0].dtype, shape, order)
         size += -(-math.prod(shape) * values[0].element_size() // 64) * 64  # members start 64-byte aligned
-    storage = torch.UntypedStorage._new_shared(size) if get_worker_info() else torch.UntypedStorage(size)
-    buffer = torch.empty(0, dtype=torch.uint8).set_(storage)
+    buffer = shared_buffer(size) if get_worker_info() else torch.zeros(size, dtype=torch.uint8)
     for name, values in members.items():
-        torch.stack(values, out=member(buffer, *layout[name]).flatten(0, len(lead) - 1))
+        order = layout[name][-1]
+        torch.stack([v.permute(order) for v in values], out=stored(buffer, *layout[name]).flatten(0, len(lead) - 1))
     return buffer, layout
 
 
-def member(buffer: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+def stored(buffer: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...], _: list[int]) -> torch.Tensor:
     nbytes = math.prod(shape) * dtype.itemsize
     return buffer[offset : offset + nbytes].view(dtype).view(shape)
+
+
+def member(buffer: torch.Tensor, *where) -> torch.Tensor:
+    order = where[-1]
+    lead = len(where[2]) - len(order)
+    return stored(buffer, *where).permute(*range(lead), *(lead + order.index(d) for d in range(len(order))))
 
 
 def collate(samples: list[dict], lead: tuple[int, ...] | None = None) -> dict:
@@ -349,10 +380,15 @@ def collate(samples: list[dict], lead: tuple[int, ...] | None = None) -> dict:
 
 
 def as_tensors(batch: dict) -> dict:
-    """In the training process: the batch's members as tensors (views of what crossed over)."""
+    """In the training process: the batch's members as tensors. A worker's block is copied out
+    (private memory, reused by the allocator, takes no page faults) and released to the worker,
+    which writes a later batch into it."""
     tensors = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
     if "block" in tensors:
         buffer, layout = tensors.pop("block"), tensors.pop("layout")
+        if buffer[0].item() == SENT:  # one thread: torch's copy would wake its pool for 2 MB
+            sent, buffer = buffer, torch.from_numpy(buffer.numpy().copy())
+            sent[0] = RELEASED
         tensors.update({name: member(buffer, *where) for name, where in layout.items()})
     return tensors
 

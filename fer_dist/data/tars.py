@@ -9,6 +9,8 @@ marker, so a truncated or garbled shard raises instead of ending early.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -80,24 +82,39 @@ def walk(archive: bytes) -> tuple[list[tuple[int, str, int, int]], int, Exceptio
         at = end
 
 
+@contextlib.contextmanager
+def whole(fh: BinaryIO) -> Iterator[bytes | mmap.mmap]:
+    """The archive's bytes: a file mapped, not read (reading a shard into fresh memory costs a
+    page fault per 4 KiB, more than parsing it), anything else (a pipe, a buffer) read."""
+    try:
+        archive = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):  # no file behind it, or an empty one
+        archive = None
+    if archive is None:
+        yield fh.read()
+    else:
+        with archive:
+            yield archive
+
+
 def members(fh: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of each regular file, up to the end marker. The archive is read whole and
+    """(name, data) of each regular file, up to the end marker. The archive is taken whole and
     every header's checksum checked in one numpy pass (header by header, the checks cost more
     than the reading); members before a fault are still given, then the fault is raised. A walk
     stopped by a garbled header reports its failed checksum rather than what the garbling caused."""
-    archive = fh.read()
-    found, stop, fault = walk(archive)
-    offsets = [f[0] for f in found] + ([stop] if fault is not None and stop + BLOCK <= len(archive) else [])
-    headers = np.frombuffer(archive, np.uint8)[np.array(offsets, np.int64)[:, None] + np.arange(BLOCK)]
-    sums = (headers.sum(1, dtype=np.int64) - headers[:, 148:156].sum(1, dtype=np.int64) + 8 * ord(" ")).tolist()
-    for i, (at, checksum) in enumerate(zip(offsets, sums, strict=True)):
-        kind, summed = archive[at + 156 : at + 157], _octal(archive[at + 148 : at + 156]) == checksum
-        if not summed or kind not in (b"0", b"\0"):
-            what = f"has member type {kind!r}, not a regular file" if summed else "fails its checksum"
-            found, fault = found[:i], ValueError(f"a tar header {what}")
-            break
-    for _, name, start, size in found:
-        yield name, archive[start : start + size]
+    with whole(fh) as archive:
+        found, stop, fault = walk(archive)
+        offsets = [f[0] for f in found] + ([stop] if fault is not None and stop + BLOCK <= len(archive) else [])
+        headers = np.frombuffer(archive, np.uint8)[np.array(offsets, np.int64)[:, None] + np.arange(BLOCK)]
+        sums = (headers.sum(1, dtype=np.int64) - headers[:, 148:156].sum(1, dtype=np.int64) + 8 * ord(" ")).tolist()
+        for i, (at, checksum) in enumerate(zip(offsets, sums, strict=True)):
+            kind, summed = archive[at + 156 : at + 157], _octal(archive[at + 148 : at + 156]) == checksum
+            if not summed or kind not in (b"0", b"\0"):
+                what = f"has member type {kind!r}, not a regular file" if summed else "fails its checksum"
+                found, fault = found[:i], ValueError(f"a tar header {what}")
+                break
+        for _, name, start, size in found:
+            yield name, archive[start : start + size]
     if fault is not None:
         raise fault
 

@@ -153,7 +153,8 @@ def prepare_image(
     training, one random affine warp and colour jitter per run (per frame outside clip mode)."""
     lead = images.shape[:-3]
     runs, length = lead[0], math.prod(lead[1:])
-    image = images.to(device, non_blocking=True).flatten(0, len(lead) - 1).float().div_(255)
+    image = images.to(device, non_blocking=True).flatten(0, len(lead) - 1)
+    image = image.to(torch.float32, memory_format=torch.contiguous_format).div_(255)  # crops come channels-last
     if image.shape[-1] != cfg.image_size or image.shape[-2] != cfg.image_size:
         image = F.interpolate(image, size=(cfg.image_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
     if train:
