@@ -21,6 +21,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
             args.seed,
             args.workers,
             lambda: bar.advance(task),
+            length=args.length,
             test_videos=args.test_videos,
         )
     console.print(f"{args.videos} videos, {total} labelled frames in {args.out}")
@@ -194,6 +195,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--videos", type=int, default=24)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--length", type=int, default=1000, help="frames per video (the tests' set: 6 of 320)")
     s.add_argument("--test-videos", type=int, default=0, help="also test videos, with a test list and a template")
     s.set_defaults(func=cmd_synth)
 

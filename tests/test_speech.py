@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from fer_dist.config import ConfigError
-from fer_dist.models.speech import SpeechEncoder, create_speech_encoder
+from fer_dist.models.speech import SpeechEncoder, create_speech_encoder, standardise
 
 
 @pytest.mark.parametrize(
@@ -70,3 +70,31 @@ def test_a_frozen_encoder_trains_only_its_layer_weights():
     assert frozen.layer_weights.grad is not None and not frozen.model.training
     assert all(p.grad is None for p in frozen.model.parameters())
     assert tuned.model.training and all(p.grad is not None for p in tuned.model.encoder.parameters())
+
+
+@pytest.mark.parametrize("name", ["wav2vec2_tiny", "wavlm_tiny"])
+def test_silence_after_the_batchs_longest_window_changes_nothing(name):
+    """Windows shorter than the stored width come padded with silence; the encoder cuts what lies
+    after the longest before its group-normed extractor sees it."""
+    torch.manual_seed(0)
+    encoder = SpeechEncoder(name).eval()
+    speech, lengths = torch.randn(2, 17066) * 0.1, torch.tensor([17066, 12000])
+    speech[1, 12000:] = 0
+    padded = torch.cat([speech, torch.zeros(2, 34134 - 17066)], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(padded, lengths), encoder(speech, lengths), rtol=1e-5, atol=1e-6)
+        layers, _ = encoder.model.extract_features(padded, lengths if name.startswith("wav2vec2") else None)
+    assert not torch.allclose(layers[-1][0, :5], encoder.model.extract_features(speech, None)[0][-1][0, :5])
+
+
+def test_encoders_with_a_layer_normed_extractor_hear_standardised_windows():
+    """As torchaudio's bundles do for the large LV-60k, XLSR, HuBERT and WavLM encoders: a whole
+    window standardised as `layer_norm` would, a shorter one over its own samples, silence kept."""
+    wave = torch.randn(2, 1000) * 0.3 + 0.1
+    wave[1, 600:] = 0
+    got = standardise(wave, torch.tensor([1000, 600]))
+    torch.testing.assert_close(got[0], torch.nn.functional.layer_norm(wave[0], (1000,)))
+    torch.testing.assert_close(got[1, :600], torch.nn.functional.layer_norm(wave[1, :600], (600,)))
+    assert not got[1, 600:].any()
+    assert SpeechEncoder("hubert_large").standardised and SpeechEncoder("wavlm_large").standardised
+    assert not SpeechEncoder("wav2vec2_base").standardised and not SpeechEncoder("wavlm_tiny").standardised

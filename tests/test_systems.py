@@ -73,3 +73,15 @@ def test_the_image_branch_alone_learns_faces_it_never_saw(shards, tmp_path):
     held_out = predictions.load(run / "predictions" / f"epoch{metrics['epoch']:03d}.npz")
     assert 2 * chance(held_out.label) > 1 / NUM_CLASSES
     assert metrics["macro_f1_by_head"]["image"] > 2 * chance(held_out.label), metrics["macro_f1_by_head"]
+
+
+def test_the_recipe_learns_faces_and_voices_and_fuses_them_above_either(wave_shards, tmp_path):
+    """The recipe's CPU config, as shipped: each head (face alone, voice alone, fused over the run)
+    well above chance on the held-out videos' frames, and the fused head above both single ones."""
+    run = tmp_path / "run"
+    metrics = train("face_voice_temporal_cpu", wave_shards, run)
+    held_out = predictions.load(run / "predictions" / f"epoch{metrics['epoch']:03d}.npz")
+    heads = metrics["macro_f1_by_head"]
+    assert metrics["eval_frames"] == len(held_out) == read_manifest(wave_shards).groups["fold0"].samples
+    assert min(heads.values()) > 2 * chance(held_out.label), heads
+    assert heads["fusion"] > max(heads["image"], heads["audio"]), heads

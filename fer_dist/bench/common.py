@@ -63,14 +63,14 @@ def child(job: str, **kwargs) -> tuple[dict, float]:
     return json.loads(stdout.strip().splitlines()[-1]), peak
 
 
-def packed(workdir: Path, root: Path, workers: int) -> Path:
-    """The benchmark's shards (default packing), made once and reused."""
+def packed(workdir: Path, root: Path, workers: int, audio_wave: bool = False) -> Path:
+    """The benchmark's shards (default packing, with waveforms if asked), made once and reused."""
     from fer_dist.data.layout import discover
     from fer_dist.data.pack import PackParams, pack
 
-    out = workdir / f"{root.name}-shards"
+    out = workdir / f"{root.name}-{'wave-' if audio_wave else ''}shards"
     if not (out / "manifest.json").exists():
-        pack(discover(root), out, PackParams(), workers)
+        pack(discover(root), out, PackParams(audio_wave=audio_wave), workers)
     return out
 
 

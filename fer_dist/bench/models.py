@@ -1,6 +1,6 @@
-"""`fer-dist bench models`: every paper's system trained by its CPU config on the same synthetic
-shards (and their feature shards), each in its own process: parameters (paper and CPU config),
-training samples/s and held-out macro-F1 against chance."""
+"""`fer-dist bench models`: every paper's system and the recipe trained by its CPU config on the
+same synthetic videos (their shards, feature shards or shards with waveforms), each in its own
+process: parameters (full and CPU config), training samples/s and held-out macro-F1 against chance."""
 
 from __future__ import annotations
 
@@ -14,13 +14,15 @@ import numpy as np
 from fer_dist.bench.common import packed, run_measured, synthetic
 from fer_dist.console import print_table
 
-# Each paper's system: its paper config, its CPU config, and the shards the CPU config trains on.
+# Each paper's system (and the recent winners' recipe): its full config, its CPU config, and the
+# shards the CPU config trains on.
 SYSTEMS = [
     ("000", "mfm_swin_tiny", "mfm_cpu", "shards"),
     ("001", "decoder_fusion", "decoder_fusion_cpu", "features"),
     ("003", "regnet_transformer", "regnet_transformer_cpu", "shards"),
     ("004", "feature_lstm", "feature_lstm_cpu", "features"),
     ("004", "feature_transformer", "feature_transformer_cpu", "features"),
+    ("recipe", "face_voice_temporal", "face_voice_temporal_cpu", "wave_shards"),
 ]
 PAPER_FEATURES = {"embedding_dim": 512, "audio_features_dim": 15}  # a 512-wide expression embedding
 
@@ -31,7 +33,8 @@ def parameters(config_path: Path, features: dict[str, int]) -> tuple[str, int]:
     from fer_dist.models import build
 
     cfg = config.load(config_path)
-    model_cfg = {**cfg.model, **({"pretrained": False} if "pretrained" in cfg.model else {})}
+    unweighted = {"pretrained": False, "speech_weights": None}
+    model_cfg = {**cfg.model, **{k: v for k, v in unweighted.items() if k in cfg.model}}
     model = build(model_cfg, cfg.data.image_size, cfg.data.audio_size, features)
     return cfg.model["name"], sum(p.numel() for p in model.parameters())
 
@@ -48,7 +51,7 @@ def bench_models(workdir: Path, videos: int) -> dict:
     from fer_dist.labels import NUM_CLASSES
 
     root = synthetic(workdir, videos)
-    data = {"shards": packed(workdir, root, 2)}
+    data = {"shards": packed(workdir, root, 2), "wave_shards": packed(workdir, root, 2, audio_wave=True)}
     data["features"] = workdir / f"{root.name}-features"
     features = extract(data["shards"], data["features"], discover(root), "test_convnext", image_size=64, workers=2)
     rows = []

@@ -92,6 +92,16 @@ def create_speech_encoder(name: str, weights: str | None = None) -> nn.Module:
     return model
 
 
+def standardise(wave: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Each window to zero mean and unit variance over its own samples, as the bundles' wrappers
+    do to a whole utterance (`layer_norm`, same eps); the silence after it stays silent."""
+    valid = (torch.arange(wave.shape[1], device=wave.device) < lengths[:, None]).to(wave.dtype)
+    count = lengths[:, None].clamp(min=1).to(wave.dtype)
+    mean = (wave * valid).sum(1, keepdim=True) / count
+    var = ((wave - mean) * valid).square().sum(1, keepdim=True) / count
+    return (wave - mean) * torch.rsqrt(var + eps) * valid
+
+
 class SpeechEncoder(nn.Module):
     """Waveform windows [N, T] in [-1, 1] and their lengths [N] to one embedding each [N, dim].
     `trainable=False` keeps the encoder frozen (and in eval mode); the layer weights always train."""
@@ -105,6 +115,9 @@ class SpeechEncoder(nn.Module):
         # torchaudio's WavLM attention takes no padding mask
         self.masked = not isinstance(self.model.encoder.transformer.layers[0].attention, WavLMSelfAttention)
         self.layer_weights = nn.Parameter(torch.zeros(len(self.model.encoder.transformer.layers)))
+        # torchaudio's bundles standardise the waveform for exactly the encoders whose extractor is
+        # layer-normed (the large LV-60k, XLSR, HuBERT and WavLM ones), in the wrapper around the model
+        self.standardised = isinstance(self.model.feature_extractor.conv_layers[0].layer_norm, nn.LayerNorm)
 
     def train(self, mode: bool = True) -> SpeechEncoder:
         super().train(mode)
@@ -119,8 +132,13 @@ class SpeechEncoder(nn.Module):
         return lengths
 
     def forward(self, wave: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Without a padding mask (WavLM) the frames also attend to the silence after a short
+        """The silence after the batch's longest window is cut first: it costs as much as speech
+        and, through the extractor's group norm (base models), changes what the windows give.
+        Without a padding mask (WavLM) the frames also attend to the silence after a shorter
         window, which the average then leaves out."""
+        wave = wave[:, : int(lengths.max())]
+        if self.standardised:
+            wave = standardise(wave, lengths)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             layers, _ = self.model.extract_features(wave, lengths if self.masked else None)
         frames = self.frames(lengths)
