@@ -82,6 +82,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
             args.batch_size,
             args.workers,
             progress=lambda name, n: bar.update(task, advance=n, info=name),
+            speech_encoder=args.speech_encoder,
+            speech_weights=args.speech_weights,
+            speech_window=args.speech_window,
         )
     extract.show(manifest, Path(args.out))
     return 0
@@ -233,6 +236,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--video-dirs", nargs="*", default=[], help="video folders (default: batch1, batch2, new_vids)")
     s.add_argument("--batch-size", type=int, default=128)
     s.add_argument("--workers", type=int, default=2, help="processes computing the audio features")
+    s.add_argument("--speech-encoder", help="also each layer of this frozen speech encoder (wavlm_base, ...)")
+    s.add_argument("--speech-weights", help="its weights: a local safetensors / state-dict file")
+    s.add_argument("--speech-window", default="l", choices=["s", "m", "l"], help="the waveform window it hears")
     s.set_defaults(func=cmd_extract)
 
     s = sub.add_parser("inspect", help="what the shards hold, read from the tars")

@@ -47,6 +47,19 @@ def features(shards, synthetic, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def voice_features(wave_shards, synthetic, tmp_path_factory) -> Path:
+    """Feature shards of `wave_shards` with the voice as well: a tiny random-init ConvNeXt's face
+    embeddings and a random-init 2-layer wav2vec2's layers over each frame's large window."""
+    from fer_dist.jobs.extract import extract
+
+    out = tmp_path_factory.mktemp("voice_features")
+    extract(
+        wave_shards, out, discover(synthetic), "test_convnext", image_size=64, workers=2, speech_encoder="wav2vec2_tiny"
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
 def challenge(tmp_path_factory) -> Path:
     """A small challenge: 6 labelled videos in 3 folds and 2 test videos with their test list,
     template and (for scoring) labels; shards in `<root>/shards`."""

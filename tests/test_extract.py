@@ -54,6 +54,44 @@ def test_feature_shards_mirror_the_source(shards, features):
     assert len(stats["embedding"].std) == dim and min(stats["audio_features"].std) > 0
 
 
+def test_the_voice_feature_is_the_frozen_encoders_layers_over_the_frames_window(wave_shards, voice_features):
+    """`--speech-encoder`: each frame's `voice.npy` is the encoder's layers averaged over the
+    chosen window of the frame's waveform member, computed here again from the source shards."""
+    import torch
+
+    from fer_dist.data.audio import PCM_SCALE
+    from fer_dist.data.windows import wave_span
+    from fer_dist.models.speech import SpeechEncoder
+
+    manifest = read_manifest(voice_features)
+    voice = manifest.features["voice"]
+    assert manifest.members == ["image", "embedding", "audio_features", "voice"]
+    assert (voice["encoder"], voice["window"], voice["layers"], voice["dim"]) == ("wav2vec2_tiny", "l", 2, 64)
+    assert manifest.feature_dims() == {
+        "embedding_dim": 64,
+        "audio_features_dim": 15,
+        "voice_dim": 64,
+        "voice_layers": 2,
+    }
+    torch.manual_seed(0)  # the random-init encoder the extraction made
+    encoder = SpeechEncoder("wav2vec2_tiny").eval()
+    start, length = wave_span("l")
+    pairs = list(zip(samples(wave_shards), samples(voice_features), strict=True))[::97]
+    waves = torch.stack([torch.from_numpy(npy(a["wav.npy"])[start : start + length]) for a, _ in pairs])
+    with torch.no_grad():
+        expected = encoder.layer_means(waves.float() / PCM_SCALE, torch.full((len(pairs),), length))
+    for (a, b), want in zip(pairs, expected, strict=True):
+        assert a["__key__"] == b["__key__"]
+        got = npy(b["voice.npy"])
+        assert got.shape == (2, 64) and got.dtype == np.float16
+        np.testing.assert_allclose(got.astype(np.float32), want.numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_the_voice_needs_shards_with_waveforms(shards, synthetic, tmp_path):
+    with pytest.raises(ExtractError, match="--audio-wave"):
+        extract(shards, tmp_path / "f", discover(synthetic), "test_convnext", speech_encoder="wav2vec2_tiny")
+
+
 @pytest.mark.slow
 def test_extract_resumes_after_a_kill(shards, synthetic, features, tmp_path, monkeypatch):
     import fer_dist.jobs.extract as ex

@@ -318,7 +318,8 @@ def test_every_config_builds_its_model(name):
     cfg = config.load(CONFIGS / name)
     local = {"pretrained": False, "speech_weights": None}  # the shipped configs' weights files are the user's
     model_cfg = {**cfg.model, **{k: v for k, v in local.items() if k in cfg.model}}
-    model = build(model_cfg, cfg.data.image_size, cfg.data.audio_size, {"embedding_dim": 512, "audio_features_dim": 15})
+    features = {"embedding_dim": 512, "audio_features_dim": 15, "voice_dim": 768, "voice_layers": 13}
+    model = build(model_cfg, cfg.data.image_size, cfg.data.audio_size, features)
     assert model.sequences == bool(cfg.data.sequence_length)
     assert model.output in (*model.heads, "ensemble")
 

@@ -105,3 +105,30 @@ def test_the_recipe_on_shards_without_waveforms_is_a_config_error(shards):
     cfg = config.load(None, [f"data.shards={shards}", "data.sequence_length=4"]).data
     with pytest.raises(ConfigError, match="fer-dist shard --audio-wave"):
         stream.check(cfg, read_manifest(shards), ("image", "wave"))
+
+
+def test_on_feature_shards_the_recipe_is_the_same_model_after_its_encoders():
+    """`face_voice_temporal_features` takes what the frozen encoders give (the face embedding and
+    the voice's layer averages) and scores it as the end-to-end model scores its encoders' outputs."""
+    end_to_end = build({**SMALL, "train_image": False}, 32, [64, 64]).eval()
+    with torch.no_grad():
+        end_to_end.voice.layer_weights.copy_(torch.tensor([0.5, -1.0]))
+    x = inputs()
+    with torch.no_grad():
+        face = end_to_end.face.forward_head(end_to_end.face.forward_features(x["image"].flatten(0, 1)), pre_logits=True)
+        face = face.unflatten(0, (2, 3))
+        voice = end_to_end.voice.layer_means(x["wave"].flatten(0, 1), x["wave_lengths"].flatten()).unflatten(0, (2, 3))
+    features = {"embedding_dim": face.shape[-1], "voice_dim": voice.shape[-1], "voice_layers": voice.shape[-2]}
+    on_features = build(
+        {"name": "face_voice_temporal_features", "dim": 32, "num_heads": 2, "temporal_layers": 1},
+        32,
+        [64, 64],
+        features,
+    ).eval()
+    trunk = {k: v for k, v in end_to_end.state_dict().items() if not k.startswith(("face.", "voice."))}
+    on_features.load_state_dict({**trunk, "layer_weights": end_to_end.voice.layer_weights.detach()})
+    assert on_features.inputs == ("embedding", "voice") and on_features.sequences
+    with torch.no_grad():
+        want, got = end_to_end(**x), on_features(embedding=face, voice=voice, mask=x["mask"])
+    for head in ("image", "audio", "fusion"):
+        torch.testing.assert_close(got[head], want[head], rtol=1e-4, atol=1e-5)

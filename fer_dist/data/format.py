@@ -43,6 +43,7 @@ MEMBERS = {
     "embedding": "emb.npy",
     "audio_features": "afeat.npy",
     "words": "words.npy",
+    "voice": "voice.npy",
 }
 LABEL, META = "cls", "json"  # every sample's label and metadata (video, frame, windows, ...)
 PACKED = ("image", "audio")  # the inputs `fer-dist shard` packs (and `wave`, with --audio-wave)
@@ -166,8 +167,11 @@ class Manifest:
         return [str(Path(root) / s.name) for g in groups for s in self.groups[g].shards]
 
     def feature_dims(self) -> dict[str, int]:
-        """`<input>_dim` of each per-frame feature, the widths a feature model is built with."""
-        return {f"{name}_dim": info["dim"] for name, info in self.features.items()}
+        """`<input>_dim` of each per-frame feature, the widths a feature model is built with (and
+        `<input>_layers` of a feature stored per encoder layer)."""
+        dims = {f"{name}_dim": info["dim"] for name, info in self.features.items()}
+        dims.update({f"{name}_layers": info["layers"] for name, info in self.features.items() if "layers" in info})
+        return dims
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=1).encode()

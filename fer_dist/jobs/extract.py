@@ -1,13 +1,18 @@
-"""Feature shards: frozen backbones run once over packed shards, for the models of papers 001 and 004.
+"""Feature shards: frozen encoders run once over packed shards, for the models of papers 001 and
+004 and the recipe's `face_voice_temporal_features`.
 
     fer-dist extract --shards shards/affwild2 --root /data/affwild2 --out shards/affwild2-feat \
-        --backbone resnet50 --weights expression.safetensors [--words words/]
+        --backbone resnet50 --weights expression.safetensors [--words words/] \
+        [--speech-encoder wavlm_base --speech-weights weights/wavlm_base.pt --speech-window l]
 
 Every shard gets a twin of the same name with the same keys in the same order (clips stay clips):
 
 - `jpg`, `cls`, `json` copied byte for byte (paper 001's static branch reads the crop);
 - `emb.npy`: float16 [D], the frozen backbone's pooled feature of the crop (an expression embedding
   when the weights are an expression model's);
+- `voice.npy`: float16 [layers, D'], with `--speech-encoder`: each transformer layer of the frozen
+  speech encoder (`models/speech.py`) averaged over the frame's `--speech-window` of its waveform
+  member (source shards packed with `--audio-wave`); the model learns the sum over layers;
 - `afeat.npy`: float32 [n_mfcc + 2], MFCC, pitch and log short-time energy of the audio at the
   frame's time (paper 001), computed with torchaudio from the video's sound (zeros without sound);
 - `words.npy`: float16 [Dw], with `--words DIR`: row i - 1 of DIR/<video>.npy is frame i's word
@@ -42,15 +47,18 @@ from fer_dist.data.format import (
     Manifest,
     atomic_write,
     claim,
+    load_npy,
     npy_bytes,
     read_manifest,
 )
 from fer_dist.data.layout import Video
 from fer_dist.data.transforms import prepare_image
+from fer_dist.data.windows import NAMES, wave_span
 from fer_dist.models.backbones import create_backbone
 from fer_dist.models.contract import normalisation_of
+from fer_dist.models.speech import SpeechEncoder
 
-DTYPES = {"embedding": np.float16, "audio_features": np.float32, "words": np.float16}  # as stored
+DTYPES = {"embedding": np.float16, "audio_features": np.float32, "words": np.float16, "voice": np.float16}
 
 
 class ExtractError(ValueError):
@@ -106,8 +114,31 @@ def embed(model: torch.nn.Module, crops: list[bytes], size: int, batch: int, dev
     return np.concatenate(out)
 
 
+@torch.no_grad()
+def hear(encoder: SpeechEncoder, waves: list[bytes], window: str, batch: int, device: torch.device) -> np.ndarray:
+    """[N, layers, D]: the encoder's layers averaged over each frame's `window` of its waveform."""
+    start, length = wave_span(window)
+    stored = np.stack([load_npy(w)[start : start + length] for w in waves])
+    out = []
+    for i in range(0, len(stored), batch):
+        wave = torch.from_numpy(stored[i : i + batch]).to(device).float() / audio.PCM_SCALE
+        lengths = torch.full((len(wave),), length, device=device)
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            out.append(encoder.layer_means(wave, lengths).float().cpu().numpy())
+    return np.concatenate(out)
+
+
 def extract_shard(
-    src: Path, dst: Path, model, size: int, batch: int, device, prosodies: dict, words: dict | None, words_dim: int
+    src: Path,
+    dst: Path,
+    model,
+    size: int,
+    batch: int,
+    device,
+    prosodies: dict,
+    words: dict | None,
+    words_dim: int,
+    voice: tuple[SpeechEncoder, str] | None = None,
 ) -> dict[str, dict]:
     """Writes `dst` from `src` (atomically); returns each feature's sum, sum of squares and count."""
     try:
@@ -123,6 +154,8 @@ def extract_shard(
     features["audio_features"] = np.stack([prosodies[video][frame - 1] for video, frame in frames])
     if words is not None:
         features["words"] = np.stack([row(words.get(video), frame, words_dim) for video, frame in frames])
+    if voice is not None:
+        features["voice"] = hear(voice[0], [s[MEMBERS["wave"]] for s in samples], voice[1], batch, device)
     records = []
     for i, sample in enumerate(samples):
         members = {k: sample[k] for k in (MEMBERS["image"], LABEL, META)}
@@ -165,10 +198,19 @@ def extract(
     workers: int = 1,
     params: audio.ProsodyParams | None = None,
     progress: Callable[[str, int], None] | None = None,
+    speech_encoder: str | None = None,
+    speech_weights: str | None = None,
+    speech_window: str = "l",
 ) -> Manifest:
     """Writes the feature shards of `shards` to `out` and returns their manifest."""
     shards, out, params = Path(shards), Path(out), params or audio.ProsodyParams()
     source = read_manifest(shards)
+    if speech_encoder and "wave" not in source.members:
+        raise ExtractError(
+            f"{shards} hold no waveforms for the speech encoder; pack them with `fer-dist shard --audio-wave`"
+        )
+    if speech_window not in NAMES:
+        raise ExtractError(f"the speech window is one of {', '.join(NAMES)}, not {speech_window!r}")
     stamp = {
         "source": str(shards.resolve()),
         "backbone": backbone,
@@ -177,6 +219,8 @@ def extract(
         "words": str(words) if words else None,
         "prosody": asdict(params),
     }
+    if speech_encoder:
+        stamp["speech"] = {"encoder": speech_encoder, "weights": speech_weights, "window": speech_window}
     done = claim(out, "extract_stamp", stamp, ExtractError, "feature shards")
     if done is not None:
         return done
@@ -198,6 +242,10 @@ def extract(
     torch.manual_seed(0)  # without --weights the backbone is a fixed random projection, the same on a resume
     model = create_backbone(backbone, in_chans=3, img_size=None, pretrained=weights or False).eval().to(device)
     model.requires_grad_(False)
+    voice = None
+    if speech_encoder:
+        torch.manual_seed(0)  # as the backbone: without weights, the same random encoder every time
+        voice = (SpeechEncoder(speech_encoder, speech_weights).eval().to(device), speech_window)
     parts = {}
     for group, record in source.groups.items():
         for shard in record.shards:
@@ -207,7 +255,7 @@ def extract(
                 stats = json.loads(stats_path.read_text())
             else:
                 stats = extract_shard(
-                    shards / shard.name, dst, model, image_size, batch_size, device, prosodies, tables, words_dim
+                    shards / shard.name, dst, model, image_size, batch_size, device, prosodies, tables, words_dim, voice
                 )
                 atomic_write(stats_path, json.dumps(stats).encode())
             if group.startswith("fold"):
@@ -230,6 +278,15 @@ def extract(
     }
     if words:
         features["words"] = {"dim": words_dim, "source": str(words), "videos_without": wordless}
+    if voice:
+        features["voice"] = {
+            "dim": voice[0].dim,
+            "layers": len(voice[0].layer_weights),
+            "encoder": speech_encoder,
+            "weights": speech_weights,
+            "window": speech_window,
+            "samples": wave_span(speech_window)[1],
+        }
     manifest = dataclasses.replace(
         source,
         members=["image", *features],
@@ -246,10 +303,8 @@ def extract(
 
 def show(manifest: Manifest, out: Path) -> None:
     features = manifest.features
-    console.print(
-        f"{manifest.totals.samples} samples in {out}: "
-        + ", ".join(f"{name} [{f['dim']}]" for name, f in features.items())
-    )
+    shapes = {name: ", ".join(str(f[k]) for k in ("layers", "dim") if k in f) for name, f in features.items()}
+    console.print(f"{manifest.totals.samples} samples in {out}: " + ", ".join(f"{n} [{d}]" for n, d in shapes.items()))
     silent = features["audio_features"]["videos_without_audio"]
     if silent:
         console.print(f"[yellow]{len(silent)} video(s) without audio have zero audio features:[/] {', '.join(silent)}")

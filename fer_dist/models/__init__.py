@@ -12,6 +12,7 @@ image input is normalised. Nothing else about a model is known outside this pack
     feature_transformer   paper 004: transformer encoder over feature segments
     face_voice_temporal   the recent winners' recipe: face ViT + wav2vec2-family voice encoder on
                           the waveform, gated or cross-attention fusion, transformer or TCN
+    face_voice_temporal_features  the same on feature shards of both frozen encoders
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from fer_dist.config import ConfigError
 from fer_dist.models.contract import ExpressionModel
 from fer_dist.models.decoder_fusion import DecoderFusionNet
 from fer_dist.models.mfm import ModalFusionNet
-from fer_dist.models.recipe import FaceVoiceTemporal
+from fer_dist.models.recipe import FaceVoiceFeatures, FaceVoiceTemporal
 from fer_dist.models.regnet_transformer import RegNetTransformer
 from fer_dist.models.temporal import FeatureLSTM, FeatureTransformer
 
@@ -33,6 +34,7 @@ MODELS: dict[str, type[ExpressionModel]] = {
     "feature_lstm": FeatureLSTM,
     "feature_transformer": FeatureTransformer,
     "face_voice_temporal": FaceVoiceTemporal,
+    "face_voice_temporal_features": FaceVoiceFeatures,
 }
 
 

@@ -10,6 +10,10 @@ training, `modality_dropout` replaces one modality of a run, drawn at random, wi
 stand-in before the fusion, so that the fused head learns to do without either. A `transformer`
 (pre-norm, sinusoidal positions) or a `tcn` (dilated residual convolutions, kernel 3) then
 models time over the run's real frames, and the fusion head scores every frame.
+
+`face_voice_temporal_features` is the same after the encoders: it reads their outputs from feature
+shards made once by `fer-dist extract --backbone ... --speech-encoder ...`, for GPUs too small to
+fine-tune both encoders.
 """
 
 from __future__ import annotations
@@ -70,11 +74,67 @@ class Temporal(nn.Module):
         return self.transformer(x, src_key_padding_mask=~keep)
 
 
-class FaceVoiceTemporal(ExpressionModel):
-    inputs = ("image", "wave")
+class FusedRuns(ExpressionModel):
+    """What both forms of the recipe share: per-frame face and voice embeddings projected to
+    `dim`, a head on each, fusion, modality dropout, the temporal model and the fused head."""
+
     heads = ("image", "audio", "fusion")
     output = "fusion"
     sequences = True
+
+    def __init__(
+        self,
+        face_dim: int,
+        voice_dim: int,
+        dim: int,
+        fusion: str,
+        modality_dropout: float,
+        temporal: str,
+        temporal_layers: int,
+        num_heads: int,
+        dropout: float,
+        num_classes: int,
+    ) -> None:
+        super().__init__()
+        if fusion not in ("gated", "cross"):
+            raise ValueError(f"fusion must be gated or cross, not {fusion!r}")
+        self.face_proj = nn.Sequential(nn.LayerNorm(face_dim), nn.Linear(face_dim, dim))
+        self.voice_proj = nn.Sequential(nn.LayerNorm(voice_dim), nn.Linear(voice_dim, dim))
+        self.missing = nn.Parameter(torch.zeros(2, dim))
+        self.fusion, self.modality_dropout = fusion, modality_dropout
+        if fusion == "gated":
+            self.gate = nn.Linear(2 * dim, dim)
+        else:
+            self.face_to_voice = nn.MultiheadAttention(dim, num_heads, dropout, batch_first=True)
+            self.voice_to_face = nn.MultiheadAttention(dim, num_heads, dropout, batch_first=True)
+            self.fuse_norm = nn.LayerNorm(dim)
+        self.temporal = Temporal(temporal, dim, temporal_layers, num_heads, dropout)
+        self.drop = nn.Dropout(dropout)
+        self.image_head, self.audio_head = nn.Linear(dim, num_classes), nn.Linear(dim, num_classes)
+        self.fusion_head = nn.Linear(dim, num_classes)
+
+    def fuse(self, v: torch.Tensor, a: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        if self.fusion == "gated":
+            g = torch.sigmoid(self.gate(torch.cat([v, a], -1)))
+            return g * v + (1 - g) * a
+        heard = self.face_to_voice(v, a, a, key_padding_mask=~keep, need_weights=False)[0]
+        seen = self.voice_to_face(a, v, v, key_padding_mask=~keep, need_weights=False)[0]
+        return self.fuse_norm(v + a + heard + seen)
+
+    def score(self, face: torch.Tensor, voice: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """face [B, L, face_dim], voice [B, L, voice_dim], keep [B, L] -> each head's logits."""
+        v, a = self.face_proj(face), self.voice_proj(voice)
+        out = {"image": self.image_head(self.drop(v)), "audio": self.audio_head(self.drop(a))}
+        if self.training and self.modality_dropout:
+            v, a = drop_modalities(v, a, self.missing, self.modality_dropout)
+        x = self.temporal(self.fuse(v, a, keep), keep)
+        return {**out, "fusion": self.fusion_head(self.drop(x))}
+
+
+class FaceVoiceTemporal(FusedRuns):
+    """The recipe end to end: the face and speech encoders run on every frame of the run."""
+
+    inputs = ("image", "wave")
 
     def __init__(
         self,
@@ -95,54 +155,79 @@ class FaceVoiceTemporal(ExpressionModel):
         dropout: float = 0.1,
         num_classes: int = 8,
     ) -> None:
-        super().__init__()
-        if fusion not in ("gated", "cross"):
-            raise ValueError(f"fusion must be gated or cross, not {fusion!r}")
-        self.face = create_backbone(
+        face = create_backbone(
             image_backbone, in_chans=3, img_size=image_size, pretrained=pretrained, **(image_backbone_args or {})
         )
+        voice = SpeechEncoder(speech_encoder, speech_weights, trainable=train_speech)
+        super().__init__(
+            face.num_features,
+            voice.dim,
+            dim,
+            fusion,
+            modality_dropout,
+            temporal,
+            temporal_layers,
+            num_heads,
+            dropout,
+            num_classes,
+        )
+        self.face, self.voice = face, voice
         self.train_image = train_image
         self.face.requires_grad_(train_image)
         self.image_normalisation = normalisation_of(self.face)
-        self.voice = SpeechEncoder(speech_encoder, speech_weights, trainable=train_speech)
-        self.face_proj = nn.Sequential(nn.LayerNorm(self.face.num_features), nn.Linear(self.face.num_features, dim))
-        self.voice_proj = nn.Sequential(nn.LayerNorm(self.voice.dim), nn.Linear(self.voice.dim, dim))
-        self.missing = nn.Parameter(torch.zeros(2, dim))
-        self.fusion, self.modality_dropout = fusion, modality_dropout
-        if fusion == "gated":
-            self.gate = nn.Linear(2 * dim, dim)
-        else:
-            self.face_to_voice = nn.MultiheadAttention(dim, num_heads, dropout, batch_first=True)
-            self.voice_to_face = nn.MultiheadAttention(dim, num_heads, dropout, batch_first=True)
-            self.fuse_norm = nn.LayerNorm(dim)
-        self.temporal = Temporal(temporal, dim, temporal_layers, num_heads, dropout)
-        self.drop = nn.Dropout(dropout)
-        self.image_head, self.audio_head = nn.Linear(dim, num_classes), nn.Linear(dim, num_classes)
-        self.fusion_head = nn.Linear(dim, num_classes)
 
     def train(self, mode: bool = True) -> FaceVoiceTemporal:
         super().train(mode)
         self.face.train(mode and self.train_image)  # a frozen face encoder stays in eval mode
         return self
 
-    def fuse(self, v: torch.Tensor, a: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        if self.fusion == "gated":
-            g = torch.sigmoid(self.gate(torch.cat([v, a], -1)))
-            return g * v + (1 - g) * a
-        heard = self.face_to_voice(v, a, a, key_padding_mask=~keep, need_weights=False)[0]
-        seen = self.voice_to_face(a, v, v, key_padding_mask=~keep, need_weights=False)[0]
-        return self.fuse_norm(v + a + heard + seen)
-
     def forward(
         self, image: torch.Tensor, wave: torch.Tensor, wave_lengths: torch.Tensor, mask: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         b, length = image.shape[:2]
-        keep = real_frames(image, mask)
         face = self.face.forward_head(self.face.forward_features(image.flatten(0, 1)), pre_logits=True)
-        v = self.face_proj(face).unflatten(0, (b, length))
-        a = self.voice_proj(self.voice(wave.flatten(0, 1), wave_lengths.flatten())).unflatten(0, (b, length))
-        out = {"image": self.image_head(self.drop(v)), "audio": self.audio_head(self.drop(a))}
-        if self.training and self.modality_dropout:
-            v, a = drop_modalities(v, a, self.missing, self.modality_dropout)
-        x = self.temporal(self.fuse(v, a, keep), keep)
-        return {**out, "fusion": self.fusion_head(self.drop(x))}
+        voice = self.voice(wave.flatten(0, 1), wave_lengths.flatten())
+        return self.score(face.unflatten(0, (b, length)), voice.unflatten(0, (b, length)), real_frames(image, mask))
+
+
+class FaceVoiceFeatures(FusedRuns):
+    """The recipe on feature shards (`fer-dist extract --speech-encoder ...`), the way to train it
+    on an 11 GB GPU: both encoders frozen and run once. `embedding` is the face encoder's pooled
+    feature [B, L, D]; `voice` the speech encoder's layers, each averaged over the frame's window
+    [B, L, layers, D'], summed here with learned softmax weights as the end-to-end model does."""
+
+    inputs = ("embedding", "voice")
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        voice_dim: int,
+        voice_layers: int,
+        dim: int = 256,
+        fusion: str = "gated",
+        modality_dropout: float = 0.2,
+        temporal: str = "transformer",
+        temporal_layers: int = 2,
+        num_heads: int = 4,
+        dropout: float = 0.1,
+        num_classes: int = 8,
+    ) -> None:
+        super().__init__(
+            embedding_dim,
+            voice_dim,
+            dim,
+            fusion,
+            modality_dropout,
+            temporal,
+            temporal_layers,
+            num_heads,
+            dropout,
+            num_classes,
+        )
+        self.layer_weights = nn.Parameter(torch.zeros(voice_layers))
+
+    def forward(
+        self, embedding: torch.Tensor, voice: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        voice = torch.einsum("l,bnld->bnd", self.layer_weights.softmax(0), voice)
+        return self.score(embedding, voice, real_frames(embedding, mask))

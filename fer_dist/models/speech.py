@@ -131,17 +131,21 @@ class SpeechEncoder(nn.Module):
             lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
         return lengths
 
-    def forward(self, wave: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """The silence after the batch's longest window is cut first: it costs as much as speech
-        and, through the extractor's group norm (base models), changes what the windows give.
-        Without a padding mask (WavLM) the frames also attend to the silence after a shorter
-        window, which the average then leaves out."""
+    def layer_means(self, wave: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """[N, layers, D]: each transformer layer's output averaged over the window's frames. The
+        silence after the batch's longest window is cut first: it costs as much as speech and,
+        through the extractor's group norm (base models), changes what the windows give. Without
+        a padding mask (WavLM) the frames also attend to the silence after a shorter window,
+        which the average then leaves out."""
         wave = wave[:, : int(lengths.max())]
         if self.standardised:
             wave = standardise(wave, lengths)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             layers, _ = self.model.extract_features(wave, lengths if self.masked else None)
-        frames = self.frames(lengths)
-        mixed = torch.einsum("l,lntd->ntd", self.layer_weights.softmax(0), torch.stack(layers))
-        valid = (torch.arange(mixed.shape[1], device=wave.device) < frames[:, None]).to(mixed.dtype)
-        return (mixed * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
+        stacked = torch.stack(layers, 1)
+        valid = (torch.arange(stacked.shape[2], device=wave.device) < self.frames(lengths)[:, None]).to(stacked.dtype)
+        return torch.einsum("nltd,nt->nld", stacked, valid) / valid.sum(1).clamp(min=1)[:, None, None]
+
+    def forward(self, wave: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """[N, D]: the layers' window averages summed with the learned softmax weights."""
+        return torch.einsum("l,nld->nd", self.layer_weights.softmax(0), self.layer_means(wave, lengths))
