@@ -90,7 +90,7 @@ def test_the_recipe_learns_faces_and_voices_and_fuses_them_above_either(wave_sha
 def test_the_recipe_trains_on_feature_shards_of_its_frozen_encoders(voice_features, tmp_path):
     """The full feature-shard config at CPU width: every held-out frame scored once, and the voice
     head well above chance. (The face head is not asserted: a randomly initialised frozen face
-    encoder gives features of unseen faces that no head learns from, 0.16 here; the model is the
+    encoder gives features of unseen faces that no head learns from, 0.10 here; the model is the
     end-to-end recipe's after its encoders, which `test_recipe` checks.)"""
     run = tmp_path / "run"
     small = ["model.dim=96", "model.temporal_layers=1", "data.sequence_length=16", "data.batch_size=8"]

@@ -313,8 +313,8 @@ _pool: list[torch.Tensor] = []  # this worker's shared blocks, newest first
 def shared_buffer(size: int) -> torch.Tensor:
     """Shared memory for a worker's next batch: a block the training process has released
     (`as_tensors`) if there is one, else a fresh one. Writing fresh shared memory costs a page
-    fault per 4 KiB page, a tenth of the worker's time per batch; a released block's pages are
-    mapped already."""
+    fault per 4 KiB page, more than writing the batch itself; a released block's pages are mapped
+    already."""
     for buffer in _pool:
         if len(buffer) >= size and buffer[0].item() == RELEASED:
             break
@@ -341,19 +341,23 @@ def block(members: dict[str, list[torch.Tensor]], lead: tuple[int, ...]) -> tupl
     buffer = shared_buffer(size) if get_worker_info() else torch.zeros(size, dtype=torch.uint8)
     for name, values in members.items():
         order = layout[name][-1]
-        torch.stack([v.permute(order) for v in values], out=stored(buffer, *layout[name]).flatten(0, len(lead) - 1))
+        out = stored(buffer, *layout[name][:3]).flatten(0, len(lead) - 1)
+        torch.stack([v.permute(order) for v in values], out=out)
     return buffer, layout
 
 
-def stored(buffer: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...], _: list[int]) -> torch.Tensor:
+def stored(buffer: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     nbytes = math.prod(shape) * dtype.itemsize
     return buffer[offset : offset + nbytes].view(dtype).view(shape)
 
 
-def member(buffer: torch.Tensor, *where) -> torch.Tensor:
-    order = where[-1]
-    lead = len(where[2]) - len(order)
-    return stored(buffer, *where).permute(*range(lead), *(lead + order.index(d) for d in range(len(order))))
+def member(
+    buffer: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...], order: list[int]
+) -> torch.Tensor:
+    """A member of the block with its dimensions back in the values' order."""
+    lead = len(shape) - len(order)
+    back = (lead + order.index(d) for d in range(len(order)))
+    return stored(buffer, offset, dtype, shape).permute(*range(lead), *back)
 
 
 def collate(samples: list[dict], lead: tuple[int, ...] | None = None) -> dict:
