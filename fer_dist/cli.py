@@ -68,7 +68,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from fer_dist.jobs import extract
 
     source = read_manifest(args.shards)
-    videos = discover(Path(args.root), video_dirs=[Path(p) for p in args.video_dirs] or None)
+    videos = discover(
+        Path(args.root),
+        video_dirs=[Path(p) for p in args.video_dirs] or None,
+        test_list=optional_path(args.test_list),
+    )
     with progress() as bar:
         task = bar.add_task("extracting", total=source.totals.samples, info="audio features")
         manifest = extract.extract(
@@ -237,6 +241,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=112)
     s.add_argument("--words", help="folder of <video>.npy word embeddings [frames, dim] (optional)")
     s.add_argument("--video-dirs", nargs="*", default=[], help="video folders (default: batch1, batch2, new_vids)")
+    s.add_argument("--test-list", help="the test list the shards were packed with, if any (their test videos' audio)")
     s.add_argument("--batch-size", type=int, default=128)
     s.add_argument("--workers", type=int, default=2, help="processes computing the audio features")
     s.add_argument("--speech-encoder", help="also each layer of this frozen speech encoder (wavlm_base, ...)")

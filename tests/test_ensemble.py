@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,6 +149,17 @@ def test_an_ensemble_refused_on_its_test_predictions_writes_nothing(tmp_path):
     with pytest.raises(ensemble.EnsembleError, match="1 missing, 0 extra, e.g. t/00008"):
         ensemble.run([str(cv)], cv / "ensemble", "vote")
     assert sorted(p.name for p in (cv / "ensemble").iterdir()) == ["test"]  # only the members' own files
+
+
+def test_a_member_is_named_after_its_folder_and_a_missing_truth_is_refused(tmp_path, monkeypatch):
+    cv = tmp_path / "cv"
+    for k in range(2):
+        keys = np.array([f"v{k}/{i + 1:05d}" for i in range(8)])
+        fake_fold(cv, k, keys, np.arange(8), np.arange(8), keys[:1], np.zeros(1, int))
+    monkeypatch.chdir(cv)
+    assert ensemble.Member(Path("fold1")).run_name == "cv-fold1"  # a relative folder too
+    with pytest.raises(ensemble.EnsembleError, match="--truth .*nowhere: not a folder"):
+        ensemble.run(["."], cv / "ensemble", truth=tmp_path / "nowhere")
 
 
 def test_submissions_complete_or_refused(tmp_path):

@@ -159,3 +159,16 @@ def test_words_are_an_optional_modality(shards, synthetic, tmp_path):
     for s in samples(out):
         video = json.loads(s["json"])["video"]
         assert (npy(s["words.npy"]) == names.index(video)).all()  # zeros for the video without words
+
+
+@pytest.mark.slow
+def test_shards_with_test_videos_extract_with_their_test_list(challenge, tmp_path):
+    from fer_dist.data.synth import TEST_LIST
+
+    data, shards = challenge / "data", challenge / "shards"
+    with pytest.raises(ExtractError, match="test videos: give --test-list"):
+        extract(shards, tmp_path / "a", discover(data), "test_convnext", image_size=32)
+    assert not (tmp_path / "a").exists()
+    videos = discover(data, test_list=data / TEST_LIST)
+    manifest = extract(shards, tmp_path / "b", videos, "test_convnext", image_size=32)
+    assert manifest.groups["test"].samples == read_manifest(shards).groups["test"].samples > 0

@@ -33,26 +33,28 @@ QUIET = float(np.float16(SILENCE))  # a silent log-mel column as the shards stor
 LOUD = -5.0  # a log-mel column above this holds the tone
 
 
-def write_video(path: Path, times: list[float], sound: np.ndarray | None = None, rate: int = 16000, start=0.0):
-    """64 x 64 H.264 frames shown at `times` (s); AAC `sound` [channels, samples] at `rate` Hz from
-    `start` s (1 channel: mono, 6: 5.1). Matroska when `path` ends in .mkv."""
+def write_video(path: Path, times: list[float], sound: list[tuple[float, np.ndarray]] | None = None, rate=16000):
+    """64 x 64 H.264 frames shown at `times` (s); AAC sound from each (start s, samples [channels,
+    n]) segment of `sound`, at `rate` Hz (1 channel: mono, 6: 5.1); `[]`: an audio stream without a
+    packet. Matroska when `path` ends in .mkv."""
     tb = Fraction(1, 1000) if path.suffix == ".mkv" else Fraction(1, 30000)
     with av.open(str(path), "w") as out:
         video = out.add_stream("libx264", rate=30)
         video.width = video.height = 64
         video.pix_fmt, video.time_base = "yuv420p", tb
-        layout = {1: "mono", 6: "5.1"}[len(sound)] if sound is not None else None
+        layout = {1: "mono", 6: "5.1"}[len(sound[0][1]) if sound else 1]
         audio = out.add_stream("aac", rate=rate, layout=layout) if sound is not None else None
         for t in times:
             frame = av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24")
             frame.pts, frame.time_base = round(t / tb), tb
             out.mux(video.encode(frame))
         out.mux(video.encode())
-        if audio is not None:
-            for s in range(0, sound.shape[1], 1024):
-                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(sound[:, s : s + 1024]), "fltp", layout)
+        for start, samples_ in sound or []:
+            for s in range(0, samples_.shape[1], 1024):
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples_[:, s : s + 1024]), "fltp", layout)
                 frame.sample_rate, frame.pts = rate, s + round(start * rate)
                 out.mux(audio.encode(frame))
+        if audio is not None and sound:
             out.mux(audio.encode())
 
 
@@ -80,8 +82,29 @@ def sound_seconds(path: Path) -> tuple[float, float]:
     """Where the decoded sound starts and ends (s)."""
     with av.open(str(path)) as container:
         frames = list(container.decode(audio=0))
-    start = float(frames[0].pts * frames[0].time_base)
-    return start, start + sum(f.samples for f in frames) / frames[0].sample_rate
+    last = frames[-1]
+    return float(frames[0].pts * frames[0].time_base), float(
+        last.pts * last.time_base
+    ) + last.samples / last.sample_rate
+
+
+def frames_before_damage(path: Path) -> int:
+    """The frames PyAV decodes from a damaged file before it stops."""
+    count = 0
+    try:
+        with av.open(str(path)) as container:
+            for _ in container.decode(video=0):
+                count += 1
+    except av.error.FFmpegError:
+        pass
+    return count
+
+
+def truncate(path: Path, root: Path, share: float = 0.6) -> None:
+    """The file with its index first (as a streaming upload has it), cut off at `share` of its bytes."""
+    remux(path, root / "faststart.mp4", format="mp4", options={"movflags": "faststart"})
+    data = (root / "faststart.mp4").read_bytes()
+    path.write_bytes(data[: int(len(data) * share)])
 
 
 def stall(n: int, after: dict[int, float]) -> list[float]:
@@ -96,13 +119,14 @@ def crop_size(k: int) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def quirky(tmp_path_factory) -> SimpleNamespace:
-    """Eight labelled videos in eight folds (one parent video each) and two test videos, each
+    """Nine labelled videos in nine folds (one parent video each) and three test videos, each
     edited to carry its quirks, packed with `fer-dist shard --audio-wave`."""
     root = tmp_path_factory.mktemp("quirky")
     data = root / "data"
-    synthesize(data, 8, seed=1, workers=2, length=300, test_videos=2)
+    synthesize(data, 9, seed=1, workers=2, length=300, test_videos=3)
     videos = {v.name: v for v in discover(data, test_list=data / TEST_LIST)}
     length = {n: len(read_annotation(v.annotation)) for n, v in videos.items() if v.annotation}
+    labelled = {n: np.flatnonzero(read_annotation(v.annotation) >= 0) + 1 for n, v in videos.items() if v.annotation}
 
     left = videos["1-30-640x360_left"]  # a BOM and CRLF line ends; greyscale and CMYK crops
     lines = left.annotation.read_text().splitlines()
@@ -112,6 +136,8 @@ def quirky(tmp_path_factory) -> SimpleNamespace:
     right = videos["1-30-640x360_right"]  # every crop its own size, as in the organisers' `cropped/`
     for k, path in enumerate(sorted(right.crops.glob("*.jpg"))):
         Image.open(path).resize(crop_size(k)).save(path, quality=90)
+    left.media.unlink()  # their video: Matroska with an audio stream that holds no sound
+    write_video(left.media.with_suffix(".mkv"), stall(length[left.name], {}), sound=[])
     avi = videos["2-25-640x360"]  # an annotation 40 lines longer than its video
     avi.annotation.write_text(avi.annotation.read_text() + "4\n" * 40)
     shutil.rmtree(videos["3-30-640x360"].crops)  # no face found: its fold is left empty
@@ -121,11 +147,21 @@ def quirky(tmp_path_factory) -> SimpleNamespace:
     sound = np.zeros((1, round((times[-1] + 1) * 16000)), np.float32)
     sound[:, round(times[166] * 16000) : round((times[199] + 1 / 30) * 16000)] = 0.3
     sound *= np.sin(np.arange(sound.shape[1]) * 0.2)
-    write_video(videos["4-30-640x360"].media, times, sound)
-    n = length["5-30-640x360"]  # 20 ms of sound
-    write_video(videos["5-30-640x360"].media, stall(n, {}), tone(0.02, 44100), rate=44100)
-    n = length["6-25-640x360"]  # 5.1 sound at 48 kHz that stops 2 s into the video
-    write_video(videos["6-25-640x360"].media, stall(n, {}), tone(2.0, 48000, channels=6), rate=48000)
+    write_video(videos["4-30-640x360"].media, times, [(0.0, sound)])
+    short = videos["5-30-640x360"]  # 20 ms of sound; crops as PNG files, and PNG data named .jpg
+    write_video(short.media, stall(length[short.name], {}), [(0.0, tone(0.02, 44100))], rate=44100)
+    for f in labelled[short.name][100:110].tolist():
+        path = short.crops / f"{f:05d}.jpg"
+        if path.exists():
+            Image.open(path).save(path.with_suffix(".png"))
+            path.unlink()
+    for f in labelled[short.name][120:125].tolist():
+        path = short.crops / f"{f:05d}.jpg"
+        if path.exists():
+            Image.open(path).save(path, format="PNG")
+    n = length["6-25-640x360"]  # 5.1 sound at 48 kHz for 1 s, none for 1 s (a recorder's gap), 1 s more
+    gapped = [(0.0, tone(1.0, 48000, channels=6)), (2.0, tone(1.0, 48000, channels=6))]
+    write_video(videos["6-25-640x360"].media, stall(n, {}), gapped, rate=48000)
 
     mkv = videos["7-30-640x360"]  # Matroska (no frame count), stalls of 1.5 s and 0.7 s, tone in frames 80-120
     n = length[mkv.name]
@@ -134,20 +170,22 @@ def quirky(tmp_path_factory) -> SimpleNamespace:
     sound[:, round(times[79] * 8000) : round((times[119] + 1 / 30) * 8000)] = 0.3
     sound *= np.sin(np.arange(sound.shape[1]) * 0.2)
     mkv.media.unlink()
-    write_video(mkv.media.with_suffix(".mkv"), times, sound, rate=8000)
+    write_video(mkv.media.with_suffix(".mkv"), times, [(0.0, sound)], rate=8000)
 
-    late = videos["8-30-640x360"]  # the sound starts 3 s late; no Fear frame in the annotation
+    late = videos["8-30-640x360"]  # the sound starts 3 s late and stops 2 s early; no Fear frame
     n = length[late.name]
-    write_video(late.media, stall(n, {}), tone(n / 30 - 3, 16000), start=3.0)
+    write_video(late.media, stall(n, {}), [(3.0, tone(n / 30 - 5, 16000))])
     header, *labels = late.annotation.read_text().splitlines()
     late.annotation.write_text("\n".join([header, *("0" if x == "3" else x for x in labels)]) + "\n")
+    truncate(videos["9-30-640x360"].media, root)  # cut off at 60 %, as a broken download
 
-    test = videos["9-30-640x360"]  # a fragmented MP4: no frame count in its header; no face in the last 14 frames
+    test = videos["10-30-640x360"]  # a fragmented MP4: no frame count in its header; no face in the last 14 frames
     remux(test.media, root / "frag.mp4", format="mp4", options={"movflags": "frag_keyframe+empty_moov"})
     shutil.move(root / "frag.mp4", test.media)
     for path in sorted(test.crops.glob("*.jpg"))[-14:]:
         path.unlink()
-    test = videos["10-30-640x360"]  # Matroska, crops of every size, none in the last 10 frames
+    test = videos["11-30-640x360"]  # Matroska; crops of every size, none in the last 10 frames, 5 past its end
+    frames = len(decoded_times(test.media))
     remux(test.media, test.media.with_suffix(".mkv"))
     test.media.unlink()
     crops = sorted(test.crops.glob("*.jpg"))
@@ -155,10 +193,13 @@ def quirky(tmp_path_factory) -> SimpleNamespace:
         path.unlink()
     for k, path in enumerate(crops[:-10]):
         Image.open(path).resize(crop_size(k)).save(path, quality=90)
+    for f in range(frames + 1, frames + 6):
+        shutil.copy(crops[0], test.crops / f"{f:05d}.jpg")
+    truncate(videos["12-30-640x360"].media, root)  # a test video cut off at 60 %: its header still counts
 
     shards = root / "shards"
     cmd = [sys.executable, "-m", "fer_dist.cli", "shard", "--root", str(data), "--out", str(shards)]
-    cmd += ["--test-list", str(data / TEST_LIST), "--n-folds", "8", "--samples-per-shard", "200", "--audio-wave"]
+    cmd += ["--test-list", str(data / TEST_LIST), "--n-folds", "9", "--samples-per-shard", "200", "--audio-wave"]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = read_manifest(shards)
@@ -212,19 +253,36 @@ def test_each_frame_hears_the_sound_at_its_own_timestamp(quirky, video, stalls, 
 def test_sound_of_20_ms_is_packed_with_silence_after_it(quirky):
     name = "5-30-640x360"
     record, q = quirky.manifest.videos[name], quirky.manifest.videos[name].quality
-    assert record.audio and record.samples == record.labelled and q.audio_s < 0.1
+    assert record.audio and q.audio_s < 0.1 and q.frames_after_sound == q.video_frames - 1
     assert all(s["mel"][:, 32].max() == QUIET for f, s in quirky.samples[name].items() if f > 5)
     line = warning(quirky, f"{name}:", "ends")
     assert f"the sound ({q.audio_s:.2f} s of it) ends" in line
 
 
-def test_sound_that_ends_early_is_counted_and_no_pad_exceeds_the_window(quirky):
+def test_crops_that_are_not_jpeg_are_counted_and_named(quirky):
+    """PNG files, and PNG data under a .jpg name: never packed (shards hold the crops' JPEG bytes
+    as they are), their frames filled from the nearest crop, the cause named."""
+    name = "5-30-640x360"
+    record, q = quirky.manifest.videos[name], quirky.manifest.videos[name].quality
+    assert q.not_jpeg_crops == 15 and record.corrupt_crops == 5 and record.samples == record.labelled
+    assert record.filled >= 15
+    assert "convert them to JPEG" in warning(quirky, f"{name}:", "15 crop file(s) are not JPEG")
+
+
+def test_sound_with_a_gap_that_ends_early_keeps_its_time_and_no_pad_exceeds_the_window(quirky):
+    """5.1 sound at 48 kHz: 1 s, then no packets for 1 s, then 1 s more, then nothing: the second
+    second of sound is heard by the frames shown then (silence put into the gap), and the frames
+    after its end are counted and hear silence."""
     name = "6-25-640x360"
     q = quirky.manifest.videos[name].quality
     _, end = sound_seconds(quirky.videos[name].media)
     times = decoded_times(quirky.videos[name].media)
-    assert q.frames_without_sound == sum(float(t) > end for t in times)
+    assert q.frames_after_sound == sum(float(t) >= end for t in times) and q.frames_before_sound == 0
     assert q.audio_early_end_s == pytest.approx(float(times[-1]) - end, abs=1e-3)
+    assert q.sound_gaps_s == pytest.approx(1.0, abs=0.05) and q.audio_s == pytest.approx(2.0, abs=0.1)
+    loud, packed = set(loud_frames(quirky, name)), set(quirky.samples[name])
+    assert {f for f in packed if 3 <= f <= 28 or 64 <= f <= 88} <= loud  # t in [0, 1) s and [2, 3) s
+    assert not loud & {f for f in packed if 34 <= f <= 57 or f >= 95}
     for video in quirky.samples.values():  # every sample of every video
         for s in video.values():
             before, after = s["meta"]["pad"]
@@ -232,18 +290,32 @@ def test_sound_that_ends_early_is_counted_and_no_pad_exceeds_the_window(quirky):
     for f, s in quirky.samples[name].items():
         if float(times[f - 1]) > end + 33 / 30:  # the whole window after the sound
             assert s["meta"]["pad"] == [0, 64] and s["mel"].max() == QUIET and not s["wave"].any()
-    assert f"{q.frames_without_sound} frame(s) hear silence" in warning(quirky, f"{name}:", "ends")
+    assert f"the {q.frames_after_sound} frame(s) after it hear silence" in warning(quirky, f"{name}:", "ends")
+    assert "jump ahead by 1.0" in warning(quirky, f"{name}:", "jump ahead")
 
 
-def test_sound_that_starts_late_is_counted(quirky):
+def test_sound_that_starts_late_and_ends_early_counts_each(quirky):
     name = "8-30-640x360"
     q = quirky.manifest.videos[name].quality
-    start, _ = sound_seconds(quirky.videos[name].media)
+    start, end = sound_seconds(quirky.videos[name].media)
+    times = [float(t) for t in decoded_times(quirky.videos[name].media)]
     assert start == pytest.approx(3.0, abs=0.1) and q.audio_late_s == pytest.approx(start, abs=1e-3)
-    assert q.frames_without_sound == sum(float(t) < start for t in decoded_times(quirky.videos[name].media))
+    assert q.frames_before_sound == sum(t < start for t in times) and q.frames_before_sound > 80
+    assert q.frames_after_sound == sum(t >= end for t in times) and q.frames_after_sound > 50
     assert all(s["mel"][:, 32].max() == QUIET for f, s in quirky.samples[name].items() if f <= 85)
     assert all(s["meta"]["pad"][0] == 64 for f, s in quirky.samples[name].items() if f <= 50)
-    assert f"the sound starts {q.audio_late_s:.2f} s after the first frame" in warning(quirky, f"{name}:", "starts")
+    late = warning(quirky, f"{name}:", "starts")
+    assert f"starts {q.audio_late_s:.2f} s after the first frame; the {q.frames_before_sound} frame(s)" in late
+    assert f"the {q.frames_after_sound} frame(s) after it" in warning(quirky, f"{name}:", "ends")
+
+
+def test_an_audio_stream_without_sound_is_no_sound(quirky):
+    for name in ("1-30-640x360_left", "1-30-640x360_right"):  # one Matroska file
+        record, q = quirky.manifest.videos[name], quirky.manifest.videos[name].quality
+        assert not record.audio and q.empty_audio and q.frames_after_sound == q.frames_before_sound == 0
+        assert all(not s["meta"]["audio"] and s["mel"].max() == QUIET for s in quirky.samples[name].values())
+        assert "packed silent" in warning(quirky, f"{name}:", "holds no sound")
+    assert name in quirky.manifest.totals.videos_without_audio
 
 
 def test_labels_past_the_end_of_the_video_are_kept_filled_silent_and_counted(quirky):
@@ -260,15 +332,34 @@ def test_labels_past_the_end_of_the_video_are_kept_filled_silent_and_counted(qui
     assert "40 label(s) past the video's last frame" in warning(quirky, f"{name}:", "past")
 
 
+def test_a_damaged_file_keeps_what_precedes_the_damage(quirky):
+    """A file cut off part way (a broken download): the frames and sound before the cut are
+    packed, the labels after it are kept as labels past the end; a test video's submission still
+    counts the frames its header states."""
+    name = "9-30-640x360"
+    record, q = quirky.manifest.videos[name], quirky.manifest.videos[name].quality
+    decoded = frames_before_damage(quirky.videos[name].media)
+    assert 0 < q.video_frames == decoded < q.header_frames and q.damage and record.audio
+    assert q.labels_past_end == record.frames - decoded and record.samples == record.labelled
+    assert f"cut off or damaged after frame {decoded}" in warning(quirky, f"{name}:", "damaged")
+    test = "12-30-640x360"
+    record, q = quirky.manifest.videos[test], quirky.manifest.videos[test].quality
+    assert q.frames_from == "header" and record.frames == record.samples == q.header_frames > q.video_frames
+    assert "the submission counts the header's" in warning(quirky, f"{test}:", "damaged")
+
+
 def test_a_container_without_a_frame_count_is_counted_by_decoding(quirky):
     """Test videos in a fragmented MP4 and in Matroska (no frame count in the header), their last
-    frames without a crop: every frame of the video is packed, the count from decoding."""
-    for name in ("9-30-640x360", "10-30-640x360"):
+    frames without a crop, the second with crops numbered past its end: every frame of the video is
+    packed, the count from decoding, and no more."""
+    for name in ("10-30-640x360", "11-30-640x360"):
         record, q = quirky.manifest.videos[name], quirky.manifest.videos[name].quality
         frames = len(decoded_times(quirky.videos[name].media))
         assert q.header_frames == 0 and q.video_frames == record.frames == record.samples == frames
         assert sorted(quirky.samples[name]) == list(range(1, frames + 1))
         assert "decoding counts" in warning(quirky, f"{name}:", "no frame count")
+    assert quirky.manifest.videos["11-30-640x360"].quality.crops_past_end == 5
+    assert "5 crop file(s) are numbered past" in warning(quirky, "11-30-640x360:", "not packed")
 
 
 def test_crops_of_any_size_and_colour_model_are_packed_and_reported(quirky):
@@ -284,10 +375,11 @@ def test_crops_of_any_size_and_colour_model_are_packed_and_reported(quirky):
     truth = read_annotation(quirky.videos["1-30-640x360_left"].annotation)
     assert labels == {f + 1: int(v) for f, v in enumerate(truth) if v >= 0}
     rows = {r["video"]: r for r in json.loads(inspect_json(quirky.shards))["quality"]}
-    assert {"1-30-640x360_right", "2-25-640x360", "4-30-640x360", "6-25-640x360", "9-30-640x360"} <= set(rows)
-    assert rows["4-30-640x360"]["found"][0].startswith("variable frame rate") and "1-30-640x360_left" not in rows
-    assert rows["9-30-640x360"]["header"] == "none" and rows["9-30-640x360"]["frames"] == 355
-    assert "data quality: 10 of 11 videos to look at" in quirky.result.stdout
+    assert set(rows) == set(quirky.manifest.videos)  # every video of this set has something to look at
+    assert rows["4-30-640x360"]["found"][0].startswith("variable frame rate")
+    assert rows["10-30-640x360"]["quality"]["header_frames"] == 0
+    assert rows["10-30-640x360"]["quality"]["video_frames"] == quirky.manifest.videos["10-30-640x360"].frames
+    assert f"data quality: {len(rows)} of {len(rows)} videos to look at" in quirky.result.stdout
 
 
 def inspect_json(shards: Path) -> str:
@@ -307,8 +399,8 @@ def test_the_workers_and_the_device_bring_crops_of_every_size_to_one(quirky):
 
     crops = [s["jpg"] for s in list(quirky.samples["1-30-640x360_right"].values())[:8]]
     assert len({Image.open(io.BytesIO(c)).size for c in crops}) == 8
-    frames = [stream.decode_frame({"__key__": str(k), "label": 0, "jpg": c}, ("image",)) for k, c in enumerate(crops)]
-    in_worker = stream.as_tensors(stream.collate(frames, image_size=48))
+    raw = [{"__key__": f"v/{k:05d}", "label": 0, "clip": 0, "jpg": c} for k, c in enumerate(crops)]
+    in_worker = stream.as_tensors(stream.collate([stream.decode_frame(r, ("image",)) for r in raw], image_size=48))
     on_device = decode_on([torch.frombuffer(bytearray(c), dtype=torch.uint8) for c in crops], torch.device("cpu"), 48)
     assert in_worker["image"].shape == (8, 3, 48, 48) and torch.equal(in_worker["image"], on_device)
     cfg, manifest = DataConfig(shards=str(quirky.shards), image_size=48), quirky.manifest
@@ -333,20 +425,24 @@ def test_an_empty_fold_is_refused_before_any_training(quirky, tmp_path, capsys):
     assert main(["train", *args, f"train.run_dir={run}"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert f"data.holdout_fold={fold[4:]}: {fold} holds no samples" in err and "3-30-640x360" in err
-    assert not run.exists()
+    assert "hold out another fold" in err and not run.exists()
     cv = tmp_path / "cv"
     assert main(["cv", "--config", "mfm_cpu", "--cv-dir", str(cv), f"data.shards={quirky.shards}"]) == 2
-    assert f"{fold} holds no samples" in " ".join(capsys.readouterr().err.split())
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{fold} holds no samples" in err and "pack with fewer --n-folds" in err
     assert not list(cv.glob("fold*"))
 
 
 def test_training_evaluation_and_prediction_on_quirky_footage(quirky, tmp_path, capsys):
     """A tiny run with a loader worker on the quirky shards: it trains on crops of every size and
     scores the fold without Fear, warning that Fear's F1 counts as 0; then the submission for the
-    test videos has one line per frame of each (their containers state no count), and a template
-    the shards cannot fill is refused before anything is written."""
+    test videos has one line per frame of each (their containers state no count; the damaged one's
+    header does), a template row past a video's end takes its last frame's label, and what cannot
+    be given (a video the shards do not hold, a run that is not there) is refused before anything
+    is written."""
     from fer_dist.cli import main
     from fer_dist.jobs.predict import predict
+    from fer_dist.results.ensemble import EnsembleError
     from fer_dist.results.submission import SubmissionError
 
     fold = quirky.manifest.videos["8-30-640x360"].fold
@@ -358,17 +454,23 @@ def test_training_evaluation_and_prediction_on_quirky_footage(quirky, tmp_path, 
     metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert metrics["absent_classes"] == ["Fear"] and metrics["eval_frames"] == quirky.manifest.groups[fold].samples
 
+    template = tmp_path / "template.csv"  # one row past the end of a video, as annotation files often have
+    last = quirky.manifest.videos["10-30-640x360"].frames
+    template.write_text((quirky.data / TEST_TEMPLATE).read_text() + f"10-30-640x360/{last + 1:05d}.jpg,\n")
     out = tmp_path / "submit"
-    predict([str(run)], quirky.shards, out, template=quirky.data / TEST_TEMPLATE)
-    rows = (out / "submission" / "abaw5.csv").read_text().splitlines()[1:]
-    for name in ("9-30-640x360", "10-30-640x360"):
-        frames = len(decoded_times(quirky.videos[name].media))
+    predict([str(run)], quirky.shards, out, template=template)
+    assert "1 template row(s) lie past their video's last frame" in " ".join(capsys.readouterr().err.split())
+    rows = dict(r.split(",") for r in (out / "submission" / "abaw5.csv").read_text().splitlines()[1:])
+    for name in ("10-30-640x360", "11-30-640x360", "12-30-640x360"):
+        frames = quirky.manifest.videos[name].frames
         lines = (out / "submission" / "abaw3" / f"{name}.txt").read_text().splitlines()
-        assert len(lines) == 1 + frames and sum(r.startswith(f"{name}/") for r in rows) == frames
+        assert len(lines) == 1 + frames and all(f"{name}/{f:05d}.jpg" in rows for f in range(1, frames + 1))
+    assert rows[f"10-30-640x360/{last + 1:05d}.jpg"] == rows[f"10-30-640x360/{last:05d}.jpg"]
 
-    template = tmp_path / "template.csv"
-    template.write_text((quirky.data / TEST_TEMPLATE).read_text() + "9-30-640x360/09999.jpg,\n")
+    template.write_text((quirky.data / TEST_TEMPLATE).read_text() + "no-such-video/00001.jpg,\n")
     refused = tmp_path / "refused"
-    with pytest.raises(SubmissionError, match=r"cannot give 1 required frame\(s\), e.g. 9-30-640x360/09999"):
+    with pytest.raises(SubmissionError, match=r"cannot give 1 required frame.*not among the test videos"):
         predict([str(run)], quirky.shards, refused, template=template)
+    with pytest.raises(EnsembleError, match="no finished training run"):
+        predict([str(tmp_path / "no-run")], quirky.shards, refused)
     assert not refused.exists()

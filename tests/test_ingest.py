@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fer_dist.data.audio import read_media
-from fer_dist.data.format import PackParams
+from fer_dist.data.format import PackParams, read_manifest
 from fer_dist.data.layout import LayoutError, discover, list_crops, read_annotation
 from fer_dist.data.pack import assign_folds, pack
 from fer_dist.labels import CLASSES
@@ -166,6 +166,40 @@ def test_bad_input_is_counted_and_reported(damaged, tmp_path):
     assert records[names[3]].dropped == {"no readable crop in the video": records[names[3]].labelled}
     assert f"{names[3]}: {records[names[3]].labelled} frame(s) dropped" in problems
     assert manifest.totals.samples == manifest.totals.labelled - records[names[3]].labelled
+
+
+def test_packing_again_keeps_the_shards_of_the_same_inputs_and_refuses_changed_ones(
+    synthetic, shards, tmp_path, capsys
+):
+    """A second `fer-dist shard` into a folder: the same inputs (a copy of them too) give the shards
+    there, said so; a crop re-saved, a label changed (even to a digit of the same length) or a
+    video replaced are other inputs, refused instead of answered with the old shards."""
+    from PIL import Image
+
+    from fer_dist.data.pack import fingerprint
+
+    assert pack(discover(synthetic), shards, PackParams(samples_per_shard=150), workers=2) == read_manifest(shards)
+    assert "kept, nothing packed again" in " ".join(capsys.readouterr().err.split())
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic, copy)
+    same = fingerprint(discover(copy))
+    assert same == fingerprint(discover(synthetic))
+    video = discover(copy)[0]
+    changes = [
+        lambda: (
+            Image.open(sorted(video.crops.glob("*.jpg"))[3])
+            .resize((100, 90))
+            .save(sorted(video.crops.glob("*.jpg"))[3])
+        ),
+        lambda: video.annotation.write_text(video.annotation.read_text().replace("\n3\n", "\n0\n", 1)),
+        lambda: video.media.write_bytes(video.media.read_bytes()[:-100]),
+    ]
+    for change in changes:
+        change()
+        assert fingerprint(discover(copy)) != same
+        same = fingerprint(discover(copy))
+    with pytest.raises(ValueError, match="other inputs or settings"):
+        pack(discover(copy), shards, PackParams(samples_per_shard=150), workers=2)
 
 
 def test_malformed_annotation_is_a_clear_error(synthetic, tmp_path):

@@ -177,7 +177,7 @@ def test_the_manifest_does_not_depend_on_the_order_videos_finished_in():
             "labelled_class_counts": counts, "window_counts": [2, 2, 2], "window_patterns": [[1, 1]],
             "quality": {
                 "video_frames": 2, "header_frames": 2, "timing": "timestamps", "timing_drift_s": 0.0, "audio_s": 1.0,
-                "audio_late_s": 0.0, "audio_early_end_s": 0.0, "frames_without_sound": 0, "labels_past_end": 0,
+                "audio_late_s": 0.0, "audio_early_end_s": 0.0, "labels_past_end": 0,
                 "crop_width": [112, 112], "crop_height": [112, 112],
             },
             "mel_sum": mel_sum, "mel_sumsq": abs(mel_sum), "mel_count": 4,

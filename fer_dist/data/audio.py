@@ -41,7 +41,10 @@ class Media:
     timed: bool = True  # the times are the frames' timestamps (False: (i - 1) / fps, the file has none)
     audio: np.ndarray | None = None  # mono float32 at the requested rate, sample k at k / rate s; None: none
     audio_start: float = 0.0  # seconds: where the audio stream's first sample lies on the container's timeline
-    error: str | None = None  # why the file could not be read
+    sound_gaps: float = 0.0  # seconds of silence put where the audio's timestamps jump ahead
+    empty_audio: bool = False  # an audio stream is there but holds no sound (`audio` is None)
+    damage: str | None = None  # why the file seems cut off or damaged part way: what precedes is kept
+    error: str | None = None  # why the file could not be read at all
     resampled: dict[int, np.ndarray] = field(default_factory=dict)  # the audio at the `also` rates
 
     @property
@@ -50,75 +53,110 @@ class Media:
         return len(self.times)
 
 
-def video_times(container, video, stamps: list[int | None], fps: Fraction | None) -> tuple[list[Fraction], bool]:
-    """Each frame's presentation time (s), in decode order, and whether they are timestamps.
+FAULTS = (av.error.FFmpegError, IndexError, ValueError)  # what PyAV raises on a damaged or unknown file
+GAP = 0.01  # s: a jump in the audio's timestamps longer than this is filled with silence
+
+
+def fault(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def video_times(container, video, stamps: list[int | None], fps: Fraction | None) -> tuple[list[Fraction], bool, str]:
+    """Each frame's presentation time (s), in decode order, whether they are timestamps, and why
+    decoding stopped early ("" when it did not).
 
     From the demuxed packets' `stamps` (sorted: presentation order) when they agree with the
     header's frame count; by decoding the video when the header states no count (fragmented MP4,
     Matroska) or one the packets do not bear out. Frames without timestamps are timed at
     (i - 1) / fps."""
     if int(video.frames) == len(stamps) and None not in stamps:
-        return [Fraction(t) * video.time_base for t in sorted(stamps)], True
-    container.seek(0)
-    video.thread_type = "AUTO"
-    decoded = [None if f.pts is None else Fraction(f.pts) * f.time_base for f in container.decode(video)]
+        return [Fraction(t) * video.time_base for t in sorted(stamps)], True, ""
+    decoded, damage = [], ""
+    try:
+        container.seek(0)
+        video.thread_type = "AUTO"
+        for f in container.decode(video):
+            decoded.append(None if f.pts is None else Fraction(f.pts) * f.time_base)
+    except FAULTS as exc:
+        damage = fault(exc)
+    if not decoded and None not in stamps:  # could not even seek back: the packets are all there is
+        return [Fraction(t) * video.time_base for t in sorted(stamps)], True, damage
     if None not in decoded:
-        return decoded, True
-    return [Fraction(i) / (fps or ASSUMED_FPS) for i in range(len(decoded))], False
+        return decoded, True, damage
+    return [Fraction(i) / (fps or ASSUMED_FPS) for i in range(len(decoded))], False, damage
 
 
 def read_media(path: Path | None, sample_rate: int, also: tuple[int, ...] = ()) -> Media:
     """Each video frame's presentation time, and the audio decoded with PyAV, mixed to mono and
     resampled to `sample_rate` (and to the `also` rates, from the same decoded frames), placed on
-    the container's timeline: sample k of the audio is at k / rate s (leading silence up to the
-    audio's first timestamp), where a frame's time is its timestamp.
+    the container's timeline by its timestamps: sample k of the audio is at k / rate s, silence
+    before its first timestamp and where its timestamps jump ahead (a recorder that dropped sound),
+    as a frame's time is its timestamp.
 
     One demuxing pass reads the video packets' timestamps and decodes the audio; the video is
-    decoded only when its frame count needs it (`video_times`). An unreadable file gives a `Media`
-    with `error` set, never an exception."""
+    decoded only when its frame count needs it (`video_times`). A file damaged part way (cut off
+    in a download) keeps what precedes the damage and says where it stopped (`damage`); a file that
+    cannot be opened gives a `Media` with `error` set. Never an exception."""
     if path is None:
         return Media(None, [], error="no video file")
+    try:
+        container = av.open(str(path))
+    except FAULTS as exc:
+        return Media(None, [], error=fault(exc))
     rates = (sample_rate, *also)
     chunks: dict[int, list] = {r: [] for r in rates}
-    start, times, timed = None, [], True
-    try:
-        with av.open(str(path)) as container:
-            video = container.streams.video[0] if container.streams.video else None
-            sound = container.streams.audio[0] if container.streams.audio else None
-            rate = (video.average_rate or video.guessed_rate) if video else None
-            fps = Fraction(rate) if rate else None
-            resamplers = {r: av.AudioResampler(format="flt", layout="mono", rate=r) for r in rates} if sound else {}
-            stamps: list[int | None] = []
+    start, end, gaps, times, timed, damage = None, 0.0, 0.0, [], True, ""
+    with container:
+        video = container.streams.video[0] if container.streams.video else None
+        sound = container.streams.audio[0] if container.streams.audio else None
+        rate = (video.average_rate or video.guessed_rate) if video else None
+        fps = Fraction(rate) if rate else None
+        resamplers = {r: av.AudioResampler(format="flt", layout="mono", rate=r) for r in rates} if sound else {}
+        stamps: list[int | None] = []
+        try:
             for packet in container.demux([s for s in (video, sound) if s is not None]):
                 if packet.stream is video:
                     if packet.size and not packet.is_discard:
                         stamps.append(packet.pts if packet.pts is not None else packet.dts)
                     continue
                 for frame in packet.decode():
-                    if start is None and frame.pts is not None:
-                        start = max(0.0, float(frame.pts * frame.time_base))
+                    at = None if frame.pts is None else float(frame.pts * frame.time_base)
+                    if start is None:
+                        start = end = max(0.0, at or 0.0)
+                    elif at is not None and at - end > GAP:  # the sound jumps ahead: silence in between
+                        gaps += at - end
+                        for r in rates:
+                            chunks[r].append(np.zeros(round((at - end) * r), np.float32))
+                        end = at
+                    end += frame.samples / frame.sample_rate
                     for r, resampler in resamplers.items():
                         chunks[r] += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-            for r, resampler in resamplers.items():
-                chunks[r] += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
-            if video is not None:
-                times, timed = video_times(container, video, stamps, fps)
-            header = int(video.frames) if video else 0
-    except (av.error.FFmpegError, IndexError, ValueError) as exc:
-        return Media(None, [], error=f"{type(exc).__name__}: {exc}")
+        except FAULTS as exc:
+            damage = fault(exc)
+        for r, resampler in resamplers.items():
+            chunks[r] += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+        header = int(video.frames) if video else 0
+        if video is not None:
+            times, timed, late = video_times(container, video, stamps, fps)
+            cut = f"it holds {len(times)} of the {header} frames its header states" if header > len(times) else ""
+            damage = damage or late or cut
 
     def mono(rate: int) -> np.ndarray:
         lead = np.zeros(int(round((start or 0.0) * rate)), np.float32)
         return np.concatenate([lead, *chunks[rate]]).astype(np.float32)
 
+    heard = sound is not None and start is not None
     return Media(
         fps,
         times,
         header_frames=header,
         timed=timed,
-        audio=mono(sample_rate) if sound else None,
+        audio=mono(sample_rate) if heard else None,
         audio_start=start or 0.0,
-        resampled={r: mono(r) for r in also} if sound else {},
+        sound_gaps=gaps,
+        empty_audio=sound is not None and not heard,
+        damage=damage or None,
+        resampled={r: mono(r) for r in also} if heard else {},
     )
 
 
@@ -178,7 +216,7 @@ def heard(times: list[Fraction], audio: np.ndarray | None, audio_start: float, r
     t = seconds(times)
     if audio is None:
         return np.zeros(len(t), bool)
-    return (t >= audio_start) & (t <= len(audio) / rate)
+    return (t >= audio_start) & (t < len(audio) / rate)
 
 
 def padding(heard_: np.ndarray, n_frames: int) -> np.ndarray:

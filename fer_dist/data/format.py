@@ -97,55 +97,100 @@ class Group:
 
 @dataclass
 class Quality:
-    """What packing found odd about a video's file, crops and labels, counted; `fer-dist shard`
-    tabulates the videos that have any of it and `fer-dist inspect` shows the table again."""
+    """What packing found odd about a video's file, sound, crops and labels, counted; `fer-dist
+    shard` tabulates the videos that have any of it and `fer-dist inspect` shows the table again."""
 
     video_frames: int  # frames in the video, counted from its packets or by decoding; 0 when unreadable
     header_frames: int  # the frame count the container's header states; 0 when it states none
     timing: str  # "timestamps": each frame at its presentation timestamp; "assumed rate": (i - 1) / fps
     timing_drift_s: float  # largest departure of a frame's timestamp from a constant rate (variable rate)
-    audio_s: float  # seconds of sound in the audio stream
+    audio_s: float  # seconds of sound in the audio stream (silence put into its gaps not counted)
     audio_late_s: float  # how long after the first frame the sound starts
     audio_early_end_s: float  # how long before the last frame the sound ends
-    frames_without_sound: int  # video frames whose time lies outside the sound (they hear silence)
     labels_past_end: int  # annotation lines past the video's last frame (filled from the nearest crop)
     crop_width: list[int]  # [min, max] px over the crops read
     crop_height: list[int]  # [min, max] px
+    frames_before_sound: int = 0  # video frames before the sound starts (they hear silence)
+    frames_after_sound: int = 0  # video frames after the sound ends (they hear silence)
+    sound_gaps_s: float = 0.0  # seconds of silence put where the audio's timestamps jump ahead
+    empty_audio: bool = False  # an audio stream that holds no sound (packed silent)
+    damage: str = ""  # why reading the file stopped before its end (a truncated download); "" if it did not
+    frames_from: str = "annotation"  # what sets the frames packed: annotation | video | header | crops (test)
+    crops_past_end: int = 0  # crop files numbered past the video's last frame
+    not_jpeg_crops: int = 0  # crop files that are not JPEG (`NNNNN.png`, a PNG named .jpg): never packed
 
     def quirks(self, fps: float) -> dict[str, str]:
         """This video's quirks: a name for each (the kind) and what was found and done, in a
         sentence (the warnings and the quality table). `fps` is the container's average rate."""
-        silent = f"; {self.frames_without_sound} frame(s) hear silence" if self.frames_without_sound else ""
         width, height = (f"{a}" if a == b else f"{a}-{b}" for a, b in (self.crop_width, self.crop_height))
-        found = {
-            "frame count": self.video_frames and self.header_frames != self.video_frames,
-            "no timestamps": self.timing == "assumed rate" and self.video_frames,
-            "variable frame rate": self.timing_drift_s > 0.5 / fps,
-            "sound starts late": self.audio_late_s > AUDIO_GAP_S,
-            "sound ends early": self.audio_early_end_s > AUDIO_GAP_S,
-            "labels past the end": self.labels_past_end,
-            "crop sizes": self.crop_width[0] != self.crop_width[1] or self.crop_height[0] != self.crop_height[1],
-        }
         stated = f"states {self.header_frames} frames" if self.header_frames else "states no frame count"
-        said = {
-            "frame count": f"the container {stated}; decoding counts {self.video_frames}, which are packed",
-            "no timestamps": f"the frames carry no timestamps; timed at a constant {fps:g} fps",
-            "variable frame rate": (
-                f"variable frame rate: the frames' timestamps depart from a constant rate by up to "
-                f"{self.timing_drift_s:.2f} s (average {fps:.4g} fps); each frame is placed at its own time"
+        found = {
+            "damaged file": (
+                self.damage,
+                f"the file is cut off or damaged after frame {self.video_frames} ({self.damage}); what precedes "
+                "is packed"
+                + (
+                    f"; the submission counts the header's {self.header_frames} frames, the rest filled from the "
+                    "nearest crop, with silence"
+                    if self.frames_from == "header"
+                    else ""
+                ),
             ),
-            "sound starts late": f"the sound starts {self.audio_late_s:.2f} s after the first frame{silent}",
+            "frame count": (
+                self.video_frames and self.header_frames != self.video_frames and not self.damage,
+                f"the container {stated}; decoding counts {self.video_frames}, which are packed",
+            ),
+            "count from crops": (
+                self.frames_from == "crops",
+                "the video could not be read: the submission's frame count is the last crop's number",
+            ),
+            "no timestamps": (
+                self.timing == "assumed rate" and self.video_frames,
+                f"the frames carry no timestamps; timed at a constant {fps:g} fps",
+            ),
+            "variable frame rate": (
+                self.timing_drift_s > 0.5 / fps,
+                f"variable frame rate: the frames' timestamps depart from a constant rate by up to "
+                f"{self.timing_drift_s:.2f} s (average {fps:.4g} fps); each frame is placed at its own time",
+            ),
+            "no sound": (self.empty_audio, "the audio stream holds no sound; packed silent"),
+            "sound starts late": (
+                self.audio_late_s > AUDIO_GAP_S,
+                f"the sound starts {self.audio_late_s:.2f} s after the first frame; the "
+                f"{self.frames_before_sound} frame(s) before it hear silence",
+            ),
             "sound ends early": (
-                f"the sound ({self.audio_s:.2f} s of it) ends {self.audio_early_end_s:.2f} s before the last "
-                f"frame{silent}"
+                self.audio_early_end_s > AUDIO_GAP_S,
+                f"the sound ({self.audio_s:.2f} s of it) ends {self.audio_early_end_s:.2f} s before the last frame; "
+                f"the {self.frames_after_sound} frame(s) after it hear silence",
+            ),
+            "gaps in the sound": (
+                self.sound_gaps_s > AUDIO_GAP_S,
+                f"the sound's timestamps jump ahead by {self.sound_gaps_s:.2f} s in all; silence is put there, so "
+                "what follows keeps its time",
             ),
             "labels past the end": (
+                self.labels_past_end,
                 f"the annotation has {self.labels_past_end} label(s) past the video's last frame "
-                f"({self.video_frames}); kept, filled from the nearest crop, with silence"
+                f"({self.video_frames}); kept, filled from the nearest crop, with silence",
             ),
-            "crop sizes": f"crops of varying size ({width} x {height} px)",
+            "crops past the end": (
+                self.crops_past_end,
+                f"{self.crops_past_end} crop file(s) are numbered past the video's last frame ({self.video_frames})"
+                + ("; not packed" if self.frames_from != "annotation" else ""),
+            ),
+            "crops not JPEG": (
+                self.not_jpeg_crops,
+                f"{self.not_jpeg_crops} crop file(s) are not JPEG (PNG or another format, whatever their name): "
+                "shards hold the crops' JPEG bytes as they are, never re-encoded; convert them to JPEG "
+                "(e.g. PIL's Image.save(..., quality=95)) and pack again",
+            ),
+            "crop sizes": (
+                self.crop_width[0] != self.crop_width[1] or self.crop_height[0] != self.crop_height[1],
+                f"crops of varying size ({width} x {height} px)",
+            ),
         }
-        return {name: said[name] for name, hit in found.items() if hit}
+        return {name: sentence for name, (hit, sentence) in found.items() if hit}
 
 
 @dataclass

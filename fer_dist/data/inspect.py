@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import tarfile
 from collections import Counter, defaultdict
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -107,19 +108,18 @@ def compare(found: dict, manifest: Manifest) -> list[str]:
 def quality_rows(manifest: Manifest) -> list[dict]:
     """One row per video with a quirk of its file, sound, labels or crops, or a fault packing
     worked around (no or unreadable sound, corrupt crops, dropped frames): the videos to look at,
-    each with its frames (and the count its container states) and what was found."""
+    each with what was found, in sentences, and its `Quality` record, in numbers."""
     rows = []
     for name, r in manifest.videos.items():
         q = r.quality
         if q is None:
             continue
         found = list(q.quirks(r.fps).values())
-        found += [r.audio_error or "no audio stream"] if not r.audio else []
+        found += [r.audio_error or "no audio stream"] if not r.audio and not q.empty_audio else []
         found += [f"{r.corrupt_crops} corrupt crop(s)"] if r.corrupt_crops else []
         found += [f"{n} frame(s) dropped: {why}" for why, n in r.dropped.items() if n]
         if found:
-            header = f"{q.header_frames}" if q.header_frames else "none"
-            rows.append({"video": name, "frames": q.video_frames, "header": header, "found": found})
+            rows.append({"video": name, "found": found, "quality": asdict(q)})
     return rows
 
 
@@ -138,7 +138,9 @@ def show_quality(manifest: Manifest) -> None:
     table.add_column("frames (header)", justify="right")
     table.add_column("what was found")
     for row in rows:
-        table.add_row(row["video"], f"{row['frames']} ({row['header']})", "\n".join(row["found"]))
+        q = row["quality"]
+        frames = f"{q['video_frames']} ({q['header_frames'] or 'none'})"
+        table.add_row(row["video"], frames, "\n".join(row["found"]))
     out.print(table)
 
 

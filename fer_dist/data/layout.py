@@ -78,15 +78,26 @@ def read_annotation(path: Path) -> np.ndarray:
     return labels
 
 
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+OTHER_IMAGE_SUFFIXES = (".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")  # crops fer-dist cannot pack as they are
+
+
 def list_crops(folder: Path | None) -> dict[int, Path]:
-    """Frame number -> crop file, from `NNNNN.jpg` names (1-based, with gaps)."""
+    """Frame number -> crop file, from `NNNNN.jpg` (or `.jpeg`) names (1-based, with gaps)."""
     if folder is None:
         return {}
     crops = {}
     for p in folder.iterdir():
-        if p.suffix.lower() == ".jpg" and p.stem.isdigit():
+        if p.suffix.lower() in JPEG_SUFFIXES and p.stem.isdigit():
             crops[int(p.stem)] = p
     return crops
+
+
+def other_images(folder: Path | None) -> int:
+    """Crop-named image files that are not JPEG (`NNNNN.png`, ...): never packed, to be counted."""
+    if folder is None:
+        return 0
+    return sum(p.suffix.lower() in OTHER_IMAGE_SUFFIXES and p.stem.isdigit() for p in folder.iterdir())
 
 
 def _find_dirs(root: Path, names: tuple[str, ...], depth: int = 3) -> list[Path]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import itertools
 import json
 import math
@@ -49,7 +50,7 @@ from fer_dist.data.format import (
     whole_jpeg,
 )
 from fer_dist.data.inspect import show_quality
-from fer_dist.data.layout import VIDEO_SUFFIXES, Video, list_crops, read_annotation
+from fer_dist.data.layout import VIDEO_SUFFIXES, Video, list_crops, other_images, read_annotation
 from fer_dist.data.tars import TAR_END, tar_record
 from fer_dist.data.windows import NAMES, purity_flags
 from fer_dist.labels import CLASSES, NUM_CLASSES, UNLABELLED
@@ -101,11 +102,13 @@ class Crops:
     """A video's crop files, each read and validated at most once: corrupt or truncated crops
     count as missing, and a crop no packed frame needs is never decoded."""
 
-    def __init__(self, files: dict[int, Path]) -> None:
-        self.files = files
+    def __init__(self, folder: Path | None) -> None:
+        self.files = list_crops(folder)
+        self.other_images = other_images(folder)  # `NNNNN.png` and the like, never packed
         self.readable: dict[int, bytes] = {}
         self.sizes: dict[int, tuple[int, int]] = {}  # (height, width) px of each readable crop
         self.corrupt: set[int] = set()
+        self.not_jpeg = 0  # corrupt crops whose bytes are not JPEG at all (a PNG named .jpg)
 
     def read(self, f: int) -> bool:
         if f in self.readable:
@@ -116,6 +119,7 @@ class Crops:
         size = jpeg_size(data)
         if size is None:
             self.corrupt.add(f)
+            self.not_jpeg += data[:2] != b"\xff\xd8"
             return False
         self.readable[f], self.sizes[f] = data, size
         return True
@@ -152,28 +156,47 @@ def timing_drift(times: list[Fraction]) -> float:
 
 
 def quality_of(
-    media: audio.Media, times: list[Fraction], heard: np.ndarray, labels: int, rate: int, sizes: list
+    media: audio.Media, times: list[Fraction], labels: int, crops: Crops, rate: int, frames_from: str
 ) -> dict:
     """What is odd about a video, counted (the manifest's `Quality`): its frame count and timing,
-    its sound against its frames (`heard`, at `rate` Hz), its `labels` against its frames, and its
-    crops' `sizes` ((height, width) px)."""
+    its file's damage, its sound against its frames (`times`; the sound at `rate` Hz), its
+    `labels` and its crops against its frames, and the crops' sizes."""
     video = times[: media.frames]
     sound = media.audio is not None and bool(video)
-    end = len(media.audio) / rate if sound else 0.0
-    heights, widths = [h for h, _ in sizes], [w for _, w in sizes]
+    start, end = media.audio_start, len(media.audio) / rate if sound else 0.0
+    seconds = audio.seconds(video)
+    heights, widths = [h for h, _ in crops.sizes.values()], [w for _, w in crops.sizes.values()]
     return {
         "video_frames": media.frames,
         "header_frames": media.header_frames,
         "timing": "timestamps" if media.timed and media.frames else "assumed rate",
         "timing_drift_s": round(timing_drift(video), 4),
-        "audio_s": round(end - media.audio_start, 4) if sound else 0.0,
-        "audio_late_s": round(max(0.0, media.audio_start - float(video[0])), 4) if sound else 0.0,
-        "audio_early_end_s": round(max(0.0, float(video[-1]) - end), 4) if sound else 0.0,
-        "frames_without_sound": int((~heard[: len(video)]).sum()) if sound else 0,
-        "labels_past_end": max(0, labels - media.frames) if media.frames else 0,
+        "damage": media.damage or "",
+        "frames_from": frames_from,
+        "empty_audio": media.empty_audio,
+        "audio_s": round(end - start - media.sound_gaps, 4) if sound else 0.0,
+        "audio_late_s": round(max(0.0, start - seconds[0]), 4) if sound else 0.0,
+        "audio_early_end_s": round(max(0.0, seconds[-1] - end), 4) if sound else 0.0,
+        "sound_gaps_s": round(media.sound_gaps, 4),
+        "frames_before_sound": int((seconds < start).sum()) if sound else 0,
+        "frames_after_sound": int((seconds >= end).sum()) if sound else 0,
+        "labels_past_end": max(0, labels - media.frames) if media.frames and frames_from == "annotation" else 0,
+        "crops_past_end": sum(f > media.frames for f in crops.files) if media.frames else 0,
+        "not_jpeg_crops": crops.not_jpeg + crops.other_images,
         "crop_width": [min(widths, default=0), max(widths, default=0)],
         "crop_height": [min(heights, default=0), max(heights, default=0)],
     }
+
+
+def test_frames(media: audio.Media, crops: Crops) -> tuple[int, str]:
+    """How many frames a test video's submission needs, and where that count comes from: the
+    video's frames; the header's count when the file is damaged short of it; the last crop's
+    number when the video cannot be read."""
+    if media.damage and media.header_frames > media.frames:
+        return media.header_frames, "header"
+    if media.frames:
+        return media.frames, "video"
+    return max(crops.files, default=0), "crops"
 
 
 def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
@@ -182,14 +205,15 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
     record_path = work / f"{video.name}.json"
     if record_path.exists():
         return video.name, json.loads(record_path.read_text())
-    crops = Crops(list_crops(video.crops))
+    crops = Crops(video.crops)
     waves = (audio.WAVE_RATE,) if params.audio_wave else ()
     media = audio.read_media(video.media, params.mel.sample_rate, also=waves)
     fps = media.fps or audio.ASSUMED_FPS
     if video.annotation is not None:
-        labels = read_annotation(video.annotation)
+        labels, frames_from = read_annotation(video.annotation), "annotation"
     else:  # a test video: every frame of the video needs a prediction
-        labels = np.full(max(media.frames, max(crops.files, default=0)), UNLABELLED, np.int8)
+        count, frames_from = test_frames(media, crops)
+        labels = np.full(count, UNLABELLED, np.int8)
     n = len(labels)
     frames = np.flatnonzero(labels != UNLABELLED) + 1 if video.split != "test" else np.arange(1, n + 1)
 
@@ -281,7 +305,7 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
         "labelled_class_counts": np.bincount(all_labelled, minlength=NUM_CLASSES).tolist(),
         "window_counts": flags[frames - 1].sum(0).tolist(),
         "window_patterns": window_patterns(packed, flags[frames - 1]),
-        "quality": quality_of(media, times, heard, n, params.mel.sample_rate, list(crops.sizes.values())),
+        "quality": quality_of(media, times, n, crops, params.mel.sample_rate, frames_from),
         "mel_sum": float(inside.sum()),
         "mel_sumsq": float((inside**2).sum()),
         "mel_count": int(inside.size),
@@ -368,7 +392,7 @@ def problems(records: dict[str, dict]) -> list[str]:
             )
         elif r["audio_error"]:
             out.append(f"{name}: video unreadable ({r['audio_error']}); packed silent")
-        elif not r["audio"]:
+        elif not r["audio"] and not r["quality"]["empty_audio"]:
             out.append(f"{name}: the video has no audio stream; packed silent")
         if r["corrupt_crops"]:
             out.append(f"{name}: {r['corrupt_crops']} corrupt crop(s) treated as missing")
@@ -471,6 +495,24 @@ def worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
+def fingerprint(videos: list[Video]) -> str:
+    """What packing reads, summarised: each video's annotation bytes, its crop files' names and
+    sizes, and its media file's name and size (not modification times: a copy of the same data
+    packs to the same bytes). A second packing into a folder after any of them changed is refused,
+    not answered with the shards of the old files."""
+    digest = hashlib.sha256()
+    for v in sorted(videos, key=lambda v: v.name):
+        digest.update(f"{v.name}\n".encode())
+        if v.annotation is not None:
+            digest.update(hashlib.sha256(v.annotation.read_bytes()).digest())
+        if v.crops is not None:
+            with os.scandir(v.crops) as entries:
+                digest.update("".join(sorted(f"{e.name}:{e.stat().st_size}\n" for e in entries)).encode())
+        if v.media is not None:
+            digest.update(f"{v.media.name}:{v.media.stat().st_size}\n".encode())
+    return digest.hexdigest()
+
+
 def pack(
     videos: list[Video],
     out: Path,
@@ -481,9 +523,11 @@ def pack(
     """Packs `videos` into shards under `out`; returns the manifest (also written to manifest.json)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stamp = json.loads(json.dumps({"params": asdict(params), "videos": sorted(v.name for v in videos)}))
-    done = claim(out, "stamp", stamp, ValueError, "shards (packing parameters and videos)")
+    names = sorted(v.name for v in videos)
+    stamp = json.loads(json.dumps({"params": asdict(params), "videos": names, "inputs": fingerprint(videos)}))
+    done = claim(out, "stamp", stamp, ValueError, "shards made from other inputs or settings")
     if done is not None:
+        console.print(f"{out} holds the shards of these very inputs and settings: kept, nothing packed again")
         return done
     work = out / ".work"
     groups = assign_folds(videos, params.folds, params.n_folds, params.seed)

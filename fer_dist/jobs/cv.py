@@ -41,7 +41,10 @@ def train_folds(config: str, overrides: list[str], cv_dir: Path, launch: str | N
         raise ConfigError(f"{shards} has {len(folds)} fold group(s); cross-validation needs at least 2")
     empty = manifest.empty(manifest.fold_groups())
     if empty:  # every fold is checked before any is trained
-        raise ConfigError(f"{shards}: cross-validation holds out every fold group, but {empty}")
+        raise ConfigError(
+            f"{shards}: cross-validation holds out every fold group, but {empty}; pack with fewer --n-folds, "
+            "or give those videos crops, then pack again"
+        )
     runs = []
     for k in folds:
         run_dir = cv_dir / f"fold{k}"

@@ -228,7 +228,14 @@ def extract(
     by_name = {v.name: v for v in videos}
     unknown = sorted(set(source.videos) - set(by_name))
     if unknown:
-        raise ExtractError(f"{len(unknown)} video(s) of the shards are not in the dataset given, e.g. {unknown[0]}")
+        hint = (
+            " (test videos: give --test-list, as to fer-dist shard)"
+            if source.videos[unknown[0]].split == "test"
+            else ""
+        )
+        raise ExtractError(
+            f"{len(unknown)} video(s) of the shards are not in the dataset given, e.g. {unknown[0]}{hint}"
+        )
     tables, words_dim, wordless = word_tables(words, source) if words else (None, 0, [])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)  # without --weights the backbone is a fixed random projection, the same on a resume

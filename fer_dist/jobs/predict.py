@@ -85,7 +85,10 @@ def predict_members(specs: list[str], shards: Path, out: Path, launch: str | Non
 def required_frames(shards: Path, template: Path | None) -> tuple[dict[str, int], list[tuple[str, int]]]:
     """Each test video's frame count (ABAW3: one line per frame) and the (video, frame) rows of the
     ABAW5/6 file (the template's, else every frame of every test video), checked against what the
-    shards hold before any prediction is made: a row the test shards cannot give is refused."""
+    shards hold before any prediction is made. A row of a video the test shards do not hold in
+    full is refused, naming why; a template row past its video's last frame (a template one line
+    longer than the video, as annotation files often are) is warned about: it takes the label of
+    the video's last frame."""
     videos = read_manifest(shards).videos
     frames = {v: r.frames for v, r in videos.items() if r.split == "test"}
     required = (
@@ -94,13 +97,23 @@ def required_frames(shards: Path, template: Path | None) -> tuple[dict[str, int]
         else [(v, f) for v, n in sorted(frames.items()) for f in range(1, n + 1)]
     )
     short = {v for v, r in videos.items() if r.split == "test" and r.samples < r.frames}
-    missing = [f"{v}/{f:05d}" for v, f in required if v not in frames or f > frames[v] or v in short]
+    unknown = sorted({v for v, _ in required if v not in frames})
+    missing = [f"{v}/{f:05d}" for v, f in required if v not in frames or v in short]
     missing += [f"{v}/{f:05d}" for v in sorted(short) for f in range(1, frames[v] + 1)]
     if missing:
-        reasons = [f"{v}: {videos[v].samples} of {frames[v]} frames packed" for v in sorted(short)]
+        reasons = [f"{v}: {videos[v].samples} of its {frames[v]} frames packed" for v in sorted(short)]
+        if unknown:
+            reasons.append(f"{len(unknown)} video(s) not among the test videos of the shards, e.g. {unknown[0]}")
         raise submission.SubmissionError(
             f"refusing to predict: the test shards {shards} cannot give {len(set(missing))} required frame(s), "
-            f"e.g. {', '.join(sorted(set(missing))[:3])}" + (f" ({'; '.join(reasons)})" if reasons else "")
+            f"e.g. {', '.join(sorted(set(missing))[:3])} ({'; '.join(reasons)})"
+        )
+    past = [(v, f) for v, f in required if f > frames[v]]
+    if past:
+        v, f = past[0]
+        console.print(
+            f"[yellow]warning:[/] {len(past)} template row(s) lie past their video's last frame (e.g. {v}/{f:05d} "
+            f"of a {frames[v]}-frame video); each takes the label of its video's last frame"
         )
     return frames, required
 
@@ -112,7 +125,8 @@ def submit(out: Path, frames: dict[str, int], required: list[tuple[str, int]]) -
     params = postprocess.PostParams.from_dict(json.loads((out / "postprocess.json").read_text()))
     labels = postprocess.apply(test.key, test.logits["ensemble"], params)
     files = {f"abaw3/{name}": data for name, data in submission.abaw3(test.key, labels, frames).items()}
-    files["abaw5.csv"] = submission.abaw5(test.key, labels, required)
+    within = [(v, min(f, frames[v])) for v, f in required]  # a row past a video's end: its last frame
+    files["abaw5.csv"] = submission.abaw5(test.key, labels, within, named=required)
     submission.write(out / "submission", files)
     counts = np.bincount(labels, minlength=NUM_CLASSES).tolist()
     return {"abaw3_files": len(files) - 1, "abaw5_rows": len(required), "labels": counts}
@@ -134,6 +148,9 @@ def predict(
     if manifest.empty(["test"]):
         raise ConfigError(f"{shards}: {manifest.empty(['test'])}; there is nothing to predict")
     frames, required = required_frames(shards, template)
+    ensemble.members(specs)  # every member a finished run, before anything is written
+    if truth is not None and not Path(truth).is_dir():
+        raise ConfigError(f"--truth {truth}: not a folder of annotation files")
     predict_members(specs, shards, out, launch)
     report = ensemble.run(specs, out, how, truth)
     report["submission"] = submit(out, frames, required)

@@ -20,6 +20,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from fer_dist.console import console
 from fer_dist.console import out as stdout
 from fer_dist.data.format import atomic_write
 from fer_dist.data.layout import read_annotation
@@ -42,7 +43,9 @@ class Member:
 
     @property
     def run_name(self) -> str:
-        return f"{self.run_dir.parent.name}-{self.run_dir.name}"
+        """The run folder's name after its parent's (`cv-fold0`), unique among a cross-validation's folds."""
+        run = self.run_dir.resolve()
+        return f"{run.parent.name}-{run.name}"
 
     @property
     def name(self) -> str:
@@ -137,6 +140,8 @@ def run(specs: list[str], out: Path, how: str = "vote", truth: Path | None = Non
     `report.json` and `report.md` under `out`; returns the report. Everything is computed, and any
     refusal raised, before the first file is written."""
     ms = members(specs)
+    if truth is not None and not Path(truth).is_dir():
+        raise EnsembleError(f"--truth {truth}: not a folder of annotation files")
     val = {m.name: validation(m) for m in ms}
     member_probs = {m.name: probabilities(val[m.name], m.head) for m in ms}
     folds: dict[int, list[Member]] = {}
@@ -167,6 +172,8 @@ def run(specs: list[str], out: Path, how: str = "vote", truth: Path | None = Non
     test = None
     if all((out / "test" / f"{m.run_name}.npz").exists() for m in ms):
         test, report["test"] = test_report(ms, how, params, out, truth, fold_rows)
+    elif truth is not None:
+        console.print(f"[yellow]warning:[/] --truth {truth} is unused: no test predictions in {out / 'test'}")
     out.mkdir(parents=True, exist_ok=True)
     preds_lib.save(out / "validation.npz", preds_lib.Predictions(keys, labels, {"ensemble": probs}, "ensemble"))
     if test is not None:

@@ -69,13 +69,17 @@ def abaw3(keys: np.ndarray, labels: np.ndarray, frames: dict[str, int]) -> dict[
     }
 
 
-def abaw5(keys: np.ndarray, labels: np.ndarray, required: list[tuple[str, int]]) -> bytes:
-    """The single ABAW5/6 file: one row per required (video, frame), in the template's order.
-    Raises `SubmissionError` when a required frame has no prediction."""
+def abaw5(
+    keys: np.ndarray, labels: np.ndarray, required: list[tuple[str, int]], named: list[tuple[str, int]] | None = None
+) -> bytes:
+    """The single ABAW5/6 file: one row per required (video, frame), in the template's order, each
+    named as in `named` when given (a template row past its video's end names its own frame and
+    takes the label of the last). Raises `SubmissionError` when a required frame has no prediction."""
     table = by_frame(keys, labels)
     refuse_missing([f"{v}/{f:05d}" for v, f in required if f not in table.get(v, {})], "the ABAW5/6 file")
+    rows = zip(named or required, required, strict=True)
     body = "image_location," + ",".join(CLASSES) + "\n"
-    return (body + "".join(f"{v}/{f:05d}.jpg,{table[v][f]}\n" for v, f in required)).encode()
+    return (body + "".join(f"{v}/{f:05d}.jpg,{table[v][g]}\n" for (v, f), (_, g) in rows)).encode()
 
 
 def write(folder: Path, files: dict[str, bytes]) -> None:
