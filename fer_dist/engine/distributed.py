@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import re
 from importlib import metadata
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
 
 from fer_dist.config import Config, ConfigError
+from fer_dist.engine import tracking
 
 CU126 = "https://download.pytorch.org/whl/cu126"  # PyTorch's CUDA 12.6 builds: compute capability 5.0 to 9.0
 
@@ -94,10 +96,11 @@ def accumulation_steps(effective: int, micro: int, world: int) -> int:
     return steps
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
+def make_accelerator(cfg: Config, track: bool = False) -> Accelerator:
     """An Accelerator for whatever `accelerate launch` started. CPU processes talk over gloo when no
     GPU is present (`--multi_gpu --num_processes N` on CPU gives N ranks); DeepSpeed brings its own
-    CPU accelerator, which `cpu=True` would switch off."""
+    CPU accelerator, which `cpu=True` would switch off. With `track`, the trackers of
+    `train.log_with` (started by `tracking.Trackers`), logging under the run folder."""
     if cfg.data.decode == "gpu" and not torch.cuda.is_available():
         raise ConfigError("data.decode=gpu decodes crops with nvJPEG on a CUDA GPU, and there is none here; use cpu")
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
@@ -107,8 +110,11 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if state.device.type == "cuda":
         check_gpu(state.device)
     capability = torch.cuda.get_device_capability(state.device) if state.device.type == "cuda" else None
+    run_dir = Path(cfg.train.run_dir)
     accelerator = Accelerator(
         cpu=cpu,
+        log_with=(tracking.installed(cfg.train.log_with) or None) if track else None,  # [] would warn
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
         mixed_precision=choose_precision(cfg.train.mixed_precision, capability),
         gradient_accumulation_steps=accumulation_steps(cfg.train.effective_batch_size, cfg.data.batch_size, world),
         dynamo_backend="inductor" if cfg.train.compile else "no",  # torch.compile in prepare()
