@@ -1,6 +1,7 @@
 """The training loop: schedules, precision, accumulation, stages; and with real processes, steps on
 2 ranks against 1, a run killed with -9 and resumed, SIGUSR1/SIGTERM requeue, DeepSpeed ZeRO-2."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -210,10 +211,11 @@ def scalars(folder: Path) -> dict[str, dict[int, list[float]]]:
 
 
 @pytest.mark.slow
-def test_trackers_get_every_step_once_across_a_crash(shards, tmp_path):
+def test_trackers_get_every_step_once_and_provenance_every_start_across_a_crash(shards, tmp_path):
     """A run logging to TensorBoard and MLflow (in its SQLite store) as a crash leaves it: every
     step logged, the last checkpoint at step 4 of 16. Resumed, it retrains from there; each tracker
-    holds every scalar of every step once, the values metrics.jsonl holds, in one MLflow run."""
+    holds every scalar of every step once, the values metrics.jsonl holds, in one MLflow run; the
+    provenance keeps the first start's record and appends the resume's."""
     mlflow = pytest.importorskip("mlflow", reason="the mlflow extra (pip install -e '.[mlflow]')")
     run, store = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**ENV, "MLFLOW_TRACKING_URI": store}
@@ -250,6 +252,14 @@ def test_trackers_get_every_step_once_across_a_crash(shards, tmp_path):
         assert board[tag] == {8: [pytest.approx(logged[0])], 16: [pytest.approx(logged[1])]}, tag
         assert history(tag) == {8: [pytest.approx(logged[0])], 16: [pytest.approx(logged[1])]}, tag
     assert history("eval/f1/Neutral")[16] == [pytest.approx(metrics[1]["per_class_f1"]["Neutral"])]
+
+    first, resumed = json.loads((run / "provenance.json").read_text())["runs"]
+    assert first["resumed_from"] is None and resumed["resumed_from"] == str(run / "checkpoints" / "step-00000004")
+    assert "--resume" in resumed["command"] and "--resume" not in first["command"]
+    for entry in (first, resumed):
+        assert entry["world_size"] == 1 and entry["devices"] == ["cpu"] and entry["seeds"] == {"train.seed": 0}
+        assert entry["manifest"]["sha256"] == hashlib.sha256((shards / "manifest.json").read_bytes()).hexdigest()
+    assert resumed["config"]["sha256"] == hashlib.sha256((run / "config.yaml").read_bytes()).hexdigest()
 
 
 @pytest.mark.slow

@@ -1,9 +1,9 @@
 """The training loop: one configured model fitted on every fold group but `data.holdout_fold`,
 evaluated on that one after each epoch.
 
-The run folder gets the resolved config, step checkpoints and the best model (safetensors +
-config), `metrics.jsonl`, the trackers' scalars (TensorBoard by default), confusion matrices and
-per-frame predictions.
+The run folder gets the resolved config, its provenance, step checkpoints and the best model
+(safetensors + config), `metrics.jsonl`, the trackers' scalars (TensorBoard by default),
+confusion matrices and per-frame predictions.
 SIGTERM or SIGUSR1 makes the loop checkpoint at the next optimiser step and stop (`Requeue`); a
 resumed run goes on from the last checkpoint as if nothing had happened. The loop moves batches
 and steps the optimiser: what a batch means to the model is the `Task`'s business, where the
@@ -18,13 +18,14 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from rich.progress import Progress
 
 from fer_dist import config as config_lib
 from fer_dist.console import console, progress
 from fer_dist.data import stream
 from fer_dist.data.format import Manifest, read_manifest
-from fer_dist.engine import checkpoint, tracking
+from fer_dist.engine import checkpoint, provenance, tracking
 from fer_dist.engine.distributed import first_raised, make_accelerator
 from fer_dist.engine.evaluation import evaluate, reduce_counts
 from fer_dist.engine.optim import clip_gradients, initialise, lr_factor, make_optimizer
@@ -280,10 +281,20 @@ def train(cfg: config_lib.Config, resume: bool = False) -> dict | None:
     model = model_for(cfg, manifest)
     run_dir = Path(cfg.train.run_dir)
     start = checkpoint.latest(run_dir) if resume else None
+    devices = gather_object([provenance.device_name(accelerator.device)])  # one per rank
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_lib.dump(cfg))
         (run_dir / "requeue.json").unlink(missing_ok=True)
+        entry = provenance.record(
+            devices,
+            accelerator.num_processes,
+            {"train.seed": cfg.train.seed},
+            config=provenance.stamp(run_dir / "config.yaml"),
+            manifest=provenance.stamp(Path(cfg.data.shards) / "manifest.json"),
+            resumed_from=start and str(start),
+        )
+        provenance.write(run_dir, entry, append=resume)
     accelerator.wait_for_everyone()
     initialise(model, cfg.train)
     with progress(accelerator.is_main_process) as bar:

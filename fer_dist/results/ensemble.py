@@ -23,6 +23,7 @@ from rich.table import Table
 from fer_dist.console import out as stdout
 from fer_dist.data.layout import read_annotation
 from fer_dist.engine import predictions as preds_lib
+from fer_dist.engine import provenance
 from fer_dist.engine.metrics import confusion, f1_per_class
 from fer_dist.labels import CLASSES, NUM_CLASSES
 from fer_dist.results import postprocess
@@ -133,7 +134,7 @@ def row(name: str, labels: np.ndarray, predicted: np.ndarray, **extra) -> dict:
 def run(specs: list[str], out: Path, how: str = "vote", truth: Path | None = None) -> dict:
     """Combines the members, tunes post-processing on their out-of-fold predictions, writes
     `validation.npz`, `test.npz` (when every member has test predictions), `postprocess.json`,
-    `report.json` and `report.md` under `out`; returns the report."""
+    `report.json`, `report.md` and `provenance.json` under `out`; returns the report."""
     ms = members(specs)
     out.mkdir(parents=True, exist_ok=True)
     val = {m.name: validation(m) for m in ms}
@@ -171,6 +172,7 @@ def run(specs: list[str], out: Path, how: str = "vote", truth: Path | None = Non
         report["test"] = test_report(ms, how, params, out, truth, fold_rows)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(markdown(report))
+    provenance.write(out, provenance.record(["cpu"], 1, **provenance.of_runs([m.run_dir for m in ms])))
     return report
 
 
