@@ -296,6 +296,8 @@ def test_sigusr1_to_one_rank_stops_both_at_the_same_step_and_resumes(shards, tmp
     }
     launch(2, *TRAIN_MODULE, "--resume", run)
     assert [m["epoch"] for m in comparable(run)] == [1, 2]
+    for entry in json.loads((run / "provenance.json").read_text())["runs"]:  # the start, then the resume
+        assert entry["world_size"] == 2 and entry["devices"] == ["cpu", "cpu"]  # one device per rank
 
 
 @pytest.mark.slow

@@ -52,6 +52,7 @@ def checkout(root: Path = CHECKOUT) -> dict:
     """The git commit of the checkout holding the fer_dist package, and whether its tracked files
     differ from it; both None when the package is not in a checkout's top folder (a wheel, or a
     venv inside a checkout), or git is missing."""
+    root = Path(root).resolve()
     try:
         top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True, text=True)
         if top.returncode or Path(top.stdout.strip()).resolve() != root:
