@@ -98,6 +98,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from fer_dist.data import inspect
     from fer_dist.data.format import ManifestError, PackParams, read_manifest
 
+    if is_result(Path(args.shards)):
+        return cmd_inspect_result(args)
     try:
         manifest = read_manifest(args.shards)
     except ManifestError as exc:
@@ -114,6 +116,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if manifest is not None:
             inspect.show_quality(manifest)
     return 0 if agree else 1
+
+
+def is_result(folder: Path) -> bool:
+    """A run folder, an ensemble report or a demo's folder, rather than shards."""
+    names = ("provenance.json", "config.yaml", "metrics.jsonl", "report.json", "summary.json")
+    return not (folder / "manifest.json").exists() and any((folder / n).exists() for n in names)
+
+
+def cmd_inspect_result(args: argparse.Namespace) -> int:
+    """What produced a run's (or report's) figures, the figures, and whether its inputs changed since."""
+    from fer_dist.engine import provenance
+
+    found = provenance.inspect(Path(args.shards))
+    if args.json:
+        out.print_json(json.dumps(found))
+    else:
+        provenance.show(found)
+    return 1 if any(c["now"] == "changed" for c in found["checks"]) else 0
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -249,8 +269,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--speech-window", default="l", choices=["s", "m", "l"], help="the waveform window it hears")
     s.set_defaults(func=cmd_extract)
 
-    s = sub.add_parser("inspect", help="what the shards hold, read from the tars")
-    s.add_argument("shards")
+    s = sub.add_parser(
+        "inspect", help="what the shards hold, read from the tars; or what produced a run's or report's figures"
+    )
+    s.add_argument("shards", help="a shard folder, or a run folder, ensemble report or demo folder")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_inspect)
 

@@ -107,8 +107,14 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the last K step checkpoints kept (the best is kept apart)
     init_from: list[str] = field(default_factory=list)  # safetensors weights loaded before training (stages)
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes left untrained
-    tensorboard: bool = True  # scalars under RUN_DIR/tensorboard
-    log_every: int = 20  # steps between progress and TensorBoard updates
+    # Experiment trackers through Accelerate, by name: tensorboard (under RUN_DIR/tensorboard), wandb,
+    # mlflow, comet_ml, aim, clearml, dvclive, ... ([] for none). Their project is `project`, the run
+    # is named after its folder; `tracker_args` gives a tracker's own start arguments by its name,
+    # e.g. {wandb: {entity: my-lab, mode: offline}}.
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
+    project: str = "fer-dist"
+    tracker_args: dict[str, dict] = field(default_factory=dict)
+    log_every: int = 20  # steps between progress and tracker updates
 
 
 @dataclass
@@ -182,6 +188,12 @@ def from_dict(raw: dict) -> Config:
     train = dict(raw.get("train") or {})
     if train.get("mixed_precision") is False:  # YAML 1.1 reads a bare `no` as false
         train["mixed_precision"] = "no"
+    if "tensorboard" in train:  # the key before log_with (older configs and run folders)
+        on = train.pop("tensorboard")
+        if not isinstance(on, bool) or not on and train.get("log_with"):
+            raise ConfigError("train.tensorboard is replaced by train.log_with: [tensorboard], or [] for no tracker")
+        if not on:
+            train["log_with"] = []
     if not isinstance(model.get("name"), str):
         raise ConfigError("model.name must name a model (see fer_dist.models.list_models())")
     cfg = Config(
@@ -277,6 +289,27 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    validate_trackers(cfg.train)
+
+
+def validate_trackers(train: TrainConfig) -> None:
+    """`log_with` names trackers Accelerate knows (accelerate.utils.LoggerType), each once, and
+    `tracker_args` gives keyword arguments only to those."""
+    from accelerate.utils import LoggerType  # imports torch: only here
+
+    known = [t.value for t in LoggerType if t.value != "all"]
+    unknown = [name for name in train.log_with if name not in known]
+    if unknown or len(set(train.log_with)) < len(train.log_with):
+        given = unknown or train.log_with
+        raise ConfigError(
+            f"train.log_with: each tracker once, by one of Accelerate's names ({', '.join(known)}), not {given}"
+        )
+    stray = sorted(set(train.tracker_args) - set(train.log_with))
+    if stray or not all(isinstance(v, dict) for v in train.tracker_args.values()):
+        raise ConfigError(
+            "train.tracker_args: a mapping from a tracker of train.log_with to its start arguments, "
+            "e.g. {wandb: {entity: my-lab}}" + (f"; {', '.join(stray)} not in train.log_with" if stray else "")
+        )
 
 
 def find(path: str | Path) -> Path:

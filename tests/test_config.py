@@ -25,6 +25,10 @@ def test_overrides_are_typed(tmp_path):
         ("data.subsample=[1, 1, 1, 1, 0, 1, 1, 1]", r"data.subsample: empty or 8 in \(0, 1\]"),
         ("data.mix=cutmix", "data.mix must be none, mixup or remix"),
         ("data.crop_scale=[0.9, 0.5]", "data.crop_scale"),
+        ("train.log_with=[tensorbord]", r"train.log_with: each tracker once, by one of Accelerate's names \(.*mlflow"),
+        ("train.log_with=[mlflow, mlflow]", "each tracker once"),
+        ("train.tracker_args={wandb: {mode: offline}}", "wandb not in train.log_with"),
+        ("train.tensorboard=maybe", "train.tensorboard is replaced by train.log_with"),
     ],
 )
 def test_bad_config_is_a_clear_error(override, message):
@@ -45,3 +49,33 @@ def test_fer_dist_train_passes_its_options_to_the_loop(tmp_path, capsys):
 
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_trackers_by_name_and_the_former_tensorboard_key(tmp_path):
+    assert config.load(None).train.log_with == ["tensorboard"]
+    cfg = config.load(None, ["train.log_with=[tensorboard, mlflow]", "train.tracker_args={mlflow: {tags: {a: b}}}"])
+    assert cfg.train.log_with == ["tensorboard", "mlflow"] and cfg.train.tracker_args == {
+        "mlflow": {"tags": {"a": "b"}}
+    }
+    # a run folder's config.yaml from before log_with still resumes: false meant no tracker
+    old = tmp_path / "config.yaml"
+    old.write_text("train: {tensorboard: false, epochs: 2}\n")
+    assert config.load(old).train.log_with == []
+    old.write_text("train: {tensorboard: true}\n")
+    assert config.load(old).train.log_with == ["tensorboard"]
+    assert "log_with:\n  - tensorboard" in config.dump(config.load(old)) and "tensorboard:" not in config.dump(cfg)
+    with pytest.raises(config.ConfigError, match="replaced by train.log_with"):
+        config.load(None, ["train.tensorboard=false", "train.log_with=[mlflow]"])
+
+
+def test_a_tracker_that_is_not_installed_is_named_with_what_to_install(monkeypatch):
+    import accelerate.tracking
+
+    from fer_dist.engine import tracking
+
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: ["tensorboard"])
+    assert tracking.installed(["tensorboard"]) == ["tensorboard"]
+    with pytest.raises(
+        config.ConfigError, match=r"mlflow, wandb not installed here \(pip install 'fer-dist\[mlflow\]' wandb\)"
+    ):
+        tracking.installed(["tensorboard", "mlflow", "wandb"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -93,7 +94,8 @@ def fake_fold(cv, k: int, keys, labels, predicted, test_keys, test_predicted) ->
     """A finished fold run: its config, best epoch and that epoch's predictions; plus test predictions."""
     run = cv / f"fold{k}"
     (run / "checkpoints" / "best").mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"holdout_fold": k}}))
+    config = {"data": {"holdout_fold": k, "shards": str(cv / "shards")}, "train": {"seed": 10 + k}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
     (run / "checkpoints" / "best" / "metrics.json").write_text(json.dumps({"epoch": 2}))
     (run / "predictions").mkdir()
     logits = {"expr": onehot_logits(predicted), "aux": onehot_logits(np.zeros_like(predicted))}
@@ -135,6 +137,12 @@ def test_ensemble_report_from_fold_runs(tmp_path):
     assert preds_lib.load(cv / "ensemble" / "test.npz").label.tolist() == truth.tolist()
     md = (cv / "ensemble" / "report.md").read_text()
     assert "| Val set | Neutral | Anger" in md and "| ensemble (vote) |" in md
+    # what produced it: each member's seed and the stamps of its config and shards (not there)
+    (record,) = json.loads((cv / "ensemble" / "provenance.json").read_text())["runs"]
+    assert record["seeds"] == {str(cv / f"fold{k}"): 10 + k for k in range(3)} and record["world_size"] == 1
+    member = record["members"][str(cv / "fold1")]
+    assert member["config"]["sha256"] == hashlib.sha256((cv / "fold1" / "config.yaml").read_bytes()).hexdigest()
+    assert member["manifest"] == {"file": str((cv / "shards" / "manifest.json").resolve()), "sha256": None}
     # another head of the same models: the aux head always says Neutral
     aux = ensemble.run([f"{cv}:aux"], cv / "ensemble", "mean", labels_dir)
     assert {r["name"]: r for r in aux["test"]}["ensemble (mean)"]["per_class_f1"][1:] == [0.0] * 7

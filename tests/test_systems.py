@@ -24,7 +24,7 @@ def chance(labels: np.ndarray) -> float:
 
 def train(config: str, shards, run_dir, *extra: str) -> dict:
     cmd = [sys.executable, str(REPO / "fer_dist" / "train.py"), "--config", str(REPO / "configs" / f"{config}.yaml")]
-    cmd += [f"data.shards={shards}", f"train.run_dir={run_dir}", "train.tensorboard=false", *extra]
+    cmd += [f"data.shards={shards}", f"train.run_dir={run_dir}", "train.log_with=[]", *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])

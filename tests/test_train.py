@@ -1,6 +1,7 @@
 """The training loop: schedules, precision, accumulation, stages; and with real processes, steps on
 2 ranks against 1, a run killed with -9 and resumed, SIGUSR1/SIGTERM requeue, DeepSpeed ZeRO-2."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -186,10 +187,79 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights_and_metrics(shard
         m["macro_f1"] for m in comparable(straight)
     )
     assert sorted(p.name for p in (straight / "confusion").iterdir()) == ["epoch001.png", "epoch002.png"]
-    events = EventAccumulator(str(straight / "tensorboard"))
+    events = EventAccumulator(str(straight / "tensorboard" / "fer-dist"))
     events.Reload()
     assert {"train/loss", "train/lr", "eval/macro_f1/ensemble", "eval/f1/Neutral"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("eval/macro_f1/ensemble")] == [4, 8]
+
+
+def scalars(folder: Path) -> dict[str, dict[int, list[float]]]:
+    """Every scalar TensorBoard's event files in `folder` hold, by tag and step, as written (before
+    a reader drops what a later start logged again)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+
+    found: dict[str, dict[int, list[float]]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                number = (
+                    value.simple_value if value.HasField("simple_value") else tensor_util.make_ndarray(value.tensor)
+                )
+                found.setdefault(value.tag, {}).setdefault(event.step, []).append(float(number))
+    return found
+
+
+@pytest.mark.slow
+def test_trackers_get_every_step_once_and_provenance_every_start_across_a_crash(shards, tmp_path):
+    """A run logging to TensorBoard and MLflow (in its SQLite store) as a crash leaves it: every
+    step logged, the last checkpoint at step 4 of 16. Resumed, it retrains from there; each tracker
+    holds every scalar of every step once, the values metrics.jsonl holds, in one MLflow run; the
+    provenance keeps the first start's record and appends the resume's."""
+    mlflow = pytest.importorskip("mlflow", reason="the mlflow extra (pip install -e '.[mlflow]')")
+    run, store = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**ENV, "MLFLOW_TRACKING_URI": store}
+    extra = ["train.epochs=2", "train.checkpoint_every=4", "train.keep_checkpoints=10", "train.log_every=1"]
+    extra.append("train.log_with=[tensorboard, mlflow]")
+    subprocess.run([*MODULE, "--config", CPU_CONFIG, *tiny_run(shards, run, *extra)], env=env, check=True)
+    assert [p.name for p in checkpoint.step_dirs(run)][0] == "step-00000004"
+    for later in checkpoint.step_dirs(run)[1:]:
+        shutil.rmtree(later)
+    subprocess.run([*CLI, "--resume", str(run)], env=env, check=True)
+
+    metrics = comparable(run)
+    assert [m["epoch"] for m in metrics] == [1, 2] and [m["step"] for m in metrics] == [8, 16]
+    board = scalars(run / "tensorboard" / "fer-dist")
+    client = mlflow.MlflowClient(store)
+    (found,) = client.search_runs([client.get_experiment_by_name("fer-dist").experiment_id])
+    assert found.info.run_name == "run" and found.info.status == "FINISHED"
+    params = found.data.params
+    assert params["optim.lr"] == str(config.load(run / "config.yaml").optim.lr)
+    assert params["train.log_with"] == '["tensorboard", "mlflow"]'
+
+    def history(tag: str) -> dict[int, list[float]]:
+        steps: dict[int, list[float]] = {}
+        for m in client.get_metric_history(found.info.run_id, tag):
+            steps.setdefault(m.step, []).append(m.value)
+        return steps
+
+    for tag in ("train/loss", "train/lr", "train/samples_per_s"):
+        assert sorted(board[tag]) == sorted(history(tag)) == list(range(1, 17)), tag
+        assert all(len(v) == 1 for v in [*board[tag].values(), *history(tag).values()]), tag
+    for head in metrics[0]["macro_f1_by_head"]:
+        tag = f"eval/macro_f1/{head}"
+        logged = [m["macro_f1_by_head"][head] for m in metrics]
+        assert board[tag] == {8: [pytest.approx(logged[0])], 16: [pytest.approx(logged[1])]}, tag
+        assert history(tag) == {8: [pytest.approx(logged[0])], 16: [pytest.approx(logged[1])]}, tag
+    assert history("eval/f1/Neutral")[16] == [pytest.approx(metrics[1]["per_class_f1"]["Neutral"])]
+
+    first, resumed = json.loads((run / "provenance.json").read_text())["runs"]
+    assert first["resumed_from"] is None and resumed["resumed_from"] == str(run / "checkpoints" / "step-00000004")
+    assert "--resume" in resumed["command"] and "--resume" not in first["command"]
+    for entry in (first, resumed):
+        assert entry["world_size"] == 1 and entry["devices"] == ["cpu"] and entry["seeds"] == {"train.seed": 0}
+        assert entry["manifest"]["sha256"] == hashlib.sha256((shards / "manifest.json").read_bytes()).hexdigest()
+    assert resumed["config"]["sha256"] == hashlib.sha256((run / "config.yaml").read_bytes()).hexdigest()
 
 
 @pytest.mark.slow
@@ -226,6 +296,8 @@ def test_sigusr1_to_one_rank_stops_both_at_the_same_step_and_resumes(shards, tmp
     }
     launch(2, *TRAIN_MODULE, "--resume", run)
     assert [m["epoch"] for m in comparable(run)] == [1, 2]
+    for entry in json.loads((run / "provenance.json").read_text())["runs"]:  # the start, then the resume
+        assert entry["world_size"] == 2 and entry["devices"] == ["cpu", "cpu"]  # one device per rank
 
 
 @pytest.mark.slow

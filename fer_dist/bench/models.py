@@ -59,7 +59,7 @@ def bench_models(workdir: Path, videos: int) -> dict:
         run_dir = workdir / "runs" / cpu_config
         shutil.rmtree(run_dir, ignore_errors=True)
         cmd = [sys.executable, "-m", "fer_dist.train", "--config", str(CONFIGS / f"{cpu_config}.yaml")]
-        run_measured(cmd + [f"data.shards={data[kind]}", f"train.run_dir={run_dir}", "train.tensorboard=false"])
+        run_measured(cmd + [f"data.shards={data[kind]}", f"train.run_dir={run_dir}", "train.log_with=[]"])
         last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
         model, paper_parameters = parameters(CONFIGS / f"{paper_config}.yaml", PAPER_FEATURES)
         held_out = predictions.load(run_dir / "predictions" / f"epoch{last['epoch']:03d}.npz").label

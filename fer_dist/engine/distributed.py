@@ -1,15 +1,75 @@
-"""The one place that knows about devices and processes: precision, accumulation, DeepSpeed's
-"auto" values, and agreement between ranks."""
+"""The one place that knows about devices and processes: whether this torch build runs on the
+GPU, precision, accumulation, DeepSpeed's "auto" values, and agreement between ranks."""
 
 from __future__ import annotations
 
 import os
+import re
+from importlib import metadata
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
 
 from fer_dist.config import Config, ConfigError
+from fer_dist.engine import tracking
+
+CU126 = "https://download.pytorch.org/whl/cu126"  # PyTorch's CUDA 12.6 builds: compute capability 5.0 to 9.0
+
+
+def has_kernels(capability: tuple[int, int], arch_list: list[str]) -> bool:
+    """Whether a torch build compiled for `arch_list` (`torch.cuda.get_arch_list()`: `sm_XY`
+    binaries, `compute_XY` PTX) runs on a GPU of compute capability `capability` (major, minor).
+    A binary for sm_XY runs on X.Y and on every later minor version of major X; PTX for
+    compute_XY is compiled by the driver for X.Y and every later capability; an `a` suffix
+    (sm_90a) runs on that capability only (NVIDIA, CUDA C++ Programming Guide, "Binary
+    Compatibility" and "PTX Compatibility"; an `f` suffix, a family, as the plain binary)."""
+    for arch in arch_list:
+        found = re.fullmatch(r"(sm|compute)_(\d+)(\d)([af]?)", arch)
+        if not found:
+            continue
+        kind, built, suffix = found[1], (int(found[2]), int(found[3])), found[4]
+        if suffix == "a":
+            runs = capability == built
+        elif kind == "sm":
+            runs = capability[0] == built[0] and capability[1] >= built[1]
+        else:
+            runs = capability >= built
+        if runs:
+            return True
+    return False
+
+
+def base_version(package: str) -> str | None:
+    """The installed release of `package` without its local build label (2.11.0+cu126 -> 2.11.0)."""
+    try:
+        return metadata.version(package).split("+")[0]
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def check_gpu(device: torch.device) -> None:
+    """Stops with one line naming the GPU, its compute capability and the torch build to install
+    when this build has no kernels for it, instead of CUDA's "no kernel image is available" in the
+    first forward pass. PyTorch's CUDA 13 wheels (the package index's default) carry sm_75 to
+    sm_120 (Turing and later); Volta (7.0) and Pascal (6.x, the GTX 1080 Ti) need the CUDA 12.6
+    builds from PyTorch's own index (PyTorch's release notes and its CUDA support matrix)."""
+    capability = torch.cuda.get_device_capability(device)
+    arch_list = torch.cuda.get_arch_list()
+    if has_kernels(capability, arch_list):
+        return
+    family = [f"{p}=={v}" for p in ("torch", "torchvision", "torchaudio") if (v := base_version(p))]
+    if capability < (5, 0):
+        advice = "no current PyTorch wheel supports it (PyTorch's CUDA 12.6 builds start at 5.0)"
+    elif capability < (7, 5):
+        advice = f"install the CUDA 12.6 build: pip install {' '.join(family)} --index-url {CU126}"
+    else:
+        advice = "install a build that lists it: pip install --upgrade torch torchvision torchaudio"
+    raise ConfigError(
+        f"{torch.cuda.get_device_name(device)} has compute capability {capability[0]}.{capability[1]}, which this "
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}, built for {' '.join(arch_list)}) cannot run; {advice}"
+    )
 
 
 def choose_precision(asked: str, capability: tuple[int, int] | None) -> str:
@@ -36,18 +96,25 @@ def accumulation_steps(effective: int, micro: int, world: int) -> int:
     return steps
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
+def make_accelerator(cfg: Config, track: bool = False) -> Accelerator:
     """An Accelerator for whatever `accelerate launch` started. CPU processes talk over gloo when no
     GPU is present (`--multi_gpu --num_processes N` on CPU gives N ranks); DeepSpeed brings its own
-    CPU accelerator, which `cpu=True` would switch off."""
+    CPU accelerator, which `cpu=True` would switch off. With `track`, the trackers of
+    `train.log_with` (started by `tracking.Trackers`), logging under the run folder."""
     if cfg.data.decode == "gpu" and not torch.cuda.is_available():
         raise ConfigError("data.decode=gpu decodes crops with nvJPEG on a CUDA GPU, and there is none here; use cpu")
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     cpu = not torch.cuda.is_available() and not deepspeed
-    world = PartialState(cpu=cpu).num_processes
-    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    state = PartialState(cpu=cpu)
+    world = state.num_processes
+    if state.device.type == "cuda":
+        check_gpu(state.device)
+    capability = torch.cuda.get_device_capability(state.device) if state.device.type == "cuda" else None
+    run_dir = Path(cfg.train.run_dir)
     accelerator = Accelerator(
         cpu=cpu,
+        log_with=(tracking.installed(cfg.train.log_with) or None) if track else None,  # [] would warn
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
         mixed_precision=choose_precision(cfg.train.mixed_precision, capability),
         gradient_accumulation_steps=accumulation_steps(cfg.train.effective_batch_size, cfg.data.batch_size, world),
         dynamo_backend="inductor" if cfg.train.compile else "no",  # torch.compile in prepare()

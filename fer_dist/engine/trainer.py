@@ -1,8 +1,9 @@
 """The training loop: one configured model fitted on every fold group but `data.holdout_fold`,
 evaluated on that one after each epoch.
 
-The run folder gets the resolved config, step checkpoints and the best model (safetensors +
-config), `metrics.jsonl`, TensorBoard scalars, confusion matrices and per-frame predictions.
+The run folder gets the resolved config, its provenance, step checkpoints and the best model
+(safetensors + config), `metrics.jsonl`, the trackers' scalars (TensorBoard by default),
+confusion matrices and per-frame predictions.
 SIGTERM or SIGUSR1 makes the loop checkpoint at the next optimiser step and stop (`Requeue`); a
 resumed run goes on from the last checkpoint as if nothing had happened. The loop moves batches
 and steps the optimiser: what a batch means to the model is the `Task`'s business, where the
@@ -17,13 +18,14 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from rich.progress import Progress
 
 from fer_dist import config as config_lib
 from fer_dist.console import console, progress
 from fer_dist.data import stream
 from fer_dist.data.format import Manifest, read_manifest
-from fer_dist.engine import checkpoint
+from fer_dist.engine import checkpoint, provenance, tracking
 from fer_dist.engine.distributed import first_raised, make_accelerator
 from fer_dist.engine.evaluation import evaluate, reduce_counts
 from fer_dist.engine.optim import clip_gradients, initialise, lr_factor, make_optimizer
@@ -79,8 +81,10 @@ class Trainer:
     """One run: the prepared model and optimiser, the stream's plan, the run folder, and the
     `TrainState` that a checkpoint saves."""
 
-    def __init__(self, accelerator, model, cfg: config_lib.Config, manifest: Manifest, bar: Progress) -> None:
-        self.accelerator, self.cfg, self.manifest, self.bar = accelerator, cfg, manifest, bar
+    def __init__(
+        self, accelerator, model, cfg: config_lib.Config, manifest: Manifest, bar: Progress, trackers: tracking.Trackers
+    ) -> None:
+        self.accelerator, self.cfg, self.manifest, self.bar, self.trackers = accelerator, cfg, manifest, bar, trackers
         self.run_dir, self.main = Path(cfg.train.run_dir), accelerator.is_main_process
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.holdout = f"fold{cfg.data.holdout_fold}"
@@ -97,24 +101,23 @@ class Trainer:
         self.net = accelerator.unwrap_model(self.model, keep_torch_compile=False)
         self.task = Task(cfg, manifest, self.net, torch.as_tensor(self.plan.read))
         self.state = TrainState(world=self.world)
-        self.writer = None
 
     def fit(self, resume: Path | None = None) -> dict | None:
         """Epochs from where the state stands: train, evaluate, export the best, checkpoint."""
         rng = self.restore(resume) if resume else None
         self.announce(resume)
         metrics = None
-        for epoch in range(self.state.epoch, self.cfg.train.epochs):
-            counts = self.train_epoch(epoch, rng)
-            rng = None
-            metrics = self.evaluate_epoch(epoch, counts)
-            self.state.epoch, self.state.micro_step = epoch + 1, 0
-            saved = self.checkpoint()
-            if epoch + 1 < self.cfg.train.epochs:
-                self.stop_if_asked(saved)
-        if self.writer:
-            self.writer.close()
-        self.accelerator.end_training()
+        try:
+            for epoch in range(self.state.epoch, self.cfg.train.epochs):
+                counts = self.train_epoch(epoch, rng)
+                rng = None
+                metrics = self.evaluate_epoch(epoch, counts)
+                self.state.epoch, self.state.micro_step = epoch + 1, 0
+                saved = self.checkpoint()
+                if epoch + 1 < self.cfg.train.epochs:
+                    self.stop_if_asked(saved)
+        finally:  # a stop by signal too: the trackers finish their run, a resumed run reopens it
+            self.accelerator.end_training()
         return metrics
 
     def train_epoch(self, epoch: int, rng: dict | None) -> dict:
@@ -203,21 +206,16 @@ class Trainer:
             f"({by_head})"
         )
         report_stream(metrics["stream"])
-        if self.writer:
-            for head, value in metrics["macro_f1_by_head"].items():
-                self.writer.add_scalar(f"eval/macro_f1/{head}", value, metrics["step"])
-            for name, value in metrics["per_class_f1"].items():
-                self.writer.add_scalar(f"eval/f1/{name}", value, metrics["step"])
-            self.writer.flush()
+        scalars = {f"eval/macro_f1/{head}": value for head, value in metrics["macro_f1_by_head"].items()}
+        scalars |= {f"eval/f1/{name}": value for name, value in metrics["per_class_f1"].items()}
+        self.trackers.log("eval", scalars, metrics["step"])
 
     def log_progress(self, progress: int, loss: float, seconds: float) -> None:
         s = self.state
         rate = s.seen / seconds
         self.bar.update(progress, info=f"step {s.global_step}  loss {loss:.3f}  {rate:.0f} samples/s")
-        if self.writer:
-            self.writer.add_scalar("train/loss", loss, s.global_step)
-            self.writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], s.global_step)
-            self.writer.add_scalar("train/samples_per_s", rate, s.global_step)
+        lr = self.scheduler.get_last_lr()[0]
+        self.trackers.log("train", {"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate}, s.global_step)
 
     def checkpoint(self) -> Path:
         return checkpoint.save(
@@ -251,7 +249,7 @@ class Trainer:
         raise Requeue(reason)
 
     def announce(self, resume: Path | None) -> None:
-        """What the run is about to do, and its TensorBoard writer."""
+        """What the run is about to do."""
         if not self.main:
             return
         cfg, accelerator = self.cfg, self.accelerator
@@ -271,28 +269,34 @@ class Trainer:
             console.print("[yellow]warning:[/] most samples read will be discarded; the stream reads more than it uses")
         if resume:
             console.print(f"resumed from {resume}: epoch {self.state.epoch + 1}, batch {self.state.micro_step}")
-        if cfg.train.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            purge = self.state.global_step if resume else None
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
 
 
 def train(cfg: config_lib.Config, resume: bool = False) -> dict | None:
     """Trains `cfg` into its run folder (from the folder's last checkpoint when `resume`); returns
     rank 0's metrics of the last epoch. Every way of starting training ends here."""
     checkpoint.watch_signals()  # from the start: a signal before the first step stops the run at that step
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, track=True)
     torch.manual_seed(cfg.train.seed)
     manifest = read_manifest(cfg.data.shards)
     model = model_for(cfg, manifest)
     run_dir = Path(cfg.train.run_dir)
+    start = checkpoint.latest(run_dir) if resume else None
+    devices = gather_object([provenance.device_name(accelerator.device)])  # one per rank
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_lib.dump(cfg))
         (run_dir / "requeue.json").unlink(missing_ok=True)
+        entry = provenance.record(
+            devices,
+            accelerator.num_processes,
+            {"train.seed": cfg.train.seed},
+            config=provenance.stamp(run_dir / "config.yaml"),
+            manifest=provenance.stamp(Path(cfg.data.shards) / "manifest.json"),
+            resumed_from=start and str(start),
+        )
+        provenance.write(run_dir, entry, append=resume)
     accelerator.wait_for_everyone()
     initialise(model, cfg.train)
     with progress(accelerator.is_main_process) as bar:
-        trainer = Trainer(accelerator, model, cfg, manifest, bar)
-        return trainer.fit(checkpoint.latest(run_dir) if resume else None)
+        trainer = Trainer(accelerator, model, cfg, manifest, bar, tracking.Trackers(accelerator, cfg, resume))
+        return trainer.fit(start)

@@ -26,6 +26,7 @@ from fer_dist.data import pack
 from fer_dist.data.format import PackParams
 from fer_dist.data.layout import discover
 from fer_dist.data.synth import TEST_LABELS, TEST_LIST, TEST_TEMPLATE
+from fer_dist.engine import provenance
 from fer_dist.jobs.cv import cross_validate
 from fer_dist.results import ensemble
 
@@ -96,6 +97,8 @@ def main_job(workdir: Path, videos: int = 24, seed: int = 0, epochs: int | None 
     failed = checks(folds, test, how)
     summary = {"seed": seed, "minutes": round(minutes, 2), "folds": folds, "test": test, "failed": failed}
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+    fold_dirs = sorted(p for p in cv_dir.glob("fold*") if (p / "config.yaml").exists())
+    provenance.write(workdir, provenance.record(provenance.local_devices(), 1, **provenance.of_runs(fold_dirs)))
     console.print(
         f"report: {cv_dir / 'ensemble' / 'report.md'}; submissions: {cv_dir / 'ensemble' / 'submission'}  "
         f"({minutes:.1f} min)"

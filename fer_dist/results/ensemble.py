@@ -25,6 +25,7 @@ from fer_dist.console import out as stdout
 from fer_dist.data.format import atomic_write
 from fer_dist.data.layout import read_annotation
 from fer_dist.engine import predictions as preds_lib
+from fer_dist.engine import provenance
 from fer_dist.engine.metrics import confusion, f1_per_class
 from fer_dist.labels import CLASSES, NUM_CLASSES
 from fer_dist.results import postprocess
@@ -137,8 +138,8 @@ def row(name: str, labels: np.ndarray, predicted: np.ndarray, **extra) -> dict:
 def run(specs: list[str], out: Path, how: str = "vote", truth: Path | None = None) -> dict:
     """Combines the members, tunes post-processing on their out-of-fold predictions, writes
     `validation.npz`, `test.npz` (when every member has test predictions), `postprocess.json`,
-    `report.json` and `report.md` under `out`; returns the report. Everything is computed, and any
-    refusal raised, before the first file is written."""
+    `report.json`, `report.md` and `provenance.json` under `out`; returns the report. Everything is
+    computed, and any refusal raised, before the first file is written."""
     ms = members(specs)
     if truth is not None and not Path(truth).is_dir():
         raise EnsembleError(f"--truth {truth}: not a folder of annotation files")
@@ -174,6 +175,7 @@ def run(specs: list[str], out: Path, how: str = "vote", truth: Path | None = Non
         test, report["test"] = test_report(ms, how, params, out, truth, fold_rows)
     elif truth is not None:
         console.print(f"[yellow]warning:[/] --truth {truth} is unused: no test predictions in {out / 'test'}")
+    record = provenance.record(["cpu"], 1, **provenance.of_runs([m.run_dir for m in ms]))
     out.mkdir(parents=True, exist_ok=True)
     preds_lib.save(out / "validation.npz", preds_lib.Predictions(keys, labels, {"ensemble": probs}, "ensemble"))
     if test is not None:
@@ -182,6 +184,7 @@ def run(specs: list[str], out: Path, how: str = "vote", truth: Path | None = Non
     atomic_write(out / "postprocess.json", json.dumps(tuned).encode())
     atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
     atomic_write(out / "report.md", markdown(report).encode())
+    provenance.write(out, record)
     return report
 
 
