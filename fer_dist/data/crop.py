@@ -42,6 +42,7 @@ CROPS = CROP_DIRS[0]  # cropped_aligned
 VIDEOS = VIDEO_DIRS[0]  # batch1
 REPORTS = "crop_reports"
 SIDES = ("_left", "_right")
+REPORT_VERSION = 1  # a report of another version is redone, not read
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,12 @@ def crop_video(job: tuple[Path, Path, CropParams]) -> dict:
     path, root, params = job
     name = path.stem
     report_path = root / REPORTS / f"{name}.json"
-    stamp = {"source": str(path.resolve()), "size": path.stat().st_size, "params": asdict(params)}
+    stamp = {
+        "report": REPORT_VERSION,
+        "source": str(path.resolve()),
+        "size": path.stat().st_size,
+        "params": asdict(params),
+    }
     if report_path.exists():
         done = json.loads(report_path.read_text())
         if done.get("stamp") == stamp:
@@ -158,7 +164,7 @@ def crop_video(job: tuple[Path, Path, CropParams]) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     tracker = Tracker(detector(params.detector), params.redetect, params.min_face)
     faces: list[list[Face]] = []
-    seconds, error, size = 0.0, None, None
+    seconds, error, size, header = 0.0, None, None, 0
     start = time.perf_counter()
     try:
         with av.open(str(path)) as container:
@@ -166,6 +172,7 @@ def crop_video(job: tuple[Path, Path, CropParams]) -> dict:
                 raise ValueError("no video stream")
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
+            header = int(stream.frames)
             for frame in container.decode(stream):
                 image = frame.to_ndarray(format="rgb24")
                 size = image.shape[1], image.shape[0]
@@ -180,7 +187,14 @@ def crop_video(job: tuple[Path, Path, CropParams]) -> dict:
     except (av.error.FFmpegError, ValueError, IndexError, OSError) as exc:
         error = f"{type(exc).__name__}: {exc}"
     elapsed = time.perf_counter() - start
-    report = {"video": name, "source": str(path), "frames": len(faces), "size": size, "error": error}
+    report = {
+        "video": name,
+        "source": str(path),
+        "frames": len(faces),
+        "header_frames": header,
+        "size": size,
+        "error": error,
+    }
     if error is not None:
         shutil.rmtree(work, ignore_errors=True)
         report.update(people=0, names=[], faces={}, frames_with_face=0, tracks=0, kept_tracks=0)
@@ -252,7 +266,12 @@ def problems(reports: list[dict]) -> list[str]:
             out.append(f"{r['source']}: unreadable, skipped ({r['error']})")
         elif r["frames"] == 0:
             out.append(f"{r['source']}: no frames decoded")
-        elif not r["people"]:
+        if not r["error"] and r["header_frames"] and r["header_frames"] != r["frames"]:
+            out.append(
+                f"{r['video']}: the container says {r['header_frames']} frames, {r['frames']} were decoded; "
+                "crops and labels are numbered in decode order"
+            )
+        if not r["error"] and r["frames"] and not r["people"]:
             out.append(f"{r['video']}: no face found in any of its {r['frames']} frames; no crops")
         if r.get("more_than_two"):
             out.append(f"{r['video']}: more than two faces on {r['more_than_two']} frame(s); the two largest were kept")
@@ -260,17 +279,19 @@ def problems(reports: list[dict]) -> list[str]:
 
 
 def show(reports: list[dict]) -> None:
-    """The per-video table and the problems."""
+    """The per-video table (frames, frames with a face, crop folders, tracks, detector time) and
+    the problems."""
     rows = [
         {
             "video": r["video"],
             "frames": r["frames"],
-            "face": r["frames_with_face"],
-            "share": f"{100 * r['frames_with_face'] / r['frames']:.1f} %" if r["frames"] else "-",
-            "people": ", ".join(f"{n} ({c})" for n, c in r["faces"].items()) or "-",
-            "tracks": f"{r['kept_tracks']} of {r['tracks']}",
+            "face": f"{r['frames_with_face']} ({100 * r['frames_with_face'] / r['frames']:.0f} %)"
+            if r["frames"]
+            else "-",
+            "people": " ".join(r["faces"]) or "-",
+            "tracks": f"{r['kept_tracks']}/{r['tracks']}",
             "seconds": f"{r['detector_seconds']:.1f}",
-            "fps": f"{r['fps']:.1f}",
+            "fps": f"{r['fps']:.0f}",
         }
         for r in reports
     ]
@@ -278,8 +299,7 @@ def show(reports: list[dict]) -> None:
         "video": "video",
         "frames": "frames",
         "face": "with a face",
-        "share": "share",
-        "people": "crop folders (frames)",
+        "people": "crop folders",
         "tracks": "tracks kept",
         "seconds": "detector s",
         "fps": "frames/s",
