@@ -8,7 +8,9 @@ person gives `<video>`; a video where two people are seen together gives `<video
 file itself is linked (or copied, where links are not possible) into `ROOT/batch1/`, where
 `fer-dist shard` takes the audio from. A report per video (`ROOT/crop_reports/<video>.json`) says
 how many frames it has, how many show a face, how many tracks were seen and kept, and the
-detector's time; a finished video is not cropped again by a rerun with the same settings.
+detector's time; `ROOT/crop_reports/<video>.npz` holds each frame's presentation time in seconds
+(`times` [frames]) and each face's box in px (`box/<name>` [frames, 4]: x0, y0, x1, y1, NaN where
+no face). A finished video is not cropped again by a rerun with the same settings.
 
 Who is a person: the tracks that last at least `min_track` frames (shorter ones are passing faces
 or false detections, counted in the report). When two such tracks share at least `min_track`
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import io
 import json
 import multiprocessing
 import os
@@ -42,7 +45,7 @@ CROPS = CROP_DIRS[0]  # cropped_aligned
 VIDEOS = VIDEO_DIRS[0]  # batch1
 REPORTS = "crop_reports"
 SIDES = ("_left", "_right")
-REPORT_VERSION = 1  # a report of another version is redone, not read
+REPORT_VERSION = 2  # a report of another version is redone, not read
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,7 @@ def crop_video(job: tuple[Path, Path, CropParams]) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     tracker = Tracker(detector(params.detector), params.redetect, params.min_face)
     faces: list[list[Face]] = []
+    times: list[float] = []
     seconds, error, size, header = 0.0, None, None, 0
     start = time.perf_counter()
     try:
@@ -180,6 +184,7 @@ def crop_video(job: tuple[Path, Path, CropParams]) -> dict:
                 found = tracker(image)
                 seconds += time.perf_counter() - tick
                 faces.append(found)
+                times.append(float(frame.time) if frame.time is not None else float("nan"))
                 for f in found:  # every face is cropped now; who it is becomes known at the end
                     folder = work / str(f.track)
                     folder.mkdir(parents=True, exist_ok=True)
@@ -210,6 +215,14 @@ def crop_video(job: tuple[Path, Path, CropParams]) -> dict:
                 os.replace(work / str(f.track) / f"{frame:05d}.jpg", final / f"{frame:05d}.jpg")
         shutil.rmtree(work, ignore_errors=True)
         link_video(path, root)
+        boxes = {}
+        for face_name, picked in names.items():
+            boxes[face_name] = np.full((len(faces), 4), np.nan, np.float32)
+            for frame, f in picked.items():
+                boxes[face_name][frame - 1] = f.box
+        buffer = io.BytesIO()
+        np.savez(buffer, times=np.array(times, np.float64), **{f"box/{n}": b for n, b in boxes.items()})
+        atomic_write(root / REPORTS / f"{name}.npz", buffer.getvalue())
         with_face = set().union(*(picked.keys() for picked in names.values())) if names else set()
         report.update(
             people=len(names),
