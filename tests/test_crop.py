@@ -17,7 +17,6 @@ from fer_dist.data.faces import TEMPLATE, Detector, align, similarity
 from fer_dist.data.format import read_manifest
 from fer_dist.data.layout import discover, read_annotation
 from fer_dist.labels import CLASSES
-from helpers import REPO, tiny_run
 
 FACE_FRAMES = 72  # face_noface.mov: single_face.mp4's 72 frames, then an animation without a face
 
@@ -224,30 +223,17 @@ def test_bad_labels_are_refused_naming_the_row_and_nothing_is_written(tmp_path, 
 
 
 @pytest.mark.slow
-def test_crop_with_labels_then_shard_then_train(real_footage, tmp_path):
-    labels = labels_file(
-        tmp_path,
-        "video,start_frame,end_frame,label,split\n"
-        "single_face,1,36,Neutral,train\n"
-        "single_face,37,72,Happiness,train\n"
-        "face_noface,1,60,Surprise,val\n"
-        "face_noface,100,169,Other,val\n",  # frames without a face: filled from the nearest crop
-    )
-    videos = [real_footage / "single_face.mp4", real_footage / "face_noface.mov"]
-    root, shards, run = tmp_path / "root", tmp_path / "shards", tmp_path / "run"
-    run_crop(videos, root, "--labels", str(labels))
+def test_crop_with_labels_then_shard_then_train(real_run):
+    root, shards, run = real_run / "root", real_run / "shards", real_run / "run"
     assert {v.name: (v.split, v.media.name) for v in discover(root)} == {
         "face_noface": ("val", "face_noface.mov"),
         "single_face": ("train", "single_face.mp4"),
     }
-    assert cli.main(["shard", "--root", str(root), "--out", str(shards), "--folds", "official"]) == 0
     manifest = read_manifest(shards)
     assert manifest.totals.labelled == manifest.totals.samples == 72 + 60 + 70
     assert manifest.totals.labelled_class_counts == [36, 0, 0, 0, 36, 0, 60, 70]
-    assert manifest.totals.with_crop == 72 + 60 and manifest.totals.filled == 70
+    assert manifest.totals.with_crop == 72 + 60 and manifest.totals.filled == 70  # frames after the cut
     assert manifest.totals.videos_without_audio == []
-    config = str(REPO / "configs" / "mfm_cpu.yaml")
-    assert cli.main(["train", "--config", config, *tiny_run(shards, run, "data.holdout_fold=1")]) == 0
     assert (run / "checkpoints" / "best" / "model.safetensors").exists()
-    scored = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert any("macro_f1" in json.dumps(m) for m in scored)
+    (epoch,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epoch["eval_frames"] == 60 + 70

@@ -228,6 +228,7 @@ def render(path: Path, source: Path, faces: list[Faces]) -> None:
         out = dst.add_stream("libx264", rate=rate)
         out.width, out.height = stream.codec_context.width // 2 * 2, stream.codec_context.height // 2 * 2
         out.pix_fmt = "yuv420p"
+        out.options = {"preset": "veryfast"}
         for i, frame in enumerate(src.decode(stream)):
             image = frame.to_image()
             draw = ImageDraw.Draw(image)
