@@ -13,7 +13,7 @@ from PIL import Image
 
 from fer_dist import cli
 from fer_dist.data import annotations, crop
-from fer_dist.data.faces import TEMPLATE, Detector, align, similarity
+from fer_dist.data.faces import TEMPLATE, Detector, align, iou, similarity
 from fer_dist.data.format import read_manifest
 from fer_dist.data.layout import discover, read_annotation
 from fer_dist.labels import CLASSES
@@ -92,7 +92,7 @@ def test_real_videos_faces_gone_no_face_and_corrupt_files(real_footage, tmp_path
     (videos / "garbage.mp4").write_bytes(np.random.default_rng(0).bytes(50_000))
     whole = (real_footage / "single_face.mp4").read_bytes()
     (videos / "truncated.mp4").write_bytes(whole[: len(whole) // 3])
-    reports = {r["video"]: r for r in run_crop([videos], tmp_path / "root")}
+    reports = {r["video"]: r for r in run_crop([videos], tmp_path / "root", "--workers", "2")}
     root = tmp_path / "root"
 
     woman = reports["WolfgangLanger_Pexels"]  # changing expressions, hands over the face
@@ -141,6 +141,18 @@ def test_two_people_become_left_and_right(real_footage, tmp_path):
     for f in sorted(set(left) & set(his) & set(right))[::10]:
         a, b, c = (np.asarray(Image.open(p), float) for p in (left[f], his[f], right[f]))
         assert np.abs(a - b).mean() < 12 < np.abs(c - b).mean()
+
+
+def test_the_cnn_detector_finds_the_face_hog_finds_and_unknown_names_are_refused(real_footage, tmp_path):
+    frame = decoded(real_footage / "single_face.mp4")[0]
+    (hog, _), *_ = Detector("hog").boxes(frame)
+    (cnn, _), *_ = Detector("cnn").boxes(frame, 0.5)
+    assert iou(hog, cnn) > 0.5
+    with pytest.raises(ValueError, match="unknown detector 'mtcnn'; choose one of hog, cnn"):
+        Detector("mtcnn")
+    video = str(real_footage / "single_face.mp4")
+    assert cli.main(["crop", "--videos", video, "--out", str(tmp_path), "--detector", "mtcnn"]) == 2
+    assert not (tmp_path / "cropped_aligned").exists()
 
 
 REPORTS = [
