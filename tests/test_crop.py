@@ -13,7 +13,7 @@ from PIL import Image
 
 from fer_dist import cli
 from fer_dist.data import annotations, crop
-from fer_dist.data.faces import TEMPLATE, Detector, align, iou, similarity
+from fer_dist.data.faces import TEMPLATE, Detector, Face, align, iou, similarity
 from fer_dist.data.format import read_manifest
 from fer_dist.data.layout import discover, read_annotation
 from fer_dist.labels import CLASSES
@@ -153,6 +153,27 @@ def test_the_cnn_detector_finds_the_face_hog_finds_and_unknown_names_are_refused
     video = str(real_footage / "single_face.mp4")
     assert cli.main(["crop", "--videos", video, "--out", str(tmp_path), "--detector", "mtcnn"]) == 2
     assert not (tmp_path / "cropped_aligned").exists()
+
+
+def face(track: int, x: float, size: float = 100) -> Face:
+    return Face(np.array([x, 50, x + size, 50 + size]), np.zeros((5, 2)), 1.0, track)
+
+
+def test_tracks_become_one_person_leaving_and_returning_or_two_people_by_side():
+    # one person, tracked twice (left the picture, came back), and a false detection on one frame
+    frames = [[face(0, 100)]] * 20 + [[]] * 5 + [[face(1, 300)]] * 15
+    frames[30] = [face(1, 300), face(2, 0, 30)]
+    chosen, counts = crop.people(frames, min_track=12)
+    assert list(chosen) == [""] and sorted(chosen[""]) == [*range(1, 21), *range(26, 41)]
+    assert chosen[""][31].track == 1
+    assert counts == {"tracks": 3, "kept_tracks": 2, "more_than_two": 0, "dropped_tracks": 0}
+    # two people side by side; the right one alone for a while, on the left of the picture
+    frames = [[face(5, 400), face(4, 50)]] * 14 + [[face(5, 150)]] * 6 + [[face(4, 60), face(6, 420)]] * 14
+    chosen, counts = crop.people(frames, min_track=12)
+    assert sorted(chosen) == ["_left", "_right"]
+    assert {f.track for f in chosen["_left"].values()} == {4}
+    assert sorted(chosen["_right"]) == list(range(1, 35)) and {f.track for f in chosen["_right"].values()} == {5, 6}
+    assert crop.people([[]] * 10, 12) == ({}, {"tracks": 0, "kept_tracks": 0, "more_than_two": 0})
 
 
 REPORTS = [

@@ -15,8 +15,8 @@ no face). A finished video is not cropped again by a rerun with the same setting
 Who is a person: the tracks that last at least `min_track` frames (shorter ones are passing faces
 or false detections, counted in the report). When two such tracks share at least `min_track`
 frames, the video has two people: on each frame the two largest faces are taken, left and right
-by their box centres, and a face seen alone goes to its track's side. Otherwise one person: on
-each frame the face of the longest track.
+by their box centres, and a face seen alone goes to its track's side. Otherwise one person (who
+may leave and come back as a new track): on each frame the face of the longest track there.
 """
 
 from __future__ import annotations
@@ -100,11 +100,13 @@ def people(faces: list[list[Face]], min_track: int) -> tuple[dict[str, dict[int,
     counts = {"tracks": len(length), "kept_tracks": len(kept), "more_than_two": sum(len(f) > 2 for f in frames)}
     if not kept:
         return {}, counts
-    if not any(n >= min_track for n in together.values()):
-        main = max(kept, key=lambda t: (length[t], -t))
-        out = {"": {i + 1: f for i, frame in enumerate(frames) for f in frame if f.track == main}}
-        counts["dropped_tracks"] = len(kept) - 1
-        return out, counts
+    if not any(n >= min_track for n in together.values()):  # one person, perhaps leaving and coming back
+        chosen = {}
+        for i, frame in enumerate(frames):
+            if frame:
+                chosen[i + 1] = max(frame, key=lambda f: (length[f.track], -f.track))
+        counts["dropped_tracks"] = len(kept - {f.track for f in chosen.values()})
+        return {"": chosen}, counts
     votes: dict[int, list[int]] = collections.defaultdict(list)  # track -> its side on frames shared with another
     pairs = {}
     for i, frame in enumerate(frames):

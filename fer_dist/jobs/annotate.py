@@ -130,6 +130,7 @@ def predict_faces(reports: list[dict], run_dir: Path, work: Path, workers: int) 
         warnings += manifest.problems
         out = work / "predictions.npz"
         predict_group(weights, shards, "test", out)
+        shutil.rmtree(shards)  # the crops stay, for a rerun with another model
         p = preds_lib.load(out)
         all_probs = ensemble.probabilities(p)
         all_labels = postprocess.apply(p.key, all_probs, post)
