@@ -190,7 +190,8 @@ def timeline_png(path: Path, f: Faces, title: str) -> None:
     fig, (top, bottom) = plt.subplots(
         2, 1, figsize=(14, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]}, layout="constrained"
     )
-    top.stackplot(t, f.probs.T, colors=COLOURS, labels=CLASSES, alpha=0.85, linewidth=0)
+    edges, held = np.r_[t, t[-1] + step], np.vstack([f.probs, f.probs[-1:]]).T  # each frame until the next
+    top.stackplot(edges, held, colors=COLOURS, labels=CLASSES, alpha=0.85, linewidth=0, step="post")
     top.set_ylim(0, 1)
     top.set_ylabel("probability")
     top.set_title(title, loc="left")
