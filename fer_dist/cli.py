@@ -135,9 +135,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         diffs = inspect.compare(found, manifest)
     agree = not diffs and not found["problems"]
     if args.json:
-        out.print_json(json.dumps({**found, "manifest_differences": diffs, "agrees": agree}))
+        quality = inspect.quality_rows(manifest) if manifest else []
+        out.print_json(json.dumps({**found, "manifest_differences": diffs, "agrees": agree, "quality": quality}))
     else:
         inspect.show(Path(args.shards), found, diffs, agree)
+        if manifest is not None:
+            inspect.show_quality(manifest)
     return 0 if agree else 1
 
 

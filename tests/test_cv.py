@@ -78,7 +78,7 @@ def test_cv_resumes_fold_by_fold_then_predicts_and_submits(challenge, tmp_path):
     assert mean.returncode == 0, out
     assert "ensemble (mean)" in (cv / "ensemble" / "report.md").read_text()
 
-    # a template asking for a frame the shards do not hold: refused, the file is left as it was
+    # a template asking for a frame the shards do not hold: refused, the files are left as they were
     template = tmp_path / "template.csv"
     template.write_text((data / TEST_TEMPLATE).read_text() + "no-such-video/00001.jpg,\n")
     written = (cv / "ensemble" / "submission" / "abaw5.csv").read_bytes()
@@ -86,7 +86,7 @@ def test_cv_resumes_fold_by_fold_then_predicts_and_submits(challenge, tmp_path):
     refused = fer_dist("predict", str(cv), "--shards", str(shards), *target)
     out, _ = refused.communicate(timeout=300)
     assert refused.returncode == 2
-    assert "refusing to write" in out and "no-such-video/00001" in out
+    assert "refusing to predict" in out and "no-such-video/00001" in out  # before any prediction
     assert (cv / "ensemble" / "submission" / "abaw5.csv").read_bytes() == written
 
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from fer_dist.engine import predictions as preds_lib
-from fer_dist.labels import CLASSES
+from fer_dist.labels import CLASSES, NUM_CLASSES
 from fer_dist.results import ensemble, postprocess, submission
 
 
@@ -139,26 +139,56 @@ def test_ensemble_report_from_fold_runs(tmp_path):
     assert {r["name"]: r for r in aux["test"]}["ensemble (mean)"]["per_class_f1"][1:] == [0.0] * 7
 
 
+def test_an_ensemble_refused_on_its_test_predictions_writes_nothing(tmp_path):
+    cv = tmp_path / "cv"
+    for k in range(2):
+        keys = np.array([f"v{k}/{i + 1:05d}" for i in range(8)])
+        test_keys = np.array([f"t/{i + 1:05d}" for i in range(8 - k)])  # fold 1 misses a test frame
+        fake_fold(cv, k, keys, np.arange(8), np.arange(8), test_keys, np.zeros(8 - k, int))
+    with pytest.raises(ensemble.EnsembleError, match="1 missing, 0 extra, e.g. t/00008"):
+        ensemble.run([str(cv)], cv / "ensemble", "vote")
+    assert sorted(p.name for p in (cv / "ensemble").iterdir()) == ["test"]  # only the members' own files
+
+
 def test_submissions_complete_or_refused(tmp_path):
     keys = np.array(["a/00001", "a/00002", "a/00003", "b/00001", "b/00002"])
     labels = np.array([3, 3, 4, 7, 0])
-    files = submission.write_abaw3(tmp_path / "abaw3", keys, labels, {"a": 3, "b": 2})
-    assert [f.name for f in files] == ["a.txt", "b.txt"]
-    assert (tmp_path / "abaw3" / "a.txt").read_text() == ",".join(CLASSES) + "\n3\n3\n4\n"
+    files = submission.abaw3(keys, labels, {"a": 3, "b": 2})
+    assert sorted(files) == ["a.txt", "b.txt"]
+    assert files["a.txt"] == (",".join(CLASSES) + "\n3\n3\n4\n").encode()
     template = tmp_path / "template.csv"
     template.write_text("image_location," + ",".join(CLASSES) + "\nb/00002.jpg,\na/00001.jpg,\nb/00001.jpg,\n")
     required = submission.read_template(template)
     assert required == [("b", 2), ("a", 1), ("b", 1)]
-    assert submission.write_abaw5(tmp_path / "abaw5.csv", keys, labels, required) == 3
-    lines = (tmp_path / "abaw5.csv").read_text().splitlines()
+    lines = submission.abaw5(keys, labels, required).decode().splitlines()
     assert lines[0].startswith("image_location,Neutral")
     assert lines[1:] == ["b/00002.jpg,0", "a/00001.jpg,3", "b/00001.jpg,7"]
     with pytest.raises(submission.SubmissionError, match="1 required frame.*a/00004"):
-        submission.write_abaw3(tmp_path / "short", keys, labels, {"a": 4, "b": 2})
-    assert not (tmp_path / "short").exists()
+        submission.abaw3(keys, labels, {"a": 4, "b": 2})
     with pytest.raises(submission.SubmissionError, match="c/00009"):
-        submission.write_abaw5(tmp_path / "missing.csv", keys, labels, [*required, ("c", 9)])
-    assert not (tmp_path / "missing.csv").exists()
+        submission.abaw5(keys, labels, [*required, ("c", 9)])
+    folder = tmp_path / "submission"  # a submission replaces the previous one whole
+    submission.write(folder, {"abaw3/a.txt": b"1", "abaw3/c.txt": b"2", "abaw5.csv": b"3"})
+    submission.write(folder, {"abaw3/b.txt": b"4", "abaw5.csv": b"5"})
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.*")) == ["abaw3/b.txt", "abaw5.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["submission", "template.csv"]
+
+
+def test_a_submission_refused_in_either_format_writes_neither(tmp_path):
+    from fer_dist.jobs.predict import submit
+
+    keys = np.array(["a/00001", "a/00002", "b/00001"])
+    logits = np.eye(NUM_CLASSES, dtype=np.float32)[[1, 1, 2]]
+    preds_lib.save(tmp_path / "test.npz", preds_lib.Predictions(keys, np.full(3, -1), {"ensemble": logits}, "ensemble"))
+    (tmp_path / "postprocess.json").write_text(json.dumps(postprocess.PostParams().to_dict()))
+    with pytest.raises(submission.SubmissionError, match="ABAW5/6 file: 1 required frame.*b/00002"):
+        submit(tmp_path, {"a": 2, "b": 1}, [("a", 1), ("a", 2), ("b", 1), ("b", 2)])  # ABAW3 is complete
+    assert not (tmp_path / "submission").exists()
+    assert submit(tmp_path, {"a": 2, "b": 1}, [("b", 1), ("a", 2)])["abaw5_rows"] == 2
+    assert (tmp_path / "submission" / "abaw3" / "a.txt").read_text().splitlines()[1:] == ["1", "1"]
+
+
+def test_a_malformed_template_is_named(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("image_location,Neutral\nnot-a-frame\n")
     with pytest.raises(submission.SubmissionError, match="bad.csv:2"):

@@ -6,7 +6,6 @@ import io
 import json
 import os
 import shutil
-from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -26,12 +25,12 @@ def test_prosody_of_a_tone():
     p = ProsodyParams()
     t = np.arange(p.sample_rate * 3) / p.sample_rate
     tone = (0.5 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
-    f = prosody(tone, 100, Fraction(25), p)  # 4 s of video, 3 s of sound
+    f = prosody(tone, np.arange(100) / 25, p)  # 4 s of video at 25 fps, 3 s of sound
     assert f.shape == (100, p.n_mfcc + 2)
     assert np.allclose(f[10:70, p.n_mfcc], 220, rtol=0.03)  # pitch, Hz
     assert np.allclose(f[10:70, p.n_mfcc + 1], np.log(0.125), atol=0.01)  # log mean square of 0.5 sin
     assert not f[80:].any()  # after the sound ends
-    assert not prosody(None, 10, Fraction(25), p).any()
+    assert not prosody(None, np.arange(10) / 25, p).any()
 
 
 def test_feature_shards_mirror_the_source(shards, features):
@@ -85,6 +84,19 @@ def test_the_voice_feature_is_the_frozen_encoders_layers_over_the_frames_window(
         got = npy(b["voice.npy"])
         assert got.shape == (2, 64) and got.dtype == np.float16
         np.testing.assert_allclose(got.astype(np.float32), want.numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_a_refused_extraction_writes_nothing(shards, synthetic, tmp_path):
+    videos = discover(synthetic)
+    with pytest.raises(ExtractError, match="1 video.* not in the dataset given"):
+        extract(shards, tmp_path / "a", videos[1:], "test_convnext")
+    words = tmp_path / "words"
+    words.mkdir()
+    for i, v in enumerate(videos[:2]):
+        np.save(words / f"{v.name}.npy", np.zeros((10, 4 + i), np.float32))
+    with pytest.raises(ExtractError, match=r"widths \[4, 5\]"):
+        extract(shards, tmp_path / "b", videos, "test_convnext", words=words)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_the_voice_needs_shards_with_waveforms(shards, synthetic, tmp_path):

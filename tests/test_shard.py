@@ -7,9 +7,10 @@ import tarfile
 from collections import Counter
 from fractions import Fraction
 
+import av
 import numpy as np
 
-from fer_dist.data.audio import MelParams, frame_columns, log_mel, read_media, window
+from fer_dist.data.audio import MelParams, frame_columns, frame_times, log_mel, read_media, seconds, window
 from fer_dist.data.format import read_manifest
 from fer_dist.data.inspect import compare, survey
 from fer_dist.data.layout import discover, list_crops, read_annotation
@@ -72,7 +73,7 @@ def test_window_flags_and_mel_windows(synthetic, shards):
     flags = purity_flags(labels)
     p = MelParams()
     media = read_media(v.media, p.sample_rate)
-    columns = frame_columns(log_mel(media.audio, p), len(labels), media.fps, p)
+    columns = frame_columns(log_mel(media.audio, p), seconds(frame_times(media, len(labels))), len(labels), p)
     checked = 0
     for s in samples(shards):
         meta = json.loads(s["json"])
@@ -90,7 +91,8 @@ def test_window_flags_and_mel_windows(synthetic, shards):
 def test_the_waveform_member_is_the_decoded_16khz_audio_at_its_samples(synthetic, wave_shards):
     """`--audio-wave`: each sample's `wav.npy` is the video's audio decoded and resampled to
     16 kHz, as 16-bit PCM, over the 2 x 17,067 samples (+-32 frames at 30 fps) centred on the
-    frame's time; silence beyond the audio and for the video without sound. Format 2 says so."""
+    frame's time (its timestamp, decoded here by PyAV; (i - 1) / fps in these constant-rate
+    videos); silence beyond the audio and for the video without sound. Format 2 says so."""
     manifest = read_manifest(wave_shards)
     assert manifest.format == 2 and manifest.members == ["image", "audio", "wave"]
     assert compare(survey(wave_shards, manifest.params.sample_members()), manifest) == []
@@ -98,18 +100,21 @@ def test_the_waveform_member_is_the_decoded_16khz_audio_at_its_samples(synthetic
     for v in discover(synthetic):
         media = read_media(v.media, 16000)
         pcm = None if media.audio is None else np.clip(np.round(media.audio * 32767), -32768, 32767).astype(np.int16)
-        audio[v.name] = (media.fps, pcm)
+        with av.open(str(v.media)) as container:
+            times = [Fraction(f.pts) * f.time_base for f in container.decode(video=0)]
+        assert times == [Fraction(i) / media.fps for i in range(len(times))]
+        audio[v.name] = (times, pcm)
     checked, edges, silent = 0, 0, 0
     for s in samples(wave_shards):
         meta = json.loads(s["json"])
-        fps, pcm = audio[meta["video"]]
+        times, pcm = audio[meta["video"]]
         wave = np.load(io.BytesIO(s["wav.npy"]), allow_pickle=False)
         assert wave.dtype == np.int16 and wave.shape == (34134,)
         if pcm is None:
             assert not wave.any()
             silent += 1
             continue
-        start = round(Fraction(meta["frame"] - 1) * 16000 / Fraction(fps)) - 17067
+        start = round(times[meta["frame"] - 1] * 16000) - 17067
         expected = np.zeros(34134, np.int16)
         lo, hi = max(0, start), min(len(pcm), start + 34134)
         expected[lo - start : hi - start] = pcm[lo:hi]
@@ -170,6 +175,11 @@ def test_the_manifest_does_not_depend_on_the_order_videos_finished_in():
             "audio": True, "audio_error": None, "labelled": 2, "with_crop": 2, "with_crop_class_counts": counts,
             "samples": 2, "filled": 0, "corrupt_crops": 0, "dropped": {f"reason of {fold}": 1}, "class_counts": counts,
             "labelled_class_counts": counts, "window_counts": [2, 2, 2], "window_patterns": [[1, 1]],
+            "quality": {
+                "video_frames": 2, "header_frames": 2, "timing": "timestamps", "timing_drift_s": 0.0, "audio_s": 1.0,
+                "audio_late_s": 0.0, "audio_early_end_s": 0.0, "frames_without_sound": 0, "labels_past_end": 0,
+                "crop_width": [112, 112], "crop_height": [112, 112],
+            },
             "mel_sum": mel_sum, "mel_sumsq": abs(mel_sum), "mel_count": 4,
         }  # fmt: skip
 

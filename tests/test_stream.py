@@ -292,7 +292,7 @@ def test_a_worker_reuses_a_block_only_once_the_training_process_has_copied_it_ou
     def made(value: int) -> dict:
         crop = torch.arange(60, dtype=torch.uint8).view(4, 5, 3).permute(2, 0, 1) + value  # as decode_jpeg gives it
         frames = [{"key": str(i), "label": 0, "image": crop} for i in range(2)]
-        return stream.collate(frames)
+        return stream.collate(frames, image_size=4)
 
     first, second = made(1), made(2)
     assert first["block"].data_ptr() != second["block"].data_ptr()  # the first is still in the other's hands

@@ -79,13 +79,14 @@ def test_deterministic(tmp_path):
 
 def test_audio_follows_the_sound_of_the_label(synthetic):
     """Frames of classes that share a sound have alike spectra; classes that do not, differ."""
-    from fer_dist.data.audio import MelParams, frame_columns, log_mel, read_media
+    from fer_dist.data.audio import MelParams, frame_columns, frame_times, log_mel, read_media, seconds
 
     v = next(v for v in discover(synthetic) if v.media.suffix == ".mp4" and "_" not in v.name)
     labels = read_annotation(v.annotation)
     media = read_media(v.media, 32000)
     p = MelParams()
-    cols = frame_columns(log_mel(media.audio, p), len(labels), media.fps, p)[:, 32:-32]
+    times = seconds(frame_times(media, len(labels)))
+    cols = frame_columns(log_mel(media.audio, p), times, len(labels), p)[:, 32:-32]
     profile = {c: cols[:, labels == c].mean(1) for c in range(8)}
     anger, disgust, happy = profile[1], profile[2], profile[4]
     assert np.abs(anger - disgust).mean() < 0.5 * np.abs(anger - happy).mean()

@@ -16,7 +16,6 @@ def teams_items(root: Path, manifest: Manifest, holdout: int, mel_dir: Path) -> 
     video's per-frame log-mel columns to `mel_dir/<video>.npy` once, as the teams precompute them."""
     from fer_dist.data import audio
     from fer_dist.data.layout import discover, list_crops, read_annotation
-    from fer_dist.data.pack import ASSUMED_FPS
 
     mel_dir.mkdir(parents=True, exist_ok=True)
     params = audio.MelParams()
@@ -30,7 +29,9 @@ def teams_items(root: Path, manifest: Manifest, holdout: int, mel_dir: Path) -> 
         if not npy.exists():
             media = audio.read_media(video.media, params.sample_rate)
             mel = audio.log_mel(media.audio, params) if media.audio is not None else None
-            columns = audio.frame_columns(mel, len(labels), media.fps or ASSUMED_FPS, params)
+            columns = audio.frame_columns(
+                mel, audio.seconds(audio.frame_times(media, len(labels))), len(labels), params
+            )
             np.save(npy, columns.astype(np.float16))
         for frame, path in sorted(list_crops(video.crops).items()):
             if frame <= len(labels) and labels[frame - 1] >= 0:

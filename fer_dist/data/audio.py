@@ -1,9 +1,12 @@
-"""Audio of a video as frame-synchronous log-mel columns.
+"""Audio of a video as frame-synchronous log-mel columns, with every frame at its own time.
 
-The log-mel spectrogram (paper 000: 2048-point FFT, hop 1024, 128 mel bins) is computed once per
-video, then resampled along time to one column per video frame, frame i sitting at (i - 1) / fps.
-A frame's window of +-h frames is then a plain slice, whatever the video's frame rate and the
-audio's sample rate, and the narrower windows are centre crops of the widest one.
+A frame's time is its presentation timestamp, read from the container (frame numbers stay the
+decode order that `cropped_aligned` uses): a variable-frame-rate video, a recorder's stall or a
+stream that starts late places each frame where it is shown, not at (i - 1) / fps. The log-mel
+spectrogram (paper 000: 2048-point FFT, hop 1024, 128 mel bins) is computed once per video, then
+sampled at each frame's time, one column per frame. A frame's window of +-h frames is then a plain
+slice, whatever the video's frame rate and the audio's sample rate, and the narrower windows are
+centre crops of the widest one.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torchaudio
 
 SILENCE = float(np.log(1e-6))  # log-mel value of digital silence and of padding
 WIDEST = 32  # half width, in frames, of the widest dynamic window (paper 000)
+ASSUMED_FPS = Fraction(30)  # the frame rate of a file that cannot be read
 
 
 @dataclass(frozen=True)
@@ -31,78 +35,164 @@ class MelParams:
 
 @dataclass
 class Media:
-    fps: Fraction | None  # None when the file could not be read
-    frames: int  # frames in the video stream (0 if unknown)
-    audio: np.ndarray | None  # mono float32 at the requested rate; None: no audio stream or unreadable
+    fps: Fraction | None  # the container's average frame rate; None when the file could not be read
+    times: list[Fraction]  # each video frame's presentation time (s), in decode order; [] when unknown
+    header_frames: int = 0  # the frame count the container's header states; 0 when it states none
+    timed: bool = True  # the times are the frames' timestamps (False: (i - 1) / fps, the file has none)
+    audio: np.ndarray | None = None  # mono float32 at the requested rate, sample k at k / rate s; None: none
+    audio_start: float = 0.0  # seconds: where the audio stream's first sample lies on the container's timeline
     error: str | None = None  # why the file could not be read
     resampled: dict[int, np.ndarray] = field(default_factory=dict)  # the audio at the `also` rates
 
+    @property
+    def frames(self) -> int:
+        """The video's frames, counted (not the header's count)."""
+        return len(self.times)
+
+
+def video_times(container, video, stamps: list[int | None], fps: Fraction | None) -> tuple[list[Fraction], bool]:
+    """Each frame's presentation time (s), in decode order, and whether they are timestamps.
+
+    From the demuxed packets' `stamps` (sorted: presentation order) when they agree with the
+    header's frame count; by decoding the video when the header states no count (fragmented MP4,
+    Matroska) or one the packets do not bear out. Frames without timestamps are timed at
+    (i - 1) / fps."""
+    if int(video.frames) == len(stamps) and None not in stamps:
+        return [Fraction(t) * video.time_base for t in sorted(stamps)], True
+    container.seek(0)
+    video.thread_type = "AUTO"
+    decoded = [None if f.pts is None else Fraction(f.pts) * f.time_base for f in container.decode(video)]
+    if None not in decoded:
+        return decoded, True
+    return [Fraction(i) / (fps or ASSUMED_FPS) for i in range(len(decoded))], False
+
 
 def read_media(path: Path | None, sample_rate: int, also: tuple[int, ...] = ()) -> Media:
-    """Frame rate from the container, audio decoded with PyAV, mixed to mono and resampled; to
-    the `also` rates as well, from the same decoded frames (one decode for all)."""
+    """Each video frame's presentation time, and the audio decoded with PyAV, mixed to mono and
+    resampled to `sample_rate` (and to the `also` rates, from the same decoded frames), placed on
+    the container's timeline: sample k of the audio is at k / rate s (leading silence up to the
+    audio's first timestamp), where a frame's time is its timestamp.
+
+    One demuxing pass reads the video packets' timestamps and decodes the audio; the video is
+    decoded only when its frame count needs it (`video_times`). An unreadable file gives a `Media`
+    with `error` set, never an exception."""
     if path is None:
-        return Media(None, 0, None, "no video file")
+        return Media(None, [], error="no video file")
+    rates = (sample_rate, *also)
+    chunks: dict[int, list] = {r: [] for r in rates}
+    start, times, timed = None, [], True
     try:
         with av.open(str(path)) as container:
             video = container.streams.video[0] if container.streams.video else None
-            fps = Fraction(video.average_rate or video.guessed_rate) if video else None
-            frames = int(video.frames) if video else 0
-            if not container.streams.audio:
-                return Media(fps, frames, None)
-            stream = container.streams.audio[0]
-            rates = (sample_rate, *also)
-            resamplers = {r: av.AudioResampler(format="flt", layout="mono", rate=r) for r in rates}
-            chunks: dict[int, list] = {r: [] for r in rates}
-            start = None
-            for frame in container.decode(stream):
-                if start is None and frame.pts is not None:
-                    start = max(0.0, float(frame.pts * stream.time_base))
-                for r, resampler in resamplers.items():
-                    chunks[r] += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+            sound = container.streams.audio[0] if container.streams.audio else None
+            rate = (video.average_rate or video.guessed_rate) if video else None
+            fps = Fraction(rate) if rate else None
+            resamplers = {r: av.AudioResampler(format="flt", layout="mono", rate=r) for r in rates} if sound else {}
+            stamps: list[int | None] = []
+            for packet in container.demux([s for s in (video, sound) if s is not None]):
+                if packet.stream is video:
+                    if packet.size and not packet.is_discard:
+                        stamps.append(packet.pts if packet.pts is not None else packet.dts)
+                    continue
+                for frame in packet.decode():
+                    if start is None and frame.pts is not None:
+                        start = max(0.0, float(frame.pts * frame.time_base))
+                    for r, resampler in resamplers.items():
+                        chunks[r] += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
             for r, resampler in resamplers.items():
                 chunks[r] += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+            if video is not None:
+                times, timed = video_times(container, video, stamps, fps)
+            header = int(video.frames) if video else 0
     except (av.error.FFmpegError, IndexError, ValueError) as exc:
-        return Media(None, 0, None, f"{type(exc).__name__}: {exc}")
+        return Media(None, [], error=f"{type(exc).__name__}: {exc}")
 
     def mono(rate: int) -> np.ndarray:
         lead = np.zeros(int(round((start or 0.0) * rate)), np.float32)
         return np.concatenate([lead, *chunks[rate]]).astype(np.float32)
 
-    return Media(fps, frames, mono(sample_rate), resampled={r: mono(r) for r in also})
+    return Media(
+        fps,
+        times,
+        header_frames=header,
+        timed=timed,
+        audio=mono(sample_rate) if sound else None,
+        audio_start=start or 0.0,
+        resampled={r: mono(r) for r in also} if sound else {},
+    )
+
+
+def frame_times(media: Media, n: int) -> list[Fraction]:
+    """Times (s) of those of frames 1..n that the video has: each one's own timestamp. Frames past
+    the video's last (an annotation longer than its video) have none: they are outside the video.
+    When the file has no video frames to count (unreadable, no video stream), frame i is taken to
+    be at (i - 1) / fps (30 fps when even the rate is unknown)."""
+    if media.frames:
+        return media.times[:n]
+    return [Fraction(i) / (media.fps or ASSUMED_FPS) for i in range(n)]
+
+
+def seconds(times: list[Fraction]) -> np.ndarray:
+    return np.array([float(t) for t in times], np.float64)
 
 
 def log_mel(audio: np.ndarray, p: MelParams) -> np.ndarray:
-    """[n_mels, columns] natural-log mel power; column k is centred at k * hop / sample_rate."""
+    """[n_mels, columns] natural-log mel power; column k is centred at k * hop / sample_rate s.
+    Audio shorter than half an FFT window (a few ms of sound) is padded with silence first."""
     transform = torchaudio.transforms.MelSpectrogram(
         sample_rate=p.sample_rate, n_fft=p.n_fft, hop_length=p.hop, n_mels=p.n_mels, power=2.0
     )
+    audio = np.pad(audio, (0, max(0, p.n_fft // 2 + 1 - len(audio))))  # the centred frames reflect n_fft / 2
     with torch.no_grad():
         mel = transform(torch.from_numpy(audio))
     return torch.log(mel + 1e-6).numpy()
 
 
-def frame_columns(mel: np.ndarray | None, n_frames: int, fps: Fraction, p: MelParams) -> np.ndarray:
-    """[n_mels, n_frames + 2 * WIDEST] float32: column WIDEST + i - 1 belongs to frame i.
+def frame_columns(mel: np.ndarray | None, times: np.ndarray, n_frames: int, p: MelParams) -> np.ndarray:
+    """[n_mels, n_frames + 2 * WIDEST] float32: column WIDEST + i - 1 belongs to frame i, the
+    log-mel interpolated at the frame's time `times[i - 1]` (s).
 
-    Columns before frame 1, after the last frame, and past the end of the audio are silence, so
-    edge windows keep their width; `padding` tells how many of a window's columns that is.
+    Columns before frame 1, after the last frame, past the end of the audio and of frames past
+    `len(times)` (labels past the video's end) are silence, so edge windows keep their width;
+    `padding` tells how many of a window's columns that is.
     """
     out = np.full((p.n_mels, n_frames + 2 * WIDEST), SILENCE, np.float32)
     if mel is None or mel.shape[1] == 0:
         return out
-    pos = np.arange(n_frames) / float(fps) * p.sample_rate / p.hop  # fractional column of each frame
-    inside = pos <= mel.shape[1] - 1
+    pos = np.asarray(times[:n_frames], np.float64) * p.sample_rate / p.hop  # fractional column of each frame
+    inside = np.flatnonzero((pos >= 0) & (pos <= mel.shape[1] - 1))
     lo = np.floor(pos[inside]).astype(int)
     hi = np.minimum(lo + 1, mel.shape[1] - 1)
     w = (pos[inside] - lo).astype(np.float32)
-    out[:, WIDEST : WIDEST + int(inside.sum())] = mel[:, lo] * (1 - w) + mel[:, hi] * w
+    out[:, WIDEST + inside] = mel[:, lo] * (1 - w) + mel[:, hi] * w
     return out
 
 
 def window(columns: np.ndarray, frame: int) -> np.ndarray:
     """The widest window of frame `frame` (1-based): frames frame-32 .. frame+31, as in paper 000."""
     return columns[:, frame - 1 : frame - 1 + 2 * WIDEST]
+
+
+def heard(times: list[Fraction], audio: np.ndarray | None, audio_start: float, rate: int) -> np.ndarray:
+    """[len(times)] bool: which frames lie inside the audio (its first to its last sample)."""
+    t = seconds(times)
+    if audio is None:
+        return np.zeros(len(t), bool)
+    return (t >= audio_start) & (t <= len(audio) / rate)
+
+
+def padding(heard_: np.ndarray, n_frames: int) -> np.ndarray:
+    """[n_frames, 2]: how many of each frame's widest-window columns (frames f-32 .. f+31) are
+    silence because they lie outside the video or the audio: before (before frame 1, or before the
+    audio starts) and after (after the last frame, after the audio ends, or past the video's end).
+    Each row sums to at most the window's 2 * WIDEST columns."""
+    k = len(heard_)
+    silent = np.ones(n_frames + 2 * WIDEST, bool)  # column WIDEST + i - 1 is frame i
+    silent[WIDEST : WIDEST + min(k, n_frames)] = ~heard_[:n_frames]
+    first = WIDEST + (int(np.argmax(heard_)) if heard_.any() else 0)  # columns before it lead the sound
+    before = silent & (np.arange(len(silent)) < first)
+    windows = np.lib.stride_tricks.sliding_window_view(np.stack([before, silent & ~before]), 2 * WIDEST, axis=1)
+    return windows.sum(2).T[:n_frames].astype(np.int64)
 
 
 WAVE_RATE = 16000  # the wav2vec2 family's input rate
@@ -124,21 +214,15 @@ def pcm16(audio: np.ndarray) -> np.ndarray:
     return np.clip(np.round(audio * PCM_SCALE), -PCM_SCALE - 1, PCM_SCALE).astype(np.int16)
 
 
-def wave_window(pcm: np.ndarray, frame: int, fps: Fraction) -> np.ndarray:
-    """Frame `frame`'s (1-based) widest waveform window: WAVE_WIDTH samples centred on its time
-    (frame - 1) / fps, zeros before the audio starts and after it ends."""
-    start = round((frame - 1) * Fraction(WAVE_RATE) / Fraction(fps)) - WAVE_WIDTH // 2
+def wave_window(pcm: np.ndarray, time: Fraction) -> np.ndarray:
+    """The widest waveform window of a frame shown at `time` (s): WAVE_WIDTH samples centred on
+    it, zeros before the audio starts and after it ends."""
+    start = round(time * WAVE_RATE) - WAVE_WIDTH // 2
     out = np.zeros(WAVE_WIDTH, np.int16)
     lo, hi = max(0, start), min(len(pcm), start + WAVE_WIDTH)
     if hi > lo:
         out[lo - start : hi - start] = pcm[lo:hi]
     return out
-
-
-def padding(frame: int, n_frames: int, audio_frames: int) -> tuple[int, int]:
-    """How many columns of the frame's widest window lie before frame 1 / after the audio or video."""
-    last = min(n_frames, audio_frames)
-    return max(0, WIDEST + 1 - frame), max(0, frame + WIDEST - 1 - last)
 
 
 @dataclass(frozen=True)
@@ -155,9 +239,10 @@ class ProsodyParams:
     max_pitch: float = 500.0
 
 
-def prosody(audio: np.ndarray | None, n_frames: int, fps: Fraction, p: ProsodyParams) -> np.ndarray:
-    """[n_frames, n_mfcc + 2]: the MFCC, pitch (Hz) and log energy of the 25 ms around each video
-    frame (frame i at (i - 1) / fps); zeros for a video without audio and past the audio's end."""
+def prosody(audio: np.ndarray | None, times: np.ndarray, p: ProsodyParams) -> np.ndarray:
+    """[frames, n_mfcc + 2]: the MFCC, pitch (Hz) and log energy of the 25 ms around each video
+    frame's time `times` (s); zeros for a video without audio and outside the audio."""
+    n_frames = len(times)
     out = np.zeros((n_frames, p.n_mfcc + 2), np.float32)
     if audio is None or len(audio) < p.n_fft:
         return out
@@ -177,8 +262,8 @@ def prosody(audio: np.ndarray | None, n_frames: int, fps: Fraction, p: ProsodyPa
         )[0]
         framed = torch.nn.functional.pad(wave, (half, half)).unfold(0, p.n_fft, p.hop)
         energy = torch.log(framed.pow(2).mean(1) + 1e-10)
-    t = np.arange(n_frames) / float(fps) * p.sample_rate  # each video frame's sample
-    inside = t < len(audio)
+    t = np.asarray(times, np.float64) * p.sample_rate  # each video frame's sample
+    inside = (t >= 0) & (t < len(audio))
     k = np.round(t[inside] / p.hop).astype(int)
     for column, values in enumerate([*coefficients.T, pitch, energy]):
         out[inside, column] = values[np.minimum(k, len(values) - 1)].numpy()

@@ -34,6 +34,8 @@ from fer_dist.data.audio import MelParams
 FORMAT_VERSION = 2  # 2: samples may hold the raw waveform (`wave`); shards without it are written as 1
 READS = (1, 2)
 FOLD_SCHEMES = ("video5", "train4+val", "official")
+AUDIO_GAP_S = 0.5  # sound starting this much after the first frame, or ending before the last, is a quirk
+# (an encoder's priming and the last audio frame's rounding stay far below it)
 
 # A model input and the shard member it is decoded from; `fer-dist extract` writes the last three.
 MEMBERS = {
@@ -94,6 +96,59 @@ class Group:
 
 
 @dataclass
+class Quality:
+    """What packing found odd about a video's file, crops and labels, counted; `fer-dist shard`
+    tabulates the videos that have any of it and `fer-dist inspect` shows the table again."""
+
+    video_frames: int  # frames in the video, counted from its packets or by decoding; 0 when unreadable
+    header_frames: int  # the frame count the container's header states; 0 when it states none
+    timing: str  # "timestamps": each frame at its presentation timestamp; "assumed rate": (i - 1) / fps
+    timing_drift_s: float  # largest departure of a frame's timestamp from a constant rate (variable rate)
+    audio_s: float  # seconds of sound in the audio stream
+    audio_late_s: float  # how long after the first frame the sound starts
+    audio_early_end_s: float  # how long before the last frame the sound ends
+    frames_without_sound: int  # video frames whose time lies outside the sound (they hear silence)
+    labels_past_end: int  # annotation lines past the video's last frame (filled from the nearest crop)
+    crop_width: list[int]  # [min, max] px over the crops read
+    crop_height: list[int]  # [min, max] px
+
+    def quirks(self, fps: float) -> dict[str, str]:
+        """This video's quirks: a name for each (the kind) and what was found and done, in a
+        sentence (the warnings and the quality table). `fps` is the container's average rate."""
+        silent = f"; {self.frames_without_sound} frame(s) hear silence" if self.frames_without_sound else ""
+        width, height = (f"{a}" if a == b else f"{a}-{b}" for a, b in (self.crop_width, self.crop_height))
+        found = {
+            "frame count": self.video_frames and self.header_frames != self.video_frames,
+            "no timestamps": self.timing == "assumed rate" and self.video_frames,
+            "variable frame rate": self.timing_drift_s > 0.5 / fps,
+            "sound starts late": self.audio_late_s > AUDIO_GAP_S,
+            "sound ends early": self.audio_early_end_s > AUDIO_GAP_S,
+            "labels past the end": self.labels_past_end,
+            "crop sizes": self.crop_width[0] != self.crop_width[1] or self.crop_height[0] != self.crop_height[1],
+        }
+        stated = f"states {self.header_frames} frames" if self.header_frames else "states no frame count"
+        said = {
+            "frame count": f"the container {stated}; decoding counts {self.video_frames}, which are packed",
+            "no timestamps": f"the frames carry no timestamps; timed at a constant {fps:g} fps",
+            "variable frame rate": (
+                f"variable frame rate: the frames' timestamps depart from a constant rate by up to "
+                f"{self.timing_drift_s:.2f} s (average {fps:.4g} fps); each frame is placed at its own time"
+            ),
+            "sound starts late": f"the sound starts {self.audio_late_s:.2f} s after the first frame{silent}",
+            "sound ends early": (
+                f"the sound ({self.audio_s:.2f} s of it) ends {self.audio_early_end_s:.2f} s before the last "
+                f"frame{silent}"
+            ),
+            "labels past the end": (
+                f"the annotation has {self.labels_past_end} label(s) past the video's last frame "
+                f"({self.video_frames}); kept, filled from the nearest crop, with silence"
+            ),
+            "crop sizes": f"crops of varying size ({width} x {height} px)",
+        }
+        return {name: said[name] for name, hit in found.items() if hit}
+
+
+@dataclass
 class VideoRecord:
     split: str  # train | val | test
     fold: str  # the group it is packed into: fold{k} | test
@@ -114,6 +169,12 @@ class VideoRecord:
     labelled_class_counts: list[int]
     window_counts: list[int]
     window_patterns: list[list[int]]
+    quality: Quality | None = None  # None in shards packed before the quality record existed
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> VideoRecord:
+        quality = raw.get("quality")
+        return cls(**{**raw, "quality": Quality(**quality) if quality else None})
 
 
 @dataclass
@@ -159,6 +220,19 @@ class Manifest:
     feature_stats: dict[str, FeatureStats] = field(default_factory=dict)
     extract_stamp: dict | None = None
 
+    def empty(self, groups: list[str]) -> str | None:
+        """None when every one of `groups` holds samples; else what is wrong, naming each empty or
+        missing group and the videos packed into it (for a refusal before any training)."""
+        faults = []
+        for g in groups:
+            if g not in self.groups:
+                faults.append(f"{g} is not in the shards (they have {', '.join(self.groups)})")
+            elif not self.groups[g].samples:
+                videos = sorted(n for n, v in self.videos.items() if v.fold == g)
+                gave = f"its videos ({', '.join(videos)}) gave none: see the packing warnings" if videos else "no video"
+                faults.append(f"{g} holds no samples ({gave})")
+        return "; ".join(faults) or None
+
     def fold_groups(self, holdout: int | None = None) -> list[str]:
         """The fold groups (not the test group), without `holdout`'s."""
         return sorted(g for g in self.groups if g.startswith("fold") and g != f"fold{holdout}")
@@ -191,7 +265,7 @@ class Manifest:
                 "groups": {
                     g: Group(**{**v, "shards": [Shard(**s) for s in v["shards"]]}) for g, v in raw["groups"].items()
                 },
-                "videos": {n: VideoRecord(**v) for n, v in raw["videos"].items()},
+                "videos": {n: VideoRecord.from_dict(v) for n, v in raw["videos"].items()},
                 "feature_stats": {n: FeatureStats(**s) for n, s in raw.get("feature_stats", {}).items()},
             }
         )

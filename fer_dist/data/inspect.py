@@ -11,6 +11,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+from rich.table import Table
 
 from fer_dist.console import out, print_table
 from fer_dist.data.format import META, Manifest
@@ -101,6 +102,44 @@ def compare(found: dict, manifest: Manifest) -> list[str]:
     if total and total != manifest.totals.class_counts:
         diffs.append(f"class counts: manifest {manifest.totals.class_counts}, tars {total}")
     return diffs
+
+
+def quality_rows(manifest: Manifest) -> list[dict]:
+    """One row per video with a quirk of its file, sound, labels or crops, or a fault packing
+    worked around (no or unreadable sound, corrupt crops, dropped frames): the videos to look at,
+    each with its frames (and the count its container states) and what was found."""
+    rows = []
+    for name, r in manifest.videos.items():
+        q = r.quality
+        if q is None:
+            continue
+        found = list(q.quirks(r.fps).values())
+        found += [r.audio_error or "no audio stream"] if not r.audio else []
+        found += [f"{r.corrupt_crops} corrupt crop(s)"] if r.corrupt_crops else []
+        found += [f"{n} frame(s) dropped: {why}" for why, n in r.dropped.items() if n]
+        if found:
+            header = f"{q.header_frames}" if q.header_frames else "none"
+            rows.append({"video": name, "frames": q.video_frames, "header": header, "found": found})
+    return rows
+
+
+def show_quality(manifest: Manifest) -> None:
+    """The data-quality table (`quality_rows`), or one line when no video needs a look."""
+    rows = quality_rows(manifest)
+    unknown = sum(r.quality is None for r in manifest.videos.values())
+    if unknown:
+        out.print(f"data quality: not recorded for {unknown} video(s) (packed by an older fer-dist; repack to see it)")
+    if not rows:
+        if not unknown:
+            out.print(f"data quality: nothing odd in the {len(manifest.videos)} videos' files, sound, labels or crops")
+        return
+    table = Table(title=f"data quality: {len(rows)} of {len(manifest.videos)} videos to look at", show_lines=True)
+    table.add_column("video", no_wrap=True)
+    table.add_column("frames (header)", justify="right")
+    table.add_column("what was found")
+    for row in rows:
+        table.add_row(row["video"], f"{row['frames']} ({row['header']})", "\n".join(row["found"]))
+    out.print(table)
 
 
 def show(folder: Path, found: dict, diffs: list[str], agree: bool) -> None:

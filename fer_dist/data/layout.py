@@ -19,7 +19,7 @@ CHALLENGE_DIRS = ("EXPR_Recognition_Challenge", "EXPR_Classification_Challenge",
 SPLIT_DIRS = {"Train_Set": "train", "Training_Set": "train", "Validation_Set": "val"}
 CROP_DIRS = ("cropped_aligned", "cropped_aligned_new_50_vids")
 VIDEO_DIRS = ("batch1", "batch2", "new_vids")
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")  # .mp4 first: preferred
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm")  # Aff-Wild2 has the first two; of one name, .mp4 wins
 FACE_SUFFIX = re.compile(r"_(left|right)$")
 
 

@@ -38,6 +38,7 @@ from fer_dist.data.format import (
     Manifest,
     MelStats,
     PackParams,
+    Quality,
     Shard,
     Totals,
     VideoRecord,
@@ -47,12 +48,11 @@ from fer_dist.data.format import (
     npy_header,
     whole_jpeg,
 )
-from fer_dist.data.layout import Video, list_crops, read_annotation
+from fer_dist.data.inspect import show_quality
+from fer_dist.data.layout import VIDEO_SUFFIXES, Video, list_crops, read_annotation
 from fer_dist.data.tars import TAR_END, tar_record
 from fer_dist.data.windows import NAMES, purity_flags
 from fer_dist.labels import CLASSES, NUM_CLASSES, UNLABELLED
-
-ASSUMED_FPS = Fraction(30)
 
 
 def assign_folds(videos: list[Video], scheme: str, n_folds: int, seed: int) -> dict[str, str]:
@@ -87,51 +87,93 @@ def assign_folds(videos: list[Video], scheme: str, n_folds: int, seed: int) -> d
     return groups
 
 
-def valid_jpeg(data: bytes) -> bool:
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) px of a whole JPEG that decodes, else None."""
     if not whole_jpeg(data):
-        return False
+        return None
     try:
-        decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        return tuple(decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8)).shape[1:])
     except RuntimeError:
-        return False
-    return True
+        return None
 
 
-def read_crop(f: int, crops: dict[int, Path], readable: dict[int, bytes], corrupt: set[int]) -> bool:
-    """Reads and validates crop `f` once; corrupt or truncated crops count as missing."""
-    if f in readable:
+class Crops:
+    """A video's crop files, each read and validated at most once: corrupt or truncated crops
+    count as missing, and a crop no packed frame needs is never decoded."""
+
+    def __init__(self, files: dict[int, Path]) -> None:
+        self.files = files
+        self.readable: dict[int, bytes] = {}
+        self.sizes: dict[int, tuple[int, int]] = {}  # (height, width) px of each readable crop
+        self.corrupt: set[int] = set()
+
+    def read(self, f: int) -> bool:
+        if f in self.readable:
+            return True
+        if f in self.corrupt or f not in self.files:
+            return False
+        data = self.files[f].read_bytes()
+        size = jpeg_size(data)
+        if size is None:
+            self.corrupt.add(f)
+            return False
+        self.readable[f], self.sizes[f] = data, size
         return True
-    if f in corrupt or f not in crops:
-        return False
-    data = crops[f].read_bytes()
-    if valid_jpeg(data):
-        readable[f] = data
-        return True
-    corrupt.add(f)
-    return False
+
+    def read_own(self, frames: np.ndarray) -> None:
+        """The packed frames' own crops; when none has one, the first readable crop (to fill them)."""
+        for f in frames.tolist():
+            self.read(f)
+        if not self.readable:
+            next((f for f in sorted(self.files) if self.read(f)), None)
+
+    def nearest(self, f: int) -> int:
+        """The nearest readable crop to frame f (the earlier one on a tie), validated lazily."""
+        for d in range(1, max(f, max(self.files)) + 1):
+            found = [g for g in (f - d, f + d) if self.read(g)]
+            if found:
+                return found[0]
+        raise ValueError(f"no readable crop near frame {f}")
 
 
-def usable_crops(crops: dict[int, Path], frames: np.ndarray) -> tuple[dict[int, bytes], set[int]]:
-    """The packed frames' own crops, validated; a crop no packed frame needs is never decoded."""
-    readable: dict[int, bytes] = {}
-    corrupt: set[int] = set()
-    for f in frames.tolist():
-        read_crop(f, crops, readable, corrupt)
-    if not readable:  # no frame has its own crop: any readable crop can still fill them
-        for f in sorted(crops):
-            if read_crop(f, crops, readable, corrupt):
-                break
-    return readable, corrupt
+def timing_drift(times: list[Fraction]) -> float:
+    """The largest departure (s) of a frame's timestamp from a constant frame rate from the first
+    frame on: 0 for a constant-rate video (timestamps rounded to a coarse time base, such as
+    Matroska's milliseconds, included), the length of a recorder's stall, the drift of a clock
+    whose frames come slower or faster than their rate. The constant rate is the mean of the
+    intervals between frames that lie within half of their median (a stall is not one of them)."""
+    if len(times) < 2:
+        return 0.0
+    t = np.array([float(x - times[0]) for x in times])
+    intervals = np.diff(t)
+    typical = np.median(intervals)
+    step = intervals[np.abs(intervals - typical) <= typical / 2].mean()
+    return float(np.abs(t - np.arange(len(t)) * step).max())
 
 
-def fill_source(f: int, crops: dict[int, Path], readable: dict[int, bytes], corrupt: set[int]) -> int:
-    """The nearest readable crop to frame f (the earlier one on a tie), validated lazily."""
-    last = max(crops)
-    for d in range(1, max(f, last) + 1):
-        found = [g for g in (f - d, f + d) if read_crop(g, crops, readable, corrupt)]
-        if found:
-            return found[0]
-    raise ValueError(f"no readable crop near frame {f}")
+def quality_of(
+    media: audio.Media, times: list[Fraction], heard: np.ndarray, labels: int, rate: int, sizes: list
+) -> dict:
+    """What is odd about a video, counted (the manifest's `Quality`): its frame count and timing,
+    its sound against its frames (`heard`, at `rate` Hz), its `labels` against its frames, and its
+    crops' `sizes` ((height, width) px)."""
+    video = times[: media.frames]
+    sound = media.audio is not None and bool(video)
+    end = len(media.audio) / rate if sound else 0.0
+    heights, widths = [h for h, _ in sizes], [w for _, w in sizes]
+    return {
+        "video_frames": media.frames,
+        "header_frames": media.header_frames,
+        "timing": "timestamps" if media.timed and media.frames else "assumed rate",
+        "timing_drift_s": round(timing_drift(video), 4),
+        "audio_s": round(end - media.audio_start, 4) if sound else 0.0,
+        "audio_late_s": round(max(0.0, media.audio_start - float(video[0])), 4) if sound else 0.0,
+        "audio_early_end_s": round(max(0.0, float(video[-1]) - end), 4) if sound else 0.0,
+        "frames_without_sound": int((~heard[: len(video)]).sum()) if sound else 0,
+        "labels_past_end": max(0, labels - media.frames) if media.frames else 0,
+        "crop_width": [min(widths, default=0), max(widths, default=0)],
+        "crop_height": [min(heights, default=0), max(heights, default=0)],
+    }
 
 
 def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
@@ -140,37 +182,41 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
     record_path = work / f"{video.name}.json"
     if record_path.exists():
         return video.name, json.loads(record_path.read_text())
-    crops = list_crops(video.crops)
+    crops = Crops(list_crops(video.crops))
     waves = (audio.WAVE_RATE,) if params.audio_wave else ()
     media = audio.read_media(video.media, params.mel.sample_rate, also=waves)
-    fps = media.fps or ASSUMED_FPS
+    fps = media.fps or audio.ASSUMED_FPS
     if video.annotation is not None:
         labels = read_annotation(video.annotation)
     else:  # a test video: every frame of the video needs a prediction
-        labels = np.full(max(media.frames, max(crops, default=0)), UNLABELLED, np.int8)
+        labels = np.full(max(media.frames, max(crops.files, default=0)), UNLABELLED, np.int8)
     n = len(labels)
     frames = np.flatnonzero(labels != UNLABELLED) + 1 if video.split != "test" else np.arange(1, n + 1)
 
-    readable, corrupt = usable_crops(crops, frames)
+    crops.read_own(frames)
+    readable = crops.readable
     dropped: collections.Counter = collections.Counter()
     have = np.array(sorted(readable), dtype=np.int64)
-    own = np.isin(frames, have)
     if not readable:
         dropped["no readable crop in the video"] = len(frames)
         keep = np.zeros(len(frames), bool)
     elif params.missing == "skip" and video.split != "test":  # test frames always need a prediction
-        keep = own
+        keep = np.isin(frames, have)
         dropped["no crop (--missing skip)"] = int((~keep).sum())
     else:
         keep = np.ones(len(frames), bool)
     frames = frames[keep]
-    source = np.array([f if f in readable else fill_source(f, crops, readable, corrupt) for f in frames.tolist()])
+    source = np.array([f if f in readable else crops.nearest(f) for f in frames.tolist()])
     source = source.astype(np.int64) if len(source) else frames
 
+    # Each frame at its own timestamp; frames past the video's end (an annotation longer than its
+    # video) are outside it: silence, like the columns before frame 1.
+    times = audio.frame_times(media, n)
+    heard = audio.heard(times, media.audio, media.audio_start, params.mel.sample_rate)
     mel = audio.log_mel(media.audio, params.mel) if media.audio is not None else None
-    columns = audio.frame_columns(mel, n, fps, params.mel)
-    audio_frames = int(np.ceil(len(media.audio) / params.mel.sample_rate * float(fps))) if mel is not None else 0
-    inside = columns[:, audio.WIDEST : audio.WIDEST + min(n, audio_frames)].astype(np.float64)
+    columns = audio.frame_columns(mel, audio.seconds(times), n, params.mel)
+    pads = audio.padding(heard, n)
+    inside = columns[:, audio.WIDEST : audio.WIDEST + len(times)][:, heard].astype(np.float64)
     flags = purity_flags(labels)
 
     half = columns.astype(np.float16)
@@ -178,6 +224,7 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
     if params.audio_wave:  # resampled straight to 16 kHz from the same decoded frames
         pcm = audio.pcm16(media.resampled[audio.WAVE_RATE]) if mel is not None else np.zeros(0, np.int16)
         wave_header = npy_header((audio.WAVE_WIDTH,), np.int16)
+        silent_wave = np.zeros(audio.WAVE_WIDTH, np.int16)
     extents = []
     tmp = work / f"{video.name}.tar.tmp"
     with open(tmp, "wb") as fh:
@@ -192,7 +239,7 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
                 "fps": float(fps),
                 "windows": {name: bool(flags[f - 1, k]) for k, name in enumerate(NAMES)},
                 "audio": mel is not None,
-                "pad": list(audio.padding(f, n, audio_frames)),
+                "pad": pads[f - 1].tolist(),
                 "filled_from": None if src == f else src,
             }
             members = {
@@ -202,7 +249,8 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
                 META: json.dumps(meta, sort_keys=True).encode(),
             }
             if params.audio_wave:
-                members[MEMBERS["wave"]] = wave_header + audio.wave_window(pcm, f, fps).tobytes()
+                wave = audio.wave_window(pcm, times[f - 1]) if f <= len(times) else silent_wave
+                members[MEMBERS["wave"]] = wave_header + wave.tobytes()
             record = tar_record(f"{video.name}/{f:05d}", members)
             extents.append((f, fh.tell(), len(record)))
             fh.write(record)
@@ -227,12 +275,13 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
         "with_crop_class_counts": np.bincount(labels[with_crop], minlength=NUM_CLASSES).tolist(),
         "samples": int(len(frames)),
         "filled": int((source != frames).sum()),
-        "corrupt_crops": len(corrupt),
+        "corrupt_crops": len(crops.corrupt),
         "dropped": dict(dropped),
         "class_counts": np.bincount(packed[packed >= 0], minlength=NUM_CLASSES).tolist(),
         "labelled_class_counts": np.bincount(all_labelled, minlength=NUM_CLASSES).tolist(),
         "window_counts": flags[frames - 1].sum(0).tolist(),
         "window_patterns": window_patterns(packed, flags[frames - 1]),
+        "quality": quality_of(media, times, heard, n, params.mel.sample_rate, list(crops.sizes.values())),
         "mel_sum": float(inside.sum()),
         "mel_sumsq": float((inside**2).sum()),
         "mel_count": int(inside.size),
@@ -307,11 +356,16 @@ def write_group(job: tuple[str, dict[str, dict], PackParams, Path, Path]) -> lis
 
 
 def problems(records: dict[str, dict]) -> list[str]:
-    """What a user must hear about: nothing is dropped or degraded without a line here."""
-    out = []
+    """What a user must hear about: nothing is dropped, degraded or placed unusually without a
+    line here. Quirks that real Aff-Wild2 has in many videos (one annotation line past the last
+    frame, crops of varying size in `cropped/`) get one line for all of them."""
+    out, one_label_past, sizes = [], [], []
     for name, r in sorted(records.items()):
         if r["audio_error"] == "no video file":
-            out.append(f"{name}: no video file found for its audio (looked for {r['parent']}.mp4/.avi); packed silent")
+            out.append(
+                f"{name}: no video file found for its audio (looked for {r['parent']} with a suffix of "
+                f"{', '.join(VIDEO_SUFFIXES)}); packed silent"
+            )
         elif r["audio_error"]:
             out.append(f"{name}: video unreadable ({r['audio_error']}); packed silent")
         elif not r["audio"]:
@@ -322,7 +376,27 @@ def problems(records: dict[str, dict]) -> list[str]:
             if count:
                 out.append(f"{name}: {count} frame(s) dropped: {reason}")
         if r["fps_source"] == "assumed":
-            out.append(f"{name}: frame rate unknown, assumed {float(ASSUMED_FPS):g} fps")
+            out.append(f"{name}: frame rate unknown, assumed {float(audio.ASSUMED_FPS):g} fps")
+        q = Quality(**r["quality"])
+        for quirk, sentence in q.quirks(r["fps"]).items():
+            if quirk == "labels past the end" and q.labels_past_end == 1:
+                one_label_past.append(name)
+            elif quirk == "crop sizes":
+                sizes.append(q)
+            else:
+                out.append(f"{name}: {sentence}")
+    if one_label_past:
+        out.append(
+            f"{len(one_label_past)} video(s) have one annotation line past their last frame, as many Aff-Wild2 "
+            f"files do (e.g. {one_label_past[0]}); that label is kept, filled from the nearest crop"
+        )
+    if sizes:
+        width = (min(q.crop_width[0] for q in sizes), max(q.crop_width[1] for q in sizes))
+        height = (min(q.crop_height[0] for q in sizes), max(q.crop_height[1] for q in sizes))
+        out.append(
+            f"{len(sizes)} video(s) have crops of varying size ({width[0]}-{width[1]} x {height[0]}-{height[1]} px); "
+            "the loader workers bring a batch holding crops of different sizes to the model's image_size"
+        )
     return out
 
 
@@ -366,7 +440,7 @@ def manifest_of(
         labelled_class_counts=total("labelled_class_counts"),
         with_crop_class_counts=total("with_crop_class_counts"),
     )
-    return Manifest(
+    manifest = Manifest(
         format=FORMAT_VERSION if params.audio_wave else 1,
         classes=list(CLASSES),
         params=params,
@@ -375,12 +449,16 @@ def manifest_of(
         problems=problems(records),
         groups=groups,
         videos={
-            name: VideoRecord(**{k: v for k, v in r.items() if k not in ("mel_sum", "mel_sumsq", "mel_count")})
+            name: VideoRecord.from_dict({k: v for k, v in r.items() if k not in ("mel_sum", "mel_sumsq", "mel_count")})
             for name, r in records.items()
         },
         stamp=stamp,
         members=list(params.inputs()),
     )
+    empty = manifest.empty(sorted(groups))
+    if empty:
+        manifest.problems.append(f"{empty}; such a group can be neither held out nor trained on")
+    return manifest
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
@@ -426,7 +504,8 @@ def pack(
 
 
 def show(manifest: Manifest) -> None:
-    """The paper's Table 1 for these data, with both counts, and everything that went wrong."""
+    """The paper's Table 1 for these data, with both counts, the data-quality table, and every
+    warning."""
     t = manifest.totals
     rows = [
         {
@@ -447,5 +526,6 @@ def show(manifest: Manifest) -> None:
     )
     groups = ", ".join(f"{g} {v.samples} ({len(v.shards)} shards)" for g, v in manifest.groups.items())
     out.print(f"groups: {groups}")
+    show_quality(manifest)
     for line in manifest.problems:
         console.print(f"[yellow]warning:[/] {line}")

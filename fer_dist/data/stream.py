@@ -35,6 +35,7 @@ from fer_dist.config import ConfigError, DataConfig
 from fer_dist.data import balance, tars
 from fer_dist.data.audio import WAVE_WIDTH
 from fer_dist.data.format import LABEL, MEMBERS, META, PACKED, Manifest, load_npy, whole_jpeg
+from fer_dist.data.transforms import one_size
 from fer_dist.data.windows import NAMES, column_span, wave_span
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,9 @@ def describe(total: torch.Tensor) -> dict:
 def check(cfg: DataConfig, manifest: Manifest, inputs: tuple[str, ...] = PACKED, training: bool = True) -> None:
     """What the config asks of the shards (for training: a held-out group and others to train
     on), checked before anything starts."""
-    if training and f"fold{cfg.holdout_fold}" not in manifest.groups:
-        raise ConfigError(f"data.holdout_fold={cfg.holdout_fold}: the shards have groups {', '.join(manifest.groups)}")
+    empty = manifest.empty([f"fold{cfg.holdout_fold}"]) if training else None
+    if empty:
+        raise ConfigError(f"data.holdout_fold={cfg.holdout_fold}: {empty}")
     if training and not manifest.shard_paths(cfg.shards, manifest.fold_groups(cfg.holdout_fold)):
         raise ConfigError(f"no shards to train on besides the held-out fold{cfg.holdout_fold}")
     held = manifest.members
@@ -360,11 +362,13 @@ def member(
     return stored(buffer, offset, dtype, shape).permute(*range(lead), *back)
 
 
-def collate(samples: list[dict], lead: tuple[int, ...] | None = None) -> dict:
+def collate(samples: list[dict], image_size: int, lead: tuple[int, ...] | None = None) -> dict:
     """One batch (`lead`: its leading dimensions, [B] or [B, L]), in the form that crosses from a
     loader worker to the training process cheaply: crops and spectrograms in one shared block,
     everything small as numpy arrays, which travel inside the message; JPEG bytes (`decode: gpu`)
-    as one buffer and their lengths. `as_tensors` makes it tensors on the other side."""
+    as one buffer and their lengths. `as_tensors` makes it tensors on the other side. Crops of
+    different sizes (the organisers' `cropped/` folder, a user's own crops) are brought to the
+    model's `image_size` first (`transforms.one_size`)."""
     lead = lead or (len(samples),)
     batch = {"key": [s["key"] for s in samples], "label": np.array([s["label"] for s in samples]).reshape(lead)}
     tensors = {}
@@ -374,6 +378,8 @@ def collate(samples: list[dict], lead: tuple[int, ...] | None = None) -> dict:
             batch["jpeg_lengths"] = np.array([len(s[k]) for s in samples])
         elif k in batch:
             continue
+        elif k == "image":
+            tensors[k] = one_size([s[k] for s in samples], image_size)
         elif isinstance(samples[0][k], torch.Tensor):
             tensors[k] = [s[k] for s in samples]
         else:
@@ -397,18 +403,18 @@ def as_tensors(batch: dict) -> dict:
     return tensors
 
 
-def collate_runs(runs_: list[list[dict]], length: int) -> dict:
+def collate_runs(runs_: list[list[dict]], length: int, image_size: int) -> dict:
     """Runs padded to `length` frames, as [B, L, ...]; `mask` marks the real frames, padded keys are empty."""
     frames = [f for run in runs_ for f in run + [{**run[-1], "key": "", "label": -1}] * (length - len(run))]
-    batch = collate(frames, (len(runs_), length))
+    batch = collate(frames, image_size, (len(runs_), length))
     batch["key"] = [[f["key"] for f in frames[i : i + length]] for i in range(0, len(frames), length)]
     batch["mask"] = batch["label"] >= 0
     return batch
 
 
-def batched(src, size: int, length: int, partial: bool, counter: Counter):
+def batched(src, size: int, length: int, partial: bool, counter: Counter, image_size: int):
     def gather(samples):
-        batch = collate_runs(samples, length) if length else collate(samples)
+        batch = collate_runs(samples, length, image_size) if length else collate(samples, image_size)
         batch["counts"] = counter.snapshot()
         return batch
 
@@ -491,7 +497,14 @@ def train_loader(
         stage(shuffled, bufsize=cfg.shuffle_buffer, base=base),
         stage(skipped, batches=skip, size=cfg.batch_size),
         stage(decoded, inputs=inputs, counter=counter, decode=cfg.decode),
-        stage(batched, size=cfg.batch_size, length=cfg.sequence_length, partial=False, counter=counter),
+        stage(
+            batched,
+            size=cfg.batch_size,
+            length=cfg.sequence_length,
+            partial=False,
+            counter=counter,
+            image_size=cfg.image_size,
+        ),
     ]
     n = batches_per_epoch(plan, cfg, world, multiple)
     return _loader(wds.DataPipeline(*stages), cfg.workers, cfg.start_method, skip).with_epoch(n - skip), n
@@ -517,6 +530,13 @@ def eval_loader(
         stages.append(stage(runs, length=cfg.sequence_length))
     stages += [
         stage(decoded, inputs=inputs, counter=counter, decode=cfg.decode),
-        stage(batched, size=cfg.eval_batch_size, length=cfg.sequence_length, partial=True, counter=counter),
+        stage(
+            batched,
+            size=cfg.eval_batch_size,
+            length=cfg.sequence_length,
+            partial=True,
+            counter=counter,
+            image_size=cfg.image_size,
+        ),
     ]
     return _loader(wds.DataPipeline(*stages), min(cfg.workers, len(urls)), cfg.start_method)

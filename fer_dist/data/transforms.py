@@ -132,14 +132,26 @@ def prepare(
     return inputs
 
 
+def one_size(images: list[torch.Tensor], size: int) -> list[torch.Tensor]:
+    """uint8 crops [3, H, W] of one batch, brought to one size so that they stack: unchanged when
+    they share one; else each resized (bilinear, antialiased; a non-square crop stretched, as the
+    square model input stretches it anyway) to `size` x `size` px, the model's input size, so that
+    a crop is interpolated once, from its original pixels."""
+    if len({tuple(i.shape) for i in images}) == 1:
+        return images
+    return [
+        F.interpolate(i[None].float(), size=(size, size), mode="bilinear", antialias=True)[0]
+        .round_()
+        .clamp_(0, 255)
+        .to(torch.uint8)
+        for i in images
+    ]
+
+
 def decode_on(jpegs: list[torch.Tensor], device: torch.device, size: int) -> torch.Tensor:
     """A batch's JPEG bytes decoded in one call on `device` (nvJPEG on a GPU) to uint8 [N, 3, H, W];
-    crops of differing sizes are first resized to `size`, as `prepare_image` would."""
-    images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
-    if len({tuple(i.shape) for i in images}) > 1:
-        images = [F.interpolate(i[None].float(), size=(size, size), mode="bilinear", antialias=True)[0] for i in images]
-        return torch.stack(images).round_().clamp_(0, 255).to(torch.uint8)
-    return torch.stack(images)
+    crops of differing sizes are brought to `size` (`one_size`), as the loader workers do."""
+    return torch.stack(one_size(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device), size))
 
 
 def prepare_image(

@@ -11,6 +11,7 @@ import torch
 from rich.progress import Progress
 
 from fer_dist.config import ConfigError
+from fer_dist.console import console
 from fer_dist.data import stream
 from fer_dist.data.format import Manifest
 from fer_dist.engine import predictions as preds_lib
@@ -90,6 +91,14 @@ def evaluate(
     for p in parts:
         p.unlink()
     metrics, cm = scores(merged, net.output)
+    absent = [name for c, name in enumerate(CLASSES) if not (merged.label == c).any()]
+    if absent and (merged.label >= 0).any():  # a labelled group (the test group is not)
+        best = (len(CLASSES) - len(absent)) / len(CLASSES)
+        console.print(
+            f"[yellow]warning:[/] {group} has no {', '.join(absent)} frames: macro-F1 counts their F1 as 0, "
+            f"so at most {best:.3f} is reachable on it"
+        )
+        metrics["absent_classes"] = absent
     if chart is not None:
         confusion_png(cm, list(CLASSES), chart, f"{out.stem}: macro-F1 {metrics['macro_f1']:.4f}")
     return metrics

@@ -35,9 +35,13 @@ def finished(run_dir: Path) -> bool:
 def train_folds(config: str, overrides: list[str], cv_dir: Path, launch: str | None) -> list[Path]:
     """Each fold's config, resolved here and written into its run folder, trained from there."""
     shards = load(config, overrides).data.shards
-    folds = sorted(int(g[4:]) for g in read_manifest(shards).fold_groups())
+    manifest = read_manifest(shards)
+    folds = sorted(int(g[4:]) for g in manifest.fold_groups())
     if len(folds) < 2:
         raise ConfigError(f"{shards} has {len(folds)} fold group(s); cross-validation needs at least 2")
+    empty = manifest.empty(manifest.fold_groups())
+    if empty:  # every fold is checked before any is trained
+        raise ConfigError(f"{shards}: cross-validation holds out every fold group, but {empty}")
     runs = []
     for k in folds:
         run_dir = cv_dir / f"fold{k}"

@@ -52,7 +52,7 @@ from fer_dist.data.format import (
     read_manifest,
 )
 from fer_dist.data.layout import Video
-from fer_dist.data.transforms import prepare_image
+from fer_dist.data.transforms import one_size, prepare_image
 from fer_dist.data.windows import NAMES, wave_span
 from fer_dist.models.backbones import create_backbone
 from fer_dist.models.contract import normalisation_of
@@ -65,13 +65,17 @@ class ExtractError(ValueError):
     """The source shards or dataset cannot give the features; the message says which and why."""
 
 
-def prosody_job(job: tuple[Video, int, float, audio.ProsodyParams, Path]) -> None:
-    """One video's audio features [frames, n_mfcc + 2], cached in the work folder."""
-    video, frames, fps, params, work = job
+def prosody_job(job: tuple[Video, int, audio.ProsodyParams, Path]) -> None:
+    """One video's audio features [frames, n_mfcc + 2], each frame at its own time (zeros past the
+    video's end), cached in the work folder."""
+    video, frames, params, work = job
     path = work / f"{video.name}.afeat.npy"
     if not path.exists():
         media = audio.read_media(video.media, params.sample_rate)
-        atomic_write(path, npy_bytes(audio.prosody(media.audio, frames, fps, params)))
+        features = np.zeros((frames, params.n_mfcc + 2), np.float32)
+        times = audio.seconds(audio.frame_times(media, frames))
+        features[: len(times)] = audio.prosody(media.audio, times, params)
+        atomic_write(path, npy_bytes(features))
 
 
 def word_tables(words: Path, manifest: Manifest) -> tuple[dict[str, np.ndarray], int, list[str]]:
@@ -105,10 +109,9 @@ def embed(model: torch.nn.Module, crops: list[bytes], size: int, batch: int, dev
     out = []
     cfg, normalisation = DataConfig(image_size=size), normalisation_of(model)
     for i in range(0, len(crops), batch):
-        chunk = crops[i : i + batch]
-        images = torch.stack(
-            [decode_jpeg(torch.frombuffer(bytearray(c), dtype=torch.uint8), mode=ImageReadMode.RGB) for c in chunk]
-        )
+        chunk = [torch.frombuffer(bytearray(c), dtype=torch.uint8) for c in crops[i : i + batch]]
+        decoded = [decode_jpeg(c, mode=ImageReadMode.RGB) for c in chunk]
+        images = torch.stack(one_size(decoded, size))
         with torch.autocast(device.type, enabled=device.type == "cuda"):
             out.append(model(prepare_image(images, device, cfg, False, normalisation)).float().cpu().numpy())
     return np.concatenate(out)
@@ -221,23 +224,12 @@ def extract(
     }
     if speech_encoder:
         stamp["speech"] = {"encoder": speech_encoder, "weights": speech_weights, "window": speech_window}
-    done = claim(out, "extract_stamp", stamp, ExtractError, "feature shards")
-    if done is not None:
-        return done
-    work = out / ".work"
-
+    # Everything that can refuse is checked before the first file is written.
     by_name = {v.name: v for v in videos}
     unknown = sorted(set(source.videos) - set(by_name))
     if unknown:
         raise ExtractError(f"{len(unknown)} video(s) of the shards are not in the dataset given, e.g. {unknown[0]}")
-    jobs = [(by_name[n], r.frames, r.fps, params, work) for n, r in source.videos.items()]
-    with multiprocessing.get_context("forkserver").Pool(max(1, workers)) as pool:  # see shard.pack
-        for _ in pool.imap_unordered(prosody_job, jobs):
-            if progress:
-                progress("audio", 0)
-    prosodies = {n: np.load(work / f"{n}.afeat.npy", allow_pickle=False) for n in source.videos}
     tables, words_dim, wordless = word_tables(words, source) if words else (None, 0, [])
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)  # without --weights the backbone is a fixed random projection, the same on a resume
     model = create_backbone(backbone, in_chans=3, img_size=None, pretrained=weights or False).eval().to(device)
@@ -246,6 +238,17 @@ def extract(
     if speech_encoder:
         torch.manual_seed(0)  # as the backbone: without weights, the same random encoder every time
         voice = (SpeechEncoder(speech_encoder, speech_weights).eval().to(device), speech_window)
+
+    done = claim(out, "extract_stamp", stamp, ExtractError, "feature shards")
+    if done is not None:
+        return done
+    work = out / ".work"
+    jobs = [(by_name[n], r.frames, params, work) for n, r in source.videos.items()]
+    with multiprocessing.get_context("forkserver").Pool(max(1, workers)) as pool:  # see shard.pack
+        for _ in pool.imap_unordered(prosody_job, jobs):
+            if progress:
+                progress("audio", 0)
+    prosodies = {n: np.load(work / f"{n}.afeat.npy", allow_pickle=False) for n in source.videos}
     parts = {}
     for group, record in source.groups.items():
         for shard in record.shards:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from fer_dist import config as config_lib
 from fer_dist.config import ConfigError
 from fer_dist.console import console, progress
-from fer_dist.data.format import ManifestError, read_manifest
+from fer_dist.data.format import ManifestError, atomic_write, read_manifest
 from fer_dist.engine import predictions as preds_lib
 from fer_dist.engine.distributed import make_accelerator
 from fer_dist.engine.evaluation import evaluate
@@ -42,6 +42,8 @@ def predict_group(weights: Path, shards: Path, group: str, out: Path) -> dict | 
     cfg = config_lib.load(weights / "config.yaml", overrides)
     accelerator = make_accelerator(cfg)
     manifest = read_manifest(shards)
+    if manifest.empty([group]):
+        raise ConfigError(f"{shards}: {manifest.empty([group])}; there is nothing to predict")
     model = model_for(cfg, manifest, training=False)
     model.load_state_dict(load_file(weights / "model.safetensors"))
     model.to(accelerator.device)
@@ -80,11 +82,10 @@ def predict_members(specs: list[str], shards: Path, out: Path, launch: str | Non
         run_module("fer_dist.jobs.predict", args, launch, f"prediction with {m.name}", here=main)
 
 
-def submit(out: Path, shards: Path, template: Path | None) -> dict:
-    """Both submission formats from the post-processed ensemble over the test videos."""
-    test = preds_lib.load(out / "test.npz")
-    params = postprocess.PostParams.from_dict(json.loads((out / "postprocess.json").read_text()))
-    labels = postprocess.apply(test.key, test.logits["ensemble"], params)
+def required_frames(shards: Path, template: Path | None) -> tuple[dict[str, int], list[tuple[str, int]]]:
+    """Each test video's frame count (ABAW3: one line per frame) and the (video, frame) rows of the
+    ABAW5/6 file (the template's, else every frame of every test video), checked against what the
+    shards hold before any prediction is made: a row the test shards cannot give is refused."""
     videos = read_manifest(shards).videos
     frames = {v: r.frames for v, r in videos.items() if r.split == "test"}
     required = (
@@ -92,10 +93,29 @@ def submit(out: Path, shards: Path, template: Path | None) -> dict:
         if template
         else [(v, f) for v, n in sorted(frames.items()) for f in range(1, n + 1)]
     )
-    files = submission.write_abaw3(out / "submission" / "abaw3", test.key, labels, frames)
-    rows = submission.write_abaw5(out / "submission" / "abaw5.csv", test.key, labels, required)
+    short = {v for v, r in videos.items() if r.split == "test" and r.samples < r.frames}
+    missing = [f"{v}/{f:05d}" for v, f in required if v not in frames or f > frames[v] or v in short]
+    missing += [f"{v}/{f:05d}" for v in sorted(short) for f in range(1, frames[v] + 1)]
+    if missing:
+        reasons = [f"{v}: {videos[v].samples} of {frames[v]} frames packed" for v in sorted(short)]
+        raise submission.SubmissionError(
+            f"refusing to predict: the test shards {shards} cannot give {len(set(missing))} required frame(s), "
+            f"e.g. {', '.join(sorted(set(missing))[:3])}" + (f" ({'; '.join(reasons)})" if reasons else "")
+        )
+    return frames, required
+
+
+def submit(out: Path, frames: dict[str, int], required: list[tuple[str, int]]) -> dict:
+    """Both submission formats from the post-processed ensemble over the test videos, made and
+    checked in full before either is written (`submission.write`)."""
+    test = preds_lib.load(out / "test.npz")
+    params = postprocess.PostParams.from_dict(json.loads((out / "postprocess.json").read_text()))
+    labels = postprocess.apply(test.key, test.logits["ensemble"], params)
+    files = {f"abaw3/{name}": data for name, data in submission.abaw3(test.key, labels, frames).items()}
+    files["abaw5.csv"] = submission.abaw5(test.key, labels, required)
+    submission.write(out / "submission", files)
     counts = np.bincount(labels, minlength=NUM_CLASSES).tolist()
-    return {"abaw3_files": len(files), "abaw5_rows": rows, "labels": counts}
+    return {"abaw3_files": len(files) - 1, "abaw5_rows": len(required), "labels": counts}
 
 
 def predict(
@@ -108,12 +128,16 @@ def predict(
     truth: Path | None = None,
 ) -> dict:
     """The ensemble of `specs` over the test videos of `shards`: report, predictions, submissions."""
-    if "test" not in read_manifest(shards).groups:
+    manifest = read_manifest(shards)
+    if "test" not in manifest.groups:
         raise ConfigError(f"{shards} holds no test videos (pack them with fer-dist shard --test-list)")
+    if manifest.empty(["test"]):
+        raise ConfigError(f"{shards}: {manifest.empty(['test'])}; there is nothing to predict")
+    frames, required = required_frames(shards, template)
     predict_members(specs, shards, out, launch)
     report = ensemble.run(specs, out, how, truth)
-    report["submission"] = submit(out, shards, template)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    report["submission"] = submit(out, frames, required)
+    atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
     return report
 
 

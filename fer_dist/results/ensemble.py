@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fer_dist.console import out as stdout
+from fer_dist.data.format import atomic_write
 from fer_dist.data.layout import read_annotation
 from fer_dist.engine import predictions as preds_lib
 from fer_dist.engine.metrics import confusion, f1_per_class
@@ -133,9 +134,9 @@ def row(name: str, labels: np.ndarray, predicted: np.ndarray, **extra) -> dict:
 def run(specs: list[str], out: Path, how: str = "vote", truth: Path | None = None) -> dict:
     """Combines the members, tunes post-processing on their out-of-fold predictions, writes
     `validation.npz`, `test.npz` (when every member has test predictions), `postprocess.json`,
-    `report.json` and `report.md` under `out`; returns the report."""
+    `report.json` and `report.md` under `out`; returns the report. Everything is computed, and any
+    refusal raised, before the first file is written."""
     ms = members(specs)
-    out.mkdir(parents=True, exist_ok=True)
     val = {m.name: validation(m) for m in ms}
     member_probs = {m.name: probabilities(val[m.name], m.head) for m in ms}
     folds: dict[int, list[Member]] = {}
@@ -153,10 +154,6 @@ def run(specs: list[str], out: Path, how: str = "vote", truth: Path | None = Non
     if len(np.unique(keys)) != len(keys):
         raise EnsembleError("the members' held-out folds overlap: a frame is validated by two folds")
     params, before, after = postprocess.tune(keys, probs, labels)
-    preds_lib.save(out / "validation.npz", preds_lib.Predictions(keys, labels, {"ensemble": probs}, "ensemble"))
-    (out / "postprocess.json").write_text(
-        json.dumps({**params.to_dict(), "validation_macro_f1_before": before, "validation_macro_f1_after": after})
-    )
     report = {
         "how": how,
         "members": [m.name for m in ms],
@@ -167,25 +164,34 @@ def run(specs: list[str], out: Path, how: str = "vote", truth: Path | None = Non
         ],
         "postprocess": params.to_dict(),
     }
+    test = None
     if all((out / "test" / f"{m.run_name}.npz").exists() for m in ms):
-        report["test"] = test_report(ms, how, params, out, truth, fold_rows)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    (out / "report.md").write_text(markdown(report))
+        test, report["test"] = test_report(ms, how, params, out, truth, fold_rows)
+    out.mkdir(parents=True, exist_ok=True)
+    preds_lib.save(out / "validation.npz", preds_lib.Predictions(keys, labels, {"ensemble": probs}, "ensemble"))
+    if test is not None:
+        preds_lib.save(out / "test.npz", test)
+    tuned = {**params.to_dict(), "validation_macro_f1_before": before, "validation_macro_f1_after": after}
+    atomic_write(out / "postprocess.json", json.dumps(tuned).encode())
+    atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
+    atomic_write(out / "report.md", markdown(report).encode())
     return report
 
 
-def test_report(ms: list[Member], how, params, out: Path, truth: Path | None, fold_rows) -> list[dict]:
+def test_report(
+    ms: list[Member], how, params, out: Path, truth: Path | None, fold_rows
+) -> tuple[preds_lib.Predictions, list[dict]]:
     """Combines the members' test predictions (`<out>/test/<run>.npz`, one file for all heads of
-    a run) into `test.npz`; with the true labels, scores each member, their mean and the ensemble
-    before and after post-processing."""
+    a run) into the ensemble's; with the true labels, scores each member, their mean and the
+    ensemble before and after post-processing."""
     test = {m.run_name: preds_lib.load(out / "test" / f"{m.run_name}.npz") for m in ms}
     keys = aligned(test)
     member_probs = {m.name: probabilities(test[m.run_name], m.head) for m in ms}
     probs = combine(list(member_probs.values()), how)
     labels = truth_labels(keys, truth) if truth else test[ms[0].run_name].label.astype(np.int64)
-    preds_lib.save(out / "test.npz", preds_lib.Predictions(keys, labels, {"ensemble": probs}, "ensemble"))
+    combined = preds_lib.Predictions(keys, labels, {"ensemble": probs}, "ensemble")
     if not (labels >= 0).any():
-        return []
+        return combined, []
     validation_f1 = {r["name"]: r["macro_f1"] for r in fold_rows}
     rows = [row(m.name, labels, member_probs[m.name].argmax(1), validation_macro_f1=validation_f1[m.name]) for m in ms]
     mean = np.mean([r["per_class_f1"] for r in rows], axis=0)
@@ -198,7 +204,7 @@ def test_report(ms: list[Member], how, params, out: Path, truth: Path | None, fo
     )
     rows.append(row(f"ensemble ({how})", labels, probs.argmax(1)))
     rows.append(row(f"ensemble ({how}) + post-processing", labels, postprocess.apply(keys, probs, params)))
-    return rows
+    return combined, rows
 
 
 def markdown(report: dict) -> str:

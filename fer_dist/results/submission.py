@@ -2,17 +2,18 @@
 
 ABAW3: one `<video>.txt` per test video, the class header, then one label per frame 1..n.
 ABAW5/6: one file, header `image_location,<classes>`, one row `<video>/<frame:05d>.jpg,<label>` per
-frame of the organisers' template (frames without a crop included). A file that would miss a
-required frame is refused, never written.
+frame of the organisers' template (frames without a crop included). Both formats are made and
+checked before either is written: a submission that would miss a required frame is refused, and
+nothing is written.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 
-from fer_dist.data.format import atomic_write
 from fer_dist.engine.predictions import split_keys
 from fer_dist.labels import CLASSES
 
@@ -55,28 +56,40 @@ def refuse_missing(missing: list[str], what: str) -> None:
         )
 
 
-def write_abaw3(out: Path, keys: np.ndarray, labels: np.ndarray, frames: dict[str, int]) -> list[Path]:
-    """One file per video in `frames` (video -> its number of frames); every frame must be predicted."""
+def abaw3(keys: np.ndarray, labels: np.ndarray, frames: dict[str, int]) -> dict[str, bytes]:
+    """`<video>.txt` of each video in `frames` (video -> its number of frames): the class header,
+    then the label of frames 1..n. Raises `SubmissionError` when a frame has no prediction."""
     table = by_frame(keys, labels)
     required = [(video, f) for video, n in sorted(frames.items()) for f in range(1, n + 1)]
-    missing = [f"{video}/{f:05d}" for video, f in required if f not in table.get(video, {})]
-    refuse_missing(missing, f"the ABAW3 files in {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for video, n in sorted(frames.items()):
-        body = ",".join(CLASSES) + "\n" + "".join(f"{table[video][f]}\n" for f in range(1, n + 1))
-        atomic_write(out / f"{video}.txt", body.encode())
-        written.append(out / f"{video}.txt")
-    return written
+    refuse_missing([f"{v}/{f:05d}" for v, f in required if f not in table.get(v, {})], "the ABAW3 files")
+    header = ",".join(CLASSES) + "\n"
+    return {
+        f"{video}.txt": (header + "".join(f"{table[video][f]}\n" for f in range(1, n + 1))).encode()
+        for video, n in sorted(frames.items())
+    }
 
 
-def write_abaw5(path: Path, keys: np.ndarray, labels: np.ndarray, required: list[tuple[str, int]]) -> int:
-    """The single file with one row per required frame, in the template's order; returns its rows."""
+def abaw5(keys: np.ndarray, labels: np.ndarray, required: list[tuple[str, int]]) -> bytes:
+    """The single ABAW5/6 file: one row per required (video, frame), in the template's order.
+    Raises `SubmissionError` when a required frame has no prediction."""
     table = by_frame(keys, labels)
-    missing = [f"{v}/{f:05d}" for v, f in required if f not in table.get(v, {})]
-    refuse_missing(missing, str(path))
+    refuse_missing([f"{v}/{f:05d}" for v, f in required if f not in table.get(v, {})], "the ABAW5/6 file")
     body = "image_location," + ",".join(CLASSES) + "\n"
-    body += "".join(f"{v}/{f:05d}.jpg,{table[v][f]}\n" for v, f in required)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, body.encode())
-    return len(required)
+    return (body + "".join(f"{v}/{f:05d}.jpg,{table[v][f]}\n" for v, f in required)).encode()
+
+
+def write(folder: Path, files: dict[str, bytes]) -> None:
+    """All the files at once: written into a fresh folder beside `folder`, which then takes its
+    place, so that `folder` holds either the previous complete submission or this one, never a mix
+    or a part."""
+    folder = Path(folder)
+    fresh, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    for leftover in (fresh, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for name, data in files.items():
+        (fresh / name).parent.mkdir(parents=True, exist_ok=True)
+        (fresh / name).write_bytes(data)
+    if folder.exists():
+        folder.rename(old)
+    fresh.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
