@@ -1,8 +1,9 @@
 """`fer-dist annotate`: a trained model's expression for every frame of any video.
 
 One pipeline with the rest of fer-dist: the videos are cropped as `fer-dist crop` crops them
-(`data/crop.py`), packed as test videos as `fer-dist shard` packs them (`data/pack.py`: the same
-crops, filled from the nearest crop where a frame has no face, the same audio windows), and
+(`data/crop.py`), packed as test videos as `fer-dist shard` packs them (`data/pack.py`: one
+sample per frame, the same crops, filled from the nearest crop where a frame has no face, the
+same audio windows around each frame's own timestamp), and
 predicted as `fer-dist predict` predicts a shard group (`jobs/predict.py`); the run's
 post-processing (`postprocess.json` beside it, or its cross-validation's `ensemble/`) is applied
 when there is one. The audio is standardised by the training shards' log-mel statistics when their
@@ -42,7 +43,7 @@ from fer_dist.data.format import ManifestError, PackParams, atomic_write, read_m
 from fer_dist.data.layout import Video
 from fer_dist.engine import predictions as preds_lib
 from fer_dist.jobs.predict import predict_group
-from fer_dist.labels import CLASSES, NUM_CLASSES, UNLABELLED
+from fer_dist.labels import CLASSES, NUM_CLASSES
 from fer_dist.models import build
 from fer_dist.results import ensemble, postprocess, submission
 
@@ -75,18 +76,13 @@ def postprocessing(run_dir: Path) -> tuple[postprocess.PostParams, Path | None]:
 
 
 def test_videos(reports: list[dict], root: Path) -> list[Video]:
-    """Every found face as a test video of the layout under `root`, with an annotation file of
-    -1 on each decoded frame, so that packing gives exactly one sample per decoded frame."""
-    folder = root / "frames"
-    folder.mkdir(parents=True, exist_ok=True)
-    videos = []
-    for r in reports:
-        media = root / crop_lib.VIDEOS / Path(r["source"]).name
-        for name in r["names"]:
-            annotation = folder / f"{name}.txt"
-            atomic_write(annotation, (",".join(CLASSES) + "\n" + f"{UNLABELLED}\n" * r["frames"]).encode())
-            videos.append(Video(name, "test", annotation, root / crop_lib.CROPS / name, media))
-    return videos
+    """Every found face as a test video of the layout under `root`: packing gives it one sample
+    per frame of its video, as it does the test videos of `fer-dist shard --test-list`."""
+    return [
+        Video(name, "test", None, root / crop_lib.CROPS / name, root / crop_lib.VIDEOS / Path(r["source"]).name)
+        for r in reports
+        for name in r["names"]
+    ]
 
 
 def pack_params(cfg: config_lib.Config) -> tuple[PackParams, object | None]:
@@ -269,7 +265,9 @@ def annotate(
     labels = {f.name: f.labels for f in faces if f.probs is not None}
     keys = np.array([f"{name}/{i + 1:05d}" for name in sorted(labels) for i in range(len(labels[name]))], str)
     flat = np.concatenate([labels[name] for name in sorted(labels)]) if labels else np.zeros(0, np.int64)
-    submission.write_abaw3(out, keys, flat, {name: len(labels[name]) for name in written})
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in submission.abaw3(keys, flat, {name: len(labels[name]) for name in written}).items():
+        atomic_write(out / name, data)
     summaries = []
     sources = {r["video"]: Path(r["source"]) for r in readable}
     for f in faces:
