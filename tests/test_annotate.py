@@ -38,6 +38,12 @@ def test_the_runs_postprocessing_is_found_beside_it_or_in_its_cross_validation(t
     assert annotate.postprocessing(fold)[0].window == 11
 
 
+def test_a_folder_without_a_trained_model_is_refused_before_any_video_is_read(real_footage, tmp_path):
+    video = str(real_footage / "single_face.mp4")
+    assert cli.main(["annotate", video, "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_annotate_gives_every_decoded_frame_the_abaw3_file_a_timeline_and_a_video(real_run, real_footage, tmp_path):
     videos = tmp_path / "videos"

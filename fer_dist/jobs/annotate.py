@@ -39,7 +39,7 @@ from fer_dist import config as config_lib
 from fer_dist.console import console, print_table
 from fer_dist.data import crop as crop_lib
 from fer_dist.data import pack
-from fer_dist.data.format import ManifestError, PackParams, atomic_write, read_manifest
+from fer_dist.data.format import Manifest, ManifestError, PackParams, atomic_write, read_manifest
 from fer_dist.data.layout import Video
 from fer_dist.engine import predictions as preds_lib
 from fer_dist.jobs.predict import predict_group
@@ -85,51 +85,63 @@ def test_videos(reports: list[dict], root: Path) -> list[Video]:
     ]
 
 
-def pack_params(cfg: config_lib.Config) -> tuple[PackParams, object | None]:
-    """Packing as the training shards were packed (their audio rate, the waveform when the model
-    hears it), and their manifest when it can be read."""
+@dataclass
+class Run:
+    """A training run as annotate uses it: its exported model, how to pack for it, its
+    post-processing."""
+
+    dir: Path
+    weights: Path  # checkpoints/best
+    cfg: config_lib.Config
+    params: PackParams  # packing as the training shards were packed
+    trained: Manifest | None  # the training shards' manifest, when it can be read
+    post: postprocess.PostParams
+    post_path: Path | None
+
+
+def load_run(run_dir: Path) -> Run:
+    """The run in `run_dir`, checked before any video is touched. Packing follows the training
+    shards (their audio rate, the waveform when the model hears it). Raises ValueError when the
+    run has no exported model, ConfigError when its config does not load."""
+    weights = run_dir / "checkpoints" / "best"
+    if not (weights / "model.safetensors").is_file():
+        raise ValueError(f"{run_dir}: no trained model there (checkpoints/best/model.safetensors)")
+    cfg = config_lib.load(weights / "config.yaml", ["model.pretrained=false"])
     try:
         trained = read_manifest(cfg.data.shards)
     except (ManifestError, OSError):
         trained = None
     model = build(cfg.model, cfg.data.image_size, cfg.data.audio_size, trained.feature_dims() if trained else {})
     wave = "wave" in model.inputs
-    if trained is not None:
-        return PackParams(mel=trained.params.mel, audio_wave=wave), trained
-    return PackParams(audio_wave=wave), None
+    params = PackParams(mel=trained.params.mel, audio_wave=wave) if trained else PackParams(audio_wave=wave)
+    return Run(run_dir, weights, cfg, params, trained, *postprocessing(run_dir))
 
 
-def predict_faces(reports: list[dict], run_dir: Path, work: Path, workers: int) -> tuple[list[Faces], list[str]]:
+def predict_faces(reports: list[dict], run: Run, work: Path, workers: int) -> tuple[list[Faces], list[str]]:
     """Each face's per-frame probabilities and labels from the run's best model; and warnings."""
-    weights = run_dir / "checkpoints" / "best"
-    if not (weights / "model.safetensors").is_file():
-        raise ValueError(f"{run_dir}: no trained model there (checkpoints/best/model.safetensors)")
-    cfg = config_lib.load(weights / "config.yaml", ["model.pretrained=false"])
-    params, trained = pack_params(cfg)
     warnings = []
     videos = test_videos(reports, work / "data")
     probs: dict[str, np.ndarray] = {}
     labels: dict[str, np.ndarray] = {}
-    post, post_path = postprocessing(run_dir)
     if videos:
         shards = work / "shards"
         shutil.rmtree(shards, ignore_errors=True)
-        manifest = pack.pack(videos, shards, params, workers)
-        if trained is not None:
-            manifest.mel_stats = trained.mel_stats  # standardised as in training
+        manifest = pack.pack(videos, shards, run.params, workers)
+        if run.trained is not None:
+            manifest.mel_stats = run.trained.mel_stats  # standardised as in training
             manifest.write(shards)
         else:
             warnings.append(
-                f"the training shards ({cfg.data.shards}) cannot be read: the audio is standardised by these "
+                f"the training shards ({run.cfg.data.shards}) cannot be read: the audio is standardised by these "
                 "videos' own log-mel statistics"
             )
         warnings += manifest.problems
         out = work / "predictions.npz"
-        predict_group(weights, shards, "test", out)
+        predict_group(run.weights, shards, "test", out)
         shutil.rmtree(shards)  # the crops stay, for a rerun with another model
         p = preds_lib.load(out)
         all_probs = ensemble.probabilities(p)
-        all_labels = postprocess.apply(p.key, all_probs, post)
+        all_labels = postprocess.apply(p.key, all_probs, run.post)
         names, frames = preds_lib.split_keys(p.key)
         for name in np.unique(names).tolist():
             rows = names == name
@@ -145,8 +157,8 @@ def predict_faces(reports: list[dict], run_dir: Path, work: Path, workers: int) 
             if name in probs and len(probs[name]) != r["frames"]:
                 raise RuntimeError(f"{name}: {len(probs[name])} frames predicted, {r['frames']} decoded")
             faces.append(Faces(name, r["video"], times, box, probs.get(name), labels.get(name)))
-    if post_path is not None:
-        console.print(f"post-processing from {post_path}: {postprocess.describe(post.to_dict())}")
+    if run.post_path is not None:
+        console.print(f"post-processing from {run.post_path}: {postprocess.describe(run.post.to_dict())}")
     return faces, warnings
 
 
@@ -258,9 +270,10 @@ def annotate(
     docstring); returns one summary per face, and prints the problems."""
     out, run_dir = Path(out), Path(run_dir)
     work = out / ".work"
+    run = load_run(run_dir)
     reports = crop_lib.crop(videos, work / "data", params, workers)
     readable = [r for r in reports if not r["error"] and r["frames"]]
-    faces, warnings = predict_faces(readable, run_dir, work, workers)
+    faces, warnings = predict_faces(readable, run, work, workers)
     written = {f.name for f in faces if f.probs is not None}
     labels = {f.name: f.labels for f in faces if f.probs is not None}
     keys = np.array([f"{name}/{i + 1:05d}" for name in sorted(labels) for i in range(len(labels[name]))], str)
