@@ -153,8 +153,9 @@ def test_the_cnn_detector_finds_the_face_hog_finds_and_unknown_names_are_refused
     with pytest.raises(ValueError, match="unknown detector 'mtcnn'; choose one of hog, cnn"):
         Detector("mtcnn")
     video = str(real_footage / "single_face.mp4")
-    assert cli.main(["crop", "--videos", video, "--out", str(tmp_path), "--detector", "mtcnn"]) == 2
-    assert not (tmp_path / "cropped_aligned").exists()
+    for bad in (["--detector", "mtcnn"], ["--redetect", "0"], ["--min-face", "0"], ["--min-track", "-1"]):
+        assert cli.main(["crop", "--videos", video, "--out", str(tmp_path / "out"), *bad]) == 2
+    assert not (tmp_path / "out").exists()
 
 
 def face(track: int, x: float, size: float = 100) -> Face:

@@ -37,7 +37,7 @@ import av
 import numpy as np
 
 from fer_dist.console import console, print_table
-from fer_dist.data.faces import Detector, Face, Tracker, align
+from fer_dist.data.faces import DETECTORS, Detector, Face, Tracker, align
 from fer_dist.data.format import atomic_write
 from fer_dist.data.layout import CROP_DIRS, VIDEO_DIRS, VIDEO_SUFFIXES
 
@@ -55,6 +55,16 @@ class CropParams:
     min_face: float = 0.2  # smallest face a whole-frame search looks for, of the frame's shorter side
     min_track: int = 12  # frames: shorter tracks are not people
     quality: int = 95  # JPEG quality of the crops
+
+    def __post_init__(self) -> None:
+        if self.detector not in DETECTORS:
+            raise ValueError(f"unknown detector {self.detector!r}; choose one of {', '.join(DETECTORS)}")
+        if self.redetect < 1 or self.min_track < 1:
+            raise ValueError(f"--redetect ({self.redetect}) and --min-track ({self.min_track}) count frames: >= 1")
+        if not 0 < self.min_face <= 1:
+            raise ValueError(f"--min-face {self.min_face}: a share of the frame's height, in (0, 1]")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"JPEG quality {self.quality}: 1 to 100")
 
 
 def video_files(paths: list[Path]) -> list[Path]:
