@@ -19,9 +19,13 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:  # dlib itself is imported when a detector is made
+    import dlib
 
 # ArcFace's five-point template for 112x112 crops (insightface, `arcface_dst`), in px: the eye
 # centres (the left one in the image first), the nose tip, the mouth corners (left, right).
@@ -85,7 +89,7 @@ def align(image: np.ndarray, points: np.ndarray, size: int = CROP_SIZE) -> Image
     )
 
 
-def five_points(shape) -> np.ndarray:
+def five_points(shape: dlib.full_object_detection) -> np.ndarray:
     """[5, 2] from dlib's 68 iBUG points: the means of the two eye contours (36-41, 42-47), the nose
     tip (30), the mouth corners (48, 54)."""
     p = np.array([(q.x, q.y) for q in shape.parts()], np.float64)
@@ -114,6 +118,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def resized(image: np.ndarray, scale: float) -> np.ndarray:
+    """`image` [H, W, 3] uint8 scaled by `scale` (bilinear), itself when the scale is about 1."""
     if abs(scale - 1) < 1e-3:
         return image
     h, w = image.shape[:2]
