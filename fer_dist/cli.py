@@ -62,6 +62,38 @@ def cmd_shard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_crop(args: argparse.Namespace) -> int:
+    from fer_dist.data import annotations, crop
+
+    videos = crop.video_files([Path(p) for p in args.videos])
+    params = crop.CropParams(
+        detector=args.detector, redetect=args.redetect, min_face=args.min_face, min_track=args.min_track
+    )
+    labels = annotations.read_labels(Path(args.labels)) if args.labels else None
+    with progress() as bar:
+        task = bar.add_task("cropping videos", total=len(videos), info="")
+        reports = crop.crop(videos, Path(args.out), params, args.workers, lambda r: bar.advance(task))
+    crop.show(reports)
+    if labels is not None:
+        written, warnings = annotations.write(Path(args.out), labels, reports)
+        out.print(f"{len(written)} annotation file(s) in {Path(args.out) / annotations.CHALLENGE}")
+        for line in warnings:
+            console.print(f"[yellow]warning:[/] {line}")
+    return 0
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from fer_dist.data import crop
+    from fer_dist.jobs import annotate
+
+    videos = crop.video_files([Path(p) for p in args.videos])
+    params = crop.CropParams(detector=args.detector, redetect=args.redetect, min_face=args.min_face)
+    summaries = annotate.annotate(videos, Path(args.model), Path(args.out), params, args.render, args.workers)
+    annotate.show(summaries)
+    out.print(f"per-frame files in {args.out}")
+    return 0
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     from fer_dist.data.format import read_manifest
     from fer_dist.data.layout import discover
@@ -251,6 +283,28 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--workers", type=int, default=2)
     s.set_defaults(func=cmd_shard)
+
+    s = sub.add_parser("crop", help="your own videos into the Aff-Wild2 layout: faces detected, tracked, aligned")
+    s.add_argument("--videos", nargs="+", required=True, help="video files, or folders of them")
+    s.add_argument("--out", required=True, help="the dataset root to write (then: fer-dist shard --root OUT)")
+    s.add_argument("--detector", default="hog", help="hog (dlib's HOG, the default) | cnn (dlib's MMOD CNN, slower)")
+    s.add_argument("--labels", help="CSV of video,label or video,start_frame,end_frame,label (and split)")
+    s.add_argument("--redetect", type=int, default=8, help="frames between whole-frame face searches")
+    s.add_argument("--min-face", type=float, default=0.2, help="smallest face searched for, of the frame's height")
+    s.add_argument("--min-track", type=int, default=12, help="frames a face must be tracked to count as a person")
+    s.add_argument("--workers", type=int, default=1, help="videos cropped at a time")
+    s.set_defaults(func=cmd_crop)
+
+    s = sub.add_parser("annotate", help="a trained model's expression for every frame of any video")
+    s.add_argument("videos", nargs="+", help="video files, or folders of them")
+    s.add_argument("--model", required=True, help="a training run (its checkpoints/best and config)")
+    s.add_argument("--out", required=True, help="where <face>.csv, .txt, .png (and .mp4) go")
+    s.add_argument("--render", action="store_true", help="also <video>.mp4 with the face box and label drawn")
+    s.add_argument("--detector", default="hog", help="hog | cnn, as for crop")
+    s.add_argument("--redetect", type=int, default=8, help="frames between whole-frame face searches")
+    s.add_argument("--min-face", type=float, default=0.2, help="smallest face searched for, of the frame's height")
+    s.add_argument("--workers", type=int, default=1, help="videos cropped and packed at a time")
+    s.set_defaults(func=cmd_annotate)
 
     s = sub.add_parser("extract", help="feature shards: frozen-backbone embeddings and audio features per frame")
     s.add_argument("--shards", required=True, help="packed shards (fer-dist shard)")

