@@ -201,11 +201,13 @@ def test_a_submission_refused_in_either_format_writes_neither(tmp_path):
     logits = np.eye(NUM_CLASSES, dtype=np.float32)[[1, 1, 2]]
     preds_lib.save(tmp_path / "test.npz", preds_lib.Predictions(keys, np.full(3, -1), {"ensemble": logits}, "ensemble"))
     (tmp_path / "postprocess.json").write_text(json.dumps(postprocess.PostParams().to_dict()))
-    with pytest.raises(submission.SubmissionError, match="ABAW5/6 file: 1 required frame.*b/00002"):
-        submit(tmp_path, {"a": 2, "b": 1}, [("a", 1), ("a", 2), ("b", 1), ("b", 2)])  # ABAW3 is complete
+    with pytest.raises(submission.SubmissionError, match="ABAW5/6 file: 1 required frame.*c/00001"):
+        submit(tmp_path, {"a": 2, "b": 1}, [("a", 1), ("a", 2), ("b", 1), ("c", 1)])  # ABAW3 is complete
     assert not (tmp_path / "submission").exists()
-    assert submit(tmp_path, {"a": 2, "b": 1}, [("b", 1), ("a", 2)])["abaw5_rows"] == 2
+    assert submit(tmp_path, {"a": 2, "b": 1}, [("b", 1), ("a", 2), ("b", 2)])["abaw5_rows"] == 3
     assert (tmp_path / "submission" / "abaw3" / "a.txt").read_text().splitlines()[1:] == ["1", "1"]
+    rows = (tmp_path / "submission" / "abaw5.csv").read_text().splitlines()[1:]
+    assert rows == ["b/00001.jpg,2", "a/00002.jpg,1", "b/00002.jpg,2"]  # past b's end: b's last frame's label
 
 
 def test_a_malformed_template_is_named(tmp_path):

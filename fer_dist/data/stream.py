@@ -94,7 +94,11 @@ def check(cfg: DataConfig, manifest: Manifest, inputs: tuple[str, ...] = PACKED,
     on), checked before anything starts."""
     empty = manifest.empty([f"fold{cfg.holdout_fold}"]) if training else None
     if empty:
-        raise ConfigError(f"data.holdout_fold={cfg.holdout_fold}: {empty}")
+        others = [g[4:] for g in manifest.fold_groups() if manifest.groups[g].samples]
+        raise ConfigError(
+            f"data.holdout_fold={cfg.holdout_fold}: {empty}; hold out another fold (data.holdout_fold="
+            f"{' | '.join(others)}), or pack with fewer --n-folds"
+        )
     if training and not manifest.shard_paths(cfg.shards, manifest.fold_groups(cfg.holdout_fold)):
         raise ConfigError(f"no shards to train on besides the held-out fold{cfg.holdout_fold}")
     held = manifest.members

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
 
 from fer_dist.config import Config, ConfigError
@@ -111,6 +112,10 @@ def make_accelerator(cfg: Config, track: bool = False) -> Accelerator:
         check_gpu(state.device)
     capability = torch.cuda.get_device_capability(state.device) if state.device.type == "cuda" else None
     run_dir = Path(cfg.train.run_dir)
+    # Accelerate keeps one state per process and an Accelerator made after the first takes its
+    # precision and compile settings; a second run in one process (a notebook, the tests) must
+    # get its own. The process group (PartialState) stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         cpu=cpu,
         log_with=(tracking.installed(cfg.train.log_with) or None) if track else None,  # [] would warn

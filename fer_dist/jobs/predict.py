@@ -125,7 +125,7 @@ def submit(out: Path, frames: dict[str, int], required: list[tuple[str, int]]) -
     params = postprocess.PostParams.from_dict(json.loads((out / "postprocess.json").read_text()))
     labels = postprocess.apply(test.key, test.logits["ensemble"], params)
     files = {f"abaw3/{name}": data for name, data in submission.abaw3(test.key, labels, frames).items()}
-    within = [(v, min(f, frames[v])) for v, f in required]  # a row past a video's end: its last frame
+    within = [(v, min(f, frames.get(v, f))) for v, f in required]  # a row past a video's end: its last frame
     files["abaw5.csv"] = submission.abaw5(test.key, labels, within, named=required)
     submission.write(out / "submission", files)
     counts = np.bincount(labels, minlength=NUM_CLASSES).tolist()
