@@ -315,7 +315,7 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
 
 
 def window_patterns(labels: np.ndarray, flags: np.ndarray) -> list[list[int]]:
-    """[class][pattern] sample counts, pattern = s + 2 m + 4 l: lets the stream know each class's
+    """`[class][pattern]` sample counts, pattern = s + 2 m + 4 l: lets the stream know each class's
     share after any choice of usable windows without reading a shard."""
     pattern = flags @ (1 << np.arange(flags.shape[1]))
     valid = labels >= 0
