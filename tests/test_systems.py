@@ -53,7 +53,7 @@ def test_system_ends_above_chance_on_held_out_frames(config, data, extra, reques
 
 def test_regnet_transformer_trains_on_runs_of_crops(shards, tmp_path):
     """Paper 003's model sees only the crops. A test's few steps on 5 training identities are too
-    few to tell apart unseen faces (the README's table gives the CPU config's held-out figure), so
+    few to tell apart unseen faces (docs/performance.md gives the CPU config's held-out figure), so
     here: the focal loss falls over runs of frames and every held-out frame is scored."""
     run = tmp_path / "run"
     metrics = train("regnet_transformer_cpu", shards, run, "train.epochs=2", "data.epoch_samples=5120")
