@@ -23,6 +23,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
             lambda: bar.advance(task),
             length=args.length,
             test_videos=args.test_videos,
+            style=args.style,
         )
     console.print(f"{args.videos} videos, {total} labelled frames in {args.out}")
     if args.test_videos:
@@ -259,6 +260,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--length", type=int, default=1000, help="frames per video (the tests' set: 6 of 320)")
     s.add_argument("--test-videos", type=int, default=0, help="also test videos, with a test list and a template")
+    s.add_argument("--style", default="faces", choices=["faces", "shapes"], help="the crops' class cue (see synth.py)")
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("shard", help="pack a dataset into WebDataset shards")
@@ -360,12 +362,12 @@ def parser() -> argparse.ArgumentParser:
         s.set_defaults(func=cmd_ensemble if name == "ensemble" else cmd_predict)
 
     s = sub.add_parser("bench", help="the performance figures quoted in the README")
-    s.add_argument("what", choices=["pack", "loader", "step", "models", "gpu"])
+    s.add_argument("what", choices=["pack", "loader", "step", "models", "learn", "gpu"])
     s.add_argument("--workdir", help="where the synthetic data is kept (default: ~/.cache/fer-dist/bench)")
     s.add_argument("--videos", type=int, default=24, help="synthetic videos (24 give ~25,000 labelled frames)")
     s.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="pack: each count; loader: the last")
     s.add_argument("--samples", type=int, default=100_000, help="loader: samples the stream emits")
-    s.add_argument("--steps", type=int, default=100, help="step: timed steps of each loop")
+    s.add_argument("--steps", type=int, help="step, gpu: timed steps (100); learn: training steps of each run (1500)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_bench)
 

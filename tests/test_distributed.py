@@ -28,6 +28,9 @@ def test_two_ranks_train_and_evaluate_like_one(shards, tmp_path):
     assert metrics[0]["epoch"] == 1 and set(metrics[0]["macro_f1_by_head"]) == {"image", "audio", "fusion", "ensemble"}
     stream = metrics[0]["stream"]  # summed over both ranks' loaders
     assert stream["emitted"] >= 64 and stream["read"] > 0 and stream["corrupt_shards"] == 0
+    for drawn in (stream["videos_per_batch"], stream["clips_per_batch"]):  # batches of 8 frames
+        assert 1 <= drawn["min"] <= drawn["median"] <= 8
+    assert stream["videos_per_batch"]["median"] <= stream["clips_per_batch"]["median"]
     trained = predictions.load(run / "predictions" / "epoch001.npz")
     assert len(trained) == metrics[0]["eval_frames"] == len(set(trained.key))
 

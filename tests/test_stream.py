@@ -130,6 +130,27 @@ def test_stream_emits_the_planned_class_shares(shards):
     assert abs(counts["discarded_fraction"] - expected) < 0.05, (counts, expected)
 
 
+def test_a_batch_counts_the_videos_and_the_clips_it_draws_on():
+    """A clip is a run of consecutive frames of one video as read from one shard: a gap, another
+    video or another shard starts the next; copies of a frame stay in its clip."""
+    import json as json_lib
+
+    def sample(url: str, video: str, frame: int) -> dict:
+        meta = {"video": video, "frame": frame}
+        return {"__key__": f"{video}/{frame:05d}", "__url__": url, "json": json_lib.dumps(meta).encode(), "cls": b"1"}
+
+    read = [("a", "v", 1), ("a", "v", 2), ("a", "v", 4), ("a", "w", 5), ("b", "w", 6), ("b", "w", 7)]
+    parsed = list(stream.parse([sample(*r) for r in read], stream.Counter()))
+    assert [s["clip"] for s in parsed] == [1, 1, 2, 3, 4, 4]
+    frames = [stream.decode_frame(s, ()) for s in parsed + parsed[:1]]  # and a copy of the first frame
+    batch = stream.as_tensors(stream.collate(frames, image_size=8))
+    assert stream.diversity(batch) == (2, 4)
+    runs = stream.as_tensors(stream.collate_runs([frames[:2], frames[3:4]], length=3, image_size=8))
+    assert stream.diversity(runs) == (2, 2)  # the padding of the short run is no frame
+    assert stream.median_and_least([0, 0, 3, 1, 5]) == {"median": 4, "min": 2}
+    assert stream.median_and_least([0, 2, 0, 2]) == {"median": 1, "min": 1}
+
+
 def test_window_choice(tmp_path):
     frames = [{"meta": {"windows": {"s": False, "m": True, "l": True}}} for _ in range(400)]
     bare = [{"meta": {"windows": {"s": False, "m": False, "l": False}}} for _ in range(10)]

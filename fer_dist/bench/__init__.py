@@ -4,6 +4,7 @@ pack    bench/pack.py     packing speed per core, for each worker count
 loader  bench/loader.py   the training stream against the teams' loader and the decode limit
 step    bench/step.py     fer-dist's training step against a bare loop; 1 and 2 processes; memory
 models  bench/models.py   every paper's system trained by its CPU config: speed and macro-F1
+learn   bench/learn.py    fer-dist's training against a plain PyTorch loop on a hard image cue
 gpu     bench/gpu.py      the paper model's step on a GPU, the 1080 Ti's micro-batch, the workers a GPU needs
 
 The synthetic datasets and shards they measure on are made once and kept in the user's cache
@@ -16,19 +17,23 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fer_dist.bench import gpu, loader, models, pack, step
+from fer_dist.bench import gpu, learn, loader, models, pack, step
 
-BENCHMARKS = {"pack": pack, "loader": loader, "step": step, "models": models, "gpu": gpu}
+BENCHMARKS = {"pack": pack, "loader": loader, "step": step, "models": models, "learn": learn, "gpu": gpu}
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fer-dist" / "bench"
 
 
-def run(what: str, workdir: Path | None, videos: int, workers: list[int], samples: int, steps: int) -> dict:
+STEPS = {"step": 100, "gpu": 100, "learn": 1500}  # each benchmark's steps when --steps does not say
+
+
+def run(what: str, workdir: Path | None, videos: int, workers: list[int], samples: int, steps: int | None) -> dict:
     """The benchmark's figures, as one JSON-ready dict."""
     from fer_dist.config import CONFIGS
 
+    steps = steps or STEPS.get(what, 0)
     if what == "gpu":
         gpu.require_cuda()  # before any data is made
     workdir = workdir or cache_dir()
@@ -41,6 +46,8 @@ def run(what: str, workdir: Path | None, videos: int, workers: list[int], sample
         return loader.bench_loader(workdir, videos, workers[-1], samples)
     if what == "step":
         return step.bench_step(str(CONFIGS / "mfm_cpu.yaml"), str(CONFIGS / "mfm_swin_tiny.yaml"), 32, steps)
+    if what == "learn":
+        return learn.bench_learn(workdir, videos, steps)
     return models.bench_models(workdir, videos)
 
 

@@ -4,7 +4,7 @@ JSON (from rank 0 alone when launched on several)."""
 import json
 import sys
 
-from fer_dist.bench import baseline, gpu, loader, pack, step
+from fer_dist.bench import baseline, gpu, learn, loader, pack, step
 
 JOBS = {
     "time_pack": pack.time_pack,
@@ -16,6 +16,7 @@ JOBS = {
     "time_gpu_step": gpu.time_gpu_step,
     "time_max_batch": gpu.time_max_batch,
     "time_feeding": gpu.time_feeding,
+    "plain_loop": learn.plain_loop,
 }
 
 result = JOBS[sys.argv[1]](**json.loads(sys.argv[2]))

@@ -82,6 +82,24 @@ class Tally:
         return sum(self.latest.values(), torch.zeros(len(COUNTS), dtype=torch.long))
 
 
+def diversity(batch: dict) -> tuple[int, int]:
+    """How many distinct videos and clips (`parse`) a batch's real frames come from."""
+    keys = batch["key"]
+    if keys and isinstance(keys[0], list):  # clip mode: runs, padded with empty keys
+        keys = [k for run in keys for k in run]
+    clips = batch["clip"].reshape(-1)[[bool(k) for k in keys]]
+    return len({k.rsplit("/", 1)[0] for k in keys if k}), len(set(clips.tolist()))
+
+
+def median_and_least(histogram: list[int]) -> dict:
+    """The median and the least value of a histogram's draws ([count of value 0, of 1, ...])."""
+    counts = np.asarray(histogram)
+    if not counts.sum():
+        return {"median": 0, "min": 0}
+    cumulative = np.cumsum(counts)
+    return {"median": int(np.searchsorted(cumulative, cumulative[-1] / 2)), "min": int(np.flatnonzero(counts)[0])}
+
+
 def describe(total: torch.Tensor) -> dict:
     counts = dict(zip(COUNTS, (int(v) for v in total), strict=True))
     thrown_away = counts["no_window"] + counts["discarded"]  # read, parsed, never decoded
@@ -118,21 +136,28 @@ def check(cfg: DataConfig, manifest: Manifest, inputs: tuple[str, ...] = PACKED,
         )
 
 
-def no_window_policy(cfg: DataConfig) -> str:
-    """A sequence needs every frame's audio: clip mode gives window-less frames the widest window."""
-    return "widest" if cfg.sequence_length else cfg.no_window
+def no_window_policy(cfg: DataConfig, inputs: tuple[str, ...] = PACKED) -> str:
+    """What a training frame without a pure audio window gets: clip mode needs every frame's audio
+    (the widest window), and a model that hears nothing needs no window at all (the frame is kept:
+    dropping it would throw away the frames around every change of expression for nothing)."""
+    hears = "audio" in inputs or "wave" in inputs
+    return "widest" if cfg.sequence_length or not hears else cfg.no_window
 
 
-def usable_patterns(cfg: DataConfig) -> list[int]:
+def usable_patterns(cfg: DataConfig, inputs: tuple[str, ...] = PACKED) -> list[int]:
     """Window-flag patterns (s + 2m + 4l) of frames the training stream keeps."""
-    if no_window_policy(cfg) == "widest":
+    if no_window_policy(cfg, inputs) == "widest":
         return list(range(8))
     bits = [1 << NAMES.index(w) for w in cfg.train_windows]
     return [p for p in range(8) if any(p & b for b in bits)]
 
 
-def resampling_plan(manifest: Manifest, groups: list[str], cfg: DataConfig) -> balance.Plan:
-    usable = usable_patterns(cfg)
+def resampling_plan(
+    manifest: Manifest, groups: list[str], cfg: DataConfig, inputs: tuple[str, ...] = PACKED
+) -> balance.Plan:
+    """Each (video, class)'s expected copies of a read sample (`balance.plan`), over the frames
+    the stream keeps for a model taking `inputs`."""
+    usable = usable_patterns(cfg, inputs)
     counts = {
         name: np.asarray(v.window_patterns)[:, usable].sum(1) for name, v in manifest.videos.items() if v.fold in groups
     }
@@ -198,6 +223,10 @@ def read_shards(src, counter: Counter, give_up: int = 100):
 
 
 def parse(src, counter: Counter):
+    """The label and metadata of each sample, and `clip`: which run of consecutive frames of one
+    video, as read from a shard, it belongs to (numbered in this worker's reading order), so that
+    a batch can tell how many clips it draws from (`diversity`)."""
+    clip, last = 0, None
     for sample in src:
         try:
             sample["meta"] = json.loads(sample[META])
@@ -205,8 +234,19 @@ def parse(src, counter: Counter):
         except (KeyError, ValueError) as exn:
             counter.sample_fault(ValueError(f"{sample.get('__key__')}: unreadable label or metadata ({exn})"))
             continue
+        here = (sample.get("__url__"), sample["meta"]["video"], sample["meta"]["frame"])
+        clip += last is None or here[:2] != last[:2] or here[2] != last[2] + 1
+        sample["clip"], last = clip, here
         counter.add("read")
         yield sample
+
+
+def kept(src, members: tuple[str, ...]):
+    """Each sample with only the `members` the model takes (and its label and metadata): what the
+    shuffle buffer holds undecoded is then a few KB a frame for an image model, not the log-mel
+    window and waveform it would never decode, so a buffer of many clips costs little memory."""
+    for sample in src:
+        yield {k: v for k, v in sample.items() if k.startswith("__") or k in members or k in ("meta", "label", "clip")}
 
 
 def pick_window(src, windows: list[str], no_window: str, base: str, counter: Counter):
@@ -265,7 +305,10 @@ def balanced(src, copies: dict[str, np.ndarray], base: str, counter: Counter):
 
 
 def shuffled(src, bufsize: int, base: str):
-    yield from wds.shuffle(bufsize, min(bufsize, 100), rng=worker_rng(base, "shuffle"))(src)
+    """Samples drawn at random from a buffer of `bufsize`, filled before the first is drawn: a
+    buffer that started drawing at 100 samples made an epoch's first batches from three or four
+    clips. Filling it reads undecoded samples only (tens of microseconds each)."""
+    yield from wds.shuffle(bufsize, bufsize, rng=worker_rng(base, "shuffle"))(src)
 
 
 def jpeg_bytes(data: bytes) -> np.ndarray:
@@ -279,7 +322,7 @@ def jpeg_bytes(data: bytes) -> np.ndarray:
 def decode_frame(sample: dict, inputs: tuple[str, ...], decode: str = "cpu") -> dict:
     """The members the model takes, decoded: JPEG to uint8 [3, H, W] (`decode: gpu`: its checked
     bytes, decoded on the device in batches), .npy arrays to tensors."""
-    frame = {"key": sample["__key__"], "label": sample["label"]}
+    frame = {"key": sample["__key__"], "label": sample["label"], "clip": np.int64(sample["clip"])}
     for name in inputs:
         data = sample[MEMBERS[name]]
         if name == "image" and decode == "gpu":
@@ -485,14 +528,16 @@ def train_loader(
     groups = manifest.fold_groups(cfg.holdout_fold)
     urls = manifest.shard_paths(cfg.shards, groups)
     base = f"{seed}/{epoch}/{rank}"
-    plan = resampling_plan(manifest, groups, cfg)
+    plan = resampling_plan(manifest, groups, cfg, inputs)
     counter = Counter()
     stage = functools.partial
+    policy = no_window_policy(cfg, inputs)
     stages = [
         stage(dealt_shards, urls, f"{seed}/{epoch}", rank, world),
         stage(read_shards, counter=counter),
         stage(parse, counter=counter),
-        stage(pick_window, windows=cfg.train_windows, no_window=no_window_policy(cfg), base=base, counter=counter),
+        stage(kept, members=(LABEL, META, *(MEMBERS[name] for name in inputs))),
+        stage(pick_window, windows=cfg.train_windows, no_window=policy, base=base, counter=counter),
     ]
     if cfg.sequence_length:
         stages.append(stage(runs, length=cfg.sequence_length))

@@ -11,6 +11,11 @@ Every (face, sound) pair is unique, so both together can reach 1.0. Videos have 
 identity (face shape, skin, position, scale, background, voice pitch and gain, noise), label
 segments with eased transitions, unannotated runs, frames without a face crop, class shares from
 paper 000's Table 1, and a mix of containers, frame rates and a video without audio.
+
+`style="shapes"` makes the image cue harder, as a real face's expression is a small part of its
+crop: each class is a small shape (17-28 px of the 112 px crop, 10-16 px at 64 px) at a random
+place, size and colour on a textured background, drawn anew for every label segment and drifting
+within it; the classes share shapes as they share faces above, and the sounds are the same.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ LOOKS = np.array(
         [0.80, 0.4, -1.1, -1.0, 0.00, 0.85, 0.0],  # sad: inner brows up, corners down
     ]
 )
+SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")  # one per look: LOOK maps classes to them
+STYLES = ("faces", "shapes")
 CROP = 112
 VIDEO_SIZE = 64
 TRANSITION = 6  # frames over which the face eases into a new expression
@@ -170,6 +177,55 @@ def render_face(p: np.ndarray, ident: dict, shift: np.ndarray, rng: np.random.Ge
     return out.getvalue()
 
 
+def texture(rng: np.random.Generator) -> np.ndarray:
+    """[CROP, CROP, 3] float: a video's background for `style="shapes"`, a base colour under three
+    gratings of random orientation, frequency and colour."""
+    y, x = np.mgrid[0:CROP, 0:CROP] / CROP
+    image = np.zeros((CROP, CROP, 3)) + rng.uniform(80, 170, 3)
+    for _ in range(3):
+        angle, frequency, phase = rng.uniform(0, np.pi), rng.uniform(2, 9), rng.uniform(0, 2 * np.pi)
+        wave = np.sin(2 * np.pi * frequency * (x * np.cos(angle) + y * np.sin(angle)) + phase)
+        image += rng.uniform(15, 40, 3) * wave[..., None]
+    return image
+
+
+def shape_segments(rng: np.random.Generator, seg_start: np.ndarray) -> dict[int, tuple]:
+    """Each label segment's shape placement: centre (px), size (px) and colour, drawn at random (a
+    colour may be close to the background's: the cue is the shape, not its contrast)."""
+    placed = {}
+    for start in np.unique(seg_start).tolist():
+        size = rng.uniform(17, 28)
+        centre = rng.uniform(size / 2 + 4, CROP - size / 2 - 4, 2)
+        placed[start] = (centre, size, tuple(int(v) for v in rng.uniform(0, 255, 3)))
+    return placed
+
+
+def render_shape(kind: str, placed: tuple, shift: np.ndarray, background: np.ndarray, rng, noise: float) -> bytes:
+    """A 112x112 JPEG of shape `kind` (one of SHAPES) at its segment's placement, moved by `shift`."""
+    (cx, cy), size, colour = placed
+    cx, cy, r = cx + shift[0], cy + shift[1], size / 2
+    img = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    if kind == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif kind == "square":
+        d.rectangle([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=colour)
+    elif kind == "triangle":
+        d.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=colour)
+    elif kind == "cross":
+        w = 0.3 * r
+        d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=colour)
+        d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=colour)
+    elif kind == "ring":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=colour, width=max(2, int(0.3 * r)))
+    else:  # diamond
+        d.polygon([(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)], fill=colour)
+    pixels = np.asarray(img, np.float32) + rng.normal(0, noise, (CROP, CROP, 3))
+    out = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, format="JPEG", quality=88)
+    return out.getvalue()
+
+
 def synthesize_audio(labels: np.ndarray, fps: Fraction, rate: int, rng: np.random.Generator) -> np.ndarray:
     """Mono float32 audio whose sound at time t follows the label of the frame shown at t."""
     n = int(len(labels) / fps * rate)
@@ -245,9 +301,9 @@ def write_test_files(out: Path, plans: list[Plan]) -> None:
     (out / TEST_TEMPLATE).write_text("\n".join(rows) + "\n")
 
 
-def make_video(job: tuple[Path, Plan, int, int, int]) -> int:
+def make_video(job: tuple[Path, Plan, int, int, int, str]) -> int:
     """Writes one video file, its faces' crops and annotations; returns labelled frames."""
-    out, p, seed, index, length = job
+    out, p, seed, index, length, style = job
     rng = np.random.default_rng([seed, index])
     n_target = int(rng.integers(0.7 * length, 1.3 * length))
     truth = label_track(rng, n_target)
@@ -261,6 +317,8 @@ def make_video(job: tuple[Path, Plan, int, int, int]) -> int:
     video_frames: list[np.ndarray] = []
     for face in p.faces:
         ident = face_identity(rng)
+        if style == "shapes":
+            background, placed = texture(rng), shape_segments(rng, seg_start)
         labels = truth.copy()
         unannotated = runs(rng, n, 2, 10, 40)
         while len(np.unique(truth[~unannotated])) < NUM_CLASSES:  # keep every class in every video
@@ -272,9 +330,13 @@ def make_video(job: tuple[Path, Plan, int, int, int]) -> int:
         shift = np.zeros(2)
         for i in range(n):
             shift = 0.9 * shift + rng.normal(0, 0.6, 2)
-            ease = min(1.0, (i - seg_start[i] + 1) / (TRANSITION + 1))
-            params = ease * LOOKS[LOOK[truth[i]]] + (1 - ease) * LOOKS[LOOK[before[i]]]
-            jpeg = render_face(params, ident, shift, rng)
+            if style == "shapes":
+                kind = SHAPES[LOOK[truth[i]]]
+                jpeg = render_shape(kind, placed[seg_start[i]], shift, background, rng, ident["noise"])
+            else:
+                ease = min(1.0, (i - seg_start[i] + 1) / (TRANSITION + 1))
+                params = ease * LOOKS[LOOK[truth[i]]] + (1 - ease) * LOOKS[LOOK[before[i]]]
+                jpeg = render_face(params, ident, shift, rng)
             if not no_crop[i]:
                 (crop_dir / f"{i + 1:05d}.jpg").write_bytes(jpeg)
             if face == p.faces[0]:
@@ -300,16 +362,20 @@ def synthesize(
     progress=None,
     length: int = 1000,
     test_videos: int = 0,
+    style: str = "faces",
 ) -> int:
-    """Writes the dataset under `out` (videos of about `length` frames) and, with `test_videos`,
-    the test files of a challenge; returns the labelled frames of train and validation."""
+    """Writes the dataset under `out` (videos of about `length` frames; crops of `style` "faces" or
+    "shapes", see the module) and, with `test_videos`, the test files of a challenge; returns the
+    labelled frames of train and validation."""
+    if style not in STYLES:
+        raise ValueError(f"--style must be one of {', '.join(STYLES)}, not {style!r}")
     if n_videos < 4:
         raise ValueError("--videos must be at least 4 (the layout's quirks need that many)")
     if length < 300:
         raise ValueError("videos need at least 300 frames to hold every class")
     out = Path(out)
     plans = plan(n_videos, test_videos)
-    jobs = [(out, p, seed, i, length) for i, p in enumerate(plans)]
+    jobs = [(out, p, seed, i, length, style) for i, p in enumerate(plans)]
     total = 0
     with multiprocessing.get_context("forkserver").Pool(max(1, workers)) as pool:
         for labelled in pool.imap_unordered(make_video, jobs):

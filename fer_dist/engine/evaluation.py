@@ -33,12 +33,23 @@ def scores(p: preds_lib.Predictions, output: str) -> tuple[dict, np.ndarray]:
     return metrics, matrices[output]
 
 
-def reduce_counts(accelerator, tally: stream.Tally) -> dict:
-    """The stream's counts summed over this rank's workers, then over all ranks."""
-    total = tally.total().to(accelerator.device)
+def summed(accelerator, values: torch.Tensor) -> torch.Tensor:
+    """`values` summed over all ranks (on the CPU)."""
+    values = values.to(accelerator.device)
     if accelerator.num_processes > 1:
-        total = accelerator.reduce(total, reduction="sum")
-    return stream.describe(total.cpu())
+        values = accelerator.reduce(values, reduction="sum")
+    return values.cpu()
+
+
+def reduce_counts(accelerator, tally: stream.Tally, diversity: torch.Tensor | None = None) -> dict:
+    """The stream's counts summed over this rank's workers, then over all ranks; with the
+    training batches' `diversity` ([2, frames + 1]: batches by distinct videos, by distinct clips),
+    its median and least over all ranks."""
+    counts = stream.describe(summed(accelerator, tally.total()))
+    if diversity is not None:
+        videos, clips = summed(accelerator, diversity).tolist()
+        counts["videos_per_batch"], counts["clips_per_batch"] = map(stream.median_and_least, (videos, clips))
+    return counts
 
 
 @torch.no_grad()

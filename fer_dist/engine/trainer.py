@@ -27,7 +27,7 @@ from fer_dist.data import stream
 from fer_dist.data.format import Manifest, read_manifest
 from fer_dist.engine import checkpoint, provenance, tracking
 from fer_dist.engine.distributed import first_raised, make_accelerator
-from fer_dist.engine.evaluation import evaluate, reduce_counts
+from fer_dist.engine.evaluation import evaluate, reduce_counts, summed
 from fer_dist.engine.optim import clip_gradients, initialise, lr_factor, make_optimizer
 from fer_dist.engine.state import TrainState
 from fer_dist.engine.task import Step, Task, model_for
@@ -56,9 +56,11 @@ def train_step(accelerator, model, optimizer, scheduler, task: Task, step: Step,
 
 
 def report_stream(counts: dict) -> None:
+    videos, clips = counts["videos_per_batch"], counts["clips_per_batch"]
     line = (
         f"stream: read {counts['read']}, emitted {counts['emitted']}, "
-        f"discarded {counts['discarded_fraction']:.1%} of what was read"
+        f"discarded {counts['discarded_fraction']:.1%} of what was read; a batch drew on "
+        f"{videos['median']} videos (least {videos['min']}) and {clips['median']} clips (least {clips['min']})"
     )
     if counts["corrupt_shards"] + counts["corrupt_samples"]:
         line += (
@@ -89,7 +91,7 @@ class Trainer:
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.holdout = f"fold{cfg.data.holdout_fold}"
         self.groups = manifest.fold_groups(cfg.data.holdout_fold)
-        self.plan = stream.resampling_plan(manifest, self.groups, cfg.data)
+        self.plan = stream.resampling_plan(manifest, self.groups, cfg.data, model.inputs)
         accumulation = accelerator.gradient_accumulation_steps
         self.steps = stream.batches_per_epoch(self.plan, cfg.data, self.world, accumulation)  # micro-batches per rank
         updates = self.steps // accumulation
@@ -144,6 +146,11 @@ class Trainer:
         tally, before, start = stream.Tally(), s.train_time, time.perf_counter()
         if skip == self.steps and self.main:  # stopped after the epoch's last batch: the counts were saved
             tally.latest[-1] = torch.tensor(s.stream)
+        diversity = torch.zeros(
+            2, self.cfg.data.batch_size * max(1, self.cfg.data.sequence_length) + 1, dtype=torch.long
+        )
+        if skip and self.main:  # the batches before the checkpoint, over all ranks
+            diversity += torch.tensor(s.diversity)
         loss_sum, window = torch.tensor(s.loss_sum, dtype=torch.float64, device=accelerator.device), []
         for micro, batch in enumerate(loader, start=skip):
             step = self.task.prepare(batch, accelerator.device, train=True)
@@ -155,6 +162,9 @@ class Trainer:
             s.losses += 1
             s.seen += step.frames * self.world
             tally.see(batch)
+            videos, clips = stream.diversity(batch)
+            diversity[0, videos] += 1
+            diversity[1, clips] += 1
             self.bar.advance(progress)
             if not stepped:
                 continue
@@ -168,12 +178,13 @@ class Trainer:
                 s.micro_step, s.loss_sum = micro + 1, loss_sum.item()
                 s.train_time = before + time.perf_counter() - start
                 s.stream = [reduce_counts(accelerator, tally)[k] for k in stream.COUNTS]
+                s.diversity = summed(accelerator, diversity).tolist()
                 saved = self.checkpoint()
                 if stop:
                     self.requeue(stop, saved)
         self.bar.remove_task(progress)
         s.loss_sum, s.train_time = loss_sum.item(), before + time.perf_counter() - start
-        return reduce_counts(accelerator, tally)
+        return reduce_counts(accelerator, tally, diversity)
 
     def evaluate_epoch(self, epoch: int, counts: dict) -> dict | None:
         """Scores the held-out group, records the metrics and exports the best model."""

@@ -1,0 +1,213 @@
+"""`fer-dist bench learn`: does fer-dist's training learn what a plain PyTorch loop learns from the
+same frames?
+
+On a synthetic set whose image cue is hard (`fer-dist synth --style shapes`: each class a small
+shape at a free place, size and colour on a textured background), for each held-out fold:
+
+- a plain loop: the image branch of `configs/mfm_cpu.yaml` (the very module fer-dist builds with
+  `model.stage=image`, same initial weights), the training groups' frames decoded with PIL in a
+  fully shuffled order, no class balancing, no augmentation, a constant learning rate, no clipping;
+- `fer-dist train --config configs/mfm_cpu.yaml model.stage=image` with its defaults, the same steps;
+- the whole model (image, audio, fusion) with its defaults, the same steps;
+
+each scored on the held-out fold's frames (macro-F1 of the image head; of every head for the
+whole model). The goals: fer-dist's image head at least the plain loop's minus 0.02, and the
+whole model's prediction at least its better single-modality head plus 0.10.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fer_dist.bench.common import run_measured
+from fer_dist.console import print_table
+
+VIDEOS, LENGTH = 24, 1000  # the demo's size
+
+
+def shapes(workdir: Path, videos: int, seed: int = 0) -> Path:
+    """The benchmark's shapes dataset and its shards, made once and reused."""
+    from fer_dist.data.format import PackParams
+    from fer_dist.data.layout import discover
+    from fer_dist.data.pack import pack
+    from fer_dist.data.synth import synthesize
+
+    root = workdir / f"shapes-{videos}v"
+    if not (root / ".complete").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        synthesize(root, videos, seed, 2, length=LENGTH, style="shapes")
+        (root / ".complete").touch()
+    out = workdir / f"{root.name}-shards"
+    if not (out / "manifest.json").exists():
+        pack(discover(root), out, PackParams(), workers=2)
+    return out
+
+
+def frames(shards: str, groups: list[str]) -> tuple[list[bytes], np.ndarray]:
+    """Every sample's crop bytes and label in `groups`, read from the tars."""
+    from fer_dist.data import tars
+    from fer_dist.data.format import LABEL, MEMBERS, read_manifest
+
+    crops, labels = [], []
+    for url in read_manifest(shards).shard_paths(shards, groups):
+        with open(url, "rb") as fh:
+            for sample in tars.samples(fh, url):
+                crops.append(bytes(sample[MEMBERS["image"]]))
+                labels.append(int(sample[LABEL]))
+    return crops, np.array(labels)
+
+
+def plain_loop(shards: str, config: str, holdout: int, steps: int, seed: int) -> dict:
+    """The config's image branch trained the plain way (module docstring); returns the held-out
+    macro-F1 of its head and the mean training loss of the last 100 steps."""
+    import torch
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+
+    from fer_dist import config as config_lib
+    from fer_dist.data.format import read_manifest
+    from fer_dist.engine.metrics import macro_f1
+    from fer_dist.models import build
+
+    cfg = config_lib.load(config, [f"data.shards={shards}", f"data.holdout_fold={holdout}", "model.stage=image"])
+    torch.manual_seed(seed)
+    model = build(cfg.model, cfg.data.image_size, cfg.data.audio_size)
+    mean, std = (torch.tensor(v)[:, None, None] for v in model.image_normalisation)
+    size = cfg.data.image_size
+
+    class Frames(Dataset):
+        def __init__(self, crops: list[bytes], labels: np.ndarray) -> None:
+            self.crops, self.labels = crops, labels
+
+        def __len__(self) -> int:
+            return len(self.crops)
+
+        def __getitem__(self, i: int):
+            image = Image.open(io.BytesIO(self.crops[i])).convert("RGB").resize((size, size), Image.BILINEAR)
+            x = torch.from_numpy(np.asarray(image, np.float32) / 255).permute(2, 0, 1)
+            return (x - mean) / std, int(self.labels[i])
+
+    manifest = read_manifest(shards)
+    train = Frames(*frames(shards, manifest.fold_groups(holdout)))
+    held = Frames(*frames(shards, [f"fold{holdout}"]))
+    shuffled = DataLoader(
+        train,
+        cfg.data.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=1,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    losses, step = [], 0
+    model.train()
+    while step < steps:
+        for x, y in shuffled:
+            loss = torch.nn.functional.cross_entropy(model(image=x)["image"], y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            step += 1
+            if step == steps:
+                break
+    model.eval()
+    predicted = []
+    with torch.no_grad():
+        for x, _ in DataLoader(held, 128, num_workers=1):
+            predicted.append(model(image=x)["image"].argmax(1).numpy())
+    return {"image": macro_f1(held.labels, np.concatenate(predicted)), "final_loss": float(np.mean(losses[-100:]))}
+
+
+def fer_dist_run(shards: Path, run_dir: Path, holdout: int, steps: int, seed: int, *overrides: str) -> dict:
+    """`fer-dist train --config configs/mfm_cpu.yaml` for `steps` steps of 32 on these shards: the
+    held-out macro-F1 of every head (and the prediction), and its final training loss."""
+    from fer_dist.config import CONFIGS
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "fer_dist.train", "--config", str(CONFIGS / "mfm_cpu.yaml"), f"data.shards={shards}"]
+    cmd += [f"train.run_dir={run_dir}", f"data.holdout_fold={holdout}", f"train.seed={seed}", "train.log_with=[]"]
+    cmd += [f"data.epoch_samples={32 * steps}", "train.epochs=1", *overrides]
+    run_measured(cmd)
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    return {**last["macro_f1_by_head"], "prediction": last["macro_f1"], "final_loss": last["train_loss"]}
+
+
+def bench_learn(workdir: Path, videos: int, steps: int = 1500, holdouts: tuple[int, ...] = (0, 1), seed: int = 0):
+    """The plain loop, fer-dist's image branch and fer-dist's whole model on each held-out fold."""
+    from fer_dist.bench.common import child
+    from fer_dist.config import CONFIGS
+    from fer_dist.data.format import read_manifest
+    from fer_dist.engine.metrics import chance_macro_f1
+    from fer_dist.labels import NUM_CLASSES
+
+    shards = shapes(workdir, videos)
+    manifest = read_manifest(shards)
+    rows = []
+    for holdout in holdouts:
+        plain, _ = child(
+            "plain_loop",
+            shards=str(shards),
+            config=str(CONFIGS / "mfm_cpu.yaml"),
+            holdout=holdout,
+            steps=steps,
+            seed=seed,
+        )
+        image = fer_dist_run(shards, workdir / "runs" / "learn-image", holdout, steps, seed, "model.stage=image")
+        whole = fer_dist_run(shards, workdir / "runs" / "learn-mfm", holdout, steps, seed)
+        counts = manifest.groups[f"fold{holdout}"].class_counts
+        rows.append(
+            {
+                "holdout": holdout,
+                "plain_image": plain["image"],
+                "fer_dist_image": image["image"],
+                "mfm_image": whole["image"],
+                "mfm_audio": whole["audio"],
+                "mfm_fusion": whole["fusion"],
+                "mfm_prediction": whole["prediction"],
+                "chance": chance_macro_f1(np.asarray(counts[:NUM_CLASSES])),
+                "losses": {
+                    "plain": plain["final_loss"],
+                    "fer_dist_image": image["final_loss"],
+                    "mfm": whole["final_loss"],
+                },
+            }
+        )
+    return {"videos": videos, "steps": steps, "seed": seed, "splits": rows}
+
+
+def show(result: dict) -> None:
+    rows = []
+    for r in result["splits"]:
+        best_single = max(r["mfm_image"], r["mfm_audio"])
+        rows.append(
+            {
+                "holdout": f"fold {r['holdout']}",
+                "plain": f"{r['plain_image']:.3f}",
+                "image": f"{r['fer_dist_image']:.3f}",
+                "gap": f"{r['fer_dist_image'] - r['plain_image']:+.3f}",
+                "heads": f"{r['mfm_image']:.3f} / {r['mfm_audio']:.3f} / {r['mfm_fusion']:.3f}",
+                "prediction": f"{r['mfm_prediction']:.3f}",
+                "gain": f"{r['mfm_prediction'] - best_single:+.3f}",
+                "chance": f"{r['chance']:.3f}",
+            }
+        )
+    columns = {
+        "holdout": "held out",
+        "plain": "plain loop, image",
+        "image": "fer-dist, image",
+        "gap": "fer-dist - plain (goal >= -0.02)",
+        "heads": "whole model: image / audio / fusion",
+        "prediction": "prediction",
+        "gain": "prediction - best single head (goal >= +0.10)",
+        "chance": "chance",
+    }
+    print_table(
+        f"held-out macro-F1 after {result['steps']} steps of 32 ({result['videos']} shape videos)", columns, rows
+    )
