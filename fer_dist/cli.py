@@ -128,7 +128,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from fer_dist.data import inspect
+    from fer_dist.data import survey
     from fer_dist.data.format import ManifestError, PackParams, read_manifest
 
     if is_result(Path(args.shards)):
@@ -137,17 +137,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         manifest = read_manifest(args.shards)
     except ManifestError as exc:
         manifest, diffs = None, [str(exc)]
-    found = inspect.survey(Path(args.shards), (manifest.params if manifest else PackParams()).sample_members())
+    found = survey.survey(Path(args.shards), (manifest.params if manifest else PackParams()).sample_members())
     if manifest is not None:
-        diffs = inspect.compare(found, manifest)
+        diffs = survey.compare(found, manifest)
     agree = not diffs and not found["problems"]
     if args.json:
-        quality = inspect.quality_rows(manifest) if manifest else []
+        quality = survey.quality_rows(manifest) if manifest else []
         out.print_json(json.dumps({**found, "manifest_differences": diffs, "agrees": agree, "quality": quality}))
     else:
-        inspect.show(Path(args.shards), found, diffs, agree)
+        survey.show(Path(args.shards), found, diffs, agree)
         if manifest is not None:
-            inspect.show_quality(manifest)
+            survey.show_quality(manifest)
     return 0 if agree else 1
 
 

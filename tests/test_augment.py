@@ -6,6 +6,7 @@ from fer_dist import config
 from fer_dist.data.audio import SILENCE
 from fer_dist.data.format import MelStats
 from fer_dist.data.transforms import mix, prepare, random_affine, remix_label_weight
+from fer_dist.models.contract import IMAGENET
 
 MANIFEST = SimpleNamespace(mel_stats=MelStats(0.0, 1.0), feature_stats={})  # what prepare() reads of a manifest
 
@@ -78,12 +79,12 @@ def test_augmentation_is_per_run_in_clip_mode():
     frame = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
     images = frame.expand(2, 4, 3, 40, 40).clone()  # two runs of four identical frames
     cfg = data_cfg("data.rotation=20", "data.color_jitter=0.3")
-    out = prepare(batch_of(images, (2, 4)), torch.device("cpu"), cfg, MANIFEST, train=True)
+    out = prepare(batch_of(images, (2, 4)), torch.device("cpu"), cfg, MANIFEST, train=True, normalisation=IMAGENET)
     assert out["image"].shape == (2, 4, 3, 32, 32) and out["audio"].shape == (2, 4, 1, 16, 16)
     for run in out["image"]:
         torch.testing.assert_close(run, run[:1].expand_as(run))  # one augmentation per run
     assert not torch.allclose(out["image"][0], out["image"][1])  # runs differ
-    plain = prepare(batch_of(images, (2, 4)), torch.device("cpu"), cfg, MANIFEST, train=False)
+    plain = prepare(batch_of(images, (2, 4)), torch.device("cpu"), cfg, MANIFEST, train=False, normalisation=IMAGENET)
     torch.testing.assert_close(plain["image"][0], plain["image"][1])  # evaluation: no augmentation
 
 
@@ -91,15 +92,18 @@ def test_audio_dropout_silences_whole_runs_in_training_only():
     torch.manual_seed(0)
     images = torch.randint(0, 256, (64, 4, 3, 40, 40), dtype=torch.uint8)
     batch = batch_of(images, (64, 4))
-    cpu = torch.device("cpu")
-    out = prepare(batch, cpu, data_cfg("data.audio_dropout=0.5"), MANIFEST, train=True)["audio"]
+
+    def audio(dropout: float, train: bool) -> torch.Tensor:
+        cfg = data_cfg(f"data.audio_dropout={dropout}")
+        return prepare(batch, torch.device("cpu"), cfg, MANIFEST, train, IMAGENET)["audio"]
+
+    out = audio(0.5, True)
     silent = (out == SILENCE).flatten(2).all(-1)  # [runs, frames]: the window is silence throughout
     assert (silent == silent[:, :1]).all()  # a run is silent as a whole or not at all
     assert 10 < silent[:, 0].sum() < 54  # about half of the 64 runs
     heard = ~silent[:, 0]
-    plain = prepare(batch, cpu, data_cfg(), MANIFEST, train=True)["audio"]
+    plain = prepare(batch, torch.device("cpu"), data_cfg(), MANIFEST, True, IMAGENET)["audio"]
     torch.testing.assert_close(out[heard], plain[heard])  # the others are untouched
-    never = prepare(batch, cpu, data_cfg("data.audio_dropout=0.0"), MANIFEST, train=True)["audio"]
-    evaluated = prepare(batch, cpu, data_cfg("data.audio_dropout=0.5"), MANIFEST, train=False)["audio"]
+    never, evaluated = audio(0.0, True), audio(0.5, False)
     for kept in (never, evaluated):
         assert not (kept == SILENCE).flatten(2).all(-1).any()

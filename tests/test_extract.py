@@ -106,9 +106,9 @@ def test_the_voice_needs_shards_with_waveforms(shards, synthetic, tmp_path):
 
 @pytest.mark.slow
 def test_extract_resumes_after_a_kill(shards, synthetic, features, tmp_path, monkeypatch):
-    import fer_dist.jobs.extract as ex
+    import fer_dist.data.features as ex
 
-    real, done = ex.extract_shard, []
+    real, done = ex.write_shard, []
 
     def killed_after_three(src, dst, *args):
         if len(done) == 3:
@@ -117,13 +117,13 @@ def test_extract_resumes_after_a_kill(shards, synthetic, features, tmp_path, mon
         return real(src, dst, *args)
 
     out = tmp_path / "features"
-    monkeypatch.setattr(ex, "extract_shard", killed_after_three)
+    monkeypatch.setattr(ex, "write_shard", killed_after_three)
     with pytest.raises(KeyboardInterrupt):
         extract(shards, out, discover(synthetic), "test_convnext", image_size=64)
     assert not (out / "manifest.json").exists() and not list(out.glob("*.tmp"))
     for name in done:
         os.utime(out / name, (1, 1))
-    monkeypatch.setattr(ex, "extract_shard", real)
+    monkeypatch.setattr(ex, "write_shard", real)
     extract(shards, out, discover(synthetic), "test_convnext", image_size=64)
     assert all((out / name).stat().st_mtime == 1 for name in done)  # kept, not rewritten
     for p in features.glob("*.tar"):

@@ -26,6 +26,7 @@ from fer_dist.data.audio import SILENCE
 from fer_dist.data.format import read_manifest
 from fer_dist.data.layout import discover, list_crops, read_annotation
 from fer_dist.data.synth import TEST_LIST, TEST_TEMPLATE, synthesize
+from fer_dist.models.contract import IMAGENET
 from helpers import REPO, samples, tiny_run
 
 pytestmark = pytest.mark.slow  # the module packs its own dataset once
@@ -394,13 +395,15 @@ def test_the_workers_and_the_device_bring_crops_of_every_size_to_one(quirky):
     """A batch of crops each of its own size: decoded in a worker (`data.decode: cpu`) and on the
     device (`gpu`, here the CPU), both brought to the model's size, to the same bits."""
     from fer_dist.config import DataConfig
-    from fer_dist.data import stream
+    from fer_dist.data import decode, transport
     from fer_dist.data.transforms import decode_on, prepare
 
     crops = [s["jpg"] for s in list(quirky.samples["1-30-640x360_right"].values())[:8]]
     assert len({Image.open(io.BytesIO(c)).size for c in crops}) == 8
     raw = [{"__key__": f"v/{k:05d}", "label": 0, "clip": 0, "jpg": c} for k, c in enumerate(crops)]
-    in_worker = stream.as_tensors(stream.collate([stream.decode_frame(r, ("image",)) for r in raw], image_size=48))
+    in_worker = transport.as_tensors(
+        transport.collate([decode.decode_frame(r, ("image",)) for r in raw], image_size=48)
+    )
     on_device = decode_on([torch.frombuffer(bytearray(c), dtype=torch.uint8) for c in crops], torch.device("cpu"), 48)
     assert in_worker["image"].shape == (8, 3, 48, 48) and torch.equal(in_worker["image"], on_device)
     cfg, manifest = DataConfig(shards=str(quirky.shards), image_size=48), quirky.manifest
@@ -408,9 +411,11 @@ def test_the_workers_and_the_device_bring_crops_of_every_size_to_one(quirky):
     jpeg["jpeg_lengths"] = torch.tensor([len(c) for c in crops])
     for train in (False, True):
         torch.manual_seed(0)
-        a = prepare({"label": torch.zeros(8), "image": in_worker["image"]}, torch.device("cpu"), cfg, manifest, train)
+        a = prepare(
+            {"label": torch.zeros(8), "image": in_worker["image"]}, torch.device("cpu"), cfg, manifest, train, IMAGENET
+        )
         torch.manual_seed(0)
-        b = prepare({"label": torch.zeros(8), "key": [], **jpeg}, torch.device("cpu"), cfg, manifest, train)
+        b = prepare({"label": torch.zeros(8), "key": [], **jpeg}, torch.device("cpu"), cfg, manifest, train, IMAGENET)
         assert torch.equal(a["image"], b["image"])
 
 

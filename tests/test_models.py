@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from fer_dist import config
 from fer_dist.config import CONFIGS, ConfigError, LossConfig
+from fer_dist.engine.losses import focal, objective, symmetric_kl
 from fer_dist.models import build, create_model
 from fer_dist.models.backbones import tokens
-from fer_dist.models.losses import focal, objective, symmetric_kl
 from fer_dist.models.regnet_transformer import RegNetTransformer
 from helpers import REPO, TINY, tiny_mfm
 

@@ -98,3 +98,12 @@ def test_each_stage_imports_only_from_earlier_stages_and_nothing_imports_in_a_ci
 
     for name in sorted(graph):
         visit(name, [])
+
+
+def test_no_module_is_named_like_a_standard_library_module():
+    """`fer_dist/data/inspect.py` once shadowed the standard library's `inspect` for anything that
+    ran with that folder on its path (a script next to it, a debugger): a module's name is its own."""
+    clashes = sorted(
+        str(p.relative_to(REPO)) for p in (REPO / "fer_dist").rglob("*.py") if p.stem in sys.stdlib_module_names
+    )
+    assert not clashes, clashes

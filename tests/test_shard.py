@@ -12,8 +12,8 @@ import numpy as np
 
 from fer_dist.data.audio import MelParams, frame_columns, frame_times, log_mel, read_media, seconds, window
 from fer_dist.data.format import read_manifest
-from fer_dist.data.inspect import compare, survey
 from fer_dist.data.layout import discover, list_crops, read_annotation
+from fer_dist.data.survey import compare, survey
 from fer_dist.data.windows import purity_flags
 from helpers import samples
 

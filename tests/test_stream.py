@@ -7,21 +7,14 @@ import pytest
 import torch
 
 from fer_dist import config
-from fer_dist.data import balance, stream
-from fer_dist.data.format import read_manifest
-from fer_dist.data.stream import (
-    COUNTS,
-    Counter,
-    Tally,
-    check,
-    describe,
-    eval_loader,
-    expected_thrown_away,
-    pick_window,
-    resampling_plan,
-    train_loader,
-)
+from fer_dist.data import balance, stream, transport
+from fer_dist.data.balance import expected_thrown_away, resampling_plan
+from fer_dist.data.counts import COUNTS, Counter, Tally, describe, diversity, median_and_least
+from fer_dist.data.decode import decode_frame
+from fer_dist.data.format import SampleMeta, read_manifest, sample_key
+from fer_dist.data.stream import check, eval_loader, pick_window, train_loader
 from fer_dist.data.transforms import crop_resize_windows
+from fer_dist.models.contract import IMAGENET
 from helpers import samples
 
 
@@ -133,27 +126,32 @@ def test_stream_emits_the_planned_class_shares(shards):
 def test_a_batch_counts_the_videos_and_the_clips_it_draws_on():
     """A clip is a run of consecutive frames of one video as read from one shard: a gap, another
     video or another shard starts the next; copies of a frame stay in its clip."""
-    import json as json_lib
 
     def sample(url: str, video: str, frame: int) -> dict:
-        meta = {"video": video, "frame": frame}
-        return {"__key__": f"{video}/{frame:05d}", "__url__": url, "json": json_lib.dumps(meta).encode(), "cls": b"1"}
+        meta = windowed(True, True, True)["meta"]
+        meta.video, meta.frame = video, frame
+        return {"__key__": sample_key(video, frame), "__url__": url, "json": meta.to_bytes(), "cls": b"1"}
 
     read = [("a", "v", 1), ("a", "v", 2), ("a", "v", 4), ("a", "w", 5), ("b", "w", 6), ("b", "w", 7)]
-    parsed = list(stream.parse([sample(*r) for r in read], stream.Counter()))
+    parsed = list(stream.parse([sample(*r) for r in read], Counter()))
     assert [s["clip"] for s in parsed] == [1, 1, 2, 3, 4, 4]
-    frames = [stream.decode_frame(s, ()) for s in parsed + parsed[:1]]  # and a copy of the first frame
-    batch = stream.as_tensors(stream.collate(frames, image_size=8))
-    assert stream.diversity(batch) == (2, 4)
-    runs = stream.as_tensors(stream.collate_runs([frames[:2], frames[3:4]], length=3, image_size=8))
-    assert stream.diversity(runs) == (2, 2)  # the padding of the short run is no frame
-    assert stream.median_and_least([0, 0, 3, 1, 5]) == {"median": 4, "min": 2}
-    assert stream.median_and_least([0, 2, 0, 2]) == {"median": 1, "min": 1}
+    frames = [decode_frame(s, ()) for s in parsed + parsed[:1]]  # and a copy of the first frame
+    batch = transport.as_tensors(transport.collate(frames, image_size=8))
+    assert diversity(batch) == (2, 4)
+    runs = transport.as_tensors(transport.collate_runs([frames[:2], frames[3:4]], length=3, image_size=8))
+    assert diversity(runs) == (2, 2)  # the padding of the short run is no frame
+    assert median_and_least([0, 0, 3, 1, 5]) == {"median": 4, "min": 2}
+    assert median_and_least([0, 2, 0, 2]) == {"median": 1, "min": 1}
+
+
+def windowed(s: bool, m: bool, l: bool) -> dict:  # noqa: E741 - the window's name
+    """A parsed sample whose windows pass their purity thresholds as given."""
+    return {"meta": SampleMeta("v", 1, 0, "train", "fold0", 30.0, {"s": s, "m": m, "l": l}, True, [0, 0], None)}
 
 
 def test_window_choice(tmp_path):
-    frames = [{"meta": {"windows": {"s": False, "m": True, "l": True}}} for _ in range(400)]
-    bare = [{"meta": {"windows": {"s": False, "m": False, "l": False}}} for _ in range(10)]
+    frames = [windowed(False, True, True) for _ in range(400)]
+    bare = [windowed(False, False, False) for _ in range(10)]
     counter = Counter()
     chosen = [s["window"] for s in pick_window(iter(frames + bare), ["s", "m", "l"], "drop", "0/0/0", counter)]
     assert len(chosen) == 400 and set(chosen) == {"m", "l"} and 150 < chosen.count("m") < 250
@@ -280,7 +278,7 @@ def test_the_waveform_window_is_cut_from_the_member_as_the_window_drawn(wave_sha
         assert np.array_equal(wave[:length].numpy(), member[start : start + length]) and not wave[length:].any()
         seen.add(width)
     assert len(seen) > 1  # the windows drawn differ
-    inputs = prepare(batch, torch.device("cpu"), cfg, manifest, train=False)
+    inputs = prepare(batch, torch.device("cpu"), cfg, manifest, train=False, normalisation=IMAGENET)
     assert inputs["wave"].shape == batch["wave"].shape and inputs["wave"].abs().max() <= 1
     assert torch.equal(inputs["wave_lengths"], batch["wave_length"])
 
@@ -295,7 +293,7 @@ def test_a_worker_hands_over_the_batches_it_made_in_one_block_each(shards, seque
     for workers in (0, 1):
         cfg = data_cfg(shards, workers=workers, epoch_samples=320, sequence_length=sequence_length, batch_size=8)
         batches[workers] = list(train_loader(cfg, manifest, seed=0, epoch=0, rank=0, world=1)[0])
-    assert len(batches[1]) == len(batches[0]) > stream.POOL
+    assert len(batches[1]) == len(batches[0]) > transport.POOL
     for alone, handed in zip(batches[0], batches[1], strict=True):
         assert handed.keys() == alone.keys() and handed["key"] == alone["key"]
         for name, value in alone.items():
@@ -307,22 +305,22 @@ def test_a_worker_hands_over_the_batches_it_made_in_one_block_each(shards, seque
 
 
 def test_a_worker_reuses_a_block_only_once_the_training_process_has_copied_it_out(monkeypatch):
-    monkeypatch.setattr(stream, "get_worker_info", lambda: "a worker")
-    monkeypatch.setattr(stream, "_pool", [])
+    monkeypatch.setattr(transport, "get_worker_info", lambda: "a worker")
+    monkeypatch.setattr(transport, "_pool", [])
 
     def made(value: int) -> dict:
         crop = torch.arange(60, dtype=torch.uint8).view(4, 5, 3).permute(2, 0, 1) + value  # as decode_jpeg gives it
         frames = [{"key": str(i), "label": 0, "image": crop} for i in range(2)]
-        return stream.collate(frames, image_size=4)
+        return transport.collate(frames, image_size=4)
 
     first, second = made(1), made(2)
     assert first["block"].data_ptr() != second["block"].data_ptr()  # the first is still in the other's hands
-    received = stream.as_tensors(first)
+    received = transport.as_tensors(first)
     third = made(3)
     assert third["block"].data_ptr() == first["block"].data_ptr()
     crops = torch.arange(60, dtype=torch.uint8).view(4, 5, 3).permute(2, 0, 1).expand(2, 3, 4, 5)
     assert torch.equal(received["image"], crops + 1)
-    assert torch.equal(stream.as_tensors(third)["image"], crops + 3)
+    assert torch.equal(transport.as_tensors(third)["image"], crops + 3)
 
 
 @pytest.mark.parametrize("sequence_length", [0, 4])
@@ -338,7 +336,10 @@ def test_crops_decoded_on_the_device_are_the_crops_the_workers_decode(shards, se
         cfg = data_cfg(shards, epoch_samples=64, sequence_length=sequence_length, decode=decode, image_size=48)
         batch = next(iter(train_loader(cfg, manifest, seed=0, epoch=0, rank=0, world=1)[0]))
         assert ("jpeg" in batch) == (decode == "gpu") and ("image" in batch) == (decode == "cpu")
-        prepared[decode] = (batch["key"], prepare(batch, torch.device("cpu"), cfg, manifest, train=False))
+        prepared[decode] = (
+            batch["key"],
+            prepare(batch, torch.device("cpu"), cfg, manifest, train=False, normalisation=IMAGENET),
+        )
     (keys, cpu), (gpu_keys, gpu) = prepared["cpu"], prepared["gpu"]
     assert keys == gpu_keys and cpu.keys() == gpu.keys()
     for name in cpu:
@@ -346,7 +347,7 @@ def test_crops_decoded_on_the_device_are_the_crops_the_workers_decode(shards, se
 
 
 def test_a_truncated_crop_is_caught_in_the_worker_when_the_gpu_decodes(tmp_path):
-    from fer_dist.data.stream import jpeg_bytes
+    from fer_dist.data.decode import jpeg_bytes
 
     crop = tmp_path / "c.jpg"
     from PIL import Image

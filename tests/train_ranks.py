@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from fer_dist import config
-from fer_dist.data import stream
+from fer_dist.data import balance, stream
 from fer_dist.data.format import read_manifest
 from fer_dist.engine.checkpoint import save_weights
 from fer_dist.engine.distributed import make_accelerator
@@ -49,7 +49,7 @@ def main(shards: str, out: str, steps: int) -> None:
         save_weights(net.state_dict(), Path(out) / "fixed.safetensors")
 
     manifest = read_manifest(Path(shards))
-    counts = torch.as_tensor(stream.resampling_plan(manifest, manifest.fold_groups(0), cfg.data).read)
+    counts = torch.as_tensor(balance.resampling_plan(manifest, manifest.fold_groups(0), cfg.data).read)
     task = Task(cfg, manifest, net, counts)
     loader, _ = stream.train_loader(cfg.data, manifest, seed=0, epoch=0, rank=rank, world=world)
     for _, batch in zip(range(steps), loader, strict=False):

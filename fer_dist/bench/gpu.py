@@ -166,10 +166,10 @@ def time_feeding(shards: str, workers: int, decode: str, batch_size: int, steps:
     overrides = [f"data.shards={shards}", f"data.workers={workers}", f"data.decode={decode}"]
     overrides += [f"data.batch_size={batch_size}", f"data.epoch_samples={(steps + 10) * batch_size}"]
     cfg, accelerator, model, optimizer, scheduler, _ = paper_setup(overrides)
-    manifest = read_manifest(shards)
-    plan = stream.resampling_plan(manifest, manifest.fold_groups(0), cfg.data)
-    task = Task(cfg, manifest, accelerator.unwrap_model(model), torch.as_tensor(plan.read))
-    loader, _ = stream.train_loader(cfg.data, manifest, seed=0, epoch=0, rank=0, world=1)
+    manifest, net = read_manifest(shards), accelerator.unwrap_model(model)
+    training = stream.TrainStream(cfg.data, manifest, net.inputs, seed=0, rank=0, world=1)
+    task = Task(cfg, manifest, net, training.class_counts)
+    loader = training.loader(epoch=0)
     waiting = computing = 0.0
     batches = iter(loader)
     for i in range(steps + 10):

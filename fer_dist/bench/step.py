@@ -53,10 +53,10 @@ def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, bare:
 
     from fer_dist.engine.checkpoint import stop_requested
     from fer_dist.engine.distributed import first_raised, make_accelerator
+    from fer_dist.engine.losses import objective
     from fer_dist.engine.optim import lr_factor, make_optimizer
     from fer_dist.engine.task import Step, Task
     from fer_dist.engine.trainer import train_step
-    from fer_dist.models.losses import objective
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg, model, batches = step_setup(config_path, batch_size, world)

@@ -15,7 +15,8 @@ is never decoded. The expectation is the product of three factors:
   0 uniform; or explicit per-class weights.
 
 Without caps and subsampling the mean of e over the source is 1: an epoch reads as many samples
-as it emits.
+as it emits. `resampling_plan` makes the plan of a run (its training groups, the frames its model's
+stream keeps) and `batches_per_epoch` the epoch it sets.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
+
+from fer_dist.config import DataConfig
+from fer_dist.data.format import PACKED, Manifest
+from fer_dist.data.windows import NAMES
 
 EXPONENT = {"natural": 1.0, "sqrt": 0.5, "uniform": 0.0}
 FAMILIES = (*EXPONENT, "weights")
@@ -85,3 +90,49 @@ def plan(
 def draw_copies(mean: float, rng: random.Random) -> int:
     whole = int(mean)
     return whole + (rng.random() < mean - whole)
+
+
+def no_window_policy(cfg: DataConfig, inputs: tuple[str, ...] = PACKED) -> str:
+    """What a training frame without a pure audio window gets: clip mode needs every frame's audio
+    (the widest window), and a model that hears nothing needs no window at all (the frame is kept:
+    dropping it would throw away the frames around every change of expression for nothing)."""
+    hears = "audio" in inputs or "wave" in inputs
+    return "widest" if cfg.sequence_length or not hears else cfg.no_window
+
+
+def usable_patterns(cfg: DataConfig, inputs: tuple[str, ...] = PACKED) -> list[int]:
+    """Window-flag patterns (s + 2m + 4l) of frames the training stream keeps."""
+    if no_window_policy(cfg, inputs) == "widest":
+        return list(range(8))
+    bits = [1 << NAMES.index(w) for w in cfg.train_windows]
+    return [p for p in range(8) if any(p & b for b in bits)]
+
+
+def resampling_plan(manifest: Manifest, groups: list[str], cfg: DataConfig, inputs: tuple[str, ...] = PACKED) -> Plan:
+    """Each (video, class)'s expected copies of a read sample (`plan`), over the frames
+    the stream keeps for a model taking `inputs`."""
+    usable = usable_patterns(cfg, inputs)
+    counts = {
+        name: np.asarray(v.window_patterns)[:, usable].sum(1) for name, v in manifest.videos.items() if v.fold in groups
+    }
+    return plan(
+        counts,
+        cfg.balance,
+        weights=cfg.class_weights or None,
+        keep=cfg.subsample or None,
+        caps=cfg.video_cap or None,
+        max_repeat=cfg.max_repeat,
+    )
+
+
+def expected_thrown_away(manifest: Manifest, groups: list[str], plan: Plan) -> float:
+    """Expected share of read samples never decoded: no pure window, or no copy."""
+    total = sum(manifest.groups[g].samples for g in groups)
+    return float(1 - plan.read.sum() * (1 - plan.discarded_fraction) / max(1, total))
+
+
+def batches_per_epoch(plan: Plan, cfg: DataConfig, world: int, multiple: int = 1) -> int:
+    """Batches per rank per epoch, a whole number of `multiple`s (gradient accumulation)."""
+    frames = cfg.epoch_samples or plan.emitted.sum()
+    per_batch = cfg.batch_size * max(1, cfg.sequence_length)
+    return max(1, int(frames) // (per_batch * world * multiple)) * multiple

@@ -51,6 +51,55 @@ LABEL, META = "cls", "json"  # every sample's label and metadata (video, frame, 
 PACKED = ("image", "audio")  # the inputs `fer-dist shard` packs (and `wave`, with --audio-wave)
 
 
+def shard_name(group: str, index: int) -> str:
+    """The file name of a group's `index`-th shard: `fold2-000013.tar`, `test-000000.tar`."""
+    return f"{group}-{index:06d}.tar"
+
+
+def shard_group(name: str) -> str:
+    """The group a shard file belongs to, from its name (`shard_name`'s inverse)."""
+    return Path(name).name.rsplit("-", 1)[0]
+
+
+def sample_key(video: str, frame: int) -> str:
+    """A sample's key, `<video>/<frame:05d>` (frame numbers 1-based, as in `cropped_aligned`)."""
+    return f"{video}/{frame:05d}"
+
+
+def split_key(key: str) -> tuple[str, int]:
+    """The video and frame of a sample key (`sample_key`'s inverse)."""
+    video, frame = key.rsplit("/", 1)
+    return video, int(frame)
+
+
+@dataclass(slots=True)
+class SampleMeta:
+    """A sample's `json` member: what a frame is and how it was packed. Written and read only
+    here, so that its bytes stay those of every shard packed so far (keys sorted)."""
+
+    video: str
+    frame: int  # 1-based, as in cropped_aligned
+    label: int  # 0-7, -1 for a test frame
+    split: str  # train | val | test
+    fold: str  # the group the video is packed into
+    fps: float  # the container's average frame rate
+    windows: dict[str, bool]  # which of the s / m / l audio windows pass their label-purity threshold
+    audio: bool  # False for a video packed silent (no audio stream, no sound, unreadable)
+    pad: list[int]  # the widest window's silent columns: [before, after], at most 64 together
+    filled_from: int | None  # the frame whose crop a frame without its own crop took, else None
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SampleMeta:
+        """Raises ValueError (json's or a missing or unknown field's) when the bytes are not one."""
+        try:
+            return cls(**json.loads(data))
+        except TypeError as exc:
+            raise ValueError(f"not a sample's metadata: {exc}") from exc
+
+
 class ManifestError(ValueError):
     """A shard folder without a manifest this fer-dist reads; the message says how to get one."""
 

@@ -3,7 +3,7 @@
 Two passes, both resumable. Pass 1 turns each video into a spool tar of its samples in frame
 order (in parallel over videos; a video's audio is decoded and its log-mel computed once). Pass 2
 cuts the spools into clips of consecutive frames, shuffles the clips of each fold group with a
-fixed seed and streams them into `fold{k}-{i:06d}.tar` / `test-{i:06d}.tar`. Every file appears
+fixed seed and streams them into the groups' shards (`format.shard_name`). Every file appears
 under its final name only when complete, so a killed run resumes where it stopped and produces
 the same bytes.
 """
@@ -40,6 +40,7 @@ from fer_dist.data.format import (
     MelStats,
     PackParams,
     Quality,
+    SampleMeta,
     Shard,
     Totals,
     VideoRecord,
@@ -47,10 +48,12 @@ from fer_dist.data.format import (
     claim,
     npy_bytes,
     npy_header,
+    sample_key,
+    shard_name,
     whole_jpeg,
 )
-from fer_dist.data.inspect import show_quality
 from fer_dist.data.layout import VIDEO_SUFFIXES, Video, list_crops, other_images, read_annotation
+from fer_dist.data.survey import show_quality
 from fer_dist.data.tars import TAR_END, tar_record
 from fer_dist.data.windows import NAMES, purity_flags
 from fer_dist.labels import CLASSES, NUM_CLASSES, UNLABELLED
@@ -254,28 +257,28 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
     with open(tmp, "wb") as fh:
         for f, src in zip(frames.tolist(), source.tolist(), strict=True):
             label = int(labels[f - 1])
-            meta = {
-                "video": video.name,
-                "frame": f,
-                "label": label,
-                "split": video.split,
-                "fold": group,
-                "fps": float(fps),
-                "windows": {name: bool(flags[f - 1, k]) for k, name in enumerate(NAMES)},
-                "audio": mel is not None,
-                "pad": pads[f - 1].tolist(),
-                "filled_from": None if src == f else src,
-            }
+            meta = SampleMeta(
+                video=video.name,
+                frame=f,
+                label=label,
+                split=video.split,
+                fold=group,
+                fps=float(fps),
+                windows={name: bool(flags[f - 1, k]) for k, name in enumerate(NAMES)},
+                audio=mel is not None,
+                pad=pads[f - 1].tolist(),
+                filled_from=None if src == f else src,
+            )
             members = {
                 MEMBERS["image"]: readable[src],
                 MEMBERS["audio"]: header + audio.window(half, f).tobytes(),
                 LABEL: str(label).encode(),
-                META: json.dumps(meta, sort_keys=True).encode(),
+                META: meta.to_bytes(),
             }
             if params.audio_wave:
                 wave = audio.wave_window(pcm, times[f - 1]) if f <= len(times) else silent_wave
                 members[MEMBERS["wave"]] = wave_header + wave.tobytes()
-            record = tar_record(f"{video.name}/{f:05d}", members)
+            record = tar_record(sample_key(video.name, f), members)
             extents.append((f, fh.tell(), len(record)))
             fh.write(record)
         fh.write(TAR_END)
@@ -361,7 +364,7 @@ def write_group(job: tuple[str, dict[str, dict], PackParams, Path, Path]) -> lis
         spools = {}
         for k, begin in enumerate(range(0, total, params.samples_per_shard)):
             chunk = itertools.islice(rows, params.samples_per_shard)
-            path = out / f"{group}-{k:06d}.tar"
+            path = out / shard_name(group, k)
             shards.append({"name": path.name, "samples": min(params.samples_per_shard, total - begin)})
             if path.exists():
                 collections.deque(chunk, maxlen=0)  # already written by an earlier run

@@ -3,108 +3,34 @@
 Training, per rank and epoch:
 
     the training groups' shards, permuted per (seed, epoch) and dealt to each (rank, worker)
-    -> tar samples -> parse label and metadata (tiny members only) -> pick a pure audio window
-    -> [clip mode: runs of consecutive frames] -> class-balanced copies -> shuffle (undecoded)
-    -> decode -> batch
+    -> tar samples -> parse label and metadata (tiny members only) -> keep what the model takes
+    -> pick a pure audio window -> [clip mode: runs of consecutive frames] -> class-balanced
+    copies (`balance`) -> shuffle (undecoded) -> decode (`decode`) -> batch (`transport`)
 
-and the loader stops after a fixed number of batches, the same on every rank. Evaluation reads
-the held-out group's shards, split by rank then by worker, in order: every frame exactly once
-over all ranks. Neither loader goes through `accelerator.prepare`: WebDataset already splits the
-data, and a second split by Accelerate would silently drop half of it.
-
-Each worker counts what it reads, drops and emits, and the corrupt shards and samples it skips;
-every batch carries its worker's running counts, and a `Tally` sums the last of each worker.
+and the loader stops after a fixed number of batches, the same on every rank (`TrainStream`, which
+the trainer holds). Evaluation reads the held-out group's shards, split by rank then by worker, in
+order: every frame exactly once over all ranks. Neither loader goes through `accelerator.prepare`:
+WebDataset already splits the data, and a second split by Accelerate would silently drop half of it.
+Each worker counts what it reads, drops and emits, and the faults it skips (`counts`).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import json
-import logging
-import math
 import random
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import get_worker_info
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from fer_dist.config import ConfigError, DataConfig
 from fer_dist.data import balance, tars
-from fer_dist.data.audio import WAVE_WIDTH
-from fer_dist.data.format import LABEL, MEMBERS, META, PACKED, Manifest, load_npy, whole_jpeg
-from fer_dist.data.transforms import one_size
-from fer_dist.data.windows import NAMES, column_span, wave_span
-
-log = logging.getLogger(__name__)
-SPANS = {name: np.array(column_span(name)) for name in NAMES}  # each window's (start, width) columns
-WAVE_SPANS = {name: wave_span(name) for name in NAMES}  # each window's (start, length) samples
-
-COUNTS = ("read", "no_window", "discarded", "emitted", "corrupt_shards", "corrupt_samples")
-
-
-class Counter:
-    """One worker's running counts; its methods are the pipeline's fault handlers."""
-
-    def __init__(self) -> None:
-        self.values = np.zeros(len(COUNTS), np.int64)
-
-    def add(self, name: str, n: int = 1) -> None:
-        self.values[COUNTS.index(name)] += n
-
-    def _skip(self, what: str, exn: Exception) -> bool:
-        self.add(f"corrupt_{what}s")
-        log.warning("skipped a %s: %s", what, exn)
-        return True
-
-    def shard_fault(self, exn: Exception) -> bool:
-        return self._skip("shard", exn)
-
-    def sample_fault(self, exn: Exception) -> bool:
-        return self._skip("sample", exn)
-
-    def snapshot(self) -> np.ndarray:
-        return np.array([worker_id(), *self.values.tolist()])
-
-
-class Tally:
-    """The stream's counts as the loop sees them: each worker's last snapshot, summed."""
-
-    def __init__(self) -> None:
-        self.latest: dict[int, torch.Tensor] = {}
-
-    def see(self, batch: dict) -> None:
-        self.latest[int(batch["counts"][0])] = batch["counts"][1:]
-
-    def total(self) -> torch.Tensor:
-        return sum(self.latest.values(), torch.zeros(len(COUNTS), dtype=torch.long))
-
-
-def diversity(batch: dict) -> tuple[int, int]:
-    """How many distinct videos and clips (`parse`) a batch's real frames come from."""
-    keys = batch["key"]
-    if keys and isinstance(keys[0], list):  # clip mode: runs, padded with empty keys
-        keys = [k for run in keys for k in run]
-    clips = batch["clip"].reshape(-1)[[bool(k) for k in keys]]
-    return len({k.rsplit("/", 1)[0] for k in keys if k}), len(set(clips.tolist()))
-
-
-def median_and_least(histogram: list[int]) -> dict:
-    """The median and the least value of a histogram's draws ([count of value 0, of 1, ...])."""
-    counts = np.asarray(histogram)
-    if not counts.sum():
-        return {"median": 0, "min": 0}
-    cumulative = np.cumsum(counts)
-    return {"median": int(np.searchsorted(cumulative, cumulative[-1] / 2)), "min": int(np.flatnonzero(counts)[0])}
-
-
-def describe(total: torch.Tensor) -> dict:
-    counts = dict(zip(COUNTS, (int(v) for v in total), strict=True))
-    thrown_away = counts["no_window"] + counts["discarded"]  # read, parsed, never decoded
-    counts["discarded_fraction"] = thrown_away / max(1, counts["read"])
-    return counts
+from fer_dist.data.counts import Counter, Epoch
+from fer_dist.data.decode import decoded, frames_of
+from fer_dist.data.format import LABEL, MEMBERS, META, PACKED, Manifest, SampleMeta
+from fer_dist.data.transport import as_is, as_tensors, collate, collate_runs
 
 
 def check(cfg: DataConfig, manifest: Manifest, inputs: tuple[str, ...] = PACKED, training: bool = True) -> None:
@@ -134,47 +60,6 @@ def check(cfg: DataConfig, manifest: Manifest, inputs: tuple[str, ...] = PACKED,
             f"data.sequence_length={cfg.sequence_length} is longer than the shards' clips ({clip_len} frames); "
             f"pack them with `fer-dist shard --clip-len {cfg.sequence_length}`"
         )
-
-
-def no_window_policy(cfg: DataConfig, inputs: tuple[str, ...] = PACKED) -> str:
-    """What a training frame without a pure audio window gets: clip mode needs every frame's audio
-    (the widest window), and a model that hears nothing needs no window at all (the frame is kept:
-    dropping it would throw away the frames around every change of expression for nothing)."""
-    hears = "audio" in inputs or "wave" in inputs
-    return "widest" if cfg.sequence_length or not hears else cfg.no_window
-
-
-def usable_patterns(cfg: DataConfig, inputs: tuple[str, ...] = PACKED) -> list[int]:
-    """Window-flag patterns (s + 2m + 4l) of frames the training stream keeps."""
-    if no_window_policy(cfg, inputs) == "widest":
-        return list(range(8))
-    bits = [1 << NAMES.index(w) for w in cfg.train_windows]
-    return [p for p in range(8) if any(p & b for b in bits)]
-
-
-def resampling_plan(
-    manifest: Manifest, groups: list[str], cfg: DataConfig, inputs: tuple[str, ...] = PACKED
-) -> balance.Plan:
-    """Each (video, class)'s expected copies of a read sample (`balance.plan`), over the frames
-    the stream keeps for a model taking `inputs`."""
-    usable = usable_patterns(cfg, inputs)
-    counts = {
-        name: np.asarray(v.window_patterns)[:, usable].sum(1) for name, v in manifest.videos.items() if v.fold in groups
-    }
-    return balance.plan(
-        counts,
-        cfg.balance,
-        weights=cfg.class_weights or None,
-        keep=cfg.subsample or None,
-        caps=cfg.video_cap or None,
-        max_repeat=cfg.max_repeat,
-    )
-
-
-def expected_thrown_away(manifest: Manifest, groups: list[str], plan: balance.Plan) -> float:
-    """Expected share of read samples never decoded: no pure window, or no copy."""
-    total = sum(manifest.groups[g].samples for g in groups)
-    return float(1 - plan.read.sum() * (1 - plan.discarded_fraction) / max(1, total))
 
 
 _role_shift = 0  # set in each worker of a resumed epoch (see `skipped`)
@@ -229,12 +114,12 @@ def parse(src, counter: Counter):
     clip, last = 0, None
     for sample in src:
         try:
-            sample["meta"] = json.loads(sample[META])
+            sample["meta"] = SampleMeta.from_bytes(sample[META])
             sample["label"] = int(sample[LABEL])
         except (KeyError, ValueError) as exn:
             counter.sample_fault(ValueError(f"{sample.get('__key__')}: unreadable label or metadata ({exn})"))
             continue
-        here = (sample.get("__url__"), sample["meta"]["video"], sample["meta"]["frame"])
+        here = (sample.get("__url__"), sample["meta"].video, sample["meta"].frame)
         clip += last is None or here[:2] != last[:2] or here[2] != last[2] + 1
         sample["clip"], last = clip, here
         counter.add("read")
@@ -253,7 +138,7 @@ def pick_window(src, windows: list[str], no_window: str, base: str, counter: Cou
     """Dynamic sampling (paper 000): one of the frame's usable windows, drawn each time it is read."""
     rng = worker_rng(base, "window")
     for sample in src:
-        usable = [w for w in windows if sample["meta"]["windows"][w]]
+        usable = [w for w in windows if sample["meta"].windows[w]]
         if usable:
             sample["window"] = rng.choice(usable)
         elif no_window == "widest":
@@ -276,9 +161,7 @@ def runs(src, length: int):
     for sample in src:
         meta = sample["meta"]
         if run and (
-            len(run) == length
-            or meta["video"] != run[-1]["meta"]["video"]
-            or meta["frame"] != run[-1]["meta"]["frame"] + 1
+            len(run) == length or meta.video != run[-1]["meta"].video or meta.frame != run[-1]["meta"].frame + 1
         ):
             yield {"frames": run}
             run = []
@@ -287,16 +170,12 @@ def runs(src, length: int):
         yield {"frames": run}
 
 
-def frames_of(sample: dict) -> list[dict]:
-    return sample.get("frames", [sample])
-
-
 def balanced(src, copies: dict[str, np.ndarray], base: str, counter: Counter):
     """Stochastic copies of each read sample (a run: the mean of its frames' expected copies)."""
     rng = worker_rng(base, "balance")
     for sample in src:
         frames = frames_of(sample)
-        mean = sum(float(copies[f["meta"]["video"]][f["label"]]) for f in frames) / len(frames)
+        mean = sum(float(copies[f["meta"].video][f["label"]]) for f in frames) / len(frames)
         n = balance.draw_copies(mean, rng)
         counter.add("discarded", len(frames) * (n == 0))
         counter.add("emitted", len(frames) * n)
@@ -311,158 +190,10 @@ def shuffled(src, bufsize: int, base: str):
     yield from wds.shuffle(bufsize, bufsize, rng=worker_rng(base, "shuffle"))(src)
 
 
-def jpeg_bytes(data: bytes) -> np.ndarray:
-    """A crop's bytes for decoding on the training device, after what a worker can check without
-    decoding (`whole_jpeg`)."""
-    if not whole_jpeg(data):
-        raise ValueError("the crop is not a whole JPEG (start or end marker missing)")
-    return np.frombuffer(data, np.uint8)
-
-
-def decode_frame(sample: dict, inputs: tuple[str, ...], decode: str = "cpu") -> dict:
-    """The members the model takes, decoded: JPEG to uint8 [3, H, W] (`decode: gpu`: its checked
-    bytes, decoded on the device in batches), .npy arrays to tensors."""
-    frame = {"key": sample["__key__"], "label": sample["label"], "clip": np.int64(sample["clip"])}
-    for name in inputs:
-        data = sample[MEMBERS[name]]
-        if name == "image" and decode == "gpu":
-            frame["jpeg"] = jpeg_bytes(data)
-        elif name == "image":
-            frame["image"] = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        elif name == "audio":
-            frame["mel"] = torch.from_numpy(load_npy(data))
-            frame["window"] = SPANS[sample["window"]]
-        elif name == "wave":
-            start, length = WAVE_SPANS[sample["window"]]
-            stored, wave = load_npy(data), np.zeros(WAVE_WIDTH, np.int16)
-            wave[:length] = stored[start : start + length]  # the window first, then silence
-            frame["wave"], frame["wave_length"] = torch.from_numpy(wave), np.int64(length)
-        else:
-            frame[name] = torch.from_numpy(load_npy(data))
-    return frame
-
-
-def decoded(src, inputs: tuple[str, ...], counter: Counter, decode: str = "cpu"):
-    """Decoded frames (or runs of them); a sample that does not decode is skipped and counted."""
-    for sample in src:
-        try:
-            frames = [decode_frame(f, inputs, decode) for f in frames_of(sample)]
-        except Exception as exn:  # noqa: BLE001 - any decoder failure is a corrupt sample
-            counter.sample_fault(RuntimeError(f"{frames_of(sample)[0]['__key__']}: {exn}"))
-            continue
-        yield frames if "frames" in sample else frames[0]
-
-
-HEADER = 64  # a block's first bytes; the first says whether the training process is done with it
-RELEASED, SENT = 0, 1
-POOL = 4  # shared blocks a worker keeps: the loader's two prefetched batches, one in hand, one spare
-_pool: list[torch.Tensor] = []  # this worker's shared blocks, newest first
-
-
-def shared_buffer(size: int) -> torch.Tensor:
-    """Shared memory for a worker's next batch: a block the training process has released
-    (`as_tensors`) if there is one, else a fresh one. Writing fresh shared memory costs a page
-    fault per 4 KiB page, more than writing the batch itself; a released block's pages are mapped
-    already."""
-    for buffer in _pool:
-        if len(buffer) >= size and buffer[0].item() == RELEASED:
-            break
-    else:
-        buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
-        _pool.insert(0, buffer)
-        del _pool[POOL:]
-    buffer[0] = SENT
-    return buffer
-
-
-def block(members: dict[str, list[torch.Tensor]], lead: tuple[int, ...]) -> tuple[torch.Tensor, dict]:
-    """The batch's crops and spectrograms stacked into one block of memory, shared when made in a
-    loader worker: a batch then costs one shared-memory segment and one file descriptor to hand
-    over, not one per member. The layout says where each member lies in it. Values are stored in
-    their own memory order (a decoded crop is [3, H, W] over H x W x 3 bytes), so stacking them is
-    a plain copy; `member` gives them back with their dimensions in the usual order."""
-    layout, size = {}, HEADER
-    for name, values in members.items():
-        order = sorted(range(values[0].dim()), key=lambda d: -values[0].stride(d))
-        shape = (*lead, *(values[0].shape[d] for d in order))
-        layout[name] = (size, values[0].dtype, shape, order)
-        size += -(-math.prod(shape) * values[0].element_size() // 64) * 64  # members start 64-byte aligned
-    buffer = shared_buffer(size) if get_worker_info() else torch.zeros(size, dtype=torch.uint8)
-    for name, values in members.items():
-        order = layout[name][-1]
-        out = stored(buffer, *layout[name][:3]).flatten(0, len(lead) - 1)
-        torch.stack([v.permute(order) for v in values], out=out)
-    return buffer, layout
-
-
-def stored(buffer: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    nbytes = math.prod(shape) * dtype.itemsize
-    return buffer[offset : offset + nbytes].view(dtype).view(shape)
-
-
-def member(
-    buffer: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...], order: list[int]
-) -> torch.Tensor:
-    """A member of the block with its dimensions back in the values' order."""
-    lead = len(shape) - len(order)
-    back = (lead + order.index(d) for d in range(len(order)))
-    return stored(buffer, offset, dtype, shape).permute(*range(lead), *back)
-
-
-def collate(samples: list[dict], image_size: int, lead: tuple[int, ...] | None = None) -> dict:
-    """One batch (`lead`: its leading dimensions, [B] or [B, L]), in the form that crosses from a
-    loader worker to the training process cheaply: crops and spectrograms in one shared block,
-    everything small as numpy arrays, which travel inside the message; JPEG bytes (`decode: gpu`)
-    as one buffer and their lengths. `as_tensors` makes it tensors on the other side. Crops of
-    different sizes (the organisers' `cropped/` folder, a user's own crops) are brought to the
-    model's `image_size` first (`transforms.one_size`)."""
-    lead = lead or (len(samples),)
-    batch = {"key": [s["key"] for s in samples], "label": np.array([s["label"] for s in samples]).reshape(lead)}
-    tensors = {}
-    for k in samples[0]:
-        if k == "jpeg":
-            batch["jpeg"] = np.concatenate([s[k] for s in samples])
-            batch["jpeg_lengths"] = np.array([len(s[k]) for s in samples])
-        elif k in batch:
-            continue
-        elif k == "image":
-            tensors[k] = one_size([s[k] for s in samples], image_size)
-        elif isinstance(samples[0][k], torch.Tensor):
-            tensors[k] = [s[k] for s in samples]
-        else:
-            batch[k] = np.stack([s[k] for s in samples]).reshape(*lead, *np.shape(samples[0][k]))
-    if tensors:
-        batch["block"], batch["layout"] = block(tensors, lead)
-    return batch
-
-
-def as_tensors(batch: dict) -> dict:
-    """In the training process: the batch's members as tensors. A worker's block is copied out
-    (private memory, reused by the allocator, takes no page faults) and released to the worker,
-    which writes a later batch into it."""
-    tensors = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
-    if "block" in tensors:
-        buffer, layout = tensors.pop("block"), tensors.pop("layout")
-        if buffer[0].item() == SENT:  # one thread: torch's copy would wake its pool for 2 MB
-            sent, buffer = buffer, torch.from_numpy(buffer.numpy().copy())
-            sent[0] = RELEASED
-        tensors.update({name: member(buffer, *where) for name, where in layout.items()})
-    return tensors
-
-
-def collate_runs(runs_: list[list[dict]], length: int, image_size: int) -> dict:
-    """Runs padded to `length` frames, as [B, L, ...]; `mask` marks the real frames, padded keys are empty."""
-    frames = [f for run in runs_ for f in run + [{**run[-1], "key": "", "label": -1}] * (length - len(run))]
-    batch = collate(frames, image_size, (len(runs_), length))
-    batch["key"] = [[f["key"] for f in frames[i : i + length]] for i in range(0, len(frames), length)]
-    batch["mask"] = batch["label"] >= 0
-    return batch
-
-
 def batched(src, size: int, length: int, partial: bool, counter: Counter, image_size: int):
     def gather(samples):
         batch = collate_runs(samples, length, image_size) if length else collate(samples, image_size)
-        batch["counts"] = counter.snapshot()
+        batch["counts"] = counter.snapshot(worker_id())
         return batch
 
     yield from wds.batched(size, collation_fn=gather, partial=partial)(src)
@@ -472,12 +203,6 @@ def _worker_init(shift: int, _: int) -> None:
     global _role_shift
     _role_shift = shift
     torch.set_num_threads(1)
-
-
-def as_is(batch: dict) -> dict:
-    """The loader's collate step: batches are made in the pipeline, and torch's default here would
-    turn each numpy array into a tensor, that is into a shared-memory segment of its own."""
-    return batch
 
 
 def _loader(pipeline: wds.DataPipeline, workers: int, start_method: str, shift: int = 0) -> wds.WebLoader:
@@ -494,13 +219,6 @@ def _loader(pipeline: wds.DataPipeline, workers: int, start_method: str, shift: 
     ).map(as_tensors)
 
 
-def batches_per_epoch(plan: balance.Plan, cfg: DataConfig, world: int, multiple: int = 1) -> int:
-    """Batches per rank per epoch, a whole number of `multiple`s (gradient accumulation)."""
-    frames = cfg.epoch_samples or plan.emitted.sum()
-    per_batch = cfg.batch_size * max(1, cfg.sequence_length)
-    return max(1, int(frames) // (per_batch * world * multiple)) * multiple
-
-
 def skipped(src, batches: int, size: int):
     """Drops what were this worker's first `batches` batches, before decoding: a resumed epoch goes
     on where it stopped. The loader takes batches from its workers in turn, first from worker 0, so
@@ -510,53 +228,72 @@ def skipped(src, batches: int, size: int):
     yield from itertools.islice(src, mine * size, None)
 
 
+class TrainStream:
+    """A run's training stream on this rank, made once from the data config, the manifest, the
+    model's `inputs` and the world (ranks, gradient accumulation): the resampling plan and what
+    follows from it (the batches of an epoch, equal on every rank and a whole number of
+    accumulations; the share of what is read that is expected to be thrown away; the class counts
+    the stream reads), and each epoch's loader and counts (`epoch`)."""
+
+    def __init__(
+        self, cfg: DataConfig, manifest: Manifest, inputs: tuple[str, ...], *, seed: int, rank: int, world: int,
+        accumulation: int = 1,
+    ) -> None:  # fmt: skip
+        self.cfg, self.inputs, self.seed, self.rank, self.world = cfg, inputs, seed, rank, world
+        groups = manifest.fold_groups(cfg.holdout_fold)
+        self.urls = manifest.shard_paths(cfg.shards, groups)
+        self.plan = balance.resampling_plan(manifest, groups, cfg, inputs)
+        self.steps = balance.batches_per_epoch(self.plan, cfg, world, accumulation)  # batches per rank
+        self.thrown_away = balance.expected_thrown_away(manifest, groups, self.plan)
+        self.class_counts = torch.as_tensor(self.plan.read)  # the classes the stream reads (Remix's rule)
+        self.frames = cfg.batch_size * max(1, cfg.sequence_length)  # frames of a batch
+
+    def loader(self, epoch: int, skip: int = 0) -> wds.WebLoader:
+        """The epoch's batches after its first `skip`. Stages are module-level functions with their
+        arguments bound, so that workers start under any start method."""
+        cfg, inputs, base = self.cfg, self.inputs, f"{self.seed}/{epoch}/{self.rank}"
+        counter = Counter()
+        stage = functools.partial
+        stages = [
+            stage(dealt_shards, self.urls, f"{self.seed}/{epoch}", self.rank, self.world),
+            stage(read_shards, counter=counter),
+            stage(parse, counter=counter),
+            stage(kept, members=(LABEL, META, *(MEMBERS[name] for name in inputs))),
+            stage(
+                pick_window,
+                windows=cfg.train_windows,
+                no_window=balance.no_window_policy(cfg, inputs),
+                base=base,
+                counter=counter,
+            ),
+        ]
+        if cfg.sequence_length:
+            stages.append(stage(runs, length=cfg.sequence_length))
+        stages += [
+            stage(balanced, copies=self.plan.copies, base=base, counter=counter),
+            stage(shuffled, bufsize=cfg.shuffle_buffer, base=base),
+            stage(skipped, batches=skip, size=cfg.batch_size),
+            stage(decoded, inputs=inputs, counter=counter, decode=cfg.decode),
+            stage(batched, size=cfg.batch_size, length=cfg.sequence_length, partial=False, counter=counter,
+                  image_size=cfg.image_size),
+        ]  # fmt: skip
+        pipeline = wds.DataPipeline(*stages)
+        return _loader(pipeline, cfg.workers, cfg.start_method, skip).with_epoch(self.steps - skip)
+
+    def epoch(self, epoch: int, skip: int = 0, saved: list[int] | None = None) -> Epoch:
+        """Epoch `epoch` from batch `skip` on, counting from a checkpoint's `saved` totals (over all
+        ranks: give them to one rank only)."""
+        return Epoch(self.loader(epoch, skip), self.frames, saved, finished=skip == self.steps)
+
+
 def train_loader(
-    cfg: DataConfig,
-    manifest: Manifest,
-    *,
-    seed: int,
-    epoch: int,
-    rank: int,
-    world: int,
-    skip: int = 0,
-    multiple: int = 1,
-    inputs: tuple[str, ...] = PACKED,
-) -> tuple[wds.WebLoader, int]:
-    """The rank's training batches of the model's `inputs` for one epoch after the first `skip`,
-    and how many the whole epoch has (equal on every rank, a multiple of `multiple`). Stages are
-    module-level functions with their arguments bound, so workers start under any start method."""
-    groups = manifest.fold_groups(cfg.holdout_fold)
-    urls = manifest.shard_paths(cfg.shards, groups)
-    base = f"{seed}/{epoch}/{rank}"
-    plan = resampling_plan(manifest, groups, cfg, inputs)
-    counter = Counter()
-    stage = functools.partial
-    policy = no_window_policy(cfg, inputs)
-    stages = [
-        stage(dealt_shards, urls, f"{seed}/{epoch}", rank, world),
-        stage(read_shards, counter=counter),
-        stage(parse, counter=counter),
-        stage(kept, members=(LABEL, META, *(MEMBERS[name] for name in inputs))),
-        stage(pick_window, windows=cfg.train_windows, no_window=policy, base=base, counter=counter),
-    ]
-    if cfg.sequence_length:
-        stages.append(stage(runs, length=cfg.sequence_length))
-    stages += [
-        stage(balanced, copies=plan.copies, base=base, counter=counter),
-        stage(shuffled, bufsize=cfg.shuffle_buffer, base=base),
-        stage(skipped, batches=skip, size=cfg.batch_size),
-        stage(decoded, inputs=inputs, counter=counter, decode=cfg.decode),
-        stage(
-            batched,
-            size=cfg.batch_size,
-            length=cfg.sequence_length,
-            partial=False,
-            counter=counter,
-            image_size=cfg.image_size,
-        ),
-    ]
-    n = batches_per_epoch(plan, cfg, world, multiple)
-    return _loader(wds.DataPipeline(*stages), cfg.workers, cfg.start_method, skip).with_epoch(n - skip), n
+    cfg: DataConfig, manifest: Manifest, *, seed: int, epoch: int, rank: int, world: int, skip: int = 0,
+    multiple: int = 1, inputs: tuple[str, ...] = PACKED,
+) -> tuple[wds.WebLoader, int]:  # fmt: skip
+    """The rank's training batches of one epoch after the first `skip`, and how many the epoch has
+    (`TrainStream`, for one epoch)."""
+    stream = TrainStream(cfg, manifest, inputs, seed=seed, rank=rank, world=world, accumulation=multiple)
+    return stream.loader(epoch, skip), stream.steps
 
 
 def eval_loader(

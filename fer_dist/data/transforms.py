@@ -26,7 +26,7 @@ from fer_dist.config import DataConfig
 from fer_dist.data.audio import PCM_SCALE, SILENCE
 from fer_dist.data.format import Manifest
 
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # mean and std per RGB channel
+Normalisation = tuple[tuple[float, ...], tuple[float, ...]]  # mean and std per RGB channel, the model's (its contract)
 GRAY = (0.299, 0.587, 0.114)
 
 
@@ -91,7 +91,7 @@ def prepare(
     cfg: DataConfig,
     manifest: Manifest,
     train: bool,
-    normalisation: tuple[tuple[float, ...], tuple[float, ...]] = IMAGENET,
+    normalisation: Normalisation,
 ) -> dict:
     """The model inputs the batch holds, on `device`, leading dims kept: `image` [..., 3, S, S]
     standardised with `normalisation` (the model's), `audio` [..., 1, H, W], `wave` [..., T] in
@@ -159,7 +159,7 @@ def prepare_image(
     device: torch.device,
     cfg: DataConfig,
     train: bool,
-    normalisation: tuple[tuple[float, ...], tuple[float, ...]] = IMAGENET,
+    normalisation: Normalisation,
 ) -> torch.Tensor:
     """uint8 crops [..., 3, H, W] to float frames [N, 3, S, S] standardised with (mean, std); in
     training, one random affine warp and colour jitter per run (per frame outside clip mode)."""

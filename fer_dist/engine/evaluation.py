@@ -13,6 +13,7 @@ from rich.progress import Progress
 from fer_dist.config import ConfigError
 from fer_dist.console import console
 from fer_dist.data import stream
+from fer_dist.data.counts import Tally, describe
 from fer_dist.data.format import Manifest
 from fer_dist.engine import predictions as preds_lib
 from fer_dist.engine.metrics import confusion, confusion_png, f1_per_class
@@ -41,15 +42,9 @@ def summed(accelerator, values: torch.Tensor) -> torch.Tensor:
     return values.cpu()
 
 
-def reduce_counts(accelerator, tally: stream.Tally, diversity: torch.Tensor | None = None) -> dict:
-    """The stream's counts summed over this rank's workers, then over all ranks; with the
-    training batches' `diversity` ([2, frames + 1]: batches by distinct videos, by distinct clips),
-    its median and least over all ranks."""
-    counts = stream.describe(summed(accelerator, tally.total()))
-    if diversity is not None:
-        videos, clips = summed(accelerator, diversity).tolist()
-        counts["videos_per_batch"], counts["clips_per_batch"] = map(stream.median_and_least, (videos, clips))
-    return counts
+def reduce_counts(accelerator, tally: Tally) -> dict:
+    """The stream's counts summed over this rank's workers, then over all ranks."""
+    return describe(summed(accelerator, tally.total()))
 
 
 @torch.no_grad()
@@ -65,11 +60,10 @@ def evaluate(
     net.eval()
     expected, world, rank = manifest.groups[group].samples, accelerator.num_processes, accelerator.process_index
     progress = bar.add_task(f"evaluate {group}", total=math.ceil(expected / data.eval_batch_size / world), info="")
-    keys, labels, logits, tally = [], [], {}, stream.Tally()
+    keys, labels, logits, tally = [], [], {}, Tally()
     for batch in stream.eval_loader(data, manifest, group, rank=rank, world=world, inputs=net.inputs):
         step = task.prepare(batch, accelerator.device, train=False)
-        with accelerator.autocast():
-            outputs = net(**step.inputs)
+        outputs = task.forward(net, step.inputs, accelerator.autocast)
         mask = batch.get("mask")  # clip mode: the real frames of padded runs
         for h, v in outputs.items():
             logits.setdefault(h, []).append((v[step.mask] if mask is not None else v).float().cpu().numpy())

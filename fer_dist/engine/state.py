@@ -20,13 +20,12 @@ class TrainState:
     losses: int = 0  # ... and how many
     seen: int = 0  # the current epoch's training frames, over all ranks
     train_time: float = 0.0  # seconds the current epoch trained before the checkpoint
-    stream: list[int] | None = None  # the stream's counts (data.stream.COUNTS) at the checkpoint
-    diversity: list[list[int]] | None = None  # batches by distinct videos and by distinct clips, all ranks
+    stream: list[int] | None = None  # the epoch's stream totals over all ranks at the checkpoint (counts.Epoch)
     world: int = 1  # processes that wrote it; a resume needs as many
 
     def new_epoch(self) -> None:
         self.micro_step, self.loss_sum, self.losses, self.seen, self.train_time = 0, 0.0, 0, 0, 0.0
-        self.stream = self.diversity = None
+        self.stream = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

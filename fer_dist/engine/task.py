@@ -20,10 +20,10 @@ from fer_dist.config import Config, ConfigError
 from fer_dist.data import stream
 from fer_dist.data.format import Manifest
 from fer_dist.data.transforms import mix, prepare
+from fer_dist.engine.losses import objective
 from fer_dist.labels import NUM_CLASSES
 from fer_dist.models import build
 from fer_dist.models.contract import ExpressionModel
-from fer_dist.models.losses import objective
 
 
 @dataclass
@@ -79,13 +79,20 @@ class Task:
             inputs["mask"] = mask
         return Step(inputs, target, mask, frames)
 
+    def forward(
+        self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], autocast: Callable[[], AbstractContextManager]
+    ) -> dict[str, torch.Tensor]:
+        """The model's logits per head ([..., C] each) for prepared inputs, under the precision's
+        autocast: the one forward pass of training and evaluation."""
+        with autocast():
+            return model(**inputs)
+
     def loss(self, model: torch.nn.Module, step: Step, autocast: Callable[[], AbstractContextManager]) -> torch.Tensor:
         """The configured loss of one forward pass; with R-Drop, of two passes with their own dropout,
         run as one forward over the batch stacked on itself, so that DDP sees one forward per backward."""
         twice = self.cfg.loss.rdrop_alpha > 0
         inputs = {k: torch.cat([v, v]) for k, v in step.inputs.items()} if twice else step.inputs
-        with autocast():
-            outputs = model(**inputs)
+        outputs = self.forward(model, inputs, autocast)
         again = None
         if twice:
             n = step.target.shape[0]

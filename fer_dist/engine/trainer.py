@@ -24,10 +24,11 @@ from rich.progress import Progress
 from fer_dist import config as config_lib
 from fer_dist.console import console, progress
 from fer_dist.data import stream
+from fer_dist.data.counts import describe
 from fer_dist.data.format import Manifest, read_manifest
 from fer_dist.engine import checkpoint, provenance, tracking
 from fer_dist.engine.distributed import first_raised, make_accelerator
-from fer_dist.engine.evaluation import evaluate, reduce_counts, summed
+from fer_dist.engine.evaluation import evaluate, summed
 from fer_dist.engine.optim import clip_gradients, initialise, lr_factor, make_optimizer
 from fer_dist.engine.state import TrainState
 from fer_dist.engine.task import Step, Task, model_for
@@ -90,10 +91,12 @@ class Trainer:
         self.run_dir, self.main = Path(cfg.train.run_dir), accelerator.is_main_process
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.holdout = f"fold{cfg.data.holdout_fold}"
-        self.groups = manifest.fold_groups(cfg.data.holdout_fold)
-        self.plan = stream.resampling_plan(manifest, self.groups, cfg.data, model.inputs)
         accumulation = accelerator.gradient_accumulation_steps
-        self.steps = stream.batches_per_epoch(self.plan, cfg.data, self.world, accumulation)  # micro-batches per rank
+        self.stream = stream.TrainStream(
+            cfg.data, manifest, model.inputs, seed=cfg.train.seed, rank=self.rank, world=self.world,
+            accumulation=accumulation,
+        )  # fmt: skip
+        self.steps = self.stream.steps  # micro-batches per rank and epoch
         updates = self.steps // accumulation
         optimizer = make_optimizer(cfg.optim, model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -101,7 +104,7 @@ class Trainer:
         )
         self.model, self.optimizer = accelerator.prepare(model, optimizer)  # the schedule steps once per update
         self.net = accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        self.task = Task(cfg, manifest, self.net, torch.as_tensor(self.plan.read))
+        self.task = Task(cfg, manifest, self.net, self.stream.class_counts)
         self.state = TrainState(world=self.world)
 
     def fit(self, resume: Path | None = None) -> dict | None:
@@ -128,31 +131,14 @@ class Trainer:
         skip = s.micro_step
         if not skip:
             s.new_epoch()
-        loader, _ = stream.train_loader(
-            self.cfg.data,
-            self.manifest,
-            seed=train.seed,
-            epoch=epoch,
-            rank=self.rank,
-            world=self.world,
-            skip=skip,
-            multiple=accelerator.gradient_accumulation_steps,
-            inputs=self.net.inputs,
-        )
+        batches = self.stream.epoch(epoch, skip, s.stream if skip and self.main else None)
         if rng is not None:  # after the loader drew its workers' seeds, as the first start did
             checkpoint.set_rng_state(rng)
         progress = self.bar.add_task(f"epoch {epoch + 1}/{train.epochs}", total=self.steps, completed=skip, info="")
         self.model.train()
-        tally, before, start = stream.Tally(), s.train_time, time.perf_counter()
-        if skip == self.steps and self.main:  # stopped after the epoch's last batch: the counts were saved
-            tally.latest[-1] = torch.tensor(s.stream)
-        diversity = torch.zeros(
-            2, self.cfg.data.batch_size * max(1, self.cfg.data.sequence_length) + 1, dtype=torch.long
-        )
-        if skip and self.main:  # the batches before the checkpoint, over all ranks
-            diversity += torch.tensor(s.diversity)
+        before, start = s.train_time, time.perf_counter()
         loss_sum, window = torch.tensor(s.loss_sum, dtype=torch.float64, device=accelerator.device), []
-        for micro, batch in enumerate(loader, start=skip):
+        for micro, batch in enumerate(batches, start=skip):
             step = self.task.prepare(batch, accelerator.device, train=True)
             loss, stepped = train_step(
                 accelerator, self.model, self.optimizer, self.scheduler, self.task, step, self.cfg.optim.grad_clip
@@ -161,10 +147,6 @@ class Trainer:
             window.append(loss)
             s.losses += 1
             s.seen += step.frames * self.world
-            tally.see(batch)
-            videos, clips = stream.diversity(batch)
-            diversity[0, videos] += 1
-            diversity[1, clips] += 1
             self.bar.advance(progress)
             if not stepped:
                 continue
@@ -177,14 +159,13 @@ class Trainer:
             if stop or (every and s.global_step % every == 0 and micro + 1 < self.steps):
                 s.micro_step, s.loss_sum = micro + 1, loss_sum.item()
                 s.train_time = before + time.perf_counter() - start
-                s.stream = [reduce_counts(accelerator, tally)[k] for k in stream.COUNTS]
-                s.diversity = summed(accelerator, diversity).tolist()
+                s.stream = summed(accelerator, batches.totals()).tolist()
                 saved = self.checkpoint()
                 if stop:
                     self.requeue(stop, saved)
         self.bar.remove_task(progress)
         s.loss_sum, s.train_time = loss_sum.item(), before + time.perf_counter() - start
-        return reduce_counts(accelerator, tally, diversity)
+        return describe(summed(accelerator, batches.totals()))
 
     def evaluate_epoch(self, epoch: int, counts: dict) -> dict | None:
         """Scores the held-out group, records the metrics and exports the best model."""
@@ -271,7 +252,7 @@ class Trainer:
             f"x {self.world} = effective {cfg.data.batch_size * accumulation * self.world}; "
             f"{self.steps // accumulation} steps/epoch"
         )
-        thrown_away = stream.expected_thrown_away(self.manifest, self.groups, self.plan)
+        thrown_away = self.stream.thrown_away
         console.print(
             f"resampling: {cfg.data.balance} target; expected share of read samples discarded before decoding "
             f"{thrown_away:.1%} (no pure window, or no copy)"

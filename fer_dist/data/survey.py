@@ -5,7 +5,6 @@ Only the small `cls` and `json` members are read; crops and spectrograms are ski
 
 from __future__ import annotations
 
-import json
 import tarfile
 from collections import Counter, defaultdict
 from dataclasses import asdict
@@ -15,7 +14,7 @@ import numpy as np
 from rich.table import Table
 
 from fer_dist.console import out, print_table
-from fer_dist.data.format import META, Manifest
+from fer_dist.data.format import META, Manifest, SampleMeta, shard_group
 from fer_dist.data.windows import NAMES
 from fer_dist.labels import CLASSES, NUM_CLASSES
 
@@ -37,7 +36,7 @@ def survey(folder: Path, sample_members: set[str]) -> dict:
     groups: dict[str, Counter] = defaultdict(Counter)
     shards, problems, seen = {}, [], set()
     for path in sorted(Path(folder).glob("*.tar")):
-        group = path.name.rsplit("-", 1)[0]
+        group = shard_group(path.name)
         members: dict[str, set] = defaultdict(set)
         count = 0
         try:
@@ -47,20 +46,20 @@ def survey(folder: Path, sample_members: set[str]) -> dict:
                     members[key].add(ext)
                     if ext != META:
                         continue
-                    meta = json.loads(tar.extractfile(m).read())
+                    meta = SampleMeta.from_bytes(tar.extractfile(m).read())
                     if key in seen:
                         problems.append(f"{path.name}: {key} is also in another shard")
                     seen.add(key)
-                    v = videos[meta["video"]]
+                    v = videos[meta.video]
                     v["samples"] += 1
-                    v["filled"] += meta["filled_from"] is not None
-                    v["group"] = meta["fold"]
+                    v["filled"] += meta.filled_from is not None
+                    v["group"] = meta.fold
                     groups[group]["samples"] += 1
-                    if meta["label"] >= 0:
-                        v["class_counts"][meta["label"]] += 1
-                        groups[group][meta["label"]] += 1
+                    if meta.label >= 0:
+                        v["class_counts"][meta.label] += 1
+                        groups[group][meta.label] += 1
                     for k, name in enumerate(NAMES):
-                        v["window_counts"][k] += meta["windows"][name]
+                        v["window_counts"][k] += meta.windows[name]
                     count += 1
         except (tarfile.TarError, OSError, ValueError, KeyError) as exc:
             problems.append(f"{path.name}: unreadable ({type(exc).__name__}: {exc})")
