@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from fer_dist.data.format import read_manifest
 from fer_dist.engine import predictions
 from fer_dist.engine.evaluation import scores
 from helpers import REPO, TRAIN_SCRIPT, free_port, launch, tiny_run
@@ -66,9 +67,9 @@ def torchrun(world, shards, out, holdout, epochs=2, workers=2):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_stream_ranks_get_equal_batches_in_a_seeded_order(shards, tmp_path, world):
-    groups = json.loads((shards / "manifest.json").read_text())["groups"]
-    total = sum(len(groups[f"fold{k}"]["shards"]) for k in range(5))
-    holdout = next(k for k in range(5) if (total - len(groups[f"fold{k}"]["shards"])) % world)  # uneven shards
+    groups = read_manifest(shards).groups
+    total = sum(len(groups[f"fold{k}"].shards) for k in range(5))
+    holdout = next(k for k in range(5) if (total - len(groups[f"fold{k}"].shards)) % world)  # uneven shards
     first = torchrun(world, shards, tmp_path / "a", holdout)
     for rank in first:
         for epoch in rank.values():

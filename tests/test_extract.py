@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fer_dist.data.audio import ProsodyParams, prosody
-from fer_dist.data.format import read_manifest
+from fer_dist.data.format import SampleMeta, read_manifest
 from fer_dist.data.layout import discover
 from fer_dist.jobs.extract import ExtractError, extract
 from helpers import samples
@@ -146,18 +146,18 @@ def test_extract_names_a_truncated_shard(shards, synthetic, tmp_path):
 
 
 def test_words_are_an_optional_modality(shards, synthetic, tmp_path):
-    videos = json.loads((shards / "manifest.json").read_text())["videos"]
+    videos = read_manifest(shards).videos
     names = sorted(videos)
     words = tmp_path / "words"
     words.mkdir()
     for i, name in enumerate(names[1:], start=1):
-        np.save(words / f"{name}.npy", np.full((videos[name]["frames"], 4), i, np.float32))
+        np.save(words / f"{name}.npy", np.full((videos[name].frames, 4), i, np.float32))
     out = tmp_path / "out"
     manifest = extract(shards, out, discover(synthetic), "test_convnext", image_size=32, words=words)
     assert manifest.members == ["image", "embedding", "audio_features", "words"]
     assert manifest.features["words"]["dim"] == 4 and manifest.features["words"]["videos_without"] == names[:1]
     for s in samples(out):
-        video = json.loads(s["json"])["video"]
+        video = SampleMeta.from_bytes(s["json"]).video
         assert (npy(s["words.npy"]) == names.index(video)).all()  # zeros for the video without words
 
 

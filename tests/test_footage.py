@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from fer_dist.data.audio import SILENCE
-from fer_dist.data.format import read_manifest
+from fer_dist.data.format import SampleMeta, read_manifest
 from fer_dist.data.layout import discover, list_crops, read_annotation
 from fer_dist.data.synth import TEST_LIST, TEST_TEMPLATE, synthesize
 from fer_dist.models.contract import IMAGENET
@@ -206,8 +206,8 @@ def quirky(tmp_path_factory) -> SimpleNamespace:
     manifest = read_manifest(shards)
     by_video: dict[str, dict[int, dict]] = {}
     for s in samples(shards):
-        meta = json.loads(s["json"])
-        by_video.setdefault(meta["video"], {})[meta["frame"]] = {
+        meta = SampleMeta.from_bytes(s["json"])
+        by_video.setdefault(meta.video, {})[meta.frame] = {
             "meta": meta,
             "mel": np.load(io.BytesIO(s["mel.npy"]), allow_pickle=False),
             "wave": np.load(io.BytesIO(s["wav.npy"]), allow_pickle=False),
@@ -286,11 +286,11 @@ def test_sound_with_a_gap_that_ends_early_keeps_its_time_and_no_pad_exceeds_the_
     assert not loud & {f for f in packed if 34 <= f <= 57 or f >= 95}
     for video in quirky.samples.values():  # every sample of every video
         for s in video.values():
-            before, after = s["meta"]["pad"]
+            before, after = s["meta"].pad
             assert 0 <= before <= 64 and 0 <= after <= 64 and before + after <= 64
     for f, s in quirky.samples[name].items():
         if float(times[f - 1]) > end + 33 / 30:  # the whole window after the sound
-            assert s["meta"]["pad"] == [0, 64] and s["mel"].max() == QUIET and not s["wave"].any()
+            assert s["meta"].pad == [0, 64] and s["mel"].max() == QUIET and not s["wave"].any()
     assert f"the {q.frames_after_sound} frame(s) after it hear silence" in warning(quirky, f"{name}:", "ends")
     assert "jump ahead by 1.0" in warning(quirky, f"{name}:", "jump ahead")
 
@@ -304,7 +304,7 @@ def test_sound_that_starts_late_and_ends_early_counts_each(quirky):
     assert q.frames_before_sound == sum(t < start for t in times) and q.frames_before_sound > 80
     assert q.frames_after_sound == sum(t >= end for t in times) and q.frames_after_sound > 50
     assert all(s["mel"][:, 32].max() == QUIET for f, s in quirky.samples[name].items() if f <= 85)
-    assert all(s["meta"]["pad"][0] == 64 for f, s in quirky.samples[name].items() if f <= 50)
+    assert all(s["meta"].pad[0] == 64 for f, s in quirky.samples[name].items() if f <= 50)
     late = warning(quirky, f"{name}:", "starts")
     assert f"starts {q.audio_late_s:.2f} s after the first frame; the {q.frames_before_sound} frame(s)" in late
     assert f"the {q.frames_after_sound} frame(s) after it" in warning(quirky, f"{name}:", "ends")
@@ -314,7 +314,7 @@ def test_an_audio_stream_without_sound_is_no_sound(quirky):
     for name in ("1-30-640x360_left", "1-30-640x360_right"):  # one Matroska file
         record, q = quirky.manifest.videos[name], quirky.manifest.videos[name].quality
         assert not record.audio and q.empty_audio and q.frames_after_sound == q.frames_before_sound == 0
-        assert all(not s["meta"]["audio"] and s["mel"].max() == QUIET for s in quirky.samples[name].values())
+        assert all(not s["meta"].audio and s["mel"].max() == QUIET for s in quirky.samples[name].values())
         assert "packed silent" in warning(quirky, f"{name}:", "holds no sound")
     assert name in quirky.manifest.totals.videos_without_audio
 
@@ -328,8 +328,8 @@ def test_labels_past_the_end_of_the_video_are_kept_filled_silent_and_counted(qui
     past = {f: s for f, s in quirky.samples[name].items() if f > frames}
     assert len(past) == 40
     for s in past.values():
-        assert s["meta"]["filled_from"] is not None and s["meta"]["filled_from"] <= frames
-        assert s["mel"][:, 32].max() == QUIET and not s["wave"].any() and s["meta"]["pad"][1] >= 32
+        assert s["meta"].filled_from is not None and s["meta"].filled_from <= frames
+        assert s["mel"][:, 32].max() == QUIET and not s["wave"].any() and s["meta"].pad[1] >= 32
     assert "40 label(s) past the video's last frame" in warning(quirky, f"{name}:", "past")
 
 
@@ -372,7 +372,7 @@ def test_crops_of_any_size_and_colour_model_are_packed_and_reported(quirky):
     assert "loader workers bring a batch" in warning(quirky, "crops of varying size")
     left = quirky.manifest.videos["1-30-640x360_left"]  # greyscale and CMYK crops, a BOM and CRLF ends
     assert left.corrupt_crops == 0 and left.samples == left.labelled and left.quality.crop_width == [112, 112]
-    labels = {f: s["meta"]["label"] for f, s in quirky.samples["1-30-640x360_left"].items()}
+    labels = {f: s["meta"].label for f, s in quirky.samples["1-30-640x360_left"].items()}
     truth = read_annotation(quirky.videos["1-30-640x360_left"].annotation)
     assert labels == {f + 1: int(v) for f, v in enumerate(truth) if v >= 0}
     rows = {r["video"]: r for r in json.loads(inspect_json(quirky.shards))["quality"]}

@@ -1,6 +1,5 @@
 """`fer-dist shard` on every real layout, the test set, the fold schemes, bad input and kill -9."""
 
-import json
 import os
 import shutil
 import signal
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from fer_dist.data.audio import read_media
-from fer_dist.data.format import PackParams, read_manifest
+from fer_dist.data.format import PackParams, SampleMeta, read_manifest
 from fer_dist.data.layout import LayoutError, discover, list_crops, read_annotation
 from fer_dist.data.pack import assign_folds, pack
 from fer_dist.labels import CLASSES
@@ -118,9 +117,9 @@ def test_test_set_packs_every_frame(synthetic, tmp_path):
     manifest = pack(videos, out, PackParams(samples_per_shard=400), workers=2)
     got = {}
     for s in samples(out, "test-*.tar"):
-        meta = json.loads(s["json"])
-        assert int(s["cls"]) == -1 == meta["label"] and meta["split"] == "test"
-        got.setdefault(meta["video"], []).append(meta["frame"])
+        meta = SampleMeta.from_bytes(s["json"])
+        assert int(s["cls"]) == -1 == meta.label and meta.split == "test"
+        got.setdefault(meta.video, []).append(meta.frame)
     for name in held:
         v = next(v for v in videos if v.name == name)
         frames = len(read_annotation(synthetic / ANN / "Validation_Set" / f"{name}.txt"))
@@ -158,7 +157,7 @@ def test_bad_input_is_counted_and_reported(damaged, tmp_path):
         frame = int(bad.stem)
         sample = by_key.get(f"{names[0]}/{frame:05d}")
         if sample is not None:  # labelled: filled from the nearest readable crop
-            src = json.loads(sample["json"])["filled_from"]
+            src = SampleMeta.from_bytes(sample["json"]).filled_from
             assert src != frame and sample["jpg"] == good[src].read_bytes()
     assert records[names[1]].audio is False and f"{names[1]}: video unreadable" in problems
     assert records[names[2]].audio is False and f"{names[2]}: no video file found" in problems

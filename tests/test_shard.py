@@ -11,7 +11,7 @@ import av
 import numpy as np
 
 from fer_dist.data.audio import MelParams, frame_columns, frame_times, log_mel, read_media, seconds, window
-from fer_dist.data.format import read_manifest
+from fer_dist.data.format import SampleMeta, read_manifest
 from fer_dist.data.layout import discover, list_crops, read_annotation
 from fer_dist.data.survey import compare, survey
 from fer_dist.data.windows import purity_flags
@@ -44,13 +44,13 @@ def test_crops_are_byte_identical_or_filled_from_nearest(synthetic, shards):
     crops = {v.name: list_crops(v.crops) for v in discover(synthetic)}
     filled = 0
     for s in samples(shards):
-        meta = json.loads(s["json"])
-        video, frame = meta["video"], meta["frame"]
-        if meta["filled_from"] is None:
+        meta = SampleMeta.from_bytes(s["json"])
+        video, frame = meta.video, meta.frame
+        if meta.filled_from is None:
             assert s["jpg"] == crops[video][frame].read_bytes()
         else:
             filled += 1
-            src = meta["filled_from"]
+            src = meta.filled_from
             assert frame not in crops[video]
             assert s["jpg"] == crops[video][src].read_bytes()
             nearest = min(crops[video], key=lambda f: (abs(f - frame), f))
@@ -76,11 +76,11 @@ def test_window_flags_and_mel_windows(synthetic, shards):
     columns = frame_columns(log_mel(media.audio, p), seconds(frame_times(media, len(labels))), len(labels), p)
     checked = 0
     for s in samples(shards):
-        meta = json.loads(s["json"])
-        if meta["video"] != v.name:
+        meta = SampleMeta.from_bytes(s["json"])
+        if meta.video != v.name:
             continue
-        f = meta["frame"]
-        assert [meta["windows"][k] for k in "sml"] == flags[f - 1].tolist()
+        f = meta.frame
+        assert [meta.windows[k] for k in "sml"] == flags[f - 1].tolist()
         mel = np.load(io.BytesIO(s["mel.npy"]), allow_pickle=False)
         assert mel.dtype == np.float16 and mel.shape == (128, 64)
         np.testing.assert_allclose(mel, window(columns, f).astype(np.float16), atol=1e-2)
@@ -106,15 +106,15 @@ def test_the_waveform_member_is_the_decoded_16khz_audio_at_its_samples(synthetic
         audio[v.name] = (times, pcm)
     checked, edges, silent = 0, 0, 0
     for s in samples(wave_shards):
-        meta = json.loads(s["json"])
-        times, pcm = audio[meta["video"]]
+        meta = SampleMeta.from_bytes(s["json"])
+        times, pcm = audio[meta.video]
         wave = np.load(io.BytesIO(s["wav.npy"]), allow_pickle=False)
         assert wave.dtype == np.int16 and wave.shape == (34134,)
         if pcm is None:
             assert not wave.any()
             silent += 1
             continue
-        start = round(times[meta["frame"] - 1] * 16000) - 17067
+        start = round(times[meta.frame - 1] * 16000) - 17067
         expected = np.zeros(34134, np.int16)
         lo, hi = max(0, start), min(len(pcm), start + 34134)
         expected[lo - start : hi - start] = pcm[lo:hi]

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fer_dist.data.format import split_key
+
 
 @dataclass
 class Predictions:
@@ -28,9 +30,9 @@ class Predictions:
 
 
 def split_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The video (str) and frame number (int) of each `<video>/<frame:05d>` key."""
-    parts = [k.rsplit("/", 1) for k in keys.tolist()]
-    return np.array([p[0] for p in parts], str), np.array([int(p[1]) for p in parts], np.int64)
+    """The video (str) and frame number (int) of each sample key (`format.split_key`)."""
+    parts = [split_key(k) for k in keys.tolist()]
+    return np.array([p[0] for p in parts], str), np.array([p[1] for p in parts], np.int64)
 
 
 def save(path: Path, p: Predictions) -> None:

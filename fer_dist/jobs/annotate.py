@@ -39,7 +39,7 @@ from fer_dist import config as config_lib
 from fer_dist.console import console, print_table
 from fer_dist.data import crop as crop_lib
 from fer_dist.data import pack
-from fer_dist.data.format import Manifest, ManifestError, PackParams, atomic_write, read_manifest
+from fer_dist.data.format import Manifest, ManifestError, PackParams, atomic_write, read_manifest, sample_key
 from fer_dist.data.layout import Video
 from fer_dist.engine import predictions as preds_lib
 from fer_dist.jobs.predict import predict_group
@@ -276,7 +276,7 @@ def annotate(
     faces, warnings = predict_faces(readable, run, work, workers)
     written = {f.name for f in faces if f.probs is not None}
     labels = {f.name: f.labels for f in faces if f.probs is not None}
-    keys = np.array([f"{name}/{i + 1:05d}" for name in sorted(labels) for i in range(len(labels[name]))], str)
+    keys = np.array([sample_key(name, i + 1) for name in sorted(labels) for i in range(len(labels[name]))], str)
     flat = np.concatenate([labels[name] for name in sorted(labels)]) if labels else np.zeros(0, np.int64)
     out.mkdir(parents=True, exist_ok=True)
     for name, data in submission.abaw3(keys, flat, {name: len(labels[name]) for name in written}).items():

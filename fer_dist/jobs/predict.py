@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from fer_dist import config as config_lib
 from fer_dist.config import ConfigError
 from fer_dist.console import console, progress
-from fer_dist.data.format import ManifestError, atomic_write, read_manifest
+from fer_dist.data.format import ManifestError, atomic_write, read_manifest, sample_key
 from fer_dist.engine import predictions as preds_lib
 from fer_dist.engine.distributed import make_accelerator
 from fer_dist.engine.evaluation import evaluate
@@ -98,8 +98,8 @@ def required_frames(shards: Path, template: Path | None) -> tuple[dict[str, int]
     )
     short = {v for v, r in videos.items() if r.split == "test" and r.samples < r.frames}
     unknown = sorted({v for v, _ in required if v not in frames})
-    missing = [f"{v}/{f:05d}" for v, f in required if v not in frames or v in short]
-    missing += [f"{v}/{f:05d}" for v in sorted(short) for f in range(1, frames[v] + 1)]
+    missing = [sample_key(v, f) for v, f in required if v not in frames or v in short]
+    missing += [sample_key(v, f) for v in sorted(short) for f in range(1, frames[v] + 1)]
     if missing:
         reasons = [f"{v}: {videos[v].samples} of its {frames[v]} frames packed" for v in sorted(short)]
         if unknown:
@@ -112,8 +112,8 @@ def required_frames(shards: Path, template: Path | None) -> tuple[dict[str, int]
     if past:
         v, f = past[0]
         console.print(
-            f"[yellow]warning:[/] {len(past)} template row(s) lie past their video's last frame (e.g. {v}/{f:05d} "
-            f"of a {frames[v]}-frame video); each takes the label of its video's last frame"
+            f"[yellow]warning:[/] {len(past)} template row(s) lie past their video's last frame (e.g. "
+            f"{sample_key(v, f)} of a {frames[v]}-frame video); each takes the label of its video's last frame"
         )
     return frames, required
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fer_dist.data.format import sample_key
 from fer_dist.engine.predictions import split_keys
 from fer_dist.labels import CLASSES
 
@@ -61,7 +62,7 @@ def abaw3(keys: np.ndarray, labels: np.ndarray, frames: dict[str, int]) -> dict[
     then the label of frames 1..n. Raises `SubmissionError` when a frame has no prediction."""
     table = by_frame(keys, labels)
     required = [(video, f) for video, n in sorted(frames.items()) for f in range(1, n + 1)]
-    refuse_missing([f"{v}/{f:05d}" for v, f in required if f not in table.get(v, {})], "the ABAW3 files")
+    refuse_missing([sample_key(v, f) for v, f in required if f not in table.get(v, {})], "the ABAW3 files")
     header = ",".join(CLASSES) + "\n"
     return {
         f"{video}.txt": (header + "".join(f"{table[video][f]}\n" for f in range(1, n + 1))).encode()
@@ -76,7 +77,7 @@ def abaw5(
     named as in `named` when given (a template row past its video's end names its own frame and
     takes the label of the last). Raises `SubmissionError` when a required frame has no prediction."""
     table = by_frame(keys, labels)
-    refuse_missing([f"{v}/{f:05d}" for v, f in required if f not in table.get(v, {})], "the ABAW5/6 file")
+    refuse_missing([sample_key(v, f) for v, f in required if f not in table.get(v, {})], "the ABAW5/6 file")
     rows = zip(named or required, required, strict=True)
     body = "image_location," + ",".join(CLASSES) + "\n"
     return (body + "".join(f"{v}/{f:05d}.jpg,{table[v][g]}\n" for (v, f), (_, g) in rows)).encode()
