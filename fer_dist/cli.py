@@ -367,7 +367,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--videos", type=int, default=24, help="synthetic videos (24 give ~25,000 labelled frames)")
     s.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="pack: each count; loader: the last")
     s.add_argument("--samples", type=int, default=100_000, help="loader: samples the stream emits")
-    s.add_argument("--steps", type=int, help="step, gpu: timed steps (100); learn: training steps of each run (1500)")
+    s.add_argument(
+        "--steps",
+        type=int,
+        help="step: timed steps (200: 40 rounds of 5 per variant); gpu: timed steps (100); "
+        "learn: training steps of each run (1500)",
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_bench)
 

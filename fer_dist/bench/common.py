@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 
@@ -55,6 +56,18 @@ def synthetic(workdir: Path, videos: int, seed: int = 0) -> Path:
         synthesize(root, videos, seed, 2)
         (root / ".complete").touch()
     return root
+
+
+def spread(values: list[float], digits: int = 4) -> dict:
+    """A repeated measurement as its median and range: {"median", "min", "max", "n"}. The median of
+    n repeats taken in turn with what it is compared to stands when fewer than n / 2 of them were
+    slowed by something else on the machine."""
+    return {
+        "median": round(float(np.median(values)), digits),
+        "min": round(float(np.min(values)), digits),
+        "max": round(float(np.max(values)), digits),
+        "n": len(values),
+    }
 
 
 def child(job: str, **kwargs) -> tuple[dict, float]:

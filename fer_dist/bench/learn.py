@@ -139,7 +139,7 @@ def fer_dist_run(shards: Path, run_dir: Path, holdout: int, steps: int, seed: in
     return {**last["macro_f1_by_head"], "prediction": last["macro_f1"], "final_loss": last["train_loss"]}
 
 
-def bench_learn(workdir: Path, videos: int, steps: int = 1500, holdouts: tuple[int, ...] = (0, 1), seed: int = 0):
+def bench_learn(workdir: Path, videos: int, steps: int = 1500, holdouts: tuple[int, ...] = (0, 1, 2), seed: int = 0):
     """The plain loop, fer-dist's image branch and fer-dist's whole model on each held-out fold."""
     from fer_dist.bench.common import child
     from fer_dist.config import CONFIGS
