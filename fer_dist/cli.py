@@ -91,6 +91,9 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     params = crop.CropParams(detector=args.detector, redetect=args.redetect, min_face=args.min_face)
     summaries = annotate.annotate(videos, Path(args.model), Path(args.out), params, args.render, args.workers)
     annotate.show(summaries)
+    if not any(s.get("frames") for s in summaries):
+        console.print("[red]error:[/] no video could be annotated (see the table)")
+        return 1
     out.print(f"per-frame files in {args.out}")
     return 0
 
@@ -131,8 +134,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from fer_dist.data import survey
     from fer_dist.data.format import ManifestError, PackParams, read_manifest
 
-    if is_result(Path(args.shards)):
+    folder = Path(args.shards)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    if is_result(folder):
         return cmd_inspect_result(args)
+    if not (folder / "manifest.json").exists() and not list(folder.glob("*.tar")):
+        raise ValueError(f"{folder}: neither shards (manifest.json, *.tar) nor a run folder")
     try:
         manifest = read_manifest(args.shards)
     except ManifestError as exc:

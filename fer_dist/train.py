@@ -23,6 +23,7 @@ from rich.logging import RichHandler
 from fer_dist import config as config_lib
 from fer_dist.console import console
 from fer_dist.data.format import ManifestError
+from fer_dist.data.stream import StreamError
 from fer_dist.engine.checkpoint import REQUEUE_EXIT
 from fer_dist.engine.trainer import Requeue, train
 
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         return REQUEUE_EXIT
     except (config_lib.ConfigError, ManifestError, OSError) as exc:
         console.print(f"[red]error:[/] {exc}")
+        return 2
+    except StreamError as exc:
+        console.print(f"[red]error:[/] {StreamError.why(exc)}", soft_wrap=True)
         return 2
     return 0
 

@@ -88,3 +88,11 @@ def test_annotate_gives_every_decoded_frame_the_abaw3_file_a_timeline_and_a_vide
     assert len(no_face) == 95 and all(r["face"] == "0" and r["label"] == "" for r in no_face)
     assert not (out / "no_face.txt").exists() and not (out / "no_face.png").exists()
     assert not list(out.glob("corrupt*"))
+
+
+@pytest.mark.slow
+def test_annotate_with_no_readable_video_fails(real_run, tmp_path, capsys):
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(np.random.default_rng(0).bytes(20_000))
+    assert cli.main(["annotate", str(garbage), "--model", str(real_run / "run"), "--out", str(tmp_path / "o")]) == 1
+    assert "no video could be annotated" in capsys.readouterr().err

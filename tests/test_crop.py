@@ -273,3 +273,18 @@ def test_crop_with_labels_then_shard_then_train(real_run):
     assert (run / "checkpoints" / "best" / "model.safetensors").exists()
     (epoch,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert epoch["eval_frames"] == 60 + 70
+
+
+@pytest.mark.slow
+def test_a_video_without_a_face_first_is_reported_and_the_next_still_cropped(real_footage, tmp_path):
+    """The first video (by name) has no face: its report is written all the same, and the video
+    after it is cropped; alone, it gives an empty, reported crop, not an error."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("no_face.mp4", "single_face.mp4"):
+        shutil.copy(real_footage / name, videos / name)
+    reports = {r["video"]: r for r in run_crop([videos], tmp_path / "root", "--workers", "1")}
+    assert reports["no_face"]["error"] is None and reports["no_face"]["people"] == 0
+    assert reports["single_face"]["frames_with_face"] > 0 and crops_of(tmp_path / "root", "single_face")
+    alone = run_crop([videos / "no_face.mp4"], tmp_path / "alone")
+    assert alone[0]["error"] is None and alone[0]["frames"] == 95 and not crops_of(tmp_path / "alone", "no_face")

@@ -114,3 +114,11 @@ def test_inspect_of_a_folder_without_a_record_says_so(tmp_path, capsys):
     (run / "config.yaml").write_text("train: {seed: 0}\n")
     assert main(["inspect", str(run)]) == 0
     assert "no provenance.json" in capsys.readouterr().out
+
+
+def test_inspect_of_a_missing_or_empty_folder_says_so_in_one_line(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "nothere")]) == 2
+    assert "nothere: no such folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["inspect", str(tmp_path / "empty")]) == 2
+    assert "neither shards (manifest.json, *.tar) nor a run folder" in " ".join(capsys.readouterr().err.split())

@@ -12,7 +12,7 @@ from fer_dist.data.balance import expected_thrown_away, resampling_plan
 from fer_dist.data.counts import COUNTS, Counter, Tally, describe, diversity, median_and_least
 from fer_dist.data.decode import decode_frame
 from fer_dist.data.format import SampleMeta, read_manifest, sample_key
-from fer_dist.data.stream import check, eval_loader, pick_window, train_loader
+from fer_dist.data.stream import StreamError, check, eval_loader, pick_window, train_loader
 from fer_dist.data.transforms import crop_resize_windows
 from fer_dist.models.contract import IMAGENET
 from helpers import samples
@@ -228,7 +228,7 @@ def test_a_stream_of_unreadable_shards_stops_with_an_error(shards, tmp_path):
         tar.write_bytes(b"not a tar file")
     cfg = data_cfg(out, epoch_samples=80)
     loader, _ = train_loader(cfg, read_manifest(out), seed=0, epoch=0, rank=0, world=1)
-    with pytest.raises(RuntimeError, match="shards in a row could not be read"):
+    with pytest.raises(StreamError, match="shards in a row could not be read"):
         list(loader)
 
 

@@ -407,3 +407,35 @@ def test_the_gradient_clip_is_torchs_global_norm_clip(max_norm, name):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     norm = torch.nn.utils.get_total_norm([p.grad for p in ours.parameters() if p.grad is not None])
     assert norm <= max_norm * 1.0001 and (max_norm < 1e6 or norm > 1)
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_second_run_into_a_folder_that_holds_one_is_refused_and_writes_nothing(shards, tmp_path, capsys):
+    from fer_dist.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--config", CPU_CONFIG, *tiny_run(shards, run)]) == 0
+    before = tree(run)
+    assert main(["train", "--config", CPU_CONFIG, *tiny_run(shards, run, "train.seed=1")]) == 2
+    said = capsys.readouterr().err
+    assert f"{run} already holds a run" in " ".join(said.split()) and "Traceback" not in said
+    assert tree(run) == before  # the best model, the metrics and the provenance of the first run kept
+    assert main(["train", "--resume", str(run)]) == 0  # going on with it is what the message offers
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unreadable_training_shards_stop_training_with_one_line(shards, tmp_path, capsys, workers):
+    from fer_dist.cli import main
+
+    out = tmp_path / "shards"
+    shutil.copytree(shards, out)
+    for tar in out.glob("fold[1-4]-*.tar"):  # every shard the run trains on, cut short
+        tar.write_bytes(tar.read_bytes()[:700])
+    run = tmp_path / "run"
+    assert main(["train", "--config", CPU_CONFIG, *tiny_run(out, run, f"data.workers={workers}")]) == 2
+    said = capsys.readouterr().err
+    lines = [line for line in said.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "shards in a row could not be read" in said and "Traceback" not in said, said

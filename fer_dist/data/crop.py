@@ -175,6 +175,7 @@ def crop_video(job: tuple[Path, Path, CropParams]) -> dict:
         done = json.loads(report_path.read_text())
         if done.get("stamp") == stamp:
             return done
+    (root / REPORTS).mkdir(parents=True, exist_ok=True)  # whether or not a face makes the work folder
     work = root / REPORTS / f".{name}.work"  # beside the crop folders, on the same file system
     shutil.rmtree(work, ignore_errors=True)
     tracker = Tracker(detector(params.detector), params.redetect, params.min_face)

@@ -390,13 +390,13 @@ def claim(out: Path, key: str, stamp: dict, error: type[ValueError], what: str) 
     `error` naming `what` was made there."""
     if (out / "manifest.json").exists():
         if json.loads((out / "manifest.json").read_text()).get(key) != stamp:
-            raise error(f"{out} holds {what} made with other settings; remove it or use another folder")
+            raise error(f"{out} holds {what} made from other inputs or settings; remove it or use another folder")
         return read_manifest(out)
     work = out / ".work"
     work.mkdir(parents=True, exist_ok=True)
     stamp_path = work / "stamp.json"
     if stamp_path.exists() and json.loads(stamp_path.read_text()) != stamp:
-        raise error(f"{out} holds {what} started with other settings; remove it or use another folder")
+        raise error(f"{out} holds {what} started from other inputs or settings; remove it or use another folder")
     atomic_write(stamp_path, json.dumps(stamp).encode())
     return None
 

@@ -528,7 +528,7 @@ def pack(
     out.mkdir(parents=True, exist_ok=True)
     names = sorted(v.name for v in videos)
     stamp = json.loads(json.dumps({"params": asdict(params), "videos": names, "inputs": fingerprint(videos)}))
-    done = claim(out, "stamp", stamp, ValueError, "shards made from other inputs or settings")
+    done = claim(out, "stamp", stamp, ValueError, "shards")
     if done is not None:
         console.print(f"{out} holds the shards of these very inputs and settings: kept, nothing packed again")
         return done

@@ -88,6 +88,16 @@ def dealt_shards(urls: list[str], order_seed: str, rank: int, world: int):
         yield {"url": url}
 
 
+class StreamError(RuntimeError):
+    """The stream cannot go on: every shard it tried in a row was unreadable. Raised in a loader
+    worker, it reaches the training process with the worker's traceback as its text (torch keeps
+    the type); `StreamError.why` is the one line that says why."""
+
+    @staticmethod
+    def why(exc: StreamError) -> str:
+        return str(exc).strip().splitlines()[-1].split("StreamError: ", 1)[-1]
+
+
 def read_shards(src, counter: Counter, give_up: int = 100):
     """Tar samples, shard by shard. A shard that cannot be opened or read to its end is counted
     and skipped; the whole samples read from it before the fault stay in the stream. After
@@ -104,7 +114,10 @@ def read_shards(src, counter: Counter, give_up: int = 100):
             counter.shard_fault(RuntimeError(f"{url}: {exn}"))
             faults_in_a_row += 1
             if faults_in_a_row >= give_up:
-                raise RuntimeError(f"{give_up} shards in a row could not be read; the last: {url}") from exn
+                raise StreamError(
+                    f"{give_up} shards in a row could not be read (the last: {url}: {exn}); "
+                    "check them with `fer-dist inspect`"
+                ) from exn
 
 
 def parse(src, counter: Counter):

@@ -54,6 +54,12 @@ def step_dirs(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("step-*[0-9]"))
 
 
+def holds_run(run_dir: Path) -> bool:
+    """Whether a run has trained in `run_dir`: its metrics, a step checkpoint or a best model."""
+    best = run_dir / "checkpoints" / "best"
+    return (run_dir / "metrics.jsonl").exists() or bool(step_dirs(run_dir)) or best.exists()
+
+
 def latest(run_dir: Path) -> Path | None:
     found = step_dirs(run_dir)
     return found[-1] if found else None

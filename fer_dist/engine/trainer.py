@@ -265,13 +265,20 @@ class Trainer:
 
 def train(cfg: config_lib.Config, resume: bool = False) -> dict | None:
     """Trains `cfg` into its run folder (from the folder's last checkpoint when `resume`); returns
-    rank 0's metrics of the last epoch. Every way of starting training ends here."""
+    rank 0's metrics of the last epoch. Every way of starting training ends here. Raises
+    ConfigError, before anything is written, when the folder already holds a run and `resume` is
+    not set: a second run would overwrite the first's best model and mix their metrics."""
+    run_dir = Path(cfg.train.run_dir)
+    if not resume and checkpoint.holds_run(run_dir):
+        raise config_lib.ConfigError(
+            f"{run_dir} already holds a run: go on with it (`fer-dist train --resume {run_dir}`), or set another "
+            "train.run_dir; nothing was written"
+        )
     checkpoint.watch_signals()  # from the start: a signal before the first step stops the run at that step
     accelerator = make_accelerator(cfg, track=True)
     torch.manual_seed(cfg.train.seed)
     manifest = read_manifest(cfg.data.shards)
     model = model_for(cfg, manifest)
-    run_dir = Path(cfg.train.run_dir)
     start = checkpoint.latest(run_dir) if resume else None
     devices = gather_object([provenance.device_name(accelerator.device)])  # one per rank
     if accelerator.is_main_process:
