@@ -305,8 +305,11 @@ def test_a_worker_hands_over_the_batches_it_made_in_one_block_each(shards, seque
 
 
 def test_a_worker_reuses_a_block_only_once_the_training_process_has_copied_it_out(monkeypatch):
+    """...and hands a block over once: a batch in a block the training process holds already
+    carries only the block's name."""
     monkeypatch.setattr(transport, "get_worker_info", lambda: "a worker")
-    monkeypatch.setattr(transport, "_pool", [])
+    for name, empty in (("_pool", []), ("_handed", set()), ("_held", {})):
+        monkeypatch.setattr(transport, name, empty)
 
     def made(value: int) -> dict:
         crop = torch.arange(60, dtype=torch.uint8).view(4, 5, 3).permute(2, 0, 1) + value  # as decode_jpeg gives it
@@ -317,10 +320,13 @@ def test_a_worker_reuses_a_block_only_once_the_training_process_has_copied_it_ou
     assert first["block"].data_ptr() != second["block"].data_ptr()  # the first is still in the other's hands
     received = transport.as_tensors(first)
     third = made(3)
-    assert third["block"].data_ptr() == first["block"].data_ptr()
+    assert third["block"] == third["block_name"] == first["block_name"]  # the first's block, by name
     crops = torch.arange(60, dtype=torch.uint8).view(4, 5, 3).permute(2, 0, 1).expand(2, 3, 4, 5)
     assert torch.equal(received["image"], crops + 1)
     assert torch.equal(transport.as_tensors(third)["image"], crops + 3)
+    transport._held.clear()  # a name this process never received with its block
+    with pytest.raises(RuntimeError, match="never received"):
+        transport.as_tensors(third)
 
 
 @pytest.mark.parametrize("sequence_length", [0, 4])

