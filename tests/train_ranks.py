@@ -56,6 +56,8 @@ def main(shards: str, out: str, steps: int) -> None:
         step = task.prepare(batch, accelerator.device, train=True)
         train_step(accelerator, model, optimizer, scheduler, task, step, cfg.optim.grad_clip)
     save_weights(net.state_dict(), Path(out) / f"rank{rank}.safetensors")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # the process group closed on every rank before any exits (gloo aborts otherwise)
 
 
 if __name__ == "__main__":

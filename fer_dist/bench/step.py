@@ -114,6 +114,8 @@ def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, bare:
             for i in range(block, min(steps, block + BLOCK)):
                 step(*batches[i % len(batches)])
             blocks[name].append(time.perf_counter() - start)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # the process group closed on every rank before any exits
     if int(os.environ.get("RANK", "0")):
         return {}
     sizes = [min(BLOCK, steps - block) for block in range(0, steps, BLOCK)]

@@ -47,8 +47,11 @@ def predict_group(weights: Path, shards: Path, group: str, out: Path) -> dict | 
     model = model_for(cfg, manifest, training=False)
     model.load_state_dict(load_file(weights / "model.safetensors"))
     model.to(accelerator.device)
-    with progress(accelerator.is_main_process) as bar:
-        return evaluate(accelerator, model, Task(cfg, manifest, model), manifest, group, out, bar)
+    try:
+        with progress(accelerator.is_main_process) as bar:
+            return evaluate(accelerator, model, Task(cfg, manifest, model), manifest, group, out, bar)
+    finally:
+        accelerator.end_training()  # the process group closed on every rank before any exits
 
 
 def main(argv: list[str] | None = None) -> int:
