@@ -130,7 +130,7 @@ def test_extract_resumes_after_a_kill(shards, synthetic, features, tmp_path, mon
         assert (out / p.name).read_bytes() == p.read_bytes()
     assert json.loads((out / "manifest.json").read_text()) == json.loads((features / "manifest.json").read_text())
     assert not (out / ".work").exists()
-    with pytest.raises(ExtractError, match="other settings"):
+    with pytest.raises(ExtractError, match="other inputs or settings"):
         extract(shards, out, discover(synthetic), "test_convnext", image_size=32)
 
 

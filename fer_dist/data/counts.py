@@ -25,13 +25,17 @@ class Counter:
 
     def __init__(self) -> None:
         self.values = np.zeros(len(COUNTS), np.int64)
+        self.warned: set[str] = set()  # the faults said once: an endless stream meets a bad shard each pass
 
     def add(self, name: str, n: int = 1) -> None:
         self.values[COUNTS.index(name)] += n
 
     def _skip(self, what: str, exn: Exception) -> bool:
+        """Counts each time a fault is met; warns the first time this worker meets it."""
         self.add(f"corrupt_{what}s")
-        log.warning("skipped a %s: %s", what, exn)
+        if str(exn) not in self.warned:
+            self.warned.add(str(exn))
+            log.warning("skipped a %s: %s", what, exn)
         return True
 
     def shard_fault(self, exn: Exception) -> bool:

@@ -115,8 +115,8 @@ def read_shards(src, counter: Counter, give_up: int = 100):
             faults_in_a_row += 1
             if faults_in_a_row >= give_up:
                 raise StreamError(
-                    f"{give_up} shards in a row could not be read (the last: {url}: {exn}); "
-                    "check them with `fer-dist inspect`"
+                    f"{give_up} shards in a row could not be read (each pass deals every shard again; the "
+                    f"last: {url}: {exn}); check them with `fer-dist inspect`"
                 ) from exn
 
 

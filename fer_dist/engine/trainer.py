@@ -259,7 +259,12 @@ class Trainer:
         )
         if thrown_away > 0.5:
             console.print("[yellow]warning:[/] most samples read will be discarded; the stream reads more than it uses")
-        if resume:
+        if resume and self.state.epoch >= self.cfg.train.epochs:
+            console.print(
+                f"resumed from {resume}: the run has trained its {self.cfg.train.epochs} epoch(s); nothing to do "
+                "(raise train.epochs to train on)"
+            )
+        elif resume:
             console.print(f"resumed from {resume}: epoch {self.state.epoch + 1}, batch {self.state.micro_step}")
 
 
