@@ -46,14 +46,14 @@ def run_measured(cmd: list[str]) -> tuple[float, float, str]:
     return seconds, peak / 2**20, stdout
 
 
-def synthetic(workdir: Path, videos: int, seed: int = 0) -> Path:
-    """The benchmark's dataset, made once and reused."""
+def synthetic(workdir: Path, videos: int, seed: int = 0, style: str = "faces") -> Path:
+    """The benchmark's dataset (`fer-dist synth --style`), made once and reused."""
     from fer_dist.data.synth import synthesize
 
-    root = workdir / f"affwild2-{videos}v"
+    root = workdir / f"{'affwild2' if style == 'faces' else style}-{videos}v"
     if not (root / ".complete").exists():
         shutil.rmtree(root, ignore_errors=True)
-        synthesize(root, videos, seed, 2)
+        synthesize(root, videos, seed, 2, style=style)
         (root / ".complete").touch()
     return root
 
@@ -68,6 +68,15 @@ def spread(values: list[float], digits: int = 4) -> dict:
         "max": round(float(np.max(values)), digits),
         "n": len(values),
     }
+
+
+def train_run(config: Path, run_dir: Path, *overrides: str) -> dict:
+    """`fer-dist train --config CONFIG` into a fresh `run_dir` (with no tracker), in its own
+    process; returns its last epoch's line of `metrics.jsonl`."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "fer_dist.train", "--config", str(config), f"train.run_dir={run_dir}"]
+    run_measured([*cmd, "train.log_with=[]", *overrides])
+    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
 
 
 def child(job: str, **kwargs) -> tuple[dict, float]:

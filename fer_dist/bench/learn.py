@@ -18,35 +18,12 @@ whole model's prediction at least its better single-modality head plus 0.10.
 from __future__ import annotations
 
 import io
-import json
-import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from fer_dist.bench.common import run_measured
+from fer_dist.bench.common import packed, synthetic, train_run
 from fer_dist.console import print_table
-
-VIDEOS, LENGTH = 24, 1000  # the demo's size
-
-
-def shapes(workdir: Path, videos: int, seed: int = 0) -> Path:
-    """The benchmark's shapes dataset and its shards, made once and reused."""
-    from fer_dist.data.format import PackParams
-    from fer_dist.data.layout import discover
-    from fer_dist.data.pack import pack
-    from fer_dist.data.synth import synthesize
-
-    root = workdir / f"shapes-{videos}v"
-    if not (root / ".complete").exists():
-        shutil.rmtree(root, ignore_errors=True)
-        synthesize(root, videos, seed, 2, length=LENGTH, style="shapes")
-        (root / ".complete").touch()
-    out = workdir / f"{root.name}-shards"
-    if not (out / "manifest.json").exists():
-        pack(discover(root), out, PackParams(), workers=2)
-    return out
 
 
 def frames(shards: str, groups: list[str]) -> tuple[list[bytes], np.ndarray]:
@@ -130,12 +107,10 @@ def fer_dist_run(shards: Path, run_dir: Path, holdout: int, steps: int, seed: in
     held-out macro-F1 of every head (and the prediction), and its final training loss."""
     from fer_dist.config import CONFIGS
 
-    shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "fer_dist.train", "--config", str(CONFIGS / "mfm_cpu.yaml"), f"data.shards={shards}"]
-    cmd += [f"train.run_dir={run_dir}", f"data.holdout_fold={holdout}", f"train.seed={seed}", "train.log_with=[]"]
-    cmd += [f"data.epoch_samples={32 * steps}", "train.epochs=1", *overrides]
-    run_measured(cmd)
-    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    last = train_run(
+        CONFIGS / "mfm_cpu.yaml", run_dir, f"data.shards={shards}", f"data.holdout_fold={holdout}",
+        f"train.seed={seed}", f"data.epoch_samples={32 * steps}", "train.epochs=1", *overrides,
+    )  # fmt: skip
     return {**last["macro_f1_by_head"], "prediction": last["macro_f1"], "final_loss": last["train_loss"]}
 
 
@@ -147,7 +122,7 @@ def bench_learn(workdir: Path, videos: int, steps: int = 1500, holdouts: tuple[i
     from fer_dist.engine.metrics import chance_macro_f1
     from fer_dist.labels import NUM_CLASSES
 
-    shards = shapes(workdir, videos)
+    shards = packed(workdir, synthetic(workdir, videos, style="shapes"), 2)
     manifest = read_manifest(shards)
     rows = []
     for holdout in holdouts:

@@ -4,14 +4,11 @@ process: parameters (full and CPU config), training samples/s and held-out macro
 
 from __future__ import annotations
 
-import json
-import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from fer_dist.bench.common import packed, run_measured, synthetic
+from fer_dist.bench.common import packed, synthetic, train_run
 from fer_dist.console import print_table
 
 # Each paper's system (and the recent winners' recipe): its full config, its CPU config, and the
@@ -57,10 +54,7 @@ def bench_models(workdir: Path, videos: int) -> dict:
     rows = []
     for paper, paper_config, cpu_config, kind in SYSTEMS:
         run_dir = workdir / "runs" / cpu_config
-        shutil.rmtree(run_dir, ignore_errors=True)
-        cmd = [sys.executable, "-m", "fer_dist.train", "--config", str(CONFIGS / f"{cpu_config}.yaml")]
-        run_measured(cmd + [f"data.shards={data[kind]}", f"train.run_dir={run_dir}", "train.log_with=[]"])
-        last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        last = train_run(CONFIGS / f"{cpu_config}.yaml", run_dir, f"data.shards={data[kind]}")
         model, paper_parameters = parameters(CONFIGS / f"{paper_config}.yaml", PAPER_FEATURES)
         held_out = predictions.load(run_dir / "predictions" / f"epoch{last['epoch']:03d}.npz").label
         rows.append(

@@ -67,11 +67,9 @@ def received(block: torch.Tensor | str, name: str | None) -> torch.Tensor:
     if name is None:
         return block
     _received += 1
-    if isinstance(block, torch.Tensor):
-        _held[name] = (block, _received)
-    elif name not in _held:
+    if isinstance(block, str) and name not in _held:
         raise RuntimeError(f"a batch names block {name}, which this process never received")
-    buffer = _held[name][0]
+    buffer = block if isinstance(block, torch.Tensor) else _held[name][0]
     _held[name] = (buffer, _received)
     if _received % FORGET == 0:
         for old in [n for n, (_, used) in _held.items() if _received - used > FORGET]:
