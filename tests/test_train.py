@@ -443,3 +443,18 @@ def test_unreadable_training_shards_stop_training_with_one_line(shards, tmp_path
     assert len(lines) == 1 and "shards in a row could not be read" in said and "Traceback" not in said, said
     bad = len(list(out.glob("fold[1-4]-*.tar")))
     assert 0 < said.count("skipped a shard") <= bad * max(1, workers), said  # once per shard and worker
+
+
+def test_a_damaged_held_out_shard_stops_evaluation_with_one_line_and_no_part_left(shards, tmp_path):
+    out = tmp_path / "shards"
+    shutil.copytree(shards, out)
+    held = sorted(out.glob("fold0-*.tar"))[0]
+    held.write_bytes(held.read_bytes()[: held.stat().st_size // 2])
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [*MODULE, "--config", CPU_CONFIG, *tiny_run(out, run)], capture_output=True, text=True, env=ENV, timeout=300
+    )
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in said, said
+    assert [line for line in said.splitlines() if "error:" in line] and "evaluation saw" in said
+    assert not list((run / "predictions").glob("*rank*"))  # the refused evaluation left no part

@@ -89,9 +89,10 @@ def dealt_shards(urls: list[str], order_seed: str, rank: int, world: int):
 
 
 class StreamError(RuntimeError):
-    """The stream cannot go on: every shard it tried in a row was unreadable. Raised in a loader
-    worker, it reaches the training process with the worker's traceback as its text (torch keeps
-    the type); `StreamError.why` is the one line that says why."""
+    """The stream cannot give what it must: every shard it tried in a row was unreadable, or an
+    evaluation did not see every frame of its group. Raised in a loader worker, it reaches the
+    training process with the worker's traceback as its text (torch keeps the type);
+    `StreamError.why` is the one line that says why."""
 
     @staticmethod
     def why(exc: StreamError) -> str:

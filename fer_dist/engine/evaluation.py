@@ -88,9 +88,12 @@ def evaluate(
         return None
     merged = preds_lib.concat([preds_lib.load(p) for p in parts])
     if len(merged) != expected:
-        raise RuntimeError(
+        for p in parts:  # a refused evaluation leaves no part behind
+            p.unlink()
+        raise stream.StreamError(
             f"evaluation saw {len(merged)} frames of {group}, the manifest lists {expected} "
-            f"({faults['corrupt_shards']} corrupt shard(s) and {faults['corrupt_samples']} corrupt sample(s) skipped)"
+            f"({faults['corrupt_shards']} corrupt shard(s) and {faults['corrupt_samples']} corrupt sample(s) "
+            "skipped); check the shards with `fer-dist inspect`"
         )
     preds_lib.save(out, merged)
     for p in parts:

@@ -26,6 +26,7 @@ from fer_dist import config as config_lib
 from fer_dist.config import ConfigError
 from fer_dist.console import console, progress
 from fer_dist.data.format import ManifestError, atomic_write, read_manifest, sample_key
+from fer_dist.data.stream import StreamError
 from fer_dist.engine import predictions as preds_lib
 from fer_dist.engine.distributed import make_accelerator
 from fer_dist.engine.evaluation import evaluate
@@ -65,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics = predict_group(Path(args.weights), Path(args.shards), args.group, Path(args.out))
     except (config_lib.ConfigError, ManifestError, OSError) as exc:
         console.print(f"[red]error:[/] {exc}")
+        return 2
+    except StreamError as exc:
+        console.print(f"[red]error:[/] {StreamError.why(exc)}", soft_wrap=True)
         return 2
     if metrics is not None:
         scored = f"; macro-F1 by head {json.dumps(metrics['macro_f1_by_head'])}" if args.group != "test" else ""
