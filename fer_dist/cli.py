@@ -80,6 +80,9 @@ def cmd_crop(args: argparse.Namespace) -> int:
         out.print(f"{len(written)} annotation file(s) in {Path(args.out) / annotations.CHALLENGE}")
         for line in warnings:
             console.print(f"[yellow]warning:[/] {line}")
+    if all(r["error"] for r in reports):
+        console.print("[red]error:[/] no video could be read (see the table)")
+        return 1
     return 0
 
 

@@ -288,3 +288,10 @@ def test_a_video_without_a_face_first_is_reported_and_the_next_still_cropped(rea
     assert reports["single_face"]["frames_with_face"] > 0 and crops_of(tmp_path / "root", "single_face")
     alone = run_crop([videos / "no_face.mp4"], tmp_path / "alone")
     assert alone[0]["error"] is None and alone[0]["frames"] == 95 and not crops_of(tmp_path / "alone", "no_face")
+
+
+def test_crop_with_no_readable_video_fails(tmp_path, capsys):
+    garbage = tmp_path / "x.mp4"
+    garbage.write_bytes(np.random.default_rng(0).bytes(20_000))
+    assert cli.main(["crop", "--videos", str(garbage), "--out", str(tmp_path / "root")]) == 1
+    assert "no video could be read" in capsys.readouterr().err
