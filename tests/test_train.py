@@ -409,6 +409,32 @@ def test_the_gradient_clip_is_torchs_global_norm_clip(max_norm, name):
     assert norm <= max_norm * 1.0001 and (max_norm < 1e6 or norm > 1)
 
 
+def test_a_step_within_the_bound_after_a_clipped_one_is_not_scaled():
+    """A clip that bites leaves its scale on the fused optimiser; the next step, whose norm is within
+    the bound, must read its gradients as they are."""
+    from accelerate import Accelerator
+
+    from fer_dist import config
+    from fer_dist.engine.optim import clip_gradients, make_optimizer
+
+    torch.manual_seed(0)
+    ours = tiny_model()
+    accelerator = Accelerator(cpu=True)
+    cfg = config.OptimConfig(name="sgd", lr=0.1, momentum=0.0, weight_decay=0.0)
+    optimizer = accelerator.prepare(make_optimizer(cfg, ours))
+    for p in ours.parameters():
+        p.grad = torch.randn_like(p)
+    clip_gradients(accelerator, ours, optimizer, 0.5)
+    optimizer.step()
+    for p in ours.parameters():
+        p.grad = torch.full_like(p, 1e-4)
+    before = [a.detach().clone() for a in ours.parameters()]
+    clip_gradients(accelerator, ours, optimizer, 1e6)
+    optimizer.step()
+    for a, start in zip(ours.parameters(), before, strict=True):
+        assert torch.allclose(start - a, torch.full_like(a, 0.1 * 1e-4), rtol=1e-2, atol=0)
+
+
 def tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 

@@ -16,6 +16,8 @@ from fer_dist.bench.common import child, run_measured, spread
 from fer_dist.console import print_table
 
 BLOCK = 5  # steps of one variant in a row; a round is one block of each
+PROCESSES = 3  # fresh processes whose rounds are pooled: where each copy of the model lands in memory
+# moves one process's figures by up to 1 % (two copies of the same variant, timed alike, differed so)
 LAUNCHES = 3  # runs of the two-process command, whose figure is a whole command's throughput
 
 
@@ -162,13 +164,15 @@ def fits(memory: dict, gpu_gb: float = 11.0, reserve_gb: float = 1.0) -> int:
 
 
 def bench_step(config_path: str, paper_config: str, batch_size: int, steps: int) -> dict:
-    """fer-dist's step against the bare loop, 1 against 2 processes, and the paper model's memory
-    at 224x224 on an 11 GB GPU."""
+    """fer-dist's step against the bare loop (`steps` timed steps of each, over `PROCESSES` fresh
+    processes whose rounds are pooled), 1 against 2 processes, and the paper model's memory at
+    224x224 on an 11 GB GPU."""
     from fer_dist import config
 
-    job = {"config_path": config_path, "batch_size": batch_size, "steps": steps, "warmup": 3}
-    both = child("time_steps", **job, bare=True)[0]
-    blocks = {name: np.array(b) for name, b in both["s_per_step_by_block"].items()}
+    job = {"config_path": config_path, "batch_size": batch_size, "steps": steps // PROCESSES, "warmup": 3}
+    runs = [child("time_steps", **job, bare=True)[0] for _ in range(PROCESSES)]
+    names = runs[0]["s_per_step_by_block"]
+    blocks = {name: np.concatenate([r["s_per_step_by_block"][name] for r in runs]) for name in names}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
     cmd += [str(config.LAUNCH / "cpu.yaml"), "--num_processes", "2"]
     cmd += ["-m", "fer_dist.bench", "time_steps", json.dumps({**job, "bare": False})]
@@ -183,9 +187,10 @@ def bench_step(config_path: str, paper_config: str, batch_size: int, steps: int)
         "s_per_step": {name: spread(list(b), 5) for name, b in blocks.items()},
         "overhead": spread(list(blocks["loop"] / blocks["bare"] - 1)),
         "overhead_unclipped": spread(list(blocks["loop_unclipped"] / blocks["bare"] - 1)),
-        "throughput_1proc": both["samples_per_s"],
+        "processes": PROCESSES,
+        "throughput_1proc": spread([r["samples_per_s"] for r in runs], 1),
         "throughput_2proc": spread(two, 1),
-        "scaling_2proc": round(float(np.median(two)) / both["samples_per_s"], 3),
+        "scaling_2proc": round(float(np.median(two) / np.median([r["samples_per_s"] for r in runs])), 3),
         "paper_model": paper_config,
         "paper_model_parameters": memory["fp32"]["parameters"],
         "activation_mb_per_sample": {p: m["activation_bytes_per_sample"] / 2**20 for p, m in memory.items()},
@@ -209,7 +214,10 @@ def show(result: dict) -> None:
         {"what": "bare PyTorch loop, s/step", "value": ranged(per_step["bare"], "{:.4f}")},
         {"what": "overhead over the bare loop (goal <= 3%)", "value": ranged(r["overhead"], "{:+.1%}")},
         {"what": "overhead without clipping (goal <= 3%)", "value": ranged(r["overhead_unclipped"], "{:+.1%}")},
-        {"what": "samples/s, 1 process", "value": f"{r['throughput_1proc']:.1f}"},
+        {
+            "what": f"samples/s, 1 process ({r['processes']} processes in turn)",
+            "value": ranged(r["throughput_1proc"], "{:.1f}"),
+        },
         {"what": f"samples/s, 2 processes ({LAUNCHES} launches)", "value": ranged(r["throughput_2proc"], "{:.1f}")},
     ]
     rows += [
@@ -217,6 +225,7 @@ def show(result: dict) -> None:
         for p, n in r["max_micro_batch_11gb"].items()
     ]
     title = (
-        f"training step: {Path(r['config']).name}, batch {r['batch_size']}: median (min to max) of {r['rounds']} rounds"
+        f"training step: {Path(r['config']).name}, batch {r['batch_size']}: "
+        f"median (min to max) of {r['rounds']} rounds from {r['processes']} processes"
     )
     print_table(title, {"what": "", "value": ""}, rows)
