@@ -18,6 +18,15 @@ def test_bench_gpu_refuses_in_one_line_without_cuda(tmp_path, capsys):
     assert not (tmp_path / "work").exists()  # refused before any data was made
 
 
+@pytest.mark.parametrize("steps", ["2", "14", "-5"])
+def test_bench_step_refuses_too_few_steps_in_one_line(tmp_path, capsys, steps):
+    """Fewer timed steps than one round in each of its processes: one line, before anything runs."""
+    assert cli.main(["bench", "step", "--steps", steps, "--workdir", str(tmp_path / "work")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--steps {steps} is fewer than 15" in err
+    assert not (tmp_path / "work").exists()
+
+
 @pytest.mark.parametrize(
     ("fixed_gib", "per_sample_gib", "limit"),
     [(1.5, 0.3, 4096), (10.9, 0.3, 4096), (11.5, 0.1, 4096), (0.2, 0.0001, 512)],

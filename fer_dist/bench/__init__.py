@@ -36,6 +36,8 @@ def run(what: str, workdir: Path | None, videos: int, workers: list[int], sample
     steps = steps or STEPS.get(what, 0)
     if what == "gpu":
         gpu.require_cuda()  # before any data is made
+    if what == "step":  # in-memory batches: no data, no work folder
+        return step.bench_step(str(CONFIGS / "mfm_cpu.yaml"), str(CONFIGS / "mfm_swin_tiny.yaml"), 32, steps)
     workdir = workdir or cache_dir()
     workdir.mkdir(parents=True, exist_ok=True)
     if what == "gpu":
@@ -44,8 +46,6 @@ def run(what: str, workdir: Path | None, videos: int, workers: list[int], sample
         return pack.bench_pack(workdir, videos, workers)
     if what == "loader":
         return loader.bench_loader(workdir, videos, workers[-1], samples)
-    if what == "step":
-        return step.bench_step(str(CONFIGS / "mfm_cpu.yaml"), str(CONFIGS / "mfm_swin_tiny.yaml"), 32, steps)
     if what == "learn":
         return learn.bench_learn(workdir, videos, steps)
     return models.bench_models(workdir, videos)

@@ -166,9 +166,14 @@ def fits(memory: dict, gpu_gb: float = 11.0, reserve_gb: float = 1.0) -> int:
 def bench_step(config_path: str, paper_config: str, batch_size: int, steps: int) -> dict:
     """fer-dist's step against the bare loop (`steps` timed steps of each, over `PROCESSES` fresh
     processes whose rounds are pooled), 1 against 2 processes, and the paper model's memory at
-    224x224 on an 11 GB GPU."""
+    224x224 on an 11 GB GPU. Raises ValueError for fewer steps than one round in each process."""
     from fer_dist import config
 
+    if steps < PROCESSES * BLOCK:
+        raise ValueError(
+            f"bench step times at least one round of {BLOCK} steps in each of its {PROCESSES} processes: "
+            f"--steps {steps} is fewer than {PROCESSES * BLOCK}"
+        )
     job = {"config_path": config_path, "batch_size": batch_size, "steps": steps // PROCESSES, "warmup": 3}
     runs = [child("time_steps", **job, bare=True)[0] for _ in range(PROCESSES)]
     names = runs[0]["s_per_step_by_block"]
