@@ -46,14 +46,15 @@ def run_measured(cmd: list[str]) -> tuple[float, float, str]:
     return seconds, peak / 2**20, stdout
 
 
-def synthetic(workdir: Path, videos: int, seed: int = 0, style: str = "faces") -> Path:
-    """The benchmark's dataset (`fer-dist synth --style`), made once and reused."""
+def synthetic(workdir: Path, videos: int, seed: int = 0, style: str = "faces", length: int = 1000) -> Path:
+    """The benchmark's dataset (`fer-dist synth --style --length`: `length` frames per video), made
+    once and reused."""
     from fer_dist.data.synth import synthesize
 
-    root = workdir / f"{'affwild2' if style == 'faces' else style}-{videos}v"
+    root = workdir / f"{'affwild2' if style == 'faces' else style}-{videos}v{'' if length == 1000 else f'-{length}f'}"
     if not (root / ".complete").exists():
         shutil.rmtree(root, ignore_errors=True)
-        synthesize(root, videos, seed, 2, style=style)
+        synthesize(root, videos, seed, 2, style=style, length=length)
         (root / ".complete").touch()
     return root
 

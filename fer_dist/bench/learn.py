@@ -114,15 +114,18 @@ def fer_dist_run(shards: Path, run_dir: Path, holdout: int, steps: int, seed: in
     return {**last["macro_f1_by_head"], "prediction": last["macro_f1"], "final_loss": last["train_loss"]}
 
 
-def bench_learn(workdir: Path, videos: int, steps: int = 1500, holdouts: tuple[int, ...] = (0, 1, 2), seed: int = 0):
-    """The plain loop, fer-dist's image branch and fer-dist's whole model on each held-out fold."""
+def bench_learn(
+    workdir: Path, videos: int, length: int, steps: int = 1500, holdouts: tuple[int, ...] = (0, 1, 2), seed: int = 0
+):
+    """The plain loop, fer-dist's image branch and fer-dist's whole model on each held-out fold of
+    `videos` shape videos of `length` frames."""
     from fer_dist.bench.common import child
     from fer_dist.config import CONFIGS
     from fer_dist.data.format import read_manifest
     from fer_dist.engine.metrics import chance_macro_f1
     from fer_dist.labels import NUM_CLASSES
 
-    shards = packed(workdir, synthetic(workdir, videos, style="shapes"), 2)
+    shards = packed(workdir, synthetic(workdir, videos, style="shapes", length=length), 2)
     manifest = read_manifest(shards)
     rows = []
     for holdout in holdouts:
@@ -154,7 +157,7 @@ def bench_learn(workdir: Path, videos: int, steps: int = 1500, holdouts: tuple[i
                 },
             }
         )
-    return {"videos": videos, "steps": steps, "seed": seed, "splits": rows}
+    return {"videos": videos, "length": length, "steps": steps, "seed": seed, "splits": rows}
 
 
 def show(result: dict) -> None:
@@ -184,5 +187,8 @@ def show(result: dict) -> None:
         "chance": "chance",
     }
     print_table(
-        f"held-out macro-F1 after {result['steps']} steps of 32 ({result['videos']} shape videos)", columns, rows
+        f"held-out macro-F1 after {result['steps']} steps of 32 "
+        f"({result['videos']} shape videos of {result['length']} frames)",
+        columns,
+        rows,
     )
