@@ -386,7 +386,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--steps",
         type=int,
-        help="step: timed steps of each variant (450: 3 processes of 30 rounds of 5); gpu: timed steps (100); "
+        help="step: timed steps of each variant (450: 3 processes of 30 rounds of 5; at least 15); "
+        "gpu: timed steps (100); "
         "learn: training steps of each run (1500)",
     )
     s.add_argument("--json", action="store_true")

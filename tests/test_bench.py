@@ -18,12 +18,20 @@ def test_bench_gpu_refuses_in_one_line_without_cuda(tmp_path, capsys):
     assert not (tmp_path / "work").exists()  # refused before any data was made
 
 
-@pytest.mark.parametrize("steps", ["2", "14", "-5"])
-def test_bench_step_refuses_too_few_steps_in_one_line(tmp_path, capsys, steps):
-    """Fewer timed steps than one round in each of its processes: one line, before anything runs."""
-    assert cli.main(["bench", "step", "--steps", steps, "--workdir", str(tmp_path / "work")]) == 2
+@pytest.mark.parametrize(
+    ("what", "steps", "says"),
+    [
+        ("step", "2", "--steps 2 is fewer than 15"),  # fewer than one round in each of its processes
+        ("step", "14", "--steps 14 is fewer than 15"),
+        ("step", "0", "--steps must be at least 1, got 0"),  # not the default in disguise
+        ("learn", "-5", "--steps must be at least 1, got -5"),
+    ],
+)
+def test_bench_refuses_too_few_steps_in_one_line(tmp_path, capsys, what, steps, says):
+    """Too few steps: one line, before anything runs or any data is made."""
+    assert cli.main(["bench", what, "--steps", steps, "--workdir", str(tmp_path / "work")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"--steps {steps} is fewer than 15" in err
+    assert len(err.splitlines()) == 1 and says in err
     assert not (tmp_path / "work").exists()
 
 

@@ -44,6 +44,8 @@ def run(
     """The benchmark's figures, as one JSON-ready dict."""
     from fer_dist.config import CONFIGS
 
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {steps}")
     steps = steps or STEPS.get(what, 0)
     videos = videos or VIDEOS.get(what, 24)
     if what == "gpu":

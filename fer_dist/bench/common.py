@@ -60,13 +60,14 @@ def synthetic(workdir: Path, videos: int, seed: int = 0, style: str = "faces", l
 
 
 def spread(values: list[float], digits: int = 4) -> dict:
-    """A repeated measurement as its median and range: {"median", "min", "max", "n"}. The median of
-    n repeats taken in turn with what it is compared to stands when fewer than n / 2 of them were
-    slowed by something else on the machine."""
+    """A repeated measurement as its median, range and standard deviation: {"median", "min", "max",
+    "sd", "n"}. The median of n repeats taken in turn with what it is compared to stands when fewer
+    than n / 2 of them were slowed by something else on the machine."""
     return {
         "median": round(float(np.median(values)), digits),
         "min": round(float(np.min(values)), digits),
         "max": round(float(np.max(values)), digits),
+        "sd": round(float(np.std(values)), digits),
         "n": len(values),
     }
 
