@@ -377,10 +377,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="the performance figures quoted in the README")
     s.add_argument("what", choices=["pack", "loader", "step", "models", "learn", "gpu"])
     s.add_argument("--workdir", help="where the synthetic data is kept (default: ~/.cache/fer-dist/bench)")
-    s.add_argument(
-        "--videos", type=int, help="synthetic videos (24 of 1,000 frames give ~25,000 labelled frames; learn: 80)"
-    )
-    s.add_argument("--length", type=int, help="learn: frames per video (300)")
+    s.add_argument("--videos", type=int, default=24, help="synthetic videos (24 give ~25,000 labelled frames)")
+    s.add_argument("--length", type=int, default=1000, help="learn: frames per video of its shapes set")
     s.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="pack: each count; loader: the last")
     s.add_argument("--samples", type=int, default=100_000, help="loader: samples the stream emits")
     s.add_argument(

@@ -27,19 +27,16 @@ def cache_dir() -> Path:
 
 
 STEPS = {"step": 450, "gpu": 100, "learn": 1500}  # each benchmark's steps when --steps does not say
-# the learning benchmark's shapes set: many short videos, as many label segments (each a new shape
-# drawn at a new place) as frames allow; the others' set: 24 videos of 1,000 frames
-VIDEOS, LENGTH = {"learn": 80}, {"learn": 300}
 
 
 def run(
     what: str,
     workdir: Path | None,
-    videos: int | None,
+    videos: int,
     workers: list[int],
     samples: int,
     steps: int | None,
-    length: int | None = None,
+    length: int = 1000,
 ) -> dict:
     """The benchmark's figures, as one JSON-ready dict."""
     from fer_dist.config import CONFIGS
@@ -47,7 +44,6 @@ def run(
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
     steps = steps or STEPS.get(what, 0)
-    videos = videos or VIDEOS.get(what, 24)
     if what == "gpu":
         gpu.require_cuda()  # before any data is made
     if what == "step":  # in-memory batches: no data, no work folder
@@ -61,7 +57,7 @@ def run(
     if what == "loader":
         return loader.bench_loader(workdir, videos, workers[-1], samples)
     if what == "learn":
-        return learn.bench_learn(workdir, videos, length or LENGTH["learn"], steps)
+        return learn.bench_learn(workdir, videos, length, steps)
     return models.bench_models(workdir, videos)
 
 
