@@ -409,6 +409,27 @@ def test_the_gradient_clip_is_torchs_global_norm_clip(max_norm, name):
     assert norm <= max_norm * 1.0001 and (max_norm < 1e6 or norm > 1)
 
 
+def test_the_clip_of_gradients_in_two_dtypes_is_the_same_global_norm():
+    """Gradients of more than one dtype take torch's grouped norm: the clip still scales every
+    gradient by the one global norm."""
+    from accelerate import Accelerator
+
+    from fer_dist import config
+    from fer_dist.engine.optim import clip_gradients, make_optimizer
+
+    torch.manual_seed(0)
+    ours = tiny_model()
+    ours.image_head.double()
+    for p in ours.parameters():
+        p.grad = torch.randn_like(p)
+    grads = [p.grad.double() for p in ours.parameters()]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    accelerator = Accelerator(cpu=True)
+    optimizer = accelerator.prepare(make_optimizer(config.OptimConfig(name="sgd", lr=0.1), ours))
+    clip_gradients(accelerator, ours, optimizer, 0.5)
+    assert torch.allclose(optimizer.optimizer.grad_scale.double(), total / 0.5, rtol=1e-5)
+
+
 def test_a_step_within_the_bound_after_a_clipped_one_is_not_scaled():
     """A clip that bites leaves its scale on the fused optimiser; the next step, whose norm is within
     the bound, must read its gradients as they are."""

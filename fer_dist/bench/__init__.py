@@ -26,7 +26,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fer-dist" / "bench"
 
 
-STEPS = {"step": 450, "gpu": 100, "learn": 1500}  # each benchmark's steps when --steps does not say
+STEPS = {"step": step.DEFAULT_STEPS, "gpu": 100, "learn": 1500}  # each benchmark's steps when --steps does not say
 
 
 def run(

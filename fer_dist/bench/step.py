@@ -19,7 +19,8 @@ BLOCK = 5  # steps of one variant in a row; a round is one block of each
 PROCESSES = 3  # fresh processes whose rounds are pooled: where each copy of the model lands in memory
 # moves one process's figures by up to 1 % (two copies of the same variant, timed alike, differed so)
 LAUNCHES = 3  # runs of the two-process command, whose figure is a whole command's throughput
-DEFAULT_ROUNDS = 90  # what the default 450 steps give: the overheads' medians steady to about 0.4 point
+DEFAULT_STEPS = 450  # timed steps of each variant when --steps does not say
+DEFAULT_ROUNDS = DEFAULT_STEPS // BLOCK  # 90: the six runs on docs/performance.md span 1.5 points
 
 
 def step_setup(config_path: str, batch_size: int, world: int = 1):
@@ -177,8 +178,10 @@ def bench_step(config_path: str, paper_config: str, batch_size: int, steps: int)
         )
     job = {"config_path": config_path, "batch_size": batch_size, "steps": steps // PROCESSES, "warmup": 3}
     runs = [child("time_steps", **job, bare=True)[0] for _ in range(PROCESSES)]
-    names = runs[0]["s_per_step_by_block"]
-    blocks = {name: np.concatenate([r["s_per_step_by_block"][name] for r in runs]) for name in names}
+    blocks = {
+        name: np.concatenate([r["s_per_step_by_block"][name] for r in runs]) for name in runs[0]["s_per_step_by_block"]
+    }
+    one = [r["samples_per_s"] for r in runs]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
     cmd += [str(config.LAUNCH / "cpu.yaml"), "--num_processes", "2"]
     cmd += ["-m", "fer_dist.bench", "time_steps", json.dumps({**job, "bare": False})]
@@ -194,9 +197,9 @@ def bench_step(config_path: str, paper_config: str, batch_size: int, steps: int)
         "overhead": spread(list(blocks["loop"] / blocks["bare"] - 1)),
         "overhead_unclipped": spread(list(blocks["loop_unclipped"] / blocks["bare"] - 1)),
         "processes": PROCESSES,
-        "throughput_1proc": spread([r["samples_per_s"] for r in runs], 1),
+        "throughput_1proc": spread(one, 1),
         "throughput_2proc": spread(two, 1),
-        "scaling_2proc": round(float(np.median(two) / np.median([r["samples_per_s"] for r in runs])), 3),
+        "scaling_2proc": round(float(np.median(two) / np.median(one)), 3),
         "paper_model": paper_config,
         "paper_model_parameters": memory["fp32"]["parameters"],
         "activation_mb_per_sample": {p: m["activation_bytes_per_sample"] / 2**20 for p, m in memory.items()},
