@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fer_dist import bench, cli
-from fer_dist.bench import gpu
+from fer_dist.bench import gpu, step
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is what a machine without CUDA gets")
@@ -80,3 +80,20 @@ def test_benchmarks_keep_their_data_in_the_cache_not_the_current_folder(tmp_path
     assert cli.main(["bench", "pack", "--workdir", "mine"]) == 0
     assert used == [tmp_path / "cache" / "fer-dist" / "bench", bench.Path("mine")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "mine"]
+
+
+def test_the_step_timer_times_every_variant_in_every_round():
+    """`bench step`'s timer in its own fresh process, as the benchmark runs it: each of the four
+    variants (fer-dist's step with and without clipping, the bare loop with and without torch's
+    clip) is timed in every round, a last short round included, each as a positive time."""
+    from fer_dist import config
+    from fer_dist.bench.common import child
+
+    steps = 2 * step.BLOCK + 2  # two whole rounds and a short one
+    result, _ = child(
+        "time_steps", config_path=str(config.CONFIGS / "mfm_cpu.yaml"), batch_size=2, steps=steps, warmup=1, bare=True
+    )
+    blocks = result["s_per_step_by_block"]
+    assert set(blocks) == {"loop", "loop_unclipped", "bare", "bare_clipped"}
+    assert all(len(b) == 3 and min(b) > 0 for b in blocks.values())
+    assert result["world"] == 1 and result["samples_per_s"] > 0

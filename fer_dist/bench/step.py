@@ -54,7 +54,8 @@ def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, bare:
     """Seconds per step of fer-dist's step (Accelerate-prepared model and optimiser, accumulation
     context, autocast, gradient clipping, schedule, the loss kept on the device, the per-step
     agreement between ranks on a stop signal), of the same without clipping, and, with `bare`, of
-    a bare loop: forward, loss, backward, optimiser step. Each has its own copy of the model; they
+    a bare loop (forward, loss, backward, optimiser step) and of the bare loop with torch's own
+    clip (`clip_grad_norm_` before the step). Each has its own copy of the model; they
     alternate in blocks of `BLOCK` steps, each first in turn, so that the machine's drift and
     whatever one leaves in the caches fall on all alike. Returns
     each variant's seconds per step in each block."""
@@ -91,13 +92,15 @@ def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, bare:
 
         return step
 
-    def bare_loop():
+    def bare_loop(clip: float):
         net = copy.deepcopy(model)
         optimizer = make_optimizer(cfg.optim, net)
 
         def step(inputs, target):
             loss = objective(net(**inputs), target, heads, cfg.loss)
             loss.backward()
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -105,7 +108,7 @@ def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, bare:
 
     variants = {"loop": loop(cfg.optim.grad_clip)}
     if bare:
-        variants.update(loop_unclipped=loop(0.0), bare=bare_loop())
+        variants.update(loop_unclipped=loop(0.0), bare=bare_loop(0.0), bare_clipped=bare_loop(cfg.optim.grad_clip))
     blocks: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(warmup):
         for step in variants.values():
@@ -196,6 +199,7 @@ def bench_step(config_path: str, paper_config: str, batch_size: int, steps: int)
         "s_per_step": {name: spread(list(b), 5) for name, b in blocks.items()},
         "overhead": spread(list(blocks["loop"] / blocks["bare"] - 1)),
         "overhead_unclipped": spread(list(blocks["loop_unclipped"] / blocks["bare"] - 1)),
+        "overhead_over_bare_clipped": spread(list(blocks["loop"] / blocks["bare_clipped"] - 1)),
         "processes": PROCESSES,
         "throughput_1proc": spread(one, 1),
         "throughput_2proc": spread(two, 1),
@@ -221,8 +225,13 @@ def show(result: dict) -> None:
             "value": ranged(per_step["loop_unclipped"], "{:.4f}"),
         },
         {"what": "bare PyTorch loop, s/step", "value": ranged(per_step["bare"], "{:.4f}")},
+        {"what": "bare loop with clip_grad_norm_, s/step", "value": ranged(per_step["bare_clipped"], "{:.4f}")},
         {"what": "overhead over the bare loop (goal <= 3%)", "value": ranged(r["overhead"], "{:+.1%}")},
         {"what": "overhead without clipping (goal <= 3%)", "value": ranged(r["overhead_unclipped"], "{:+.1%}")},
+        {
+            "what": "overhead over the bare loop that also clips",
+            "value": ranged(r["overhead_over_bare_clipped"], "{:+.1%}"),
+        },
         {
             "what": f"samples/s, 1 process ({r['processes']} processes in turn)",
             "value": ranged(r["throughput_1proc"], "{:.1f}"),
