@@ -97,3 +97,24 @@ def test_the_step_timer_times_every_variant_in_every_round():
     assert set(blocks) == {"loop", "loop_unclipped", "bare", "bare_clipped"}
     assert all(len(b) == 3 and min(b) > 0 for b in blocks.values())
     assert result["world"] == 1 and result["samples_per_s"] > 0
+
+
+def test_the_two_process_step_timer_ends_on_both_ranks():
+    """`bench step`'s two-process launch, as the benchmark runs it, four times: rank 0 prints its
+    result and both ranks leave. Freeing the DDP models within milliseconds of the last barrier
+    once hung a rank in gloo's teardown, about one launch in three (engine.distributed,
+    close_process_group); a hang here is a timeout."""
+    import json
+    import subprocess
+    import sys
+
+    from fer_dist import config
+
+    job = {"config_path": str(config.CONFIGS / "mfm_cpu.yaml"), "batch_size": 4, "steps": 5, "warmup": 1, "bare": False}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config.LAUNCH / "cpu.yaml")]
+    cmd += ["--num_processes", "2", "-m", "fer_dist.bench", "time_steps", json.dumps(job)]
+    for _ in range(4):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-2000:]
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result["world"] == 2 and set(result["s_per_step_by_block"]) == {"loop"}

@@ -64,7 +64,7 @@ def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, bare:
     import torch
 
     from fer_dist.engine.checkpoint import stop_requested
-    from fer_dist.engine.distributed import first_raised, make_accelerator
+    from fer_dist.engine.distributed import close_process_group, first_raised, make_accelerator
     from fer_dist.engine.losses import objective
     from fer_dist.engine.optim import lr_factor, make_optimizer
     from fer_dist.engine.task import Step, Task
@@ -121,8 +121,7 @@ def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, bare:
             for i in range(block, min(steps, block + BLOCK)):
                 step(*batches[i % len(batches)])
             blocks[name].append(time.perf_counter() - start)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # the process group closed on every rank before any exits
+    close_process_group(accelerator)
     if int(os.environ.get("RANK", "0")):
         return {}
     sizes = [min(BLOCK, steps - block) for block in range(0, steps, BLOCK)]
