@@ -5,7 +5,6 @@ import json
 import sys
 
 from fer_dist.bench import baseline, gpu, learn, loader, pack, step
-from fer_dist.engine.distributed import release_process_groups
 
 JOBS = {
     "time_pack": pack.time_pack,
@@ -21,6 +20,5 @@ JOBS = {
 }
 
 result = JOBS[sys.argv[1]](**json.loads(sys.argv[2]))
-release_process_groups()  # the job's models are gone: its gloo threads can be joined
 if result:
     print(json.dumps(result))

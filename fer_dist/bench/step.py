@@ -20,7 +20,7 @@ PROCESSES = 3  # fresh processes whose rounds are pooled: where each copy of the
 # moves one process's figures by up to 1 % (two copies of the same variant, timed alike, differed so)
 LAUNCHES = 3  # runs of the two-process command, whose figure is a whole command's throughput
 DEFAULT_STEPS = 450  # timed steps of each variant when --steps does not say
-DEFAULT_ROUNDS = DEFAULT_STEPS // BLOCK  # 90: the six runs on docs/performance.md span 1.5 points
+DEFAULT_ROUNDS = DEFAULT_STEPS // BLOCK  # 90: the nine runs on docs/performance.md span 1.5 points
 
 
 def step_setup(config_path: str, batch_size: int, world: int = 1):
@@ -121,7 +121,8 @@ def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, bare:
             for i in range(block, min(steps, block + BLOCK)):
                 step(*batches[i % len(batches)])
             blocks[name].append(time.perf_counter() - start)
-    close_process_group(accelerator)
+    step = None  # the last variant timed, and with it its model
+    close_process_group(accelerator, variants.clear)
     if int(os.environ.get("RANK", "0")):
         return {}
     sizes = [min(BLOCK, steps - block) for block in range(0, steps, BLOCK)]

@@ -3,8 +3,10 @@ GPU, precision, accumulation, DeepSpeed's "auto" values, and agreement between r
 
 from __future__ import annotations
 
+import gc
 import os
 import re
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -17,7 +19,6 @@ from fer_dist.config import Config, ConfigError
 from fer_dist.engine import tracking
 
 CU126 = "https://download.pytorch.org/whl/cu126"  # PyTorch's CUDA 12.6 builds: compute capability 5.0 to 9.0
-_HELD_BACKENDS: list = []  # gloo backends of closed process groups, until `release_process_groups`
 
 
 def has_kernels(capability: tuple[int, int], arch_list: list[str]) -> bool:
@@ -150,19 +151,20 @@ def first_raised(accelerator: Accelerator, value: int) -> tuple[int, int] | None
     return raised[0] if raised else None
 
 
-def close_process_group(accelerator: Accelerator) -> None:
-    """Ends a run on every rank: a barrier, then the process group closed, so that no rank leaves
-    while a peer still talks to it (gloo aborts a rank whose peer has gone). The group's gloo
-    backend is held until `release_process_groups`: its worker thread may still be freeing the last
-    collective's tensors, which takes the GIL, and were the backend freed by a DDP model's
-    destructor, which holds the GIL while it joins that thread (pytorch/pytorch#56297), the rank
-    would hang as its models went; freed from the held reference, it joins with the GIL let go."""
-    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo":
-        _HELD_BACKENDS.append(torch.distributed.group.WORLD._get_backend(torch.device("cpu")))
+def close_process_group(accelerator: Accelerator, drop_models: Callable[[], None]) -> None:
+    """Ends a run on every rank: a barrier, the process group closed (so that no rank leaves while a
+    peer still talks to it: gloo aborts a rank whose peer has gone), then the run's models freed
+    (`drop_models` drops the caller's references to them; Accelerate's are dropped here) before
+    the group's gloo backend. Gloo's worker thread may still be freeing the last collective's
+    tensors, which takes the GIL; were the backend's last reference a DDP model's, whose destructor
+    holds the GIL while the backend joins that thread (pytorch/pytorch#56297), the rank would hang
+    as its models went. Freed last from the reference held here, it joins with the GIL let go."""
+    group = torch.distributed.group.WORLD if torch.distributed.is_initialized() else None
+    gloo = group is not None and torch.distributed.get_backend() == "gloo"
+    backend = group._get_backend(torch.device("cpu")) if gloo else None
     accelerator.wait_for_everyone()
     accelerator.end_training()
-
-
-def release_process_groups() -> None:
-    """Frees the backends `close_process_group` held; call once the models that used them are gone."""
-    _HELD_BACKENDS.clear()
+    drop_models()
+    accelerator.free_memory()
+    gc.collect()  # models in reference cycles too
+    del backend  # the last reference once the models are gone
