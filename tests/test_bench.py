@@ -129,3 +129,19 @@ def test_the_two_process_step_timer_ends_on_both_ranks():
         assert launch.returncode == 0, err[-2000:]
         result = json.loads(out.strip().splitlines()[-1])
         assert result["world"] == 2 and set(result["s_per_step_by_block"]) == {"loop"}
+
+
+def test_bench_learn_runs_every_model_with_the_seed_asked_for(tmp_path, monkeypatch):
+    """`--seed` reaches the benchmark (0 when not given), with the set's shape unchanged."""
+    asked = []
+
+    def fake(workdir, videos, length, steps, seed):
+        asked.append((videos, length, steps, seed))
+        return {}
+
+    monkeypatch.setattr(bench.learn, "bench_learn", fake)
+    monkeypatch.setattr(bench.learn, "show", lambda result: None)
+    work = str(tmp_path / "work")
+    assert cli.main(["bench", "learn", "--workdir", work]) == 0
+    assert cli.main(["bench", "learn", "--workdir", work, "--videos", "80", "--length", "300", "--seed", "2"]) == 0
+    assert asked == [(24, 1000, 1500, 0), (80, 300, 1500, 2)]

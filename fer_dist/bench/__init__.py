@@ -37,8 +37,10 @@ def run(
     samples: int,
     steps: int | None,
     length: int = 1000,
+    seed: int = 0,
 ) -> dict:
-    """The benchmark's figures, as one JSON-ready dict."""
+    """The benchmark's figures, as one JSON-ready dict. `length` and `seed` are `learn`'s: frames
+    per shape video, and the seed of every run (its data set is the same for every seed)."""
     from fer_dist.config import CONFIGS
 
     if steps is not None and steps < 1:
@@ -57,7 +59,7 @@ def run(
     if what == "loader":
         return loader.bench_loader(workdir, videos, workers[-1], samples)
     if what == "learn":
-        return learn.bench_learn(workdir, videos, length, steps)
+        return learn.bench_learn(workdir, videos, length, steps, seed=seed)
     return models.bench_models(workdir, videos)
 
 

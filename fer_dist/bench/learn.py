@@ -188,7 +188,7 @@ def show(result: dict) -> None:
     }
     print_table(
         f"held-out macro-F1 after {result['steps']} steps of 32 "
-        f"({result['videos']} shape videos of {result['length']} frames)",
+        f"({result['videos']} shape videos of {result['length']} frames, seed {result['seed']})",
         columns,
         rows,
     )
