@@ -386,7 +386,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", help="where the synthetic data is kept (default: ~/.cache/fer-dist/bench)")
     s.add_argument("--videos", type=int, default=24, help="synthetic videos (24 give ~25,000 labelled frames)")
     s.add_argument("--length", type=int, default=1000, help="learn: frames per video of its shapes set")
-    s.add_argument("--seed", type=int, default=0, help="learn: the seed of every run (the shapes set stays the same)")
+    s.add_argument(
+        "--seed",
+        "--seeds",
+        dest="seed",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="learn: every run once per seed (the shapes set stays the same), the goals judged on each fold's mean",
+    )
     s.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="pack: each count; loader: the last")
     s.add_argument("--samples", type=int, default=100_000, help="loader: samples the stream emits")
     s.add_argument(

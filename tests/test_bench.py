@@ -3,6 +3,9 @@ memory-cap search and worker arithmetic, and where benchmarks keep their data.""
 
 from __future__ import annotations
 
+import statistics
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -131,12 +134,13 @@ def test_the_two_process_step_timer_ends_on_both_ranks():
         assert result["world"] == 2 and set(result["s_per_step_by_block"]) == {"loop"}
 
 
-def test_bench_learn_runs_every_model_with_the_seed_asked_for(tmp_path, monkeypatch):
-    """`--seed` reaches the benchmark (0 when not given), with the set's shape unchanged."""
+def test_bench_learn_runs_every_model_with_the_seeds_asked_for(tmp_path, monkeypatch):
+    """`--seed` (or `--seeds`) reaches the benchmark, 0 when not given, several at once, with the
+    set's shape unchanged; a repeated or negative seed is refused before anything is made."""
     asked = []
 
-    def fake(workdir, videos, length, steps, seed):
-        asked.append((videos, length, steps, seed))
+    def fake(workdir, videos, length, steps, seeds):
+        asked.append((videos, length, steps, seeds))
         return {}
 
     monkeypatch.setattr(bench.learn, "bench_learn", fake)
@@ -144,4 +148,55 @@ def test_bench_learn_runs_every_model_with_the_seed_asked_for(tmp_path, monkeypa
     work = str(tmp_path / "work")
     assert cli.main(["bench", "learn", "--workdir", work]) == 0
     assert cli.main(["bench", "learn", "--workdir", work, "--videos", "80", "--length", "300", "--seed", "2"]) == 0
-    assert asked == [(24, 1000, 1500, 0), (80, 300, 1500, 2)]
+    assert cli.main(["bench", "learn", "--workdir", work, "--seeds", "0", "1", "2"]) == 0
+    assert asked == [(24, 1000, 1500, (0,)), (80, 300, 1500, (2,)), (24, 1000, 1500, (0, 1, 2))]
+    fresh = str(tmp_path / "fresh")
+    assert cli.main(["bench", "learn", "--workdir", fresh, "--seed", "1", "1"]) == 2
+    assert cli.main(["bench", "learn", "--workdir", fresh, "--seed", "-1"]) == 2
+    assert len(asked) == 3 and not Path(fresh).exists()
+
+
+def learn_run(
+    holdout: int, seed: int, plain: float, image: float, heads: tuple[float, float, float], prediction: float
+):
+    return {
+        "holdout": holdout,
+        "seed": seed,
+        "plain_image": plain,
+        "fer_dist_image": image,
+        "mfm_image": heads[0],
+        "mfm_audio": heads[1],
+        "mfm_fusion": heads[2],
+        "mfm_prediction": prediction,
+        "chance": 0.12,
+        "losses": {"plain": 0.1, "fer_dist_image": 1.0, "mfm": 1.0},
+    }
+
+
+def test_bench_learn_judges_each_fold_on_its_mean_over_seeds(capsys, monkeypatch):
+    """The verdict is on each fold's mean over its seeds, not on any one run: fold 0's seeds miss
+    the image goal once and meet it twice, its mean meets it; the gain is over the better of the
+    whole model's image and audio heads, whichever that is in each run."""
+    rows = [
+        learn_run(0, 0, 0.223, 0.140, (0.18, 0.72, 0.82), 0.83),  # gap -0.083, gain +0.11 over audio
+        learn_run(0, 1, 0.206, 0.260, (0.20, 0.70, 0.80), 0.76),  # gap +0.054, gain +0.06
+        learn_run(0, 2, 0.163, 0.170, (0.75, 0.60, 0.80), 0.90),  # gap +0.007, gain +0.15 over image
+        learn_run(1, 0, 0.300, 0.200, (0.20, 0.70, 0.70), 0.70),  # one seed: its run is its mean
+    ]
+    folds = bench.learn.by_fold(rows)
+    assert [f["holdout"] for f in folds] == [0, 1] and folds[0]["seeds"] == [0, 1, 2]
+    assert folds[0]["gap"]["values"] == [-0.083, 0.054, 0.007]
+    assert folds[0]["gap"]["mean"] == pytest.approx(-0.0073, abs=1e-4)
+    assert folds[0]["gap"]["sd"] == pytest.approx(statistics.stdev([-0.083, 0.054, 0.007]), abs=1e-4)
+    assert folds[0]["gain"]["values"] == [0.11, 0.06, 0.15] and folds[0]["gain"]["mean"] == pytest.approx(
+        0.1067, abs=1e-4
+    )
+    assert folds[0]["image_goal_met"] and folds[0]["mfm_goal_met"]
+    assert folds[1]["gap"] == {"mean": -0.1, "sd": 0.0, "values": [-0.1]}
+    assert not folds[1]["image_goal_met"] and not folds[1]["mfm_goal_met"]
+    monkeypatch.setattr(bench.learn.out, "width", 300)  # the whole table on one line a row
+    bench.learn.show({"videos": 80, "length": 300, "steps": 1500, "seeds": [0, 1, 2], "splits": rows, "by_fold": folds})
+    out = capsys.readouterr().out
+    assert "fold 0, mean ± sd" in out and "-0.007 ± 0.070" in out
+    assert "fold 0, the mean over seeds 0, 1, 2: image goal met" in out
+    assert "fold 1, seed 0 alone (a verdict wants several): image goal not met" in out

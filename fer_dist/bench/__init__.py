@@ -37,12 +37,14 @@ def run(
     samples: int,
     steps: int | None,
     length: int = 1000,
-    seed: int = 0,
+    seeds: tuple[int, ...] = (0,),
 ) -> dict:
-    """The benchmark's figures, as one JSON-ready dict. `length` and `seed` are `learn`'s: frames
-    per shape video, and the seed of every run (its data set is the same for every seed)."""
+    """The benchmark's figures, as one JSON-ready dict. `length` and `seeds` are `learn`'s: frames
+    per shape video, and the seeds each run is made with (its data set is the same for every seed)."""
     from fer_dist.config import CONFIGS
 
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seed: each seed once, none negative; got {' '.join(map(str, seeds))}")
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
     steps = steps or STEPS.get(what, 0)
@@ -59,7 +61,7 @@ def run(
     if what == "loader":
         return loader.bench_loader(workdir, videos, workers[-1], samples)
     if what == "learn":
-        return learn.bench_learn(workdir, videos, length, steps, seed=seed)
+        return learn.bench_learn(workdir, videos, length, steps, seeds=tuple(seeds))
     return models.bench_models(workdir, videos)
 
 
