@@ -40,6 +40,22 @@ def test_bench_refuses_too_few_steps_in_one_line(tmp_path, capsys, what, steps, 
 
 
 @pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--length", "299"], "--length must be at least 300 frames a video, to hold every class; got 299"),
+        (["--videos", "3"], "--videos must be at least 4"),
+        (["--seeds", "0", "1", "0"], "--seed: each seed once, none negative; got 0 1 0"),
+    ],
+)
+def test_bench_learn_refuses_a_set_it_cannot_make_in_one_line(tmp_path, capsys, args, says):
+    """A shapes set synth cannot make, or a seed twice: one line, before any data or folder is made."""
+    assert cli.main(["bench", "learn", *args, "--workdir", str(tmp_path / "work")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize(
     ("fixed_gib", "per_sample_gib", "limit"),
     [(1.5, 0.3, 4096), (10.9, 0.3, 4096), (11.5, 0.1, 4096), (0.2, 0.0001, 512)],
 )

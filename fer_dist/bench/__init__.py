@@ -50,6 +50,10 @@ def run(
     steps = steps or STEPS.get(what, 0)
     if what == "gpu":
         gpu.require_cuda()  # before any data is made
+    if what == "learn":
+        from fer_dist.data.synth import check
+
+        check(videos, length, "shapes")  # before any data is made
     if what == "step":  # in-memory batches: no data, no work folder
         return step.bench_step(str(CONFIGS / "mfm_cpu.yaml"), str(CONFIGS / "mfm_swin_tiny.yaml"), 32, steps)
     workdir = workdir or cache_dir()

@@ -54,6 +54,7 @@ VIDEO_SIZE = 64
 TRANSITION = 6  # frames over which the face eases into a new expression
 AUDIO_RATE = {".mp4": 44100, ".avi": 22050}
 TEST_LIST, TEST_TEMPLATE, TEST_LABELS = "test_set.txt", "test_template.csv", "test_labels"
+LENGTH = 1000  # frames per video when not asked otherwise
 
 
 @dataclass(frozen=True)
@@ -354,25 +355,32 @@ def make_video(job: tuple[Path, Plan, int, int, int, str]) -> int:
     return labelled
 
 
+def check(n_videos: int, length: int, style: str = "faces") -> None:
+    """Refuses, with ValueError, a set `synthesize` cannot make: an unknown `style`, fewer than 4
+    videos (the layout's quirks need that many) or fewer than 300 frames a video (every class needs
+    its label segments)."""
+    if style not in STYLES:
+        raise ValueError(f"--style must be one of {', '.join(STYLES)}, not {style!r}")
+    if n_videos < 4:
+        raise ValueError("--videos must be at least 4 (the layout's quirks need that many)")
+    if length < 300:
+        raise ValueError(f"--length must be at least 300 frames a video, to hold every class; got {length}")
+
+
 def synthesize(
     out: Path,
     n_videos: int = 24,
     seed: int = 0,
     workers: int = 2,
     progress=None,
-    length: int = 1000,
+    length: int = LENGTH,
     test_videos: int = 0,
     style: str = "faces",
 ) -> int:
     """Writes the dataset under `out` (videos of about `length` frames; crops of `style` "faces" or
     "shapes", see the module) and, with `test_videos`, the test files of a challenge; returns the
-    labelled frames of train and validation."""
-    if style not in STYLES:
-        raise ValueError(f"--style must be one of {', '.join(STYLES)}, not {style!r}")
-    if n_videos < 4:
-        raise ValueError("--videos must be at least 4 (the layout's quirks need that many)")
-    if length < 300:
-        raise ValueError("videos need at least 300 frames to hold every class")
+    labelled frames of train and validation. Raises ValueError as `check` does."""
+    check(n_videos, length, style)
     out = Path(out)
     plans = plan(n_videos, test_videos)
     jobs = [(out, p, seed, i, length, style) for i, p in enumerate(plans)]
