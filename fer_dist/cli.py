@@ -11,8 +11,9 @@ from fer_dist.console import console, out, progress
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from fer_dist.data.synth import synthesize
+    from fer_dist.data.synth import check, synthesize
 
+    check(args.videos, args.length, args.style)  # before the progress bar
     with progress() as bar:
         task = bar.add_task("synthesizing videos", total=args.videos + args.test_videos, info="")
         total = synthesize(
@@ -260,7 +261,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.samples,
         args.steps,
         args.length,
-        args.seed,
+        args.seed or [0],
     )
     if args.json:
         out.print_json(json.dumps(result))
@@ -392,8 +393,9 @@ def parser() -> argparse.ArgumentParser:
         dest="seed",
         type=int,
         nargs="+",
-        default=[0],
-        help="learn: every run once per seed (the shapes set stays the same), the goals judged on each fold's mean",
+        action="extend",
+        help="learn: every run once per seed (default 0; --seed and --seeds are one option, their values "
+        "pooled), the shapes set the same for every seed, the goals judged on each fold's mean",
     )
     s.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="pack: each count; loader: the last")
     s.add_argument("--samples", type=int, default=100_000, help="loader: samples the stream emits")

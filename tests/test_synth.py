@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fer_dist import cli
 from fer_dist.data.layout import discover, read_annotation
 from fer_dist.data.synth import LOOK, SOUND, synthesize
 from fer_dist.labels import CLASSES
@@ -90,3 +91,18 @@ def test_audio_follows_the_sound_of_the_label(synthetic):
     profile = {c: cols[:, labels == c].mean(1) for c in range(8)}
     anger, disgust, happy = profile[1], profile[2], profile[4]
     assert np.abs(anger - disgust).mean() < 0.5 * np.abs(anger - happy).mean()
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--length", "299"], "--length must be at least 300 frames a video, to hold every class; got 299"),
+        (["--videos", "3"], "--videos must be at least 4 (the layout's quirks need that many); got 3"),
+    ],
+)
+def test_synth_refuses_a_set_it_cannot_make_in_one_line(tmp_path, capsys, args, says):
+    """Too few frames a video or too few videos: one line, exit 2, nothing written."""
+    assert cli.main(["synth", "--out", str(tmp_path / "set"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err
+    assert not (tmp_path / "set").exists()

@@ -40,11 +40,23 @@ def run(
     seeds: tuple[int, ...] = (0,),
 ) -> dict:
     """The benchmark's figures, as one JSON-ready dict. `length` and `seeds` are `learn`'s: frames
-    per shape video, and the seeds each run is made with (its data set is the same for every seed)."""
+    per shape video, and the seeds each run is made with (its data set is the same for every seed).
+    Raises ValueError, before any data or folder is made, for fewer than 1 step, a repeated or
+    negative seed, or a shapes set `synth.check` refuses; `gpu.Unavailable` (a ValueError) without CUDA."""
     from fer_dist.config import CONFIGS
 
-    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise ValueError(f"--seed: each seed once, none negative; got {' '.join(map(str, seeds))}")
+    if what == "learn":
+        seeds = tuple(seeds)
+        repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+        if not seeds or repeated or min(seeds) < 0:
+            wrong = (
+                f"{', '.join(map(str, repeated))} more than once"
+                if repeated
+                else "none given"
+                if not seeds
+                else "a negative seed"
+            )
+            raise ValueError(f"--seed: each seed once, none negative; got {' '.join(map(str, seeds))} ({wrong})")
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
     steps = steps or STEPS.get(what, 0)

@@ -362,7 +362,7 @@ def check(n_videos: int, length: int, style: str = "faces") -> None:
     if style not in STYLES:
         raise ValueError(f"--style must be one of {', '.join(STYLES)}, not {style!r}")
     if n_videos < 4:
-        raise ValueError("--videos must be at least 4 (the layout's quirks need that many)")
+        raise ValueError(f"--videos must be at least 4 (the layout's quirks need that many); got {n_videos}")
     if length < 300:
         raise ValueError(f"--length must be at least 300 frames a video, to hold every class; got {length}")
 
