@@ -261,7 +261,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.samples,
         args.steps,
         args.length,
-        args.seed or [0],
+        tuple(args.seed or [0]),
     )
     if args.json:
         out.print_json(json.dumps(result))

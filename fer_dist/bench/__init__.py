@@ -45,27 +45,16 @@ def run(
     negative seed, or a shapes set `synth.check` refuses; `gpu.Unavailable` (a ValueError) without CUDA."""
     from fer_dist.config import CONFIGS
 
-    if what == "learn":
-        seeds = tuple(seeds)
-        repeated = sorted({s for s in seeds if seeds.count(s) > 1})
-        if not seeds or repeated or min(seeds) < 0:
-            wrong = (
-                f"{', '.join(map(str, repeated))} more than once"
-                if repeated
-                else "none given"
-                if not seeds
-                else "a negative seed"
-            )
-            raise ValueError(f"--seed: each seed once, none negative; got {' '.join(map(str, seeds))} ({wrong})")
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
     steps = steps or STEPS.get(what, 0)
     if what == "gpu":
         gpu.require_cuda()  # before any data is made
-    if what == "learn":
+    if what == "learn":  # before any data is made
         from fer_dist.data.synth import check
 
-        check(videos, length, "shapes")  # before any data is made
+        learn.check_seeds(seeds)
+        check(videos, length, "shapes")
     if what == "step":  # in-memory batches: no data, no work folder
         return step.bench_step(str(CONFIGS / "mfm_cpu.yaml"), str(CONFIGS / "mfm_swin_tiny.yaml"), 32, steps)
     workdir = workdir or cache_dir()
@@ -77,7 +66,7 @@ def run(
     if what == "loader":
         return loader.bench_loader(workdir, videos, workers[-1], samples)
     if what == "learn":
-        return learn.bench_learn(workdir, videos, length, steps, seeds=tuple(seeds))
+        return learn.bench_learn(workdir, videos, length, steps, seeds=seeds)
     return models.bench_models(workdir, videos)
 
 

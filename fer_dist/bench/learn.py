@@ -119,6 +119,31 @@ def fer_dist_run(shards: Path, run_dir: Path, holdout: int, steps: int, seed: in
     return {**last["macro_f1_by_head"], "prediction": last["macro_f1"], "final_loss": last["train_loss"]}
 
 
+def check_seeds(seeds: tuple[int, ...]) -> None:
+    """Refuses, with ValueError naming what is wrong, no seed, a seed given twice or a negative one."""
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        wrong = f"{', '.join(map(str, repeated))} more than once"
+    elif not seeds:
+        wrong = "none given"
+    elif min(seeds) < 0:
+        wrong = "a negative seed"
+    else:
+        return
+    raise ValueError(f"--seed: each seed once, none negative; got {' '.join(map(str, seeds))} ({wrong})")
+
+
+def gap(run: dict) -> float:
+    """fer-dist's image head minus the plain loop's, held-out macro-F1 (goal ≥ `GAP_GOAL`)."""
+    return run["fer_dist_image"] - run["plain_image"]
+
+
+def gain(run: dict) -> float:
+    """The whole model's prediction minus the better of its image and audio heads, held-out
+    macro-F1 (goal ≥ `GAIN_GOAL`)."""
+    return run["mfm_prediction"] - max(run["mfm_image"], run["mfm_audio"])
+
+
 def bench_learn(
     workdir: Path,
     videos: int,
@@ -203,9 +228,9 @@ def by_fold(rows: list[dict]) -> list[dict]:
         figures = {
             "plain_image": [r["plain_image"] for r in runs],
             "fer_dist_image": [r["fer_dist_image"] for r in runs],
-            "gap": [r["fer_dist_image"] - r["plain_image"] for r in runs],
+            "gap": [gap(r) for r in runs],
             "mfm_prediction": [r["mfm_prediction"] for r in runs],
-            "gain": [r["mfm_prediction"] - max(r["mfm_image"], r["mfm_audio"]) for r in runs],
+            "gain": [gain(r) for r in runs],
         }
         summary = {name: mean_sd(values) for name, values in figures.items()}
         folds.append(
@@ -239,10 +264,10 @@ def show(result: dict) -> None:
                     "holdout": f"fold {r['holdout']}, seed {r['seed']}",
                     "plain": f"{r['plain_image']:.3f}",
                     "image": f"{r['fer_dist_image']:.3f}",
-                    "gap": f"{r['fer_dist_image'] - r['plain_image']:+.3f}",
+                    "gap": f"{gap(r):+.3f}",
                     "heads": f"{r['mfm_image']:.3f} / {r['mfm_audio']:.3f} / {r['mfm_fusion']:.3f}",
                     "prediction": f"{r['mfm_prediction']:.3f}",
-                    "gain": f"{r['mfm_prediction'] - max(r['mfm_image'], r['mfm_audio']):+.3f}",
+                    "gain": f"{gain(r):+.3f}",
                     "chance": f"{r['chance']:.3f}",
                 }
             )
