@@ -1,7 +1,7 @@
-"""Learning, not plumbing: on a generated set whose class cue is a small shape at a free place,
-size and colour on a texture (`fer-dist synth --style shapes`), a short image-only run with the CPU
-config's defaults ends well above chance, which a dead branch (stuck at the class prior) or a
-starved one cannot."""
+"""Learning, not plumbing: on a generated set whose class cue is a shape at a free place, size and
+colour on a texture (`fer-dist synth --style shapes`, here with larger shapes than the benchmark's),
+a short image-only run with the CPU config's defaults ends well above chance, which a dead branch
+(stuck at the class prior) or a starved one cannot."""
 
 from __future__ import annotations
 
@@ -24,7 +24,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
-    synthesize(root / "data", 8, seed=3, workers=2, length=400, style="shapes")
+    # 24 short videos: about 200 label segments, each a new draw of its shape, so that 18 videos
+    # train and 6 score; on 8 videos of 400 frames (6 training, 2 scored) the held-out figure of
+    # three seeds ran from 0.06 to 0.17 against a chance of 0.12
+    synthesize(root / "data", 24, seed=3, workers=2, length=300, style="shapes", shape_size=(34, 50))
     pack(discover(root / "data"), root / "shards", PackParams(samples_per_shard=300, n_folds=4), workers=2)
     return root
 
@@ -40,9 +43,8 @@ def test_the_image_branch_learns_a_small_shape_at_a_free_place(shapes, tmp_path)
     chance = chance_macro_f1(np.bincount(held_out, minlength=NUM_CLASSES))
     assert last["train_loss"] < 0.8 * np.log(NUM_CLASSES)  # below the class prior's entropy: it learnt
     # a branch stuck at the prior names one class (macro-F1 about chance / 3), a starved one guesses
-    # (about chance); this one scored 0.17 and 0.22 (two versions of the code) against 0.12: the
-    # held-out figure of a short run on two videos moves with the float order of the steps
-    assert last["macro_f1"] > 1.2 * chance, (last["macro_f1"], chance)
+    # (about chance); this one scored 0.22-0.26 over train.seed 0, 1, 2 against a chance of 0.11
+    assert last["macro_f1"] > 1.5 * chance, (last["macro_f1"], chance)
     drawn = last["stream"]["videos_per_batch"]
     assert drawn["min"] >= 2 and drawn["median"] >= 4  # batches draw on several videos from the first
     assert read_manifest(shapes / "shards").groups["fold0"].samples == last["eval_frames"]

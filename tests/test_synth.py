@@ -7,7 +7,7 @@ from PIL import Image
 
 from fer_dist import cli
 from fer_dist.data.layout import discover, read_annotation
-from fer_dist.data.synth import LOOK, SOUND, synthesize
+from fer_dist.data.synth import LOOK, SOUND, shape_segments, synthesize
 from fer_dist.labels import CLASSES
 from helpers import LENGTH, N_VIDEOS
 
@@ -105,4 +105,20 @@ def test_synth_refuses_a_set_it_cannot_make_in_one_line(tmp_path, capsys, args, 
     assert cli.main(["synth", "--out", str(tmp_path / "set"), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and says in err
+    assert not (tmp_path / "set").exists()
+
+
+def test_shapes_are_drawn_in_the_asked_size_range():
+    """Each label segment gets one placement, its size within `shape_size` (px of the 112-px crop)."""
+    seg_start = np.repeat(np.arange(0, 400, 40), 40)  # ten segments of 40 frames
+    placed = shape_segments(np.random.default_rng(0), seg_start, (34.0, 50.0))
+    assert sorted(placed) == list(range(0, 400, 40))
+    assert all(34 <= size <= 50 for _, size, _ in placed.values())
+
+
+@pytest.mark.parametrize("sizes", [(3, 20), (30, 20), (20, 101), (20,)])
+def test_synthesize_refuses_a_shape_size_the_crop_cannot_hold(tmp_path, sizes):
+    """Too small, reversed, too large or not a pair: ValueError naming the rule, nothing written."""
+    with pytest.raises(ValueError, match=r"shape_size must be \(least, most\) px with 4 <= least <= most <= 100"):
+        synthesize(tmp_path / "set", 4, length=300, style="shapes", shape_size=sizes)
     assert not (tmp_path / "set").exists()

@@ -13,9 +13,10 @@ segments with eased transitions, unannotated runs, frames without a face crop, c
 paper 000's Table 1, and a mix of containers, frame rates and a video without audio.
 
 `style="shapes"` makes the image cue harder, as a real face's expression is a small part of its
-crop: each class is a small shape (17-28 px of the 112 px crop, 10-16 px at 64 px) at a random
-place, size and colour on a textured background, drawn anew for every label segment and drifting
-within it; the classes share shapes as they share faces above, and the sounds are the same.
+crop: each class is a small shape (17-28 px of the 112 px crop, 10-16 px at 64 px; `shape_size`
+sets another range) at a random place, size and colour on a textured background, drawn anew for
+every label segment and drifting within it; the classes share shapes as they share faces above,
+and the sounds are the same.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ TRANSITION = 6  # frames over which the face eases into a new expression
 AUDIO_RATE = {".mp4": 44100, ".avi": 22050}
 TEST_LIST, TEST_TEMPLATE, TEST_LABELS = "test_set.txt", "test_template.csv", "test_labels"
 LENGTH = 1000  # frames per video when not asked otherwise
+SHAPE_SIZE = (17.0, 28.0)  # px of the 112-px crop: a shape's size range when not asked otherwise
 
 
 @dataclass(frozen=True)
@@ -190,12 +192,13 @@ def texture(rng: np.random.Generator) -> np.ndarray:
     return image
 
 
-def shape_segments(rng: np.random.Generator, seg_start: np.ndarray) -> dict[int, tuple]:
-    """Each label segment's shape placement: centre (px), size (px) and colour, drawn at random (a
-    colour may be close to the background's: the cue is the shape, not its contrast)."""
+def shape_segments(rng: np.random.Generator, seg_start: np.ndarray, sizes: tuple[float, float]) -> dict[int, tuple]:
+    """Each label segment's shape placement: centre (px), size (px, uniform in `sizes`) and colour,
+    drawn at random (a colour may be close to the background's: the cue is the shape, not its
+    contrast)."""
     placed = {}
     for start in np.unique(seg_start).tolist():
-        size = rng.uniform(17, 28)
+        size = rng.uniform(*sizes)
         centre = rng.uniform(size / 2 + 4, CROP - size / 2 - 4, 2)
         placed[start] = (centre, size, tuple(int(v) for v in rng.uniform(0, 255, 3)))
     return placed
@@ -302,9 +305,9 @@ def write_test_files(out: Path, plans: list[Plan]) -> None:
     (out / TEST_TEMPLATE).write_text("\n".join(rows) + "\n")
 
 
-def make_video(job: tuple[Path, Plan, int, int, int, str]) -> int:
+def make_video(job: tuple[Path, Plan, int, int, int, str, tuple[float, float]]) -> int:
     """Writes one video file, its faces' crops and annotations; returns labelled frames."""
-    out, p, seed, index, length, style = job
+    out, p, seed, index, length, style, sizes = job
     rng = np.random.default_rng([seed, index])
     n_target = int(rng.integers(0.7 * length, 1.3 * length))
     truth = label_track(rng, n_target)
@@ -319,7 +322,7 @@ def make_video(job: tuple[Path, Plan, int, int, int, str]) -> int:
     for face in p.faces:
         ident = face_identity(rng)
         if style == "shapes":
-            background, placed = texture(rng), shape_segments(rng, seg_start)
+            background, placed = texture(rng), shape_segments(rng, seg_start, sizes)
         labels = truth.copy()
         unannotated = runs(rng, n, 2, 10, 40)
         while len(np.unique(truth[~unannotated])) < NUM_CLASSES:  # keep every class in every video
@@ -355,12 +358,16 @@ def make_video(job: tuple[Path, Plan, int, int, int, str]) -> int:
     return labelled
 
 
-def check(n_videos: int, length: int, style: str = "faces") -> None:
+def check(n_videos: int, length: int, style: str = "faces", shape_size: tuple[float, float] = SHAPE_SIZE) -> None:
     """Refuses, with ValueError, a set `synthesize` cannot make: an unknown `style`, fewer than 4
-    videos (the layout's quirks need that many) or fewer than 300 frames a video (every class needs
-    its label segments)."""
+    videos (the layout's quirks need that many), fewer than 300 frames a video (every class needs
+    its label segments), or a `shape_size` range that is not 4 px <= least <= most <= 100 px (a
+    shape and its margin fit the 112-px crop)."""
     if style not in STYLES:
         raise ValueError(f"--style must be one of {', '.join(STYLES)}, not {style!r}")
+    if len(shape_size) != 2 or not 4 <= shape_size[0] <= shape_size[1] <= CROP - 12:
+        most = CROP - 12
+        raise ValueError(f"shape_size must be (least, most) px with 4 <= least <= most <= {most}; got {shape_size}")
     if n_videos < 4:
         raise ValueError(f"--videos must be at least 4 (the layout's quirks need that many); got {n_videos}")
     if length < 300:
@@ -376,14 +383,16 @@ def synthesize(
     length: int = LENGTH,
     test_videos: int = 0,
     style: str = "faces",
+    shape_size: tuple[float, float] = SHAPE_SIZE,
 ) -> int:
     """Writes the dataset under `out` (videos of about `length` frames; crops of `style` "faces" or
-    "shapes", see the module) and, with `test_videos`, the test files of a challenge; returns the
-    labelled frames of train and validation. Raises ValueError as `check` does."""
-    check(n_videos, length, style)
+    "shapes", see the module, the shapes `shape_size` px of the 112-px crop) and, with
+    `test_videos`, the test files of a challenge; returns the labelled frames of train and
+    validation. Raises ValueError as `check` does."""
+    check(n_videos, length, style, shape_size)
     out = Path(out)
     plans = plan(n_videos, test_videos)
-    jobs = [(out, p, seed, i, length, style) for i, p in enumerate(plans)]
+    jobs = [(out, p, seed, i, length, style, tuple(shape_size)) for i, p in enumerate(plans)]
     total = 0
     with multiprocessing.get_context("forkserver").Pool(max(1, workers)) as pool:
         for labelled in pool.imap_unordered(make_video, jobs):
