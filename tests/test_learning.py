@@ -41,7 +41,7 @@ def test_the_image_branch_learns_a_small_shape_at_a_free_place(shapes, tmp_path)
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     held_out = predictions.load(run / "predictions" / "epoch001.npz").label
     chance = chance_macro_f1(np.bincount(held_out, minlength=NUM_CLASSES))
-    assert last["train_loss"] < 0.8 * np.log(NUM_CLASSES)  # below the class prior's entropy: it learnt
+    assert last["train_loss"] < 0.8 * np.log(NUM_CLASSES)  # well below ln 8, a uniform guess's loss: it learnt
     # a branch stuck at the prior names one class (macro-F1 about chance / 3), a starved one guesses
     # (about chance); this one scored 0.22-0.26 over train.seed 0, 1, 2 against a chance of 0.11
     assert last["macro_f1"] > 1.5 * chance, (last["macro_f1"], chance)
