@@ -365,8 +365,8 @@ def check(n_videos: int, length: int, style: str = "faces", shape_size: tuple[fl
     shape and its margin fit the 112-px crop)."""
     if style not in STYLES:
         raise ValueError(f"--style must be one of {', '.join(STYLES)}, not {style!r}")
-    if len(shape_size) != 2 or not 4 <= shape_size[0] <= shape_size[1] <= CROP - 12:
-        most = CROP - 12
+    most = CROP - 12  # room for the placement's 4-px margin on each side and the drift
+    if len(shape_size) != 2 or not 4 <= shape_size[0] <= shape_size[1] <= most:
         raise ValueError(f"shape_size must be (least, most) px with 4 <= least <= most <= {most}; got {shape_size}")
     if n_videos < 4:
         raise ValueError(f"--videos must be at least 4 (the layout's quirks need that many); got {n_videos}")
