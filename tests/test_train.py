@@ -456,6 +456,40 @@ def test_a_step_within_the_bound_after_a_clipped_one_is_not_scaled():
         assert torch.allclose(start - a, torch.full_like(a, 0.1 * 1e-4), rtol=1e-2, atol=0)
 
 
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_a_cpu_step_within_the_bound_is_given_no_scale_and_moves_as_an_unclipped_one(name):
+    """On a CPU a step whose norm is within the bound hands the fused step no scale (which would have
+    it write every gradient back), and its weights move bit for bit as an unclipped step's; one
+    beyond the bound, or whose norm is not finite, is scaled by its norm as torch's clip does."""
+    from accelerate import Accelerator
+
+    from fer_dist import config
+    from fer_dist.engine.optim import clip_gradients, make_optimizer
+
+    torch.manual_seed(0)
+    ours, theirs = tiny_model(), tiny_model()
+    theirs.load_state_dict(ours.state_dict())
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        a.grad = torch.randn_like(a)
+        b.grad = a.grad.clone()
+    total = torch.nn.utils.get_total_norm([p.grad for p in ours.parameters()])
+    accelerator = Accelerator(cpu=True)
+    cfg = config.OptimConfig(name=name, lr=0.1)
+    optimizer = accelerator.prepare(make_optimizer(cfg, ours))
+    plain = make_optimizer(cfg, theirs)
+    clip_gradients(accelerator, ours, optimizer, float(total) * 1.01)
+    assert optimizer.optimizer.grad_scale is None
+    optimizer.step()
+    plain.step()
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b) and torch.equal(a.grad, b.grad)
+    clip_gradients(accelerator, ours, optimizer, float(total) / 2)
+    assert torch.allclose(optimizer.optimizer.grad_scale, torch.tensor(2.0), rtol=1e-5)
+    ours.image_head.bias.grad[0] = float("nan")
+    clip_gradients(accelerator, ours, optimizer, 1e6)
+    assert torch.isnan(optimizer.optimizer.grad_scale)
+
+
 def tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
