@@ -106,7 +106,8 @@ def test_benchmarks_keep_their_data_in_the_cache_not_the_current_folder(tmp_path
 def test_the_step_timer_times_every_variant_in_every_round():
     """`bench step`'s timer in its own fresh process, as the benchmark runs it: each of the four
     variants (fer-dist's step with and without clipping, the bare loop with and without torch's
-    clip) is timed in every round, a last short round included, each as a positive time."""
+    clip) is timed in every round, a last short round included, each as a positive time; the
+    clipped step's clip scales the gradients on every timed step."""
     from fer_dist import config
     from fer_dist.bench.common import child
 
@@ -118,6 +119,7 @@ def test_the_step_timer_times_every_variant_in_every_round():
     assert set(blocks) == {"loop", "loop_unclipped", "bare", "bare_clipped"}
     assert all(len(b) == 3 and min(b) > 0 for b in blocks.values())
     assert result["world"] == 1 and result["samples_per_s"] > 0
+    assert result["clip_bit"] == steps
 
 
 @pytest.mark.slow

@@ -21,6 +21,10 @@ PROCESSES = 3  # fresh processes whose rounds are pooled: where each copy of the
 LAUNCHES = 3  # runs of the two-process command, whose figure is a whole command's throughput
 DEFAULT_STEPS = 450  # timed steps of each variant when --steps does not say
 DEFAULT_ROUNDS = DEFAULT_STEPS // BLOCK  # 90: the nine runs on docs/performance.md span 1.5 points
+# the clipped variants' bound, which every step's norm exceeds, so that the clip scales the gradients
+# on every timed step, as it did on 499 steps of 500 of the main job's first fold at the CPU config's
+# 1.0; at 1.0 here the model fits its four batches within about 40 steps and the clip stops biting
+CLIP = 1e-6
 
 
 def step_setup(config_path: str, batch_size: int, world: int = 1):
@@ -55,10 +59,11 @@ def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, bare:
     context, autocast, gradient clipping, schedule, the loss kept on the device, the per-step
     agreement between ranks on a stop signal), of the same without clipping, and, with `bare`, of
     a bare loop (forward, loss, backward, optimiser step) and of the bare loop with torch's own
-    clip (`clip_grad_norm_` before the step). Each has its own copy of the model; they
+    clip (`clip_grad_norm_` before the step), both clipped at `CLIP`. Each has its own copy of the model; they
     alternate in blocks of `BLOCK` steps, each first in turn, so that the machine's drift and
     whatever one leaves in the caches fall on all alike. Returns
-    each variant's seconds per step in each block."""
+    each variant's seconds per step in each block, and the timed steps of fer-dist's clipped loop
+    whose clip scaled the gradients."""
     import copy
 
     import torch
@@ -74,6 +79,7 @@ def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, bare:
     cfg, model, batches = step_setup(config_path, batch_size, world)
     accelerator = make_accelerator(cfg)
     heads, total, task = model.heads, torch.zeros((), dtype=torch.float64), Task(cfg, None, model)
+    bitten = []
 
     def loop(clip: float):
         net = copy.deepcopy(model)
@@ -89,6 +95,8 @@ def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, bare:
             total += loss
             if stepped:
                 first_raised(accelerator, stop_requested())
+            if clip > 0:
+                bitten.append(getattr(optimizer.optimizer, "grad_scale", None) is not None)
 
         return step
 
@@ -106,14 +114,15 @@ def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, bare:
 
         return step
 
-    variants = {"loop": loop(cfg.optim.grad_clip)}
+    variants = {"loop": loop(CLIP)}
     if bare:
-        variants.update(loop_unclipped=loop(0.0), bare=bare_loop(0.0), bare_clipped=bare_loop(cfg.optim.grad_clip))
+        variants.update(loop_unclipped=loop(0.0), bare=bare_loop(0.0), bare_clipped=bare_loop(CLIP))
     blocks: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(warmup):
         for step in variants.values():
             step(*batches[i % len(batches)])
     names = list(variants)
+    bitten.clear()  # the timed steps only
     for k, block in enumerate(range(0, steps, BLOCK)):
         for name in names[k % len(names) :] + names[: k % len(names)]:  # each goes first in turn
             step = variants[name]
@@ -128,7 +137,7 @@ def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, bare:
     sizes = [min(BLOCK, steps - block) for block in range(0, steps, BLOCK)]
     per_step = {name: [t / n for t, n in zip(b, sizes, strict=True)] for name, b in blocks.items()}
     samples_per_s = steps * batch_size * world / sum(blocks["loop"])
-    return {"s_per_step_by_block": per_step, "samples_per_s": samples_per_s, "world": world}
+    return {"s_per_step_by_block": per_step, "samples_per_s": samples_per_s, "world": world, "clip_bit": sum(bitten)}
 
 
 def time_memory(config_path: str, precision: str) -> dict:
@@ -195,7 +204,8 @@ def bench_step(config_path: str, paper_config: str, batch_size: int, steps: int)
         "batch_size": batch_size,
         "steps": steps // PROCESSES * PROCESSES,
         "rounds": len(blocks["bare"]),
-        "grad_clip": config.load(config_path).optim.grad_clip,
+        "grad_clip": CLIP,
+        "clip_bit": sum(r["clip_bit"] for r in runs),
         "s_per_step": {name: spread(list(b), 5) for name, b in blocks.items()},
         "overhead": spread(list(blocks["loop"] / blocks["bare"] - 1)),
         "overhead_unclipped": spread(list(blocks["loop_unclipped"] / blocks["bare"] - 1)),
@@ -219,7 +229,8 @@ def show(result: dict) -> None:
 
     per_step = r["s_per_step"]
     rows = [
-        {"what": "fer-dist loop, s/step", "value": ranged(per_step["loop"], "{:.4f}")},
+        {"what": f"fer-dist loop (clip at {r['grad_clip']:g}), s/step", "value": ranged(per_step["loop"], "{:.4f}")},
+        {"what": "its timed steps whose clip scaled the gradients", "value": f"{r['clip_bit']} of {r['steps']}"},
         {
             "what": "fer-dist loop without gradient clipping, s/step",
             "value": ranged(per_step["loop_unclipped"], "{:.4f}"),
