@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
@@ -80,16 +81,19 @@ def initialise(model: torch.nn.Module, cfg: config_lib.TrainConfig) -> None:
         model.to(memory_format=torch.channels_last)
 
 
-def clip_gradients(accelerator, model: torch.nn.Module, optimizer, max_norm: float) -> None:
+def clip_gradients(
+    accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float
+) -> None:
     """The global-norm clip of the gradients at `max_norm`, for the next optimiser step. DeepSpeed's
     engine clips by its own config. Otherwise the norm is taken over the gradients of the
-    optimiser's parameters (as torch's `get_total_norm`: on a CPU in float32 from each gradient's
-    dot product with itself, elsewhere in one list kernel where they share a device and dtype), and
-    the scaling is left to the fused step, which divides each
+    optimiser's parameters (the norm torch's `get_total_norm` gives, computed on a CPU in float32 as
+    the root of each gradient's dot product with itself summed, elsewhere in one list kernel where
+    they share a device and dtype), and the scaling is left to the fused step, which divides each
     gradient by `grad_scale` as it reads it (the attribute torch's GradScaler sets): no second pass
     over the gradients. On a CPU a step whose norm is within `max_norm` is given no scale at all
     (dividing by 1 changes no bit, so the weights move exactly as with the scale). Under fp16 loss
-    scaling the GradScaler owns that attribute, so the gradients are unscaled and scaled here."""
+    scaling the GradScaler owns that attribute, so the gradients are unscaled and scaled here.
+    Raises nothing of its own: a norm that is not finite scales the step as in torch's clip."""
     if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
         accelerator.clip_grad_norm_(model.parameters(), max_norm)
         return
@@ -106,7 +110,8 @@ def clip_gradients(accelerator, model: torch.nn.Module, optimizer, max_norm: flo
         # each gradient's sum of squares as a dot product: after torch's norm kernels the step's
         # writing the scaled gradients back cost 3 ms more a step for the CPU config, after dot
         # products nothing more (docs/performance.md, Training step)
-        total = torch.stack([torch.dot(g, g) for g in (g.flatten() for g in grads)]).sum().sqrt()
+        flat = [g.flatten() for g in grads]  # views, unless a gradient is not contiguous
+        total = torch.stack([torch.dot(f, f) for f in flat]).sum().sqrt()
     elif len(kinds) == 1:
         # one list kernel and one reduction: get_total_norm's grouping and moving of each norm
         # cost 0.2 ms a step for the CPU config
@@ -117,7 +122,7 @@ def clip_gradients(accelerator, model: torch.nn.Module, optimizer, max_norm: flo
         if total.device.type == "cpu":
             # the norm's value is at hand (no device to wait for), and a step within the bound leaves
             # the gradients as they are: a scale, even of 1, has the step write every gradient back.
-            # A norm that is not finite is still scaled by, as torch's clip does.
+            # A norm that is not finite (inf, NaN) still becomes the scale, as in torch's clip.
             inner.grad_scale = None if total <= max_norm else total / max_norm
         else:
             inner.grad_scale = torch.clamp(total / max_norm, min=1.0)
