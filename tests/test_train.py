@@ -367,6 +367,17 @@ def test_the_multi_node_launch_files_join_two_nodes(shards, tmp_path, launch_fil
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
 
 
+def twins_with_gradients() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Two copies of one small model holding the same random gradients."""
+    torch.manual_seed(0)
+    ours, theirs = tiny_model(), tiny_model()
+    theirs.load_state_dict(ours.state_dict())
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        a.grad = torch.randn_like(a)
+        b.grad = a.grad.clone()
+    return ours, theirs
+
+
 @pytest.mark.parametrize("max_norm", [0.5, 1e6])
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
 def test_the_gradient_clip_is_torchs_global_norm_clip(max_norm, name):
@@ -377,12 +388,7 @@ def test_the_gradient_clip_is_torchs_global_norm_clip(max_norm, name):
     from fer_dist import config
     from fer_dist.engine.optim import clip_gradients, make_optimizer
 
-    torch.manual_seed(0)
-    ours, theirs = tiny_model(), tiny_model()
-    theirs.load_state_dict(ours.state_dict())
-    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
-        a.grad = torch.randn_like(a)
-        b.grad = a.grad.clone()
+    ours, theirs = twins_with_gradients()
     ours.image_head.weight.grad = None  # a parameter without a gradient is left alone
     theirs.image_head.weight.grad = None
     cfg = config.OptimConfig(name=name, lr=0.1)
@@ -468,12 +474,7 @@ def test_a_cpu_step_within_the_bound_is_given_no_scale_and_moves_as_an_unclipped
     from fer_dist import config
     from fer_dist.engine.optim import clip_gradients, make_optimizer
 
-    torch.manual_seed(0)
-    ours, theirs = tiny_model(), tiny_model()
-    theirs.load_state_dict(ours.state_dict())
-    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
-        a.grad = torch.randn_like(a)
-        b.grad = a.grad.clone()
+    ours, theirs = twins_with_gradients()
     total = torch.nn.utils.get_total_norm([p.grad for p in ours.parameters()])
     accelerator = Accelerator(cpu=True)
     cfg = config.OptimConfig(name=name, lr=0.1)
