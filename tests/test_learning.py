@@ -43,8 +43,10 @@ def test_the_image_branch_learns_a_small_shape_at_a_free_place(shapes, tmp_path)
     chance = chance_macro_f1(np.bincount(held_out, minlength=NUM_CLASSES))
     assert last["train_loss"] < 0.8 * np.log(NUM_CLASSES)  # well below ln 8, a uniform guess's loss: it learnt
     # a branch stuck at the prior names one class (macro-F1 about chance / 3), a starved one guesses
-    # (about chance); this one scored 0.22-0.26 over train.seed 0, 1, 2 against a chance of 0.11
-    assert last["macro_f1"] > 1.5 * chance, (last["macro_f1"], chance)
+    # (about chance); this one scored 0.19-0.28 over train.seed 0, 1, 2 and two orders of summing the
+    # clip's norm (1.7-2.5 times chance, 0.11): the bound leaves room for a float order that moves
+    # seed 0's 0.19 as far as another seed would
+    assert last["macro_f1"] > 1.3 * chance, (last["macro_f1"], chance)
     drawn = last["stream"]["videos_per_batch"]
     assert drawn["min"] >= 2 and drawn["median"] >= 4  # batches draw on several videos from the first
     assert read_manifest(shapes / "shards").groups["fold0"].samples == last["eval_frames"]
