@@ -22,8 +22,8 @@ LAUNCHES = 3  # runs of the two-process command, whose figure is a whole command
 DEFAULT_STEPS = 450  # timed steps of each variant when --steps does not say
 DEFAULT_ROUNDS = DEFAULT_STEPS // BLOCK  # 90: runs 1-9 on docs/performance.md, of one code, span 1.5 points
 # the clipped variants' bound, which every step's norm exceeds, so that the clip scales the gradients
-# on every timed step, as it did on 499 steps of 500 of the main job's first fold at the CPU config's
-# 1.0; at 1.0 here the model fits its four batches within about 40 steps and the clip stops biting
+# on every timed step, as it did on 499 steps of 500 of a fold 0 training like the main job's at the
+# CPU config's 1.0; at 1.0 here the model fits its four batches within about 40 steps and the clip stops biting
 CLIP = 1e-6
 
 
