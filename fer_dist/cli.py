@@ -11,7 +11,7 @@ from fer_dist.console import console, out, progress
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from fer_dist.data.synth import check, synthesize
+    from fer_dist.data.packing.synth import check, synthesize
 
     check(args.videos, args.length, args.style)  # before the progress bar
     with progress() as bar:
@@ -33,10 +33,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
-    from fer_dist.data import pack
-    from fer_dist.data.audio import MelParams
-    from fer_dist.data.format import PackParams
-    from fer_dist.data.layout import LayoutError, discover
+    from fer_dist.data.packing import pack
+    from fer_dist.data.packing.layout import LayoutError, discover
+    from fer_dist.data.shards.format import MelParams, PackParams
 
     if args.src != "affwild2":
         raise LayoutError(f"--src {args.src}: only affwild2 is known")
@@ -65,7 +64,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
 
 
 def cmd_crop(args: argparse.Namespace) -> int:
-    from fer_dist.data import annotations, crop
+    from fer_dist.data.packing import annotations, crop
 
     videos = crop.video_files([Path(p) for p in args.videos])
     params = crop.CropParams(
@@ -88,7 +87,7 @@ def cmd_crop(args: argparse.Namespace) -> int:
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
-    from fer_dist.data import crop
+    from fer_dist.data.packing import crop
     from fer_dist.jobs import annotate
 
     videos = crop.video_files([Path(p) for p in args.videos])
@@ -103,8 +102,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from fer_dist.data.format import read_manifest
-    from fer_dist.data.layout import discover
+    from fer_dist.data.packing.layout import discover
+    from fer_dist.data.shards.format import read_manifest
     from fer_dist.jobs import extract
 
     source = read_manifest(args.shards)
@@ -135,8 +134,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from fer_dist.data import survey
-    from fer_dist.data.format import ManifestError, PackParams, read_manifest
+    from fer_dist.data.shards import survey
+    from fer_dist.data.shards.format import ManifestError, PackParams, read_manifest
 
     folder = Path(args.shards)
     if not folder.is_dir():

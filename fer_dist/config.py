@@ -43,7 +43,7 @@ class DataConfig:
     decode: str = "cpu"  # where crops are decoded: cpu (in the loader workers) | gpu (nvJPEG, in batches on the GPU)
     shuffle_buffer: int = 2000  # samples, held undecoded
     epoch_samples: int = 0  # samples per epoch over all ranks; 0: one expected pass over the training groups
-    # Class-balanced resampling (fer_dist.balance); per-class lists are in CLASSES order.
+    # Class-balanced resampling (`data/stream/balance.py`); per-class lists are in CLASSES order.
     balance: str = "sqrt"  # target class distribution: natural | sqrt | uniform | weights
     class_weights: list[float] = field(default_factory=list)  # the target when balance = weights
     video_cap: list[int] = field(default_factory=list)  # at most N frames per (video, class) a pass; 0: no cap

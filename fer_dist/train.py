@@ -22,8 +22,8 @@ from rich.logging import RichHandler
 
 from fer_dist import config as config_lib
 from fer_dist.console import console
-from fer_dist.data.format import ManifestError
-from fer_dist.data.stream import StreamError
+from fer_dist.data.shards.format import ManifestError
+from fer_dist.data.stream.pipeline import StreamError
 from fer_dist.engine.checkpoint import REQUEUE_EXIT
 from fer_dist.engine.trainer import Requeue, train
 

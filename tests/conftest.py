@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from fer_dist.data.format import PackParams
-from fer_dist.data.layout import discover
-from fer_dist.data.pack import pack
-from fer_dist.data.synth import synthesize
+from fer_dist.data.packing.layout import discover
+from fer_dist.data.packing.pack import pack
+from fer_dist.data.packing.synth import synthesize
+from fer_dist.data.shards.format import PackParams
 from helpers import LENGTH, N_VIDEOS
 
 
@@ -63,7 +63,7 @@ def voice_features(wave_shards, synthetic, tmp_path_factory) -> Path:
 def challenge(tmp_path_factory) -> Path:
     """A small challenge: 6 labelled videos in 3 folds and 2 test videos with their test list,
     template and (for scoring) labels; shards in `<root>/shards`."""
-    from fer_dist.data.synth import TEST_LIST
+    from fer_dist.data.packing.synth import TEST_LIST
 
     root = tmp_path_factory.mktemp("challenge")
     synthesize(root / "data", N_VIDEOS, seed=1, workers=2, length=LENGTH, test_videos=2)

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from fer_dist import config
-from fer_dist.data.format import read_manifest
-from fer_dist.data.stream import train_loader
+from fer_dist.data.shards.format import read_manifest
+from fer_dist.data.stream.pipeline import train_loader
 
 
 def main(shards: str, out: str, epochs: int, workers: int, holdout: int) -> None:

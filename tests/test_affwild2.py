@@ -1,6 +1,6 @@
 import pytest
 
-from fer_dist.data.layout import LayoutError, read_annotation
+from fer_dist.data.packing.layout import LayoutError, read_annotation
 from fer_dist.labels import CLASSES
 
 

@@ -3,9 +3,9 @@ from types import SimpleNamespace
 import torch
 
 from fer_dist import config
-from fer_dist.data.audio import SILENCE
-from fer_dist.data.format import MelStats
-from fer_dist.data.transforms import mix, prepare, random_affine, remix_label_weight
+from fer_dist.data.shards.format import MelStats
+from fer_dist.data.shards.windows import SILENCE
+from fer_dist.data.stream.transforms import mix, prepare, random_affine, remix_label_weight
 from fer_dist.models.contract import IMAGENET
 
 MANIFEST = SimpleNamespace(mel_stats=MelStats(0.0, 1.0), feature_stats={})  # what prepare() reads of a manifest

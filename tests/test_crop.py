@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from fer_dist import cli
-from fer_dist.data import annotations, crop
-from fer_dist.data.faces import TEMPLATE, Detector, Face, align, iou, similarity
-from fer_dist.data.format import read_manifest
-from fer_dist.data.layout import discover, read_annotation
+from fer_dist.data.packing import annotations, crop
+from fer_dist.data.packing.faces import TEMPLATE, Detector, Face, align, iou, similarity
+from fer_dist.data.packing.layout import discover, read_annotation
+from fer_dist.data.shards.format import read_manifest
 from fer_dist.labels import CLASSES
 
 FACE_FRAMES = 72  # face_noface.mov: single_face.mp4's 72 frames, then an animation; noface_face.mov the other way

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from fer_dist.data.format import read_manifest
-from fer_dist.data.synth import TEST_LABELS, TEST_TEMPLATE
+from fer_dist.data.packing.synth import TEST_LABELS, TEST_TEMPLATE
+from fer_dist.data.shards.format import read_manifest
 from fer_dist.engine import predictions as preds_lib
 from helpers import REPO, tiny_config
 

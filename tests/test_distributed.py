@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from fer_dist.data.format import read_manifest
+from fer_dist.data.shards.format import read_manifest
 from fer_dist.engine import predictions
 from fer_dist.engine.evaluation import scores
 from helpers import REPO, TRAIN_SCRIPT, free_port, launch, tiny_run

@@ -10,9 +10,9 @@ import shutil
 import numpy as np
 import pytest
 
-from fer_dist.data.audio import ProsodyParams, prosody
-from fer_dist.data.format import SampleMeta, read_manifest
-from fer_dist.data.layout import discover
+from fer_dist.data.packing.audio import ProsodyParams, prosody
+from fer_dist.data.packing.layout import discover
+from fer_dist.data.shards.format import SampleMeta, read_manifest
 from fer_dist.jobs.extract import ExtractError, extract
 from helpers import samples
 
@@ -58,8 +58,7 @@ def test_the_voice_feature_is_the_frozen_encoders_layers_over_the_frames_window(
     chosen window of the frame's waveform member, computed here again from the source shards."""
     import torch
 
-    from fer_dist.data.audio import PCM_SCALE
-    from fer_dist.data.windows import wave_span
+    from fer_dist.data.shards.windows import PCM_SCALE, wave_span
     from fer_dist.models.speech import SpeechEncoder
 
     manifest = read_manifest(voice_features)
@@ -106,7 +105,7 @@ def test_the_voice_needs_shards_with_waveforms(shards, synthetic, tmp_path):
 
 @pytest.mark.slow
 def test_extract_resumes_after_a_kill(shards, synthetic, features, tmp_path, monkeypatch):
-    import fer_dist.data.features as ex
+    import fer_dist.data.packing.features as ex
 
     real, done = ex.write_shard, []
 
@@ -163,7 +162,7 @@ def test_words_are_an_optional_modality(shards, synthetic, tmp_path):
 
 @pytest.mark.slow
 def test_shards_with_test_videos_extract_with_their_test_list(challenge, tmp_path):
-    from fer_dist.data.synth import TEST_LIST
+    from fer_dist.data.packing.synth import TEST_LIST
 
     data, shards = challenge / "data", challenge / "shards"
     with pytest.raises(ExtractError, match="test videos: give --test-list"):

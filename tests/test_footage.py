@@ -22,10 +22,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fer_dist.data.audio import SILENCE
-from fer_dist.data.format import SampleMeta, read_manifest
-from fer_dist.data.layout import discover, list_crops, read_annotation
-from fer_dist.data.synth import TEST_LIST, TEST_TEMPLATE, synthesize
+from fer_dist.data.packing.layout import discover, list_crops, read_annotation
+from fer_dist.data.packing.synth import TEST_LIST, TEST_TEMPLATE, synthesize
+from fer_dist.data.shards.format import SampleMeta, read_manifest
+from fer_dist.data.shards.windows import SILENCE
 from fer_dist.models.contract import IMAGENET
 from helpers import REPO, samples, tiny_run
 
@@ -395,8 +395,8 @@ def test_the_workers_and_the_device_bring_crops_of_every_size_to_one(quirky):
     """A batch of crops each of its own size: decoded in a worker (`data.decode: cpu`) and on the
     device (`gpu`, here the CPU), both brought to the model's size, to the same bits."""
     from fer_dist.config import DataConfig
-    from fer_dist.data import decode, transport
-    from fer_dist.data.transforms import decode_on, prepare
+    from fer_dist.data.stream import decode, transport
+    from fer_dist.data.stream.transforms import decode_on, prepare
 
     crops = [s["jpg"] for s in list(quirky.samples["1-30-640x360_right"].values())[:8]]
     assert len({Image.open(io.BytesIO(c)).size for c in crops}) == 8

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fer_dist.data.audio import read_media
-from fer_dist.data.format import PackParams, SampleMeta, read_manifest
-from fer_dist.data.layout import LayoutError, discover, list_crops, read_annotation
-from fer_dist.data.pack import assign_folds, pack
+from fer_dist.data.packing.audio import read_media
+from fer_dist.data.packing.layout import LayoutError, discover, list_crops, read_annotation
+from fer_dist.data.packing.pack import assign_folds, pack
+from fer_dist.data.shards.format import PackParams, SampleMeta, read_manifest
 from fer_dist.labels import CLASSES
 from helpers import samples
 
@@ -175,7 +175,7 @@ def test_packing_again_keeps_the_shards_of_the_same_inputs_and_refuses_changed_o
     video replaced are other inputs, refused instead of answered with the old shards."""
     from PIL import Image
 
-    from fer_dist.data.pack import fingerprint
+    from fer_dist.data.packing.pack import fingerprint
 
     assert pack(discover(synthetic), shards, PackParams(samples_per_shard=150), workers=2) == read_manifest(shards)
     assert "kept, nothing packed again" in " ".join(capsys.readouterr().err.split())

@@ -10,10 +10,10 @@ import json
 import numpy as np
 import pytest
 
-from fer_dist.data.format import PackParams, read_manifest
-from fer_dist.data.layout import discover
-from fer_dist.data.pack import pack
-from fer_dist.data.synth import synthesize
+from fer_dist.data.packing.layout import discover
+from fer_dist.data.packing.pack import pack
+from fer_dist.data.packing.synth import synthesize
+from fer_dist.data.shards.format import PackParams, read_manifest
 from fer_dist.engine import predictions
 from fer_dist.engine.metrics import chance_macro_f1
 from fer_dist.labels import NUM_CLASSES

@@ -16,6 +16,9 @@ from helpers import REPO
 
 # The data path: each module may import from its own stage (without cycles) or an earlier one.
 STAGES = ["labels", "config", "console", "data", "models", "engine", "results", "jobs", "bench", "train", "cli"]
+# Inside data/: the shard contract first; reading and packing the dataset, and streaming the shards
+# back, each build on it and never on each other (the stream never loads the packer's PyAV).
+DATA_STAGES = {"shards": {"shards"}, "packing": {"shards", "packing"}, "stream": {"shards", "stream"}}
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +83,20 @@ def test_each_stage_imports_only_from_earlier_stages_and_nothing_imports_in_a_ci
     def stage(module: str) -> int:
         return STAGES.index(module.split(".")[1]) if module != "fer_dist" else -1
 
+    def data_stage(module: str) -> str | None:
+        parts = module.split(".")
+        return parts[2] if len(parts) > 3 and parts[1] == "data" else None
+
+    assert {data_stage(m) for m in modules} - {None} == set(DATA_STAGES), "every data/ module in a sub-package"
     graph = {}
     for name, path in modules.items():
         targets = {t for t in imports(path) if t in modules and t != name}
         graph[name] = targets
         backwards = [t for t in targets if stage(t) > stage(name)]
         assert not backwards, f"{name} (stage {STAGES[stage(name)]}) imports later stages: {backwards}"
+        if data_stage(name):
+            across = [t for t in targets if data_stage(t) and data_stage(t) not in DATA_STAGES[data_stage(name)]]
+            assert not across, f"{name} (data/{data_stage(name)}) imports {across}"
 
     done: set[str] = set()
 
@@ -98,6 +109,21 @@ def test_each_stage_imports_only_from_earlier_stages_and_nothing_imports_in_a_ci
 
     for name in sorted(graph):
         visit(name, [])
+
+
+def test_the_stream_and_the_manifest_load_neither_pyav_nor_torchaudio():
+    """The stream and the shard contract (every reader of a manifest) import no decoder of video or
+    sound: a loader worker, or `fer-dist inspect`, never loads FFmpeg's libraries for the packer's
+    sake. Checked in a fresh interpreter, as a loader worker started by spawn is."""
+    modules = [
+        f"fer_dist.data.{sub}.{p.stem}"
+        for sub in ("shards", "stream")
+        for p in sorted((REPO / "fer_dist" / "data" / sub).glob("*.py"))
+        if p.stem != "__init__"
+    ]
+    probe = f"import sys, {', '.join(modules)}; print(sorted({{'av', 'torchaudio'}} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]", f"{loaded.strip()} loaded by importing {modules}"
 
 
 def test_no_module_is_named_like_a_standard_library_module():

@@ -99,12 +99,12 @@ def test_a_pretrained_vit_loads_from_a_local_file_and_sets_the_normalisation(tmp
 def test_the_recipe_on_shards_without_waveforms_is_a_config_error(shards):
     from fer_dist import config
     from fer_dist.config import ConfigError
-    from fer_dist.data import stream
-    from fer_dist.data.format import read_manifest
+    from fer_dist.data.shards.format import read_manifest
+    from fer_dist.data.stream import pipeline
 
     cfg = config.load(None, [f"data.shards={shards}", "data.sequence_length=4"]).data
     with pytest.raises(ConfigError, match="fer-dist shard --audio-wave"):
-        stream.check(cfg, read_manifest(shards), ("image", "wave"))
+        pipeline.check(cfg, read_manifest(shards), ("image", "wave"))
 
 
 def test_on_feature_shards_the_recipe_is_the_same_model_after_its_encoders():

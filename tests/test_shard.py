@@ -10,11 +10,11 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from fer_dist.data.audio import MelParams, frame_columns, frame_times, log_mel, read_media, seconds, window
-from fer_dist.data.format import SampleMeta, read_manifest
-from fer_dist.data.layout import discover, list_crops, read_annotation
-from fer_dist.data.survey import compare, survey
-from fer_dist.data.windows import purity_flags
+from fer_dist.data.packing.audio import frame_columns, frame_times, log_mel, read_media, seconds, window
+from fer_dist.data.packing.layout import discover, list_crops, read_annotation
+from fer_dist.data.shards.format import MelParams, SampleMeta, read_manifest
+from fer_dist.data.shards.survey import compare, survey
+from fer_dist.data.shards.windows import purity_flags
 from helpers import samples
 
 
@@ -165,8 +165,8 @@ def test_the_manifest_does_not_depend_on_the_order_videos_finished_in():
     """Resumed packing finishes videos in another order; float sums must not see it."""
     import itertools
 
-    from fer_dist.data.format import PackParams
-    from fer_dist.data.pack import manifest_of
+    from fer_dist.data.packing.pack import manifest_of
+    from fer_dist.data.shards.format import PackParams
 
     def record(fold: str, mel_sum: float) -> dict:
         counts = [1, 0, 0, 0, 0, 0, 0, 1]
@@ -200,7 +200,7 @@ def test_the_manifest_does_not_depend_on_the_order_videos_finished_in():
 def test_shards_without_waveforms_stay_format_1_and_an_unknown_format_is_refused(shards, tmp_path):
     import pytest
 
-    from fer_dist.data.format import ManifestError
+    from fer_dist.data.shards.format import ManifestError
 
     manifest = read_manifest(shards)
     assert manifest.format == 1 and manifest.members == ["image", "audio"] and not manifest.params.audio_wave

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fer_dist.data.synth import TEST_LABELS
+from fer_dist.data.packing.synth import TEST_LABELS
 from helpers import REPO, tiny_config
 
 needs_slurm = pytest.mark.skipif(

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from fer_dist import config
-from fer_dist.data import balance, stream, transport
-from fer_dist.data.balance import expected_thrown_away, resampling_plan
-from fer_dist.data.counts import COUNTS, Counter, Tally, describe, diversity, median_and_least
-from fer_dist.data.decode import decode_frame
-from fer_dist.data.format import SampleMeta, read_manifest, sample_key
-from fer_dist.data.stream import StreamError, check, eval_loader, pick_window, train_loader
-from fer_dist.data.transforms import crop_resize_windows
+from fer_dist.data.shards.format import SampleMeta, read_manifest, sample_key
+from fer_dist.data.stream import balance, pipeline, transport
+from fer_dist.data.stream.balance import expected_thrown_away, resampling_plan
+from fer_dist.data.stream.counts import COUNTS, Counter, Tally, describe, diversity, median_and_least
+from fer_dist.data.stream.decode import decode_frame
+from fer_dist.data.stream.pipeline import StreamError, check, eval_loader, pick_window, train_loader
+from fer_dist.data.stream.transforms import crop_resize_windows
 from fer_dist.models.contract import IMAGENET
 from helpers import samples
 
@@ -133,7 +133,7 @@ def test_a_batch_counts_the_videos_and_the_clips_it_draws_on():
         return {"__key__": sample_key(video, frame), "__url__": url, "json": meta.to_bytes(), "cls": b"1"}
 
     read = [("a", "v", 1), ("a", "v", 2), ("a", "v", 4), ("a", "w", 5), ("b", "w", 6), ("b", "w", 7)]
-    parsed = list(stream.parse([sample(*r) for r in read], Counter()))
+    parsed = list(pipeline.parse([sample(*r) for r in read], Counter()))
     assert [s["clip"] for s in parsed] == [1, 1, 2, 3, 4, 4]
     frames = [decode_frame(s, ()) for s in parsed + parsed[:1]]  # and a copy of the first frame
     batch = transport.as_tensors(transport.collate(frames, image_size=8))
@@ -257,7 +257,7 @@ def test_the_waveform_window_is_cut_from_the_member_as_the_window_drawn(wave_sha
     """The stream takes the window drawn for the frame (the same draw as the log-mel's) from the
     stored waveform: its samples first, then silence, and its length; a frame's mel window and
     waveform window are the same window."""
-    from fer_dist.data.transforms import prepare
+    from fer_dist.data.stream.transforms import prepare
 
     manifest = read_manifest(wave_shards)
     stored = {s["__key__"]: s for s in samples(wave_shards)}
@@ -334,7 +334,7 @@ def test_crops_decoded_on_the_device_are_the_crops_the_workers_decode(shards, se
     """`data.decode: gpu`: the stream carries each crop's checked JPEG bytes, and the batch
     preparation decodes them on the training device; on a CPU device that is the same decoder as
     the workers', so the prepared inputs are equal to the last bit."""
-    from fer_dist.data.transforms import prepare
+    from fer_dist.data.stream.transforms import prepare
 
     manifest = read_manifest(shards)
     prepared = {}
@@ -353,7 +353,7 @@ def test_crops_decoded_on_the_device_are_the_crops_the_workers_decode(shards, se
 
 
 def test_a_truncated_crop_is_caught_in_the_worker_when_the_gpu_decodes(tmp_path):
-    from fer_dist.data.decode import jpeg_bytes
+    from fer_dist.data.stream.decode import jpeg_bytes
 
     crop = tmp_path / "c.jpg"
     from PIL import Image
@@ -376,7 +376,7 @@ def test_gpu_decoding_without_a_gpu_is_a_config_error(capsys):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_nvjpeg_decodes_the_crops_as_the_cpu_does_up_to_rounding(shards):
-    from fer_dist.data.transforms import decode_on
+    from fer_dist.data.stream.transforms import decode_on
 
     manifest = read_manifest(shards)
     cfg = data_cfg(shards, epoch_samples=64, decode="gpu")

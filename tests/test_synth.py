@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from fer_dist import cli
-from fer_dist.data.layout import discover, read_annotation
-from fer_dist.data.synth import LOOK, SOUND, shape_segments, synthesize
+from fer_dist.data.packing.layout import discover, read_annotation
+from fer_dist.data.packing.synth import LOOK, SOUND, shape_segments, synthesize
 from fer_dist.labels import CLASSES
 from helpers import LENGTH, N_VIDEOS
 
@@ -80,7 +80,8 @@ def test_deterministic(tmp_path):
 
 def test_audio_follows_the_sound_of_the_label(synthetic):
     """Frames of classes that share a sound have alike spectra; classes that do not, differ."""
-    from fer_dist.data.audio import MelParams, frame_columns, frame_times, log_mel, read_media, seconds
+    from fer_dist.data.packing.audio import frame_columns, frame_times, log_mel, read_media, seconds
+    from fer_dist.data.shards.format import MelParams
 
     v = next(v for v in discover(synthetic) if v.media.suffix == ".mp4" and "_" not in v.name)
     labels = read_annotation(v.annotation)

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from fer_dist.data.format import read_manifest
+from fer_dist.data.shards.format import read_manifest
 from fer_dist.engine import predictions
 from fer_dist.engine.metrics import chance_macro_f1
 from fer_dist.labels import NUM_CLASSES

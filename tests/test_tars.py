@@ -3,7 +3,7 @@ import tarfile
 
 import pytest
 
-from fer_dist.data import tars
+from fer_dist.data.shards import tars
 
 
 def ustar(members: dict[str, bytes]) -> bytes:

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from fer_dist import config
-from fer_dist.data import balance, stream
-from fer_dist.data.format import read_manifest
+from fer_dist.data.shards.format import read_manifest
+from fer_dist.data.stream import balance, pipeline
 from fer_dist.engine.checkpoint import save_weights
 from fer_dist.engine.distributed import make_accelerator
 from fer_dist.engine.optim import lr_factor, make_optimizer
@@ -51,7 +51,7 @@ def main(shards: str, out: str, steps: int) -> None:
     manifest = read_manifest(Path(shards))
     counts = torch.as_tensor(balance.resampling_plan(manifest, manifest.fold_groups(0), cfg.data).read)
     task = Task(cfg, manifest, net, counts)
-    loader, _ = stream.train_loader(cfg.data, manifest, seed=0, epoch=0, rank=rank, world=world)
+    loader, _ = pipeline.train_loader(cfg.data, manifest, seed=0, epoch=0, rank=rank, world=world)
     for _, batch in zip(range(steps), loader, strict=False):
         step = task.prepare(batch, accelerator.device, train=True)
         train_step(accelerator, model, optimizer, scheduler, task, step, cfg.optim.grad_clip)

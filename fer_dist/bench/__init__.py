@@ -51,7 +51,7 @@ def run(
     if what == "gpu":
         gpu.require_cuda()  # before any data is made
     if what == "learn":  # before any data is made
-        from fer_dist.data.synth import check
+        from fer_dist.data.packing.synth import check
 
         learn.check_seeds(seeds)
         check(videos, length, "shapes")

@@ -8,21 +8,21 @@ from pathlib import Path
 import numpy as np
 
 from fer_dist.bench.common import timed_batches
-from fer_dist.data.format import Manifest, read_manifest
+from fer_dist.data.shards.format import Manifest, MelParams, fold_group, read_manifest
 
 
 def teams_items(root: Path, manifest: Manifest, holdout: int, mel_dir: Path) -> list[tuple[str, str, int, int]]:
     """(crop path, video, frame, label) of the training frames with a crop; writes each training
     video's per-frame log-mel columns to `mel_dir/<video>.npy` once, as the teams precompute them."""
-    from fer_dist.data import audio
-    from fer_dist.data.layout import discover, list_crops, read_annotation
+    from fer_dist.data.packing import audio
+    from fer_dist.data.packing.layout import discover, list_crops, read_annotation
 
     mel_dir.mkdir(parents=True, exist_ok=True)
-    params = audio.MelParams()
+    params = MelParams()
     items = []
     for video in discover(root):
         record = manifest.videos.get(video.name)
-        if record is None or record.fold in ("test", f"fold{holdout}"):
+        if record is None or record.fold in ("test", fold_group(holdout)):
             continue
         labels = read_annotation(video.annotation)
         npy = mel_dir / f"{video.name}.npy"

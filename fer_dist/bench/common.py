@@ -49,7 +49,7 @@ def run_measured(cmd: list[str]) -> tuple[float, float, str]:
 def synthetic(workdir: Path, videos: int, seed: int = 0, style: str = "faces", length: int = 1000) -> Path:
     """The benchmark's dataset (`fer-dist synth --style --length`: `length` frames per video), made
     once and reused."""
-    from fer_dist.data.synth import synthesize
+    from fer_dist.data.packing.synth import synthesize
 
     root = workdir / f"{'affwild2' if style == 'faces' else style}-{videos}v{'' if length == 1000 else f'-{length}f'}"
     if not (root / ".complete").exists():
@@ -89,8 +89,8 @@ def child(job: str, **kwargs) -> tuple[dict, float]:
 
 def packed(workdir: Path, root: Path, workers: int, audio_wave: bool = False) -> Path:
     """The benchmark's shards (default packing, with waveforms if asked), made once and reused."""
-    from fer_dist.data.layout import discover
-    from fer_dist.data.pack import PackParams, pack
+    from fer_dist.data.packing.layout import discover
+    from fer_dist.data.packing.pack import PackParams, pack
 
     out = workdir / f"{root.name}-{'wave-' if audio_wave else ''}shards"
     if not (out / "manifest.json").exists():

@@ -158,8 +158,8 @@ def time_feeding(shards: str, workers: int, decode: str, batch_size: int, steps:
     seconds computing (the device synchronised after each step, so that its work is counted)."""
     import torch
 
-    from fer_dist.data import stream
-    from fer_dist.data.format import read_manifest
+    from fer_dist.data.shards.format import read_manifest
+    from fer_dist.data.stream import pipeline
     from fer_dist.engine.task import Task
     from fer_dist.engine.trainer import train_step
 
@@ -167,7 +167,7 @@ def time_feeding(shards: str, workers: int, decode: str, batch_size: int, steps:
     overrides += [f"data.batch_size={batch_size}", f"data.epoch_samples={(steps + 10) * batch_size}"]
     cfg, accelerator, model, optimizer, scheduler, _ = paper_setup(overrides)
     manifest, net = read_manifest(shards), accelerator.unwrap_model(model)
-    training = stream.TrainStream(cfg.data, manifest, net.inputs, seed=0, rank=0, world=1)
+    training = pipeline.TrainStream(cfg.data, manifest, net.inputs, seed=0, rank=0, world=1)
     task = Task(cfg, manifest, net, training.class_counts)
     loader = training.loader(epoch=0)
     waiting = computing = 0.0

@@ -33,8 +33,8 @@ GAIN_GOAL = 0.10  # the whole model's prediction at least its better single-moda
 
 def frames(shards: str, groups: list[str]) -> tuple[list[bytes], np.ndarray]:
     """Every sample's crop bytes and label in `groups`, read from the tars."""
-    from fer_dist.data import tars
-    from fer_dist.data.format import LABEL, MEMBERS, read_manifest
+    from fer_dist.data.shards import tars
+    from fer_dist.data.shards.format import LABEL, MEMBERS, read_manifest
 
     crops, labels = [], []
     for url in read_manifest(shards).shard_paths(shards, groups):
@@ -53,7 +53,7 @@ def plain_loop(shards: str, config: str, holdout: int, steps: int, seed: int) ->
     from torch.utils.data import DataLoader, Dataset
 
     from fer_dist import config as config_lib
-    from fer_dist.data.format import read_manifest
+    from fer_dist.data.shards.format import fold_group, read_manifest
     from fer_dist.engine.metrics import macro_f1
     from fer_dist.models import build
 
@@ -77,7 +77,7 @@ def plain_loop(shards: str, config: str, holdout: int, steps: int, seed: int) ->
 
     manifest = read_manifest(shards)
     train = Frames(*frames(shards, manifest.fold_groups(holdout)))
-    held = Frames(*frames(shards, [f"fold{holdout}"]))
+    held = Frames(*frames(shards, [fold_group(holdout)]))
     shuffled = DataLoader(
         train,
         cfg.data.batch_size,
@@ -159,7 +159,7 @@ def bench_learn(
     "by_fold": `by_fold`'s summary, on which the goals are judged}."""
     from fer_dist.bench.common import child
     from fer_dist.config import CONFIGS
-    from fer_dist.data.format import read_manifest
+    from fer_dist.data.shards.format import fold_group, read_manifest
     from fer_dist.engine.metrics import chance_macro_f1
     from fer_dist.labels import NUM_CLASSES
 
@@ -186,7 +186,7 @@ def bench_learn(
                 bar.update(task, advance=1, info=f"fold {holdout}, seed {seed}: fer-dist, whole model")
                 whole = fer_dist_run(shards, workdir / "runs" / "learn-mfm", holdout, steps, seed)
                 bar.update(task, advance=1)
-                counts = manifest.groups[f"fold{holdout}"].class_counts
+                counts = manifest.groups[fold_group(holdout)].class_counts
                 rows.append(
                     {
                         "holdout": holdout,

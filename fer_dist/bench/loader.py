@@ -14,16 +14,16 @@ import numpy as np
 
 from fer_dist.bench.common import child, packed, spread, synthetic, timed_batches
 from fer_dist.console import out, print_table
-from fer_dist.data.format import Shard, read_manifest
+from fer_dist.data.shards.format import Shard, read_manifest
 from fer_dist.labels import CLASSES
 
 
 def time_stream(shards: str, workers: int, samples: int, batch_size: int) -> dict:
     from fer_dist import config
-    from fer_dist.data.balance import resampling_plan
-    from fer_dist.data.counts import Tally, describe
-    from fer_dist.data.format import read_manifest
-    from fer_dist.data.stream import train_loader
+    from fer_dist.data.shards.format import read_manifest
+    from fer_dist.data.stream.balance import resampling_plan
+    from fer_dist.data.stream.counts import Tally, describe
+    from fer_dist.data.stream.pipeline import train_loader
 
     overrides = [f"data.shards={shards}", f"data.workers={workers}", f"data.batch_size={batch_size}"]
     cfg = config.load(None, overrides).data

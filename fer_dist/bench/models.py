@@ -41,7 +41,7 @@ def bench_models(workdir: Path, videos: int) -> dict:
     each in its own process, and reports its parameters (paper and CPU config), training
     samples/s and held-out macro-F1 after the CPU config's epochs."""
     from fer_dist.config import CONFIGS
-    from fer_dist.data.layout import discover
+    from fer_dist.data.packing.layout import discover
     from fer_dist.engine import predictions
     from fer_dist.engine.metrics import chance_macro_f1
     from fer_dist.jobs.extract import extract

@@ -16,8 +16,8 @@ def time_pack(root: str, out: str, workers: int) -> dict:
     is paid once per command, whatever the data, and is reported on its own."""
     import os
 
-    from fer_dist.data.layout import discover
-    from fer_dist.data.pack import PackParams, pack, worker_context
+    from fer_dist.data.packing.layout import discover
+    from fer_dist.data.packing.pack import PackParams, pack, worker_context
 
     videos = discover(Path(root))
     start = time.perf_counter()
@@ -34,7 +34,7 @@ def bench_pack(workdir: Path, videos: int, workers: list[int]) -> dict:
 
     The command's wall time also includes starting Python, importing torch and starting the
     workers' forkserver, seconds that do not grow with the data; `pack_seconds` is pack() alone."""
-    from fer_dist.data.layout import discover, read_annotation
+    from fer_dist.data.packing.layout import discover, read_annotation
 
     root = synthetic(workdir, videos)
     frames = sum(int((read_annotation(v.annotation) >= 0).sum()) for v in discover(root))

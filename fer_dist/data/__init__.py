@@ -1,1 +1,2 @@
-"""The data path before the model: the dataset on disk, packed into shards, streamed back as batches."""
+"""Data in three stages: `shards` (the contract), `packing` (dataset to shards), `stream` (shards to
+batches)."""

@@ -12,9 +12,9 @@ from rich.progress import Progress
 
 from fer_dist.config import ConfigError
 from fer_dist.console import console
-from fer_dist.data import stream
-from fer_dist.data.counts import Tally, describe
-from fer_dist.data.format import Manifest
+from fer_dist.data.shards.format import Manifest
+from fer_dist.data.stream import pipeline
+from fer_dist.data.stream.counts import Tally, describe
 from fer_dist.engine import predictions as preds_lib
 from fer_dist.engine.metrics import confusion, confusion_png, f1_per_class
 from fer_dist.engine.task import Task
@@ -61,7 +61,7 @@ def evaluate(
     expected, world, rank = manifest.groups[group].samples, accelerator.num_processes, accelerator.process_index
     progress = bar.add_task(f"evaluate {group}", total=math.ceil(expected / data.eval_batch_size / world), info="")
     keys, labels, logits, tally = [], [], {}, Tally()
-    for batch in stream.eval_loader(data, manifest, group, rank=rank, world=world, inputs=net.inputs):
+    for batch in pipeline.eval_loader(data, manifest, group, rank=rank, world=world, inputs=net.inputs):
         step = task.prepare(batch, accelerator.device, train=False)
         outputs = task.forward(net, step.inputs, accelerator.autocast)
         mask = batch.get("mask")  # clip mode: the real frames of padded runs
@@ -90,7 +90,7 @@ def evaluate(
     if len(merged) != expected:
         for p in parts:  # a refused evaluation leaves no part behind
             p.unlink()
-        raise stream.StreamError(
+        raise pipeline.StreamError(
             f"evaluation saw {len(merged)} frames of {group}, the manifest lists {expected} "
             f"({faults['corrupt_shards']} corrupt shard(s) and {faults['corrupt_samples']} corrupt sample(s) "
             "skipped); check the shards with `fer-dist inspect`"

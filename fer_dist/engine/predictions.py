@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fer_dist.data.format import split_key
+from fer_dist.data.shards.format import split_key
 
 
 @dataclass

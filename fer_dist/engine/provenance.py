@@ -29,7 +29,7 @@ from rich.table import Table
 
 import fer_dist
 from fer_dist.console import out
-from fer_dist.data.format import atomic_write
+from fer_dist.data.shards.format import atomic_write
 
 FILE = "provenance.json"
 LIBRARIES = ("torch", "torchvision", "torchaudio", "timm", "accelerate", "av", "webdataset", "numpy", "deepspeed")

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from fer_dist.config import Config, ConfigError
-from fer_dist.data import stream
-from fer_dist.data.format import Manifest
-from fer_dist.data.transforms import mix, prepare
+from fer_dist.data.shards.format import Manifest
+from fer_dist.data.stream import pipeline
+from fer_dist.data.stream.transforms import mix, prepare
 from fer_dist.engine.losses import objective
 from fer_dist.labels import NUM_CLASSES
 from fer_dist.models import build
@@ -38,7 +38,7 @@ def model_for(cfg: Config, manifest: Manifest, training: bool = True) -> Express
     """The configured model, checked against the shards it will read: the inputs they hold, frames
     or runs as the model takes them, and (training) loss weights only for heads it trains."""
     model = build(cfg.model, cfg.data.image_size, cfg.data.audio_size, manifest.feature_dims())
-    stream.check(cfg.data, manifest, model.inputs, training)
+    pipeline.check(cfg.data, manifest, model.inputs, training)
     strangers = sorted(set(cfg.loss.head_weights) - set(model.heads))
     if training and strangers:
         raise ConfigError(

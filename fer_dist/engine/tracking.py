@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from fer_dist.config import Config, ConfigError, to_dict
-from fer_dist.data.format import atomic_write
+from fer_dist.data.shards.format import atomic_write
 
 STATE = "trackers.json"
 RUN_NAME = {"mlflow": "run_name", "wandb": "name"}  # the start argument that names a tracker's run

@@ -23,9 +23,9 @@ from rich.progress import Progress
 
 from fer_dist import config as config_lib
 from fer_dist.console import console, progress
-from fer_dist.data import stream
-from fer_dist.data.counts import describe
-from fer_dist.data.format import Manifest, read_manifest
+from fer_dist.data.shards.format import Manifest, read_manifest
+from fer_dist.data.stream import pipeline
+from fer_dist.data.stream.counts import describe
 from fer_dist.engine import checkpoint, provenance, tracking
 from fer_dist.engine.distributed import first_raised, make_accelerator
 from fer_dist.engine.evaluation import evaluate, summed
@@ -92,7 +92,7 @@ class Trainer:
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.holdout = f"fold{cfg.data.holdout_fold}"
         accumulation = accelerator.gradient_accumulation_steps
-        self.stream = stream.TrainStream(
+        self.stream = pipeline.TrainStream(
             cfg.data, manifest, model.inputs, seed=cfg.train.seed, rank=self.rank, world=self.world,
             accumulation=accumulation,
         )  # fmt: skip

@@ -1,7 +1,7 @@
 """`fer-dist annotate`: a trained model's expression for every frame of any video.
 
 One pipeline with the rest of fer-dist: the videos are cropped as `fer-dist crop` crops them
-(`data/crop.py`), packed as test videos as `fer-dist shard` packs them (`data/pack.py`: one
+(`data/packing/crop.py`), packed as test videos as `fer-dist shard` packs them (`data/packing/pack.py`: one
 sample per frame, the same crops, filled from the nearest crop where a frame has no face, the
 same audio windows around each frame's own timestamp), and
 predicted as `fer-dist predict` predicts a shard group (`jobs/predict.py`); the run's
@@ -37,10 +37,10 @@ import numpy as np
 
 from fer_dist import config as config_lib
 from fer_dist.console import console, print_table
-from fer_dist.data import crop as crop_lib
-from fer_dist.data import pack
-from fer_dist.data.format import Manifest, ManifestError, PackParams, atomic_write, read_manifest, sample_key
-from fer_dist.data.layout import Video
+from fer_dist.data.packing import crop as crop_lib
+from fer_dist.data.packing import pack
+from fer_dist.data.packing.layout import Video
+from fer_dist.data.shards.format import Manifest, ManifestError, PackParams, atomic_write, read_manifest, sample_key
 from fer_dist.engine import predictions as preds_lib
 from fer_dist.jobs.predict import predict_group
 from fer_dist.labels import CLASSES, NUM_CLASSES

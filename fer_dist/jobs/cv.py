@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fer_dist.config import ConfigError, dump, load
 from fer_dist.console import console
-from fer_dist.data.format import read_manifest
+from fer_dist.data.shards.format import read_manifest
 from fer_dist.jobs.launch import run_module
 from fer_dist.jobs.predict import predict
 from fer_dist.results import ensemble

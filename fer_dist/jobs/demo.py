@@ -22,10 +22,10 @@ from rich.table import Table
 from fer_dist import config
 from fer_dist.console import out as console
 from fer_dist.console import progress
-from fer_dist.data import pack
-from fer_dist.data.format import PackParams
-from fer_dist.data.layout import discover
-from fer_dist.data.synth import TEST_LABELS, TEST_LIST, TEST_TEMPLATE
+from fer_dist.data.packing import pack
+from fer_dist.data.packing.layout import discover
+from fer_dist.data.packing.synth import TEST_LABELS, TEST_LIST, TEST_TEMPLATE
+from fer_dist.data.shards.format import PackParams
 from fer_dist.engine import provenance
 from fer_dist.jobs.cv import cross_validate
 from fer_dist.results import ensemble
@@ -63,7 +63,7 @@ def main_job(workdir: Path, videos: int = 24, seed: int = 0, epochs: int | None 
     started = time.perf_counter()
     data, shards, cv_dir = workdir / "affwild2", workdir / "shards", workdir / "cv"
     if not (data / ".complete").exists():
-        from fer_dist.data.synth import synthesize
+        from fer_dist.data.packing.synth import synthesize
 
         with progress() as bar:
             task = bar.add_task("synthesizing videos", total=videos + test_videos, info="")

@@ -1,5 +1,5 @@
 """`fer-dist extract`: frozen encoders run once over packed shards, into feature shards
-(`data/features.py`), for the models of papers 001 and 004 and the recipe's
+(`data/packing/features.py`), for the models of papers 001 and 004 and the recipe's
 `face_voice_temporal_features`.
 
     fer-dist extract --shards shards/affwild2 --root /data/affwild2 --out shards/affwild2-feat \
@@ -26,12 +26,12 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from fer_dist.config import DataConfig
 from fer_dist.console import console
-from fer_dist.data import audio
-from fer_dist.data.features import ExtractError, inputs_of, write_features
-from fer_dist.data.format import MEMBERS, Manifest, load_npy, read_manifest
-from fer_dist.data.layout import Video
-from fer_dist.data.transforms import one_size, prepare_image
-from fer_dist.data.windows import NAMES, wave_span
+from fer_dist.data.packing import audio
+from fer_dist.data.packing.features import ExtractError, inputs_of, write_features
+from fer_dist.data.packing.layout import Video
+from fer_dist.data.shards.format import MEMBERS, Manifest, load_npy, read_manifest
+from fer_dist.data.shards.windows import NAMES, PCM_SCALE, wave_span
+from fer_dist.data.stream.transforms import one_size, prepare_image
 from fer_dist.models.backbones import create_backbone
 from fer_dist.models.contract import normalisation_of
 from fer_dist.models.speech import SpeechEncoder
@@ -58,7 +58,7 @@ def hear(encoder: SpeechEncoder, waves: list[bytes], window: str, batch: int, de
     stored = np.stack([load_npy(w)[start : start + length] for w in waves])
     out = []
     for i in range(0, len(stored), batch):
-        wave = torch.from_numpy(stored[i : i + batch]).to(device).float() / audio.PCM_SCALE
+        wave = torch.from_numpy(stored[i : i + batch]).to(device).float() / PCM_SCALE
         lengths = torch.full((len(wave),), length, device=device)
         with torch.autocast(device.type, enabled=device.type == "cuda"):
             out.append(encoder.layer_means(wave, lengths).float().cpu().numpy())

@@ -25,8 +25,8 @@ from safetensors.torch import load_file
 from fer_dist import config as config_lib
 from fer_dist.config import ConfigError
 from fer_dist.console import console, progress
-from fer_dist.data.format import ManifestError, atomic_write, read_manifest, sample_key
-from fer_dist.data.stream import StreamError
+from fer_dist.data.shards.format import ManifestError, atomic_write, read_manifest, sample_key
+from fer_dist.data.stream.pipeline import StreamError
 from fer_dist.engine import predictions as preds_lib
 from fer_dist.engine.distributed import make_accelerator
 from fer_dist.engine.evaluation import evaluate

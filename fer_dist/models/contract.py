@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fer_dist.data.transforms import Normalisation
-
+Normalisation = tuple[tuple[float, ...], tuple[float, ...]]  # mean and std per RGB channel
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # mean and std per RGB channel
 
 

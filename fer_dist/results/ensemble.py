@@ -22,8 +22,8 @@ from rich.table import Table
 
 from fer_dist.console import console
 from fer_dist.console import out as stdout
-from fer_dist.data.format import atomic_write
-from fer_dist.data.layout import read_annotation
+from fer_dist.data.packing.layout import read_annotation
+from fer_dist.data.shards.format import atomic_write
 from fer_dist.engine import predictions as preds_lib
 from fer_dist.engine import provenance
 from fer_dist.engine.metrics import confusion, f1_per_class

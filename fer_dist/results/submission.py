@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fer_dist.data.format import sample_key
+from fer_dist.data.shards.format import sample_key
 from fer_dist.engine.predictions import split_keys
 from fer_dist.labels import CLASSES
 

@@ -1,7 +1,7 @@
 """Users' own videos into the Aff-Wild2 layout: `fer-dist crop`.
 
 Every frame of every video is decoded (PyAV), its faces detected, tracked and aligned
-(`data/faces.py`), and each face written as `ROOT/cropped_aligned/<name>/<frame:05d>.jpg`: 112x112
+(`data/packing/faces.py`), and each face written as `ROOT/cropped_aligned/<name>/<frame:05d>.jpg`: 112x112
 JPEG, frame numbers 1-based in decode order, no crop where no face was found. A video with one
 person gives `<video>`; a video where two people are seen together gives `<video>_left` and
 `<video>_right`, by their places on screen, as the challenge names its two-face videos. The video
@@ -37,9 +37,9 @@ import av
 import numpy as np
 
 from fer_dist.console import console, print_table
-from fer_dist.data.faces import DETECTORS, Detector, Face, Tracker, align
-from fer_dist.data.format import atomic_write
-from fer_dist.data.layout import CROP_DIRS, VIDEO_DIRS, VIDEO_SUFFIXES
+from fer_dist.data.packing.faces import DETECTORS, Detector, Face, Tracker, align
+from fer_dist.data.packing.layout import CROP_DIRS, VIDEO_DIRS, VIDEO_SUFFIXES
+from fer_dist.data.shards.format import atomic_write
 
 CROPS = CROP_DIRS[0]  # cropped_aligned
 VIDEOS = VIDEO_DIRS[0]  # batch1

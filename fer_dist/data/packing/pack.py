@@ -29,8 +29,9 @@ import torch
 from torchvision.io import decode_jpeg
 
 from fer_dist.console import console, out, print_table
-from fer_dist.data import audio
-from fer_dist.data.format import (
+from fer_dist.data.packing import audio
+from fer_dist.data.packing.layout import VIDEO_SUFFIXES, Video, list_crops, other_images, read_annotation
+from fer_dist.data.shards.format import (
     FORMAT_VERSION,
     LABEL,
     MEMBERS,
@@ -46,16 +47,17 @@ from fer_dist.data.format import (
     VideoRecord,
     atomic_write,
     claim,
+    fold_group,
+    group_fold,
     npy_bytes,
     npy_header,
     sample_key,
     shard_name,
     whole_jpeg,
 )
-from fer_dist.data.layout import VIDEO_SUFFIXES, Video, list_crops, other_images, read_annotation
-from fer_dist.data.survey import show_quality
-from fer_dist.data.tars import TAR_END, tar_record
-from fer_dist.data.windows import NAMES, purity_flags
+from fer_dist.data.shards.survey import show_quality
+from fer_dist.data.shards.tars import TAR_END, tar_record
+from fer_dist.data.shards.windows import NAMES, SILENCE, WAVE_RATE, WAVE_WIDTH, WIDEST, purity_flags
 from fer_dist.labels import CLASSES, NUM_CLASSES, UNLABELLED
 
 
@@ -87,7 +89,7 @@ def assign_folds(videos: list[Video], scheme: str, n_folds: int, seed: int) -> d
         else:
             fold = i % n_folds
         for v in by_parent[(pool, parent)]:
-            groups[v.name] = f"fold{fold}"
+            groups[v.name] = fold_group(fold)
     return groups
 
 
@@ -209,7 +211,7 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
     if record_path.exists():
         return video.name, json.loads(record_path.read_text())
     crops = Crops(video.crops)
-    waves = (audio.WAVE_RATE,) if params.audio_wave else ()
+    waves = (WAVE_RATE,) if params.audio_wave else ()
     media = audio.read_media(video.media, params.mel.sample_rate, also=waves)
     fps = media.fps or audio.ASSUMED_FPS
     if video.annotation is not None:
@@ -243,15 +245,15 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
     mel = audio.log_mel(media.audio, params.mel) if media.audio is not None else None
     columns = audio.frame_columns(mel, audio.seconds(times), n, params.mel)
     pads = audio.padding(heard, n)
-    inside = columns[:, audio.WIDEST : audio.WIDEST + len(times)][:, heard].astype(np.float64)
+    inside = columns[:, WIDEST : WIDEST + len(times)][:, heard].astype(np.float64)
     flags = purity_flags(labels)
 
     half = columns.astype(np.float16)
-    header = npy_header((params.mel.n_mels, 2 * audio.WIDEST), np.float16)
+    header = npy_header((params.mel.n_mels, 2 * WIDEST), np.float16)
     if params.audio_wave:  # resampled straight to 16 kHz from the same decoded frames
-        pcm = audio.pcm16(media.resampled[audio.WAVE_RATE]) if mel is not None else np.zeros(0, np.int16)
-        wave_header = npy_header((audio.WAVE_WIDTH,), np.int16)
-        silent_wave = np.zeros(audio.WAVE_WIDTH, np.int16)
+        pcm = audio.pcm16(media.resampled[WAVE_RATE]) if mel is not None else np.zeros(0, np.int16)
+        wave_header = npy_header((WAVE_WIDTH,), np.int16)
+        silent_wave = np.zeros(WAVE_WIDTH, np.int16)
     extents = []
     tmp = work / f"{video.name}.tar.tmp"
     with open(tmp, "wb") as fh:
@@ -347,7 +349,8 @@ def group_plan(
         if records[name]["fold"] == group
     }
     all_clips = [(name, s, e) for name, rows in index.items() for s, e in clips(rows[:, 0], params.clip_len)]
-    tag = int(group[4:]) if group.startswith("fold") else 1000
+    fold = group_fold(group)
+    tag = 1000 if fold is None else fold
     order = np.random.default_rng([params.seed, tag]).permutation(len(all_clips))
     return [all_clips[i] for i in order], index
 
@@ -471,7 +474,7 @@ def manifest_of(
         format=FORMAT_VERSION if params.audio_wave else 1,
         classes=list(CLASSES),
         params=params,
-        mel_stats=MelStats(mean, float(np.sqrt(max(var, 1e-12)))) if count else MelStats(audio.SILENCE, 1.0),
+        mel_stats=MelStats(mean, float(np.sqrt(max(var, 1e-12)))) if count else MelStats(SILENCE, 1.0),
         totals=totals,
         problems=problems(records),
         groups=groups,

@@ -23,10 +23,9 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from fer_dist.config import DataConfig
-from fer_dist.data.audio import PCM_SCALE, SILENCE
-from fer_dist.data.format import Manifest
+from fer_dist.data.shards.format import Manifest
+from fer_dist.data.shards.windows import PCM_SCALE, SILENCE
 
-Normalisation = tuple[tuple[float, ...], tuple[float, ...]]  # mean and std per RGB channel, the model's (its contract)
 GRAY = (0.299, 0.587, 0.114)
 
 
@@ -91,7 +90,7 @@ def prepare(
     cfg: DataConfig,
     manifest: Manifest,
     train: bool,
-    normalisation: Normalisation,
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]],
 ) -> dict:
     """The model inputs the batch holds, on `device`, leading dims kept: `image` [..., 3, S, S]
     standardised with `normalisation` (the model's), `audio` [..., 1, H, W], `wave` [..., T] in
@@ -159,7 +158,7 @@ def prepare_image(
     device: torch.device,
     cfg: DataConfig,
     train: bool,
-    normalisation: Normalisation,
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]],
 ) -> torch.Tensor:
     """uint8 crops [..., 3, H, W] to float frames [N, 3, S, S] standardised with (mean, std); in
     training, one random affine warp and colour jitter per run (per frame outside clip mode)."""

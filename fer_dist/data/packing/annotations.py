@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fer_dist.data.format import atomic_write
+from fer_dist.data.shards.format import atomic_write
 from fer_dist.labels import CLASSES, UNLABELLED
 
 CHALLENGE = Path("annotations") / "EXPR_Recognition_Challenge"

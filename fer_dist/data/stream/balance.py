@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fer_dist.config import DataConfig
-from fer_dist.data.format import PACKED, Manifest
-from fer_dist.data.windows import NAMES
+from fer_dist.data.shards.format import PACKED, Manifest
+from fer_dist.data.shards.windows import NAMES
 
 EXPONENT = {"natural": 1.0, "sqrt": 0.5, "uniform": 0.0}
 FAMILIES = (*EXPONENT, "weights")

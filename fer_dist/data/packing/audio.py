@@ -20,17 +20,10 @@ import numpy as np
 import torch
 import torchaudio
 
-SILENCE = float(np.log(1e-6))  # log-mel value of digital silence and of padding
-WIDEST = 32  # half width, in frames, of the widest dynamic window (paper 000)
+from fer_dist.data.shards.format import MelParams
+from fer_dist.data.shards.windows import PCM_SCALE, SILENCE, WAVE_RATE, WAVE_WIDTH, WIDEST
+
 ASSUMED_FPS = Fraction(30)  # the frame rate of a file that cannot be read
-
-
-@dataclass(frozen=True)
-class MelParams:
-    sample_rate: int = 32000  # not stated in paper 000; at hop 1024 it gives ~31 columns/s, ~1 per frame
-    n_fft: int = 2048
-    hop: int = 1024
-    n_mels: int = 128
 
 
 @dataclass
@@ -231,20 +224,6 @@ def padding(heard_: np.ndarray, n_frames: int) -> np.ndarray:
     before = silent & (np.arange(len(silent)) < first)
     windows = np.lib.stride_tricks.sliding_window_view(np.stack([before, silent & ~before]), 2 * WIDEST, axis=1)
     return windows.sum(2).T[:n_frames].astype(np.int64)
-
-
-WAVE_RATE = 16000  # the wav2vec2 family's input rate
-NOMINAL_FPS = 30  # a waveform window lasts what its frame window lasts at this frame rate
-PCM_SCALE = 32767  # float samples in [-1, 1] to 16-bit PCM
-
-
-def wave_half(half_frames: int) -> int:
-    """A window of +-`half_frames` frames as +- samples of the 16 kHz waveform (at NOMINAL_FPS:
-    the durations are the same for every video, so windows stack into batches)."""
-    return round(half_frames * WAVE_RATE / NOMINAL_FPS)
-
-
-WAVE_WIDTH = 2 * wave_half(WIDEST)  # samples in a frame's stored waveform window
 
 
 def pcm16(audio: np.ndarray) -> np.ndarray:

@@ -11,10 +11,9 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from fer_dist.data.audio import WAVE_WIDTH
-from fer_dist.data.counts import Counter
-from fer_dist.data.format import MEMBERS, load_npy, whole_jpeg
-from fer_dist.data.windows import NAMES, column_span, wave_span
+from fer_dist.data.shards.format import MEMBERS, load_npy, whole_jpeg
+from fer_dist.data.shards.windows import NAMES, WAVE_WIDTH, column_span, wave_span
+from fer_dist.data.stream.counts import Counter
 
 SPANS = {name: np.array(column_span(name)) for name in NAMES}  # each window's (start, width) columns
 WAVE_SPANS = {name: wave_span(name) for name in NAMES}  # each window's (start, length) samples

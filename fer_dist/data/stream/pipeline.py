@@ -26,25 +26,27 @@ import webdataset as wds
 from torch.utils.data import get_worker_info
 
 from fer_dist.config import ConfigError, DataConfig
-from fer_dist.data import balance, tars
-from fer_dist.data.counts import Counter, Epoch
-from fer_dist.data.decode import decoded, frames_of
-from fer_dist.data.format import LABEL, MEMBERS, META, PACKED, Manifest, SampleMeta
-from fer_dist.data.transport import as_is, as_tensors, collate, collate_runs
+from fer_dist.data.shards import tars
+from fer_dist.data.shards.format import LABEL, MEMBERS, META, PACKED, Manifest, SampleMeta, fold_group
+from fer_dist.data.stream import balance
+from fer_dist.data.stream.counts import Counter, Epoch
+from fer_dist.data.stream.decode import decoded, frames_of
+from fer_dist.data.stream.transport import as_is, as_tensors, collate, collate_runs
 
 
 def check(cfg: DataConfig, manifest: Manifest, inputs: tuple[str, ...] = PACKED, training: bool = True) -> None:
     """What the config asks of the shards (for training: a held-out group and others to train
     on), checked before anything starts."""
-    empty = manifest.empty([f"fold{cfg.holdout_fold}"]) if training else None
+    held_out = fold_group(cfg.holdout_fold)
+    empty = manifest.empty([held_out]) if training else None
     if empty:
-        others = [g[4:] for g in manifest.fold_groups() if manifest.groups[g].samples]
+        others = [str(k) for k in manifest.folds() if manifest.groups[fold_group(k)].samples]
         raise ConfigError(
             f"data.holdout_fold={cfg.holdout_fold}: {empty}; hold out another fold (data.holdout_fold="
             f"{' | '.join(others)}), or pack with fewer --n-folds"
         )
     if training and not manifest.shard_paths(cfg.shards, manifest.fold_groups(cfg.holdout_fold)):
-        raise ConfigError(f"no shards to train on besides the held-out fold{cfg.holdout_fold}")
+        raise ConfigError(f"no shards to train on besides the held-out {held_out}")
     held = manifest.members
     missing = [name for name in inputs if name not in held]
     if missing:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from fer_dist.data.transforms import one_size
+from fer_dist.data.stream.transforms import one_size
 
 HEADER = 64  # a block's first bytes; the first says whether the training process is done with it
 RELEASED, SENT = 0, 1

@@ -27,8 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fer_dist.data import audio, tars
-from fer_dist.data.format import (
+from fer_dist.data.packing import audio
+from fer_dist.data.packing.layout import Video
+from fer_dist.data.shards import tars
+from fer_dist.data.shards.format import (
     LABEL,
     MEMBERS,
     META,
@@ -37,10 +39,10 @@ from fer_dist.data.format import (
     SampleMeta,
     atomic_write,
     claim,
+    group_fold,
     npy_bytes,
     read_manifest,
 )
-from fer_dist.data.layout import Video
 
 # Each feature's dtype, in the order the twin shards hold the members (and the manifest names them).
 DTYPES = {"embedding": np.float16, "audio_features": np.float32, "words": np.float16, "voice": np.float16}
@@ -197,7 +199,7 @@ def write_features(
             else:
                 stats = write_shard(shards / shard.name, dst, encode)
                 atomic_write(stats_path, json.dumps(stats).encode())
-            if group.startswith("fold"):
+            if group_fold(group) is not None:
                 parts[shard.name] = stats
             if progress:
                 progress(shard.name, shard.samples)

@@ -14,8 +14,8 @@ import numpy as np
 from rich.table import Table
 
 from fer_dist.console import out, print_table
-from fer_dist.data.format import META, Manifest, SampleMeta, shard_group
-from fer_dist.data.windows import NAMES
+from fer_dist.data.shards.format import META, Manifest, SampleMeta, shard_group
+from fer_dist.data.shards.windows import NAMES
 from fer_dist.labels import CLASSES, NUM_CLASSES
 
 

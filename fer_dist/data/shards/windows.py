@@ -1,4 +1,5 @@
-"""Paper 000's dynamic audio windows and their label-purity flags.
+"""Paper 000's dynamic audio windows, their label-purity flags, and the geometry of the audio
+members that hold them (the log-mel window's columns, the waveform window's samples).
 
 Three windows centred on frame c: small = frames c-16..c+15, medium c-24..c+23, large c-32..c+31.
 A window is usable for frame c when at least 80 % / 65 % / 50 % of its frames carry c's label.
@@ -11,11 +12,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from fer_dist.data.audio import WAVE_WIDTH, WIDEST, wave_half
-
 NAMES = ("s", "m", "l")
 HALF_WIDTHS = (16, 24, 32)
 THRESHOLDS = (0.8, 0.65, 0.5)
+WIDEST = HALF_WIDTHS[-1]  # half width, in frames, of the widest window: the one a sample stores
+SILENCE = float(np.log(1e-6))  # log-mel value of digital silence and of padding
+WAVE_RATE = 16000  # Hz, the waveform member's rate: the wav2vec2 family's input rate
+NOMINAL_FPS = 30  # a waveform window lasts what its frame window lasts at this frame rate
+PCM_SCALE = 32767  # float samples in [-1, 1] to 16-bit PCM
+
+
+def wave_half(half_frames: int) -> int:
+    """A window of +-`half_frames` frames as +- samples of the 16 kHz waveform (at NOMINAL_FPS:
+    the durations are the same for every video, so windows stack into batches)."""
+    return round(half_frames * WAVE_RATE / NOMINAL_FPS)
+
+
+WAVE_WIDTH = 2 * wave_half(WIDEST)  # samples in a frame's stored waveform window
 
 
 def purity_flags(labels: np.ndarray) -> np.ndarray:

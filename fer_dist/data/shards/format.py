@@ -1,7 +1,7 @@
 """The shard contract: member names, the .npy members, atomic writes and the typed manifest.
 
 Every reader and writer of shards goes through this module. A shard folder holds the tars
-(`fold{k}-{i:06d}.tar`, `test-{i:06d}.tar`, see `data/tars.py` for their byte format) and
+(`fold{k}-{i:06d}.tar`, `test-{i:06d}.tar`, see `data/shards/tars.py` for their byte format) and
 `manifest.json`, which `Manifest` reads and writes:
 
     format, classes         the format version and the class order of every count list
@@ -29,8 +29,6 @@ from pathlib import Path
 
 import numpy as np
 
-from fer_dist.data.audio import MelParams
-
 FORMAT_VERSION = 2  # 2: samples may hold the raw waveform (`wave`); shards without it are written as 1
 READS = (1, 2)
 FOLD_SCHEMES = ("video5", "train4+val", "official")
@@ -49,6 +47,16 @@ MEMBERS = {
 }
 LABEL, META = "cls", "json"  # every sample's label and metadata (video, frame, windows, ...)
 PACKED = ("image", "audio")  # the inputs `fer-dist shard` packs (and `wave`, with --audio-wave)
+
+
+def fold_group(fold: int) -> str:
+    """The group name of fold `fold` (0-based): `fold3`."""
+    return f"fold{fold}"
+
+
+def group_fold(group: str) -> int | None:
+    """The fold a group holds (`fold_group`'s inverse), or None for the test group."""
+    return int(group.removeprefix("fold")) if group.startswith("fold") and group[4:].isdigit() else None
 
 
 def shard_name(group: str, index: int) -> str:
@@ -102,6 +110,16 @@ class SampleMeta:
 
 class ManifestError(ValueError):
     """A shard folder without a manifest this fer-dist reads; the message says how to get one."""
+
+
+@dataclass(frozen=True)
+class MelParams:
+    """The log-mel spectrogram a sample's `mel.npy` window is cut from (paper 000, Sec. 3.1)."""
+
+    sample_rate: int = 32000  # Hz; not stated in paper 000; at hop 1024 it gives ~31 columns/s, ~1 per frame
+    n_fft: int = 2048  # samples
+    hop: int = 1024  # samples
+    n_mels: int = 128
 
 
 @dataclass(frozen=True)
@@ -327,9 +345,13 @@ class Manifest:
                 faults.append(f"{g} holds no samples ({gave})")
         return "; ".join(faults) or None
 
+    def folds(self) -> list[int]:
+        """The folds packed (0-based, ascending), not the test group."""
+        return sorted(k for k in map(group_fold, self.groups) if k is not None)
+
     def fold_groups(self, holdout: int | None = None) -> list[str]:
-        """The fold groups (not the test group), without `holdout`'s."""
-        return sorted(g for g in self.groups if g.startswith("fold") and g != f"fold{holdout}")
+        """The fold groups (not the test group), without `holdout`'s, in fold order."""
+        return [fold_group(k) for k in self.folds() if k != holdout]
 
     def shard_paths(self, root: str | Path, groups: list[str]) -> list[str]:
         return [str(Path(root) / s.name) for g in groups for s in self.groups[g].shards]

@@ -14,7 +14,7 @@ import logging
 import numpy as np
 import torch
 
-from fer_dist.data.format import split_key
+from fer_dist.data.shards.format import split_key
 
 log = logging.getLogger(__name__)
 COUNTS = ("read", "no_window", "discarded", "emitted", "corrupt_shards", "corrupt_samples")
