@@ -2,9 +2,10 @@
 
     data.batch_size=64 model.fusion_layers=2 train.epochs=3
 
-Sections and keys are dataclass fields; an unknown key or a value of the wrong type stops the run
-at start-up with a message naming it. The `model` section is the exception: besides `name` its
-keys are the named model's constructor arguments, checked when the model is built.
+Sections and keys are dataclass fields; an unknown key, a value of the wrong type or one a
+`Literal` field does not allow stops the run at start-up with a message naming it. The `model`
+section is the exception: besides `name` its keys are the named model's constructor arguments,
+checked when the model is built.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from fer_dist.errors import InputError
 from fer_dist.labels import CLASSES
 
 N_CLASSES = len(CLASSES)
@@ -28,8 +30,11 @@ CONFIGS = Path(str(resources.files("fer_dist.configs")))
 LAUNCH = Path(str(resources.files("fer_dist.launch")))
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(InputError):
+    """A config, an override or a config value fer-dist cannot use."""
+
+
+Window = Literal["s", "m", "l"]  # paper 000's dynamic audio windows: small, medium, large (`data/shards/windows.py`)
 
 
 @dataclass
@@ -39,20 +44,20 @@ class DataConfig:
     batch_size: int = 32  # per process
     eval_batch_size: int = 64
     workers: int = 4  # DataLoader processes per rank (decode only)
-    start_method: str = "auto"  # how loader workers start: auto (Python's default) | fork | spawn | forkserver
-    decode: str = "cpu"  # where crops are decoded: cpu (in the loader workers) | gpu (nvJPEG, in batches on the GPU)
+    start_method: Literal["auto", "fork", "spawn", "forkserver"] = "auto"  # how loader workers start (auto: Python's)
+    decode: Literal["cpu", "gpu"] = "cpu"  # where crops are decoded: in the loader workers, or on the GPU (nvJPEG)
     shuffle_buffer: int = 2000  # samples, held undecoded
     epoch_samples: int = 0  # samples per epoch over all ranks; 0: one expected pass over the training groups
     # Class-balanced resampling (`data/stream/balance.py`); per-class lists are in CLASSES order.
-    balance: str = "sqrt"  # target class distribution: natural | sqrt | uniform | weights
+    balance: Literal["natural", "sqrt", "uniform", "weights"] = "sqrt"  # target class distribution
     class_weights: list[float] = field(default_factory=list)  # the target when balance = weights
     video_cap: list[int] = field(default_factory=list)  # at most N frames per (video, class) a pass; 0: no cap
     subsample: list[float] = field(default_factory=list)  # kept fraction per class (majority subsampling)
     max_repeat: float = 8.0  # at most this many expected copies of one read sample
     # Dynamic sampling (paper 000): one of a frame's pure audio windows, drawn at every read.
-    train_windows: list[str] = field(default_factory=lambda: ["s", "m", "l"])
-    eval_window: str = "l"
-    no_window: str = "drop"  # a training frame with no pure window: drop | widest (image-only models)
+    train_windows: list[Window] = field(default_factory=lambda: ["s", "m", "l"])
+    eval_window: Window = "l"
+    no_window: Literal["drop", "widest"] = "drop"  # a training frame with no pure window (widest: image-only models)
     sequence_length: int = 0  # > 0: clip mode, runs of this many consecutive frames (sequence models)
     # Augmentation, batched on the training device after collation.
     image_size: int = 224  # crops are resized to this on the device
@@ -62,7 +67,7 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])  # random resized crop, area fraction
     color_jitter: float = 0.2  # brightness, contrast and saturation factors in 1 +- color_jitter
     audio_dropout: float = 0.0  # training samples whose sound is replaced by silence, as a video without audio has
-    mix: str = "none"  # batch mixing: none | mixup | remix
+    mix: Literal["none", "mixup", "remix"] = "none"  # batch mixing
     mix_alpha: float = 1.0  # lambda ~ Beta(alpha, alpha)
     remix_kappa: float = 3.0  # Remix (paper 001): class-count ratio that moves the label to the minority
     remix_tau: float = 0.5  # ... when the minority sample's share of the mix is above 1 - tau
@@ -70,11 +75,11 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | adam | sgd
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = 1e-4
     weight_decay: float = 0.05
     momentum: float = 0.9
-    schedule: str = "cosine"  # cosine (after warm-up) | restarts (cosine annealing with warm restarts, paper 001)
+    schedule: Literal["cosine", "restarts"] = "cosine"  # restarts: cosine annealing with warm restarts (paper 001)
     warmup_fraction: float = 0.05  # of all optimiser steps, linear warm-up before the cosine
     min_lr_ratio: float = 0.01  # the cosine's floor, as a fraction of lr
     restart_epochs: float = 5.0  # restarts: length of the first cycle, in epochs
@@ -84,7 +89,7 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "ce"  # ce (cross-entropy) | focal
+    name: Literal["ce", "focal"] = "ce"  # cross-entropy, or focal
     label_smoothing: float = 0.0
     class_weights: list[float] = field(default_factory=list)  # ce: per-class weights, in CLASSES order
     focal_alpha: float = 1.0  # focal: the loss's scale alpha (paper 003: 0.9)
@@ -98,7 +103,8 @@ class TrainConfig:
     epochs: int = 10
     seed: int = 0
     run_dir: str = "runs/run"
-    mixed_precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | no | fp16 (loss-scaled, GPU) | bf16
+    # auto: bf16 on GPUs that have it, else fp32; fp16: loss-scaled, on a GPU
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     effective_batch_size: int = 0  # micro-batch x accumulation x processes; 0: no accumulation
     gradient_checkpointing: bool = False  # recompute the timm backbones' activations in backward
     channels_last: bool = False  # NHWC images and convolutions (faster on tensor cores)
@@ -129,6 +135,11 @@ class Config:
 def _coerce(value: Any, kind: Any, where: str) -> Any:
     origin = typing.get_origin(kind)
     if kind is Any:
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(kind)
+        if value not in allowed or isinstance(value, bool):
+            raise ConfigError(f"{where} must be one of {', '.join(map(str, allowed))}, not {value!r}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
@@ -215,10 +226,6 @@ def validate(cfg: Config) -> None:
     d = cfg.data
     checks = [
         (
-            d.balance in ("natural", "sqrt", "uniform", "weights"),
-            f"data.balance must be natural, sqrt, uniform or weights, not {d.balance!r}",
-        ),
-        (
             d.balance != "weights"
             or len(d.class_weights) == N_CLASSES
             and min(d.class_weights) >= 0 < sum(d.class_weights),
@@ -229,11 +236,6 @@ def validate(cfg: Config) -> None:
             len(d.subsample) in (0, N_CLASSES) and all(0 < k <= 1 for k in d.subsample),
             per_class("subsample", "in (0, 1]"),
         ),
-        (
-            d.start_method in ("auto", "fork", "spawn", "forkserver"),
-            f"data.start_method must be auto, fork, spawn or forkserver, not {d.start_method!r}",
-        ),
-        (d.decode in ("cpu", "gpu"), f"data.decode must be cpu or gpu, not {d.decode!r}"),
         (d.sequence_length >= 0, "data.sequence_length must be 0 (frames) or positive"),
         (d.rotation >= 0 and 0 <= d.color_jitter < 1, "data.rotation >= 0 and 0 <= data.color_jitter < 1"),
         (
@@ -241,22 +243,14 @@ def validate(cfg: Config) -> None:
             "data.crop_scale: [min, max] in (0, 1]",
         ),
         (0 <= d.audio_dropout < 1, "data.audio_dropout is a probability in [0, 1)"),
-        (d.mix in ("none", "mixup", "remix"), f"data.mix must be none, mixup or remix, not {d.mix!r}"),
         (
             d.mix_alpha > 0 and d.remix_kappa >= 1 and 0 <= d.remix_tau <= 1,
             "data.mix_alpha > 0, remix_kappa >= 1, 0 <= remix_tau <= 1",
         ),
-        (
-            set(d.train_windows) <= {"s", "m", "l"} and d.train_windows,
-            "data.train_windows: a non-empty subset of s, m, l",
-        ),
-        (d.eval_window in ("s", "m", "l"), "data.eval_window must be s, m or l"),
-        (d.no_window in ("drop", "widest"), "data.no_window must be drop or widest"),
+        (bool(d.train_windows), "data.train_windows: a non-empty list of windows"),
         (len(d.audio_size) == 2, "data.audio_size is [mel bins, columns]"),
         (d.batch_size > 0 and d.eval_batch_size > 0, "batch sizes must be positive"),
         (d.max_repeat >= 1, "data.max_repeat must be at least 1"),
-        (cfg.optim.name in ("adamw", "adam", "sgd"), f"optim.name must be adamw, adam or sgd, not {cfg.optim.name!r}"),
-        (cfg.loss.name in ("ce", "focal"), f"loss.name must be ce or focal, not {cfg.loss.name!r}"),
         (
             0 <= cfg.loss.label_smoothing < 1 and cfg.loss.focal_gamma >= 0 and cfg.loss.rdrop_alpha >= 0,
             "0 <= loss.label_smoothing < 1, loss.focal_gamma >= 0 and loss.rdrop_alpha >= 0",
@@ -273,14 +267,9 @@ def validate(cfg: Config) -> None:
             f"loss.class_weights: empty or {N_CLASSES} non-negative weights, one per class in the order "
             + ", ".join(CLASSES),
         ),
-        (cfg.optim.schedule in ("cosine", "restarts"), "optim.schedule must be cosine or restarts"),
         (
             cfg.optim.restart_epochs > 0 and cfg.optim.restart_mult >= 1 and 0 <= cfg.optim.warmup_fraction < 1,
             "optim.restart_epochs > 0, optim.restart_mult >= 1 and 0 <= optim.warmup_fraction < 1",
-        ),
-        (
-            cfg.train.mixed_precision in ("auto", "no", "fp16", "bf16"),
-            "train.mixed_precision must be auto, no, fp16 or bf16",
         ),
         (cfg.train.epochs > 0, "train.epochs must be positive"),
         (cfg.train.effective_batch_size >= 0, "train.effective_batch_size must be 0 or positive"),

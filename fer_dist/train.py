@@ -8,7 +8,8 @@
 `--config` takes a YAML file or the name of a config shipped with fer-dist. `--resume RUN_DIR`
 goes on from the run's last checkpoint with its saved config (and starts afresh when there is
 none, so one command serves a first start and a requeue). A run stopped by SIGTERM or SIGUSR1
-exits with status 75 after its checkpoint; a bad config or missing shards exit with status 2.
+exits with status 75 after its checkpoint; a refused input (a bad config, missing shards) exits
+with status 2 after one line that says why; any other error keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,26 +17,26 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from rich.logging import RichHandler
 
 from fer_dist import config as config_lib
 from fer_dist.console import console
-from fer_dist.data.shards.format import ManifestError
-from fer_dist.data.stream.pipeline import StreamError
 from fer_dist.engine.checkpoint import REQUEUE_EXIT
+from fer_dist.engine.rundir import CONFIG, RunDir
 from fer_dist.engine.trainer import Requeue, train
+from fer_dist.errors import InputError, one_line
 
 
 def resolve(config: str | None, resume: str | None, overrides: list[str]) -> config_lib.Config:
-    """The run's config: `--resume`'s saved one when there is one, else `--config`; overrides last."""
+    """The run's config: `--resume`'s saved one when there is one, else `--config`; overrides last.
+    Raises ConfigError."""
     source = config
     if resume:
-        saved = Path(resume) / "config.yaml"
-        source = saved if saved.exists() else config
+        run = RunDir(resume)
+        source = run.config_file if run.config_file.exists() else config
         if source is None:
-            raise config_lib.ConfigError(f"--resume {resume}: no config.yaml there; give --config too")
+            raise config_lib.ConfigError(f"--resume {resume}: no {CONFIG} there; give --config too")
         overrides = [*overrides, f"train.run_dir={resume}"]
     return config_lib.load(source, overrides)
 
@@ -55,11 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     except Requeue as stop:
         console.print(f"[yellow]stopped by {stop}[/]; go on with --resume {cfg.train.run_dir}")
         return REQUEUE_EXIT
-    except (config_lib.ConfigError, ManifestError, OSError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        return 2
-    except StreamError as exc:
-        console.print(f"[red]error:[/] {StreamError.why(exc)}", soft_wrap=True)
+    except (InputError, OSError) as exc:
+        console.print(f"[red]error:[/] {one_line(exc)}", soft_wrap=True)
         return 2
     return 0
 

@@ -50,8 +50,8 @@ submit() {
   local shards folds array
   shards=$("$PYTHON" -c 'import sys; from fer_dist.config import load; print(load(sys.argv[1], sys.argv[2:]).data.shards)' \
     "$CONFIG" "${overrides[@]}")
-  folds=${FOLDS:-$("$PYTHON" -c 'import sys; from fer_dist.data.format import read_manifest
-print(len(read_manifest(sys.argv[1]).fold_groups()))' "$shards")}
+  folds=${FOLDS:-$("$PYTHON" -c 'import sys; from fer_dist.data.shards.format import read_manifest
+print(len(read_manifest(sys.argv[1]).folds()))' "$shards")}
   # shellcheck disable=SC2086
   array=$(sbatch --parsable ${SBATCH_ARGS:-} --job-name=fer-dist-fold --array=0-$((folds - 1)) \
     --nodes="$NODES" --ntasks="$NODES" --ntasks-per-node=1 --cpus-per-task="$GPUS_PER_NODE" --time="${TIME:-24:00:00}" \
@@ -70,7 +70,9 @@ print(len(read_manifest(sys.argv[1]).fold_groups()))' "$shards")}
 }
 
 fold() {
-  local k=$SLURM_ARRAY_TASK_ID run=$CV_DIR/fold$SLURM_ARRAY_TASK_ID first addr port launch procs
+  local k=$SLURM_ARRAY_TASK_ID run first addr port launch procs
+  run=$("$PYTHON" -c 'import sys; from fer_dist.engine.rundir import CrossValidation
+print(CrossValidation(sys.argv[1]).fold(int(sys.argv[2])).path)' "$CV_DIR" "$k")  # fold k's run folder
   procs=$((NODES * GPUS_PER_NODE))
   first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
   addr=$(scontrol show node "$first" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')

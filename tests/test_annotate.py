@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from fer_dist import cli
+from fer_dist.engine.rundir import RunDir
 from fer_dist.jobs import annotate
 from fer_dist.labels import CLASSES
 from fer_dist.results import postprocess
@@ -29,13 +30,13 @@ def frame_times(path) -> list[float]:
 def test_the_runs_postprocessing_is_found_beside_it_or_in_its_cross_validation(tmp_path):
     fold = tmp_path / "cv" / "fold0"
     fold.mkdir(parents=True)
-    assert annotate.postprocessing(fold) == (postprocess.PostParams(), None)
+    assert annotate.postprocessing(RunDir(fold)) == (postprocess.PostParams(), None)
     chosen = postprocess.PostParams(5, (2,) * 8, (2,) * 8)
     (tmp_path / "cv" / "ensemble").mkdir()
     (tmp_path / "cv" / "ensemble" / "postprocess.json").write_text(json.dumps(chosen.to_dict()))
-    assert annotate.postprocessing(fold) == (chosen, tmp_path / "cv" / "ensemble" / "postprocess.json")
+    assert annotate.postprocessing(RunDir(fold)) == (chosen, tmp_path / "cv" / "ensemble" / "postprocess.json")
     (fold / "postprocess.json").write_text(json.dumps(postprocess.PostParams(11).to_dict()))
-    assert annotate.postprocessing(fold)[0].window == 11
+    assert annotate.postprocessing(RunDir(fold))[0].window == 11
 
 
 def test_a_folder_without_a_trained_model_is_refused_before_any_video_is_read(real_footage, tmp_path):

@@ -69,6 +69,27 @@ def test_every_page_is_built_and_every_api_module_rendered(site: Path) -> None:
             assert f'id="{module}"' in html, f"{module} not rendered on {page}"
 
 
+def test_every_module_is_in_the_api_reference_and_the_architecture_page() -> None:
+    """The API reference renders every module (but a sub-package's bare `__init__`), and the layout
+    table of docs/architecture.md names every module file, benchmarks included."""
+    rendered = set()
+    for page in (ROOT / "docs" / "api").glob("*.md"):
+        rendered |= set(re.findall(r"^::: ([\w.]+)$", page.read_text(), re.M))
+    package = ROOT / "fer_dist"
+    files = [p for p in package.rglob("*.py") if p.name != "__init__.py" or p.parent == package / "models"]
+    names = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__") for p in files}
+    missing = sorted(n for n in names if not n.startswith("fer_dist.bench") and n not in rendered)
+    assert not missing, f"not in docs/api: {missing}"
+    table = (ROOT / "docs" / "architecture.md").read_text()
+    unnamed = []
+    for p in files:
+        relative = p.relative_to(package)
+        shown = f"fer_dist/{relative}" if len(relative.parts) == 1 else str(relative)
+        if f"`{shown}`" not in table:
+            unnamed.append(shown)
+    assert not unnamed, f"not in docs/architecture.md's layout table: {unnamed}"
+
+
 def test_readme_links_reach_built_pages(site: Path) -> None:
     readme = (ROOT / "README.md").read_text()
     links = re.findall(r"\]\(([^)\s]+)\)", readme)

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from fer_dist.engine import predictions as preds_lib
+from fer_dist.engine.rundir import EnsembleDir, RunDir
 from fer_dist.labels import CLASSES, NUM_CLASSES
 from fer_dist.results import ensemble, postprocess, submission
 
@@ -165,7 +166,7 @@ def test_a_member_is_named_after_its_folder_and_a_missing_truth_is_refused(tmp_p
         keys = np.array([f"v{k}/{i + 1:05d}" for i in range(8)])
         fake_fold(cv, k, keys, np.arange(8), np.arange(8), keys[:1], np.zeros(1, int))
     monkeypatch.chdir(cv)
-    assert ensemble.Member(Path("fold1")).run_name == "cv-fold1"  # a relative folder too
+    assert ensemble.Member(RunDir(Path("fold1"))).name == "cv-fold1"  # a relative folder too
     with pytest.raises(ensemble.EnsembleError, match="--truth .*nowhere: not a folder"):
         ensemble.run(["."], cv / "ensemble", truth=tmp_path / "nowhere")
 
@@ -202,9 +203,9 @@ def test_a_submission_refused_in_either_format_writes_neither(tmp_path):
     preds_lib.save(tmp_path / "test.npz", preds_lib.Predictions(keys, np.full(3, -1), {"ensemble": logits}, "ensemble"))
     (tmp_path / "postprocess.json").write_text(json.dumps(postprocess.PostParams().to_dict()))
     with pytest.raises(submission.SubmissionError, match="ABAW5/6 file: 1 required frame.*c/00001"):
-        submit(tmp_path, {"a": 2, "b": 1}, [("a", 1), ("a", 2), ("b", 1), ("c", 1)])  # ABAW3 is complete
+        submit(EnsembleDir(tmp_path), {"a": 2, "b": 1}, [("a", 1), ("a", 2), ("b", 1), ("c", 1)])  # ABAW3 is complete
     assert not (tmp_path / "submission").exists()
-    assert submit(tmp_path, {"a": 2, "b": 1}, [("b", 1), ("a", 2), ("b", 2)])["abaw5_rows"] == 3
+    assert submit(EnsembleDir(tmp_path), {"a": 2, "b": 1}, [("b", 1), ("a", 2), ("b", 2)])["abaw5_rows"] == 3
     assert (tmp_path / "submission" / "abaw3" / "a.txt").read_text().splitlines()[1:] == ["1", "1"]
     rows = (tmp_path / "submission" / "abaw5.csv").read_text().splitlines()[1:]
     assert rows == ["b/00001.jpg,2", "a/00002.jpg,1", "b/00002.jpg,2"]  # past b's end: b's last frame's label

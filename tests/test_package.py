@@ -15,7 +15,20 @@ import pytest
 from helpers import REPO
 
 # The data path: each module may import from its own stage (without cycles) or an earlier one.
-STAGES = ["labels", "config", "console", "data", "models", "engine", "results", "jobs", "bench", "train", "cli"]
+STAGES = [
+    "errors",
+    "labels",
+    "config",
+    "console",
+    "data",
+    "models",
+    "engine",
+    "results",
+    "jobs",
+    "bench",
+    "train",
+    "cli",
+]
 # Inside data/: the shard contract first; reading and packing the dataset, and streaming the shards
 # back, each build on it and never on each other (the stream never loads the packer's PyAV).
 DATA_STAGES = {"shards": {"shards"}, "packing": {"shards", "packing"}, "stream": {"shards", "stream"}}
@@ -133,3 +146,67 @@ def test_no_module_is_named_like_a_standard_library_module():
         str(p.relative_to(REPO)) for p in (REPO / "fer_dist").rglob("*.py") if p.stem in sys.stdlib_module_names
     )
     assert not clashes, clashes
+
+
+def package_trees() -> dict[Path, ast.Module]:
+    return {p: ast.parse(p.read_text()) for p in sorted((REPO / "fer_dist").rglob("*.py"))}
+
+
+def test_no_function_is_longer_than_80_lines():
+    """A function reads on one screen: one that grows past it is split by what it does."""
+    long = [
+        f"{p.relative_to(REPO)}:{n.name} ({n.end_lineno - n.lineno + 1} lines)"
+        for p, tree in package_trees().items()
+        for n in ast.walk(tree)
+        if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.end_lineno - n.lineno + 1 > 80
+    ]
+    assert not long, long
+
+
+# The names of a run folder (engine/rundir.py) and of a shard folder (data/shards/format.py):
+# joined onto a path anywhere else, they would be a second place that knows the layout.
+RUN_FOLDER_NAMES = {
+    "config.yaml", "metrics.jsonl", "metrics.json", "checkpoints", "best", "predictions", "confusion",
+    "postprocess.json", "provenance.json", "requeue.json", "trackers.json", "tensorboard", "summary.json",
+    "report.json", "report.md", "validation.npz", "test.npz", "submission", "ensemble", "model.safetensors",
+    "optimizer.pt", "scheduler.pt", "scaler.pt", "state.json", "deepspeed", "manifest.json",
+}  # fmt: skip
+CONTRACTS = {REPO / "fer_dist" / "engine" / "rundir.py", REPO / "fer_dist" / "data" / "shards" / "format.py"}
+
+
+def constant(node: ast.AST) -> str | None:
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+
+def contract_breaches(tree: ast.Module) -> list[str]:
+    """Where a module joins a run or shard folder's name onto a path, or builds or parses a fold's
+    name (`f"fold{k}"`, `"fold" + ...`, `.startswith("fold")`, `.removeprefix("fold")`)."""
+    found = []
+    for n in ast.walk(tree):
+        joined = isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div)
+        if joined and constant(n.right) in RUN_FOLDER_NAMES:
+            found.append(f"line {n.lineno}: / {constant(n.right)!r}")
+        if joined and isinstance(n.right, ast.JoinedStr):
+            head = constant(n.right.values[0]) or ""
+            if head.startswith(("epoch", "step-", "rng-rank")):
+                found.append(f"line {n.lineno}: / f{head!r}...")
+        if isinstance(n, ast.JoinedStr) and len(n.values) > 1 and (constant(n.values[0]) or "").endswith("fold"):
+            found.append(f"line {n.lineno}: f'...fold{{...}}'")
+        if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Add) and constant(n.left) == "fold":
+            found.append(f"line {n.lineno}: 'fold' + ...")
+        parses = isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+        if parses and n.func.attr in ("startswith", "removeprefix") and "fold" in map(constant, n.args):
+            found.append(f"line {n.lineno}: .{n.func.attr}('fold')")
+    return found
+
+
+def test_run_and_shard_folder_names_and_fold_names_are_made_only_by_their_contracts():
+    breaches = {
+        str(p.relative_to(REPO)): found
+        for p, tree in package_trees().items()
+        if p not in CONTRACTS and (found := contract_breaches(tree))
+    }
+    assert not breaches, breaches
+    # the check itself finds each kind it looks for
+    planted = 'run / "checkpoints"; run / f"epoch{e:03d}.npz"; f"fold{k}"; "fold" + k; g.startswith("fold")'
+    assert len(contract_breaches(ast.parse(planted))) == 5

@@ -22,6 +22,7 @@ from fer_dist import config
 from fer_dist.engine import checkpoint
 from fer_dist.engine.distributed import accumulation_steps, choose_precision
 from fer_dist.engine.optim import initialise, lr_factor
+from fer_dist.engine.rundir import RunDir
 from fer_dist.models import build
 from fer_dist.models.backbones import create_backbone
 from helpers import REPO, TINY, TRAIN_MODULE, TRAIN_SCRIPT, free_port, launch, launch_cmd, tiny_mfm, tiny_run
@@ -176,7 +177,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights_and_metrics(shard
         a = load_file(str(straight / "checkpoints" / name / "model.safetensors"))
         b = load_file(str(killed / "checkpoints" / name / "model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [p.name for p in checkpoint.step_dirs(killed)] == ["step-00000006", "step-00000008"]  # the last K=2
+    assert [c.path.name for c in RunDir(killed).steps()] == ["step-00000006", "step-00000008"]  # the last K=2
 
     # what the run directory shows: the best model rebuilds from its own config, TensorBoard, confusion matrices
     best = straight / "checkpoints" / "best"
@@ -222,9 +223,9 @@ def test_trackers_get_every_step_once_and_provenance_every_start_across_a_crash(
     extra = ["train.epochs=2", "train.checkpoint_every=4", "train.keep_checkpoints=10", "train.log_every=1"]
     extra.append("train.log_with=[tensorboard, mlflow]")
     subprocess.run([*MODULE, "--config", CPU_CONFIG, *tiny_run(shards, run, *extra)], env=env, check=True)
-    assert [p.name for p in checkpoint.step_dirs(run)][0] == "step-00000004"
-    for later in checkpoint.step_dirs(run)[1:]:
-        shutil.rmtree(later)
+    assert [c.path.name for c in RunDir(run).steps()][0] == "step-00000004"
+    for later in RunDir(run).steps()[1:]:
+        shutil.rmtree(later.path)
     subprocess.run([*CLI, "--resume", str(run)], env=env, check=True)
 
     metrics = comparable(run)
@@ -270,8 +271,8 @@ def test_sigterm_checkpoints_and_exits_with_the_requeue_status(shards, tmp_path)
     wait_for(run / "tensorboard", proc)  # training has started
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == checkpoint.REQUEUE_EXIT
-    stopped = checkpoint.latest(run)
-    assert stopped is not None and json.loads((run / "requeue.json").read_text())["checkpoint"] == str(stopped)
+    stopped = RunDir(run).latest()
+    assert stopped is not None and json.loads((run / "requeue.json").read_text())["checkpoint"] == str(stopped.path)
     subprocess.run([*MODULE, "--resume", str(run)], env=ENV, check=True)
     assert [m["epoch"] for m in comparable(run)] == [1, 2, 3] and not (run / "requeue.json").exists()
 
@@ -289,8 +290,8 @@ def test_sigusr1_to_one_rank_stops_both_at_the_same_step_and_resumes(shards, tmp
     proc.wait(timeout=300)
     marker = json.loads((run / "requeue.json").read_text())
     assert marker["reason"].startswith("SIGUSR1 on rank 1")
-    state = json.loads((checkpoint.latest(run) / "state.json").read_text())
-    assert state["world"] == 2 and {p.name for p in checkpoint.latest(run).glob("rng-rank*.pt")} == {
+    state = json.loads((RunDir(run).latest().path / "state.json").read_text())
+    assert state["world"] == 2 and {p.name for p in RunDir(run).latest().path.glob("rng-rank*.pt")} == {
         "rng-rank0.pt",
         "rng-rank1.pt",
     }
@@ -307,7 +308,7 @@ def test_deepspeed_zero2_trains_checkpoints_and_resumes_on_cpu(shards, tmp_path)
     ds = {"launch_file": "deepspeed_zero2.yaml"}
     result = launch(1, *TRAIN_MODULE, "--config", CPU_CONFIG, *tiny_run(shards, straight, *extra), **ds)
     assert "1 process(es) on cpu, fp32" in result.stderr
-    first = checkpoint.step_dirs(straight)[0]
+    first = RunDir(straight).steps()[0].path
     assert (first / "deepspeed" / "state").is_dir() and not (first / "optimizer.pt").exists()
     # resume a copy of the first (mid-epoch) checkpoint: it ends where the straight run ended
     (resumed / "checkpoints").mkdir(parents=True)

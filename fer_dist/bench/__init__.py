@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from fer_dist.bench import gpu, learn, loader, models, pack, step
+from fer_dist.errors import InputError
 
 BENCHMARKS = {"pack": pack, "loader": loader, "step": step, "models": models, "learn": learn, "gpu": gpu}
 
@@ -41,12 +42,12 @@ def run(
 ) -> dict:
     """The benchmark's figures, as one JSON-ready dict. `length` and `seeds` are `learn`'s: frames
     per shape video, and the seeds each run is made with (its data set is the same for every seed).
-    Raises ValueError, before any data or folder is made, for fewer than 1 step, a repeated or
-    negative seed, or a shapes set `synth.check` refuses; `gpu.Unavailable` (a ValueError) without CUDA."""
+    Raises InputError, before any data or folder is made, for fewer than 1 step, a repeated or
+    negative seed, or a shapes set `synth.check` refuses; `gpu.Unavailable` (an InputError) without CUDA."""
     from fer_dist.config import CONFIGS
 
     if steps is not None and steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {steps}")
+        raise InputError(f"--steps must be at least 1, got {steps}")
     steps = steps or STEPS.get(what, 0)
     if what == "gpu":
         gpu.require_cuda()  # before any data is made

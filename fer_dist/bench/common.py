@@ -75,10 +75,12 @@ def spread(values: list[float], digits: int = 4) -> dict:
 def train_run(config: Path, run_dir: Path, *overrides: str) -> dict:
     """`fer-dist train --config CONFIG` into a fresh `run_dir` (with no tracker), in its own
     process; returns its last epoch's line of `metrics.jsonl`."""
+    from fer_dist.engine.rundir import RunDir
+
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "fer_dist.train", "--config", str(config), f"train.run_dir={run_dir}"]
     run_measured([*cmd, "train.log_with=[]", *overrides])
-    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    return RunDir(run_dir).metrics()[-1]
 
 
 def child(job: str, **kwargs) -> tuple[dict, float]:
@@ -91,9 +93,10 @@ def packed(workdir: Path, root: Path, workers: int, audio_wave: bool = False) ->
     """The benchmark's shards (default packing, with waveforms if asked), made once and reused."""
     from fer_dist.data.packing.layout import discover
     from fer_dist.data.packing.pack import PackParams, pack
+    from fer_dist.data.shards.format import manifest_path
 
     out = workdir / f"{root.name}-{'wave-' if audio_wave else ''}shards"
-    if not (out / "manifest.json").exists():
+    if not manifest_path(out).exists():
         pack(discover(root), out, PackParams(audio_wave=audio_wave), workers)
     return out
 

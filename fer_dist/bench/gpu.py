@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fer_dist.bench.common import child, packed, synthetic
 from fer_dist.console import out, print_table
+from fer_dist.errors import InputError
 
 GIB = 2**30
 BUDGET_GIB = 11.0  # a GTX 1080 Ti's memory, as the paper trained on
@@ -28,7 +29,7 @@ WAIT_BUDGET = 0.05  # a GPU counts as fed when at most this share of its step ti
 WORKERS = (1, 2, 4, 8)
 
 
-class Unavailable(ValueError):
+class Unavailable(InputError):
     """The benchmark needs hardware this machine does not have."""
 
 

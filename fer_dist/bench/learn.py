@@ -26,6 +26,7 @@ import numpy as np
 
 from fer_dist.bench.common import packed, synthetic, train_run
 from fer_dist.console import out, print_table, progress
+from fer_dist.errors import InputError
 
 GAP_GOAL = -0.02  # fer-dist's image head at least the plain loop's minus this
 GAIN_GOAL = 0.10  # the whole model's prediction at least its better single-modality head plus this
@@ -120,7 +121,7 @@ def fer_dist_run(shards: Path, run_dir: Path, holdout: int, steps: int, seed: in
 
 
 def check_seeds(seeds: tuple[int, ...]) -> None:
-    """Refuses, with ValueError naming what is wrong, no seed, a seed given twice or a negative one."""
+    """Refuses, with InputError naming what is wrong, no seed, a seed given twice or a negative one."""
     repeated = sorted({s for s in seeds if seeds.count(s) > 1})
     if repeated:
         wrong = f"{', '.join(map(str, repeated))} more than once"
@@ -130,7 +131,7 @@ def check_seeds(seeds: tuple[int, ...]) -> None:
         wrong = "a negative seed"
     else:
         return
-    raise ValueError(f"--seed: each seed once, none negative; got {' '.join(map(str, seeds))} ({wrong})")
+    raise InputError(f"--seed: each seed once, none negative; got {' '.join(map(str, seeds))} ({wrong})")
 
 
 def gap(run: dict) -> float:

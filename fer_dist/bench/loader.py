@@ -14,7 +14,7 @@ import numpy as np
 
 from fer_dist.bench.common import child, packed, spread, synthetic, timed_batches
 from fer_dist.console import out, print_table
-from fer_dist.data.shards.format import Shard, read_manifest
+from fer_dist.data.shards.format import Shard, manifest_path, read_manifest
 from fer_dist.labels import CLASSES
 
 
@@ -53,7 +53,7 @@ def scaled(shards: Path, factor: int) -> Path:
     """The shards `factor` times over (symbolic links, video records repeated): the stream's
     memory as the dataset grows, without packing it again."""
     out = shards.parent / f"{shards.name}-x{factor}"
-    if (out / "manifest.json").exists():
+    if manifest_path(out).exists():
         return out
     out.mkdir(exist_ok=True)
     manifest = read_manifest(shards)

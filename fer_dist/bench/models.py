@@ -44,6 +44,7 @@ def bench_models(workdir: Path, videos: int) -> dict:
     from fer_dist.data.packing.layout import discover
     from fer_dist.engine import predictions
     from fer_dist.engine.metrics import chance_macro_f1
+    from fer_dist.engine.rundir import RunDir
     from fer_dist.jobs.extract import extract
     from fer_dist.labels import NUM_CLASSES
 
@@ -56,7 +57,7 @@ def bench_models(workdir: Path, videos: int) -> dict:
         run_dir = workdir / "runs" / cpu_config
         last = train_run(CONFIGS / f"{cpu_config}.yaml", run_dir, f"data.shards={data[kind]}")
         model, paper_parameters = parameters(CONFIGS / f"{paper_config}.yaml", PAPER_FEATURES)
-        held_out = predictions.load(run_dir / "predictions" / f"epoch{last['epoch']:03d}.npz").label
+        held_out = predictions.load(RunDir(run_dir).predictions(last["epoch"])).label
         rows.append(
             {
                 "paper": paper,

@@ -14,6 +14,7 @@ import numpy as np
 
 from fer_dist.bench.common import child, run_measured, spread
 from fer_dist.console import console, print_table
+from fer_dist.errors import InputError
 
 BLOCK = 5  # steps of one variant in a row; a round is one block of each
 PROCESSES = 3  # fresh processes whose rounds are pooled: where each copy of the model lands in memory
@@ -184,7 +185,7 @@ def bench_step(config_path: str, paper_config: str, batch_size: int, steps: int)
     from fer_dist import config
 
     if steps < PROCESSES * BLOCK:
-        raise ValueError(
+        raise InputError(
             f"bench step times at least one round of {BLOCK} steps in each of its {PROCESSES} processes: "
             f"--steps {steps} is fewer than {PROCESSES * BLOCK}"
         )

@@ -8,7 +8,6 @@ import os
 import re
 from collections.abc import Callable
 from importlib import metadata
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -17,6 +16,7 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType, Pro
 
 from fer_dist.config import Config, ConfigError
 from fer_dist.engine import tracking
+from fer_dist.engine.rundir import RunDir
 
 CU126 = "https://download.pytorch.org/whl/cu126"  # PyTorch's CUDA 12.6 builds: compute capability 5.0 to 9.0
 
@@ -113,7 +113,7 @@ def make_accelerator(cfg: Config, track: bool = False) -> Accelerator:
     if state.device.type == "cuda":
         check_gpu(state.device)
     capability = torch.cuda.get_device_capability(state.device) if state.device.type == "cuda" else None
-    run_dir = Path(cfg.train.run_dir)
+    run = RunDir(cfg.train.run_dir)
     # Accelerate keeps one state per process and an Accelerator made after the first takes its
     # precision and compile settings; a second run in one process (a notebook, the tests) must
     # get its own. The process group (PartialState) stays.
@@ -121,7 +121,7 @@ def make_accelerator(cfg: Config, track: bool = False) -> Accelerator:
     accelerator = Accelerator(
         cpu=cpu,
         log_with=(tracking.installed(cfg.train.log_with) or None) if track else None,  # [] would warn
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
+        project_config=ProjectConfiguration(project_dir=str(run.path), logging_dir=str(run.tensorboard)),
         mixed_precision=choose_precision(cfg.train.mixed_precision, capability),
         gradient_accumulation_steps=accumulation_steps(cfg.train.effective_batch_size, cfg.data.batch_size, world),
         dynamo_backend="inductor" if cfg.train.compile else "no",  # torch.compile in prepare()

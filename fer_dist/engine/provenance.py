@@ -24,14 +24,13 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-import yaml
 from rich.table import Table
 
 import fer_dist
 from fer_dist.console import out
-from fer_dist.data.shards.format import atomic_write
+from fer_dist.data.shards.format import atomic_write, manifest_path
+from fer_dist.engine.rundir import PROVENANCE, REPORT, SUMMARY, RunDir
 
-FILE = "provenance.json"
 LIBRARIES = ("torch", "torchvision", "torchaudio", "timm", "accelerate", "av", "webdataset", "numpy", "deepspeed")
 HEADS = "macro_f1_by_head"
 CHECKOUT = Path(fer_dist.__file__).resolve().parents[1]  # the top of the checkout, when fer-dist runs from one
@@ -103,24 +102,23 @@ def record(devices: list[str], world_size: int, seeds: dict, **inputs) -> dict:
     }
 
 
-def of_runs(run_dirs: list[Path]) -> dict:
+def of_runs(runs: list[RunDir]) -> dict:
     """What finished runs were trained from, read from their folders, for the records of
     ensembles and summaries: `seeds` and `members` (the stamps of each run's config and of its
     shards' manifest), by run folder."""
     seeds, members = {}, {}
-    for run_dir in run_dirs:
-        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-        seeds[str(run_dir)] = cfg["train"]["seed"]
-        members[str(run_dir)] = {
-            "config": stamp(Path(run_dir) / "config.yaml"),
-            "manifest": stamp(Path(cfg["data"]["shards"]) / "manifest.json"),
+    for run in runs:
+        seeds[str(run.path)] = run.config.train.seed
+        members[str(run.path)] = {
+            "config": stamp(run.config_file),
+            "manifest": stamp(manifest_path(run.config.data.shards)),
         }
     return {"seeds": seeds, "members": members}
 
 
 def write(folder: Path, entry: dict, append: bool = False) -> None:
     """`folder/provenance.json` with `entry` as its only record, or after the records there."""
-    path = Path(folder) / FILE
+    path = Path(folder) / PROVENANCE
     runs = json.loads(path.read_text())["runs"] if append and path.exists() else []
     atomic_write(path, json.dumps({"runs": [*runs, entry]}, indent=1).encode())
 
@@ -137,31 +135,29 @@ def stamps(entry: dict) -> list[dict]:
 def figures(folder: Path) -> dict[str, dict[str, float]]:
     """The folder's macro-F1 figures: a run's last epoch and best model per head, an ensemble
     report's rows, a demo summary's test figures."""
-    folder = Path(folder)
-    if (folder / "metrics.jsonl").exists():
-        lines = (folder / "metrics.jsonl").read_text().splitlines()
+    folder, run = Path(folder), RunDir(Path(folder))
+    if run.metrics_file.exists():
+        lines = run.metrics()
         found = {}
         if lines:
-            last = json.loads(lines[-1])
-            found[f"epoch {last['epoch']} (last)"] = last[HEADS]
-        best = folder / "checkpoints" / "best" / "metrics.json"
-        if best.exists():
-            best = json.loads(best.read_text())
+            found[f"epoch {lines[-1]['epoch']} (last)"] = lines[-1][HEADS]
+        if run.best.exists():
+            best = run.best.metrics()
             found[f"epoch {best['epoch']} (best)"] = best[HEADS]
         return found
-    if (folder / "report.json").exists():
-        report = json.loads((folder / "report.json").read_text())
+    if (folder / REPORT).exists():
+        report = json.loads((folder / REPORT).read_text())
         rows = report["validation"] + report.get("test", [])
         return {"macro-F1": {r["name"]: r["macro_f1"] for r in rows}}
-    if (folder / "summary.json").exists():
-        return {"test macro-F1": json.loads((folder / "summary.json").read_text())["test"]}
+    if (folder / SUMMARY).exists():
+        return {"test macro-F1": json.loads((folder / SUMMARY).read_text())["test"]}
     return {}
 
 
 def inspect(folder: Path) -> dict:
     """The folder's records, figures, and each input of its latest record checked against the file
     as it is now: `same`, `changed` or `missing`."""
-    path = Path(folder) / FILE
+    path = Path(folder) / PROVENANCE
     runs = json.loads(path.read_text())["runs"] if path.exists() else []
     checks = []
     for s in stamps(runs[-1]) if runs else []:
@@ -183,7 +179,7 @@ def table(title: str, headings: tuple[str, str], rows: dict) -> Table:
 def show(found: dict) -> None:
     """What `inspect` found, as tables on stdout."""
     if not found["runs"]:
-        out.print(f"{found['folder']}: no {FILE}, no record of what produced it", soft_wrap=True)
+        out.print(f"{found['folder']}: no {PROVENANCE}, no record of what produced it", soft_wrap=True)
     for k, entry in enumerate(found["runs"]):
         lib, code = entry["libraries"], entry["fer_dist"]
         commit = (code["commit"] or "no checkout") + (" (uncommitted changes)" if code["dirty"] else "")

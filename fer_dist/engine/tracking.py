@@ -14,12 +14,11 @@ resumed run goes on in the same tracker run.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from fer_dist.config import Config, ConfigError, to_dict
 from fer_dist.data.shards.format import atomic_write
+from fer_dist.engine.rundir import RunDir
 
-STATE = "trackers.json"
 RUN_NAME = {"mlflow": "run_name", "wandb": "name"}  # the start argument that names a tracker's run
 # Trackers that reopen a run they started: its id, and the start arguments that reopen it.
 REOPEN = {
@@ -56,7 +55,8 @@ class Trackers:
     """The run's trackers, started on rank 0 (`accelerator.init_trackers`), and the steps they got."""
 
     def __init__(self, accelerator, cfg: Config, resumed: bool) -> None:
-        self.accelerator, self.path = accelerator, Path(cfg.train.run_dir) / STATE
+        run = RunDir(cfg.train.run_dir)
+        self.accelerator, self.path = accelerator, run.trackers
         self.names = cfg.train.log_with if accelerator.is_main_process else []
         self.state = {"logged": {"train": -1, "eval": -1}, "runs": {}}
         if not self.names:
@@ -67,7 +67,7 @@ class Trackers:
         kwargs = {name: dict(cfg.train.tracker_args.get(name, {})) for name in self.names}
         for name, arg in RUN_NAME.items():
             if name in kwargs:
-                kwargs[name].setdefault(arg, Path(cfg.train.run_dir).name)
+                kwargs[name].setdefault(arg, run.path.name)
         for name, run_id in self.state["runs"].items():
             if name in kwargs:
                 kwargs[name].update(REOPEN[name][1](run_id))

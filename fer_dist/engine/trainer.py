@@ -23,13 +23,14 @@ from rich.progress import Progress
 
 from fer_dist import config as config_lib
 from fer_dist.console import console, progress
-from fer_dist.data.shards.format import Manifest, read_manifest
+from fer_dist.data.shards.format import Manifest, fold_group, manifest_path, read_manifest
 from fer_dist.data.stream import pipeline
 from fer_dist.data.stream.counts import describe
 from fer_dist.engine import checkpoint, provenance, tracking
 from fer_dist.engine.distributed import first_raised, make_accelerator
 from fer_dist.engine.evaluation import evaluate, summed
 from fer_dist.engine.optim import clip_gradients, initialise, lr_factor, make_optimizer
+from fer_dist.engine.rundir import Checkpoint, RunDir
 from fer_dist.engine.state import TrainState
 from fer_dist.engine.task import Step, Task, model_for
 
@@ -88,9 +89,9 @@ class Trainer:
         self, accelerator, model, cfg: config_lib.Config, manifest: Manifest, bar: Progress, trackers: tracking.Trackers
     ) -> None:
         self.accelerator, self.cfg, self.manifest, self.bar, self.trackers = accelerator, cfg, manifest, bar, trackers
-        self.run_dir, self.main = Path(cfg.train.run_dir), accelerator.is_main_process
+        self.run, self.main = RunDir(cfg.train.run_dir), accelerator.is_main_process
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
-        self.holdout = f"fold{cfg.data.holdout_fold}"
+        self.holdout = fold_group(cfg.data.holdout_fold)
         accumulation = accelerator.gradient_accumulation_steps
         self.stream = pipeline.TrainStream(
             cfg.data, manifest, model.inputs, seed=cfg.train.seed, rank=self.rank, world=self.world,
@@ -107,7 +108,7 @@ class Trainer:
         self.task = Task(cfg, manifest, self.net, self.stream.class_counts)
         self.state = TrainState(world=self.world)
 
-    def fit(self, resume: Path | None = None) -> dict | None:
+    def fit(self, resume: Checkpoint | None = None) -> dict | None:
         """Epochs from where the state stands: train, evaluate, export the best, checkpoint."""
         rng = self.restore(resume) if resume else None
         self.announce(resume)
@@ -169,8 +170,8 @@ class Trainer:
 
     def evaluate_epoch(self, epoch: int, counts: dict) -> dict | None:
         """Scores the held-out group, records the metrics and exports the best model."""
-        s, name = self.state, f"epoch{epoch + 1:03d}"
-        out, chart = self.run_dir / "predictions" / f"{name}.npz", self.run_dir / "confusion" / f"{name}.png"
+        s = self.state
+        out, chart = self.run.predictions(epoch + 1), self.run.confusion(epoch + 1)
         metrics = evaluate(self.accelerator, self.net, self.task, self.manifest, self.holdout, out, self.bar, chart)
         is_best = False
         if self.main:
@@ -186,11 +187,11 @@ class Trainer:
             is_best = metrics["macro_f1"] > s.best
             s.best = max(s.best, metrics["macro_f1"])
         if first_raised(self.accelerator, is_best):
-            checkpoint.export_best(self.accelerator, self.model, self.run_dir, config_lib.dump(self.cfg), metrics)
+            checkpoint.export_best(self.accelerator, self.model, self.run, config_lib.dump(self.cfg), metrics)
         return metrics
 
     def record(self, metrics: dict) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+        with open(self.run.metrics_file, "a") as fh:
             fh.write(json.dumps(metrics) + "\n")
         by_head = "  ".join(f"{h} {v:.3f}" for h, v in metrics["macro_f1_by_head"].items())
         console.print(
@@ -209,38 +210,38 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         self.trackers.log("train", {"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate}, s.global_step)
 
-    def checkpoint(self) -> Path:
+    def checkpoint(self) -> Checkpoint:
         return checkpoint.save(
             self.accelerator,
             self.model,
             self.optimizer,
             self.scheduler,
-            self.run_dir,
+            self.run,
             self.state,
             self.cfg.train.keep_checkpoints,
         )
 
-    def restore(self, directory: Path) -> dict:
-        """The state of the checkpoint in `directory`; returns this rank's RNG state."""
-        self.state, rng = checkpoint.load(self.accelerator, self.model, self.optimizer, self.scheduler, directory)
+    def restore(self, saved: Checkpoint) -> dict:
+        """The state of the checkpoint `saved`; returns this rank's RNG state."""
+        self.state, rng = checkpoint.load(self.accelerator, self.model, self.optimizer, self.scheduler, saved)
         if self.main:
-            keep_metrics(self.run_dir / "metrics.jsonl", self.state.epoch)
+            keep_metrics(self.run.metrics_file, self.state.epoch)
         return rng
 
-    def stop_if_asked(self, saved: Path) -> None:
+    def stop_if_asked(self, saved: Checkpoint) -> None:
         stop = first_raised(self.accelerator, checkpoint.stop_requested())
         if stop:
             self.requeue(stop, saved)
 
-    def requeue(self, raised: tuple[int, int], saved: Path) -> None:
+    def requeue(self, raised: tuple[int, int], saved: Checkpoint) -> None:
         """Leaves requeue.json for launchers whose exit status does not carry ours, and stops every rank."""
         rank, signum = raised
-        reason = f"{signal.Signals(signum).name} on rank {rank}: checkpointed at {saved}"
+        reason = f"{signal.Signals(signum).name} on rank {rank}: checkpointed at {saved.path}"
         if self.main:
-            (self.run_dir / "requeue.json").write_text(json.dumps({"reason": reason, "checkpoint": str(saved)}))
+            self.run.requeue.write_text(json.dumps({"reason": reason, "checkpoint": str(saved.path)}))
         raise Requeue(reason)
 
-    def announce(self, resume: Path | None) -> None:
+    def announce(self, resume: Checkpoint | None) -> None:
         """What the run is about to do."""
         if not self.main:
             return
@@ -261,11 +262,11 @@ class Trainer:
             console.print("[yellow]warning:[/] most samples read will be discarded; the stream reads more than it uses")
         if resume and self.state.epoch >= self.cfg.train.epochs:
             console.print(
-                f"resumed from {resume}: the run has trained its {self.cfg.train.epochs} epoch(s); nothing to do "
-                "(raise train.epochs to train on)"
+                f"resumed from {resume.path}: the run has trained its {self.cfg.train.epochs} epoch(s); nothing to "
+                "do (raise train.epochs to train on)"
             )
         elif resume:
-            console.print(f"resumed from {resume}: epoch {self.state.epoch + 1}, batch {self.state.micro_step}")
+            console.print(f"resumed from {resume.path}: epoch {self.state.epoch + 1}, batch {self.state.micro_step}")
 
 
 def train(cfg: config_lib.Config, resume: bool = False) -> dict | None:
@@ -273,10 +274,10 @@ def train(cfg: config_lib.Config, resume: bool = False) -> dict | None:
     rank 0's metrics of the last epoch. Every way of starting training ends here. Raises
     ConfigError, before anything is written, when the folder already holds a run and `resume` is
     not set: a second run would overwrite the first's best model and mix their metrics."""
-    run_dir = Path(cfg.train.run_dir)
-    if not resume and checkpoint.holds_run(run_dir):
+    run = RunDir(cfg.train.run_dir)
+    if not resume and run.holds_run():
         raise config_lib.ConfigError(
-            f"{run_dir} already holds a run: go on with it (`fer-dist train --resume {run_dir}`), or set another "
+            f"{run.path} already holds a run: go on with it (`fer-dist train --resume {run.path}`), or set another "
             "train.run_dir; nothing was written"
         )
     checkpoint.watch_signals()  # from the start: a signal before the first step stops the run at that step
@@ -284,21 +285,20 @@ def train(cfg: config_lib.Config, resume: bool = False) -> dict | None:
     torch.manual_seed(cfg.train.seed)
     manifest = read_manifest(cfg.data.shards)
     model = model_for(cfg, manifest)
-    start = checkpoint.latest(run_dir) if resume else None
+    start = run.latest() if resume else None
     devices = gather_object([provenance.device_name(accelerator.device)])  # one per rank
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_lib.dump(cfg))
-        (run_dir / "requeue.json").unlink(missing_ok=True)
+        run.write_config(cfg)
+        run.requeue.unlink(missing_ok=True)
         entry = provenance.record(
             devices,
             accelerator.num_processes,
             {"train.seed": cfg.train.seed},
-            config=provenance.stamp(run_dir / "config.yaml"),
-            manifest=provenance.stamp(Path(cfg.data.shards) / "manifest.json"),
-            resumed_from=start and str(start),
+            config=provenance.stamp(run.config_file),
+            manifest=provenance.stamp(manifest_path(cfg.data.shards)),
+            resumed_from=start and str(start.path),
         )
-        provenance.write(run_dir, entry, append=resume)
+        provenance.write(run.path, entry, append=resume)
     accelerator.wait_for_everyone()
     initialise(model, cfg.train)
     with progress(accelerator.is_main_process) as bar:

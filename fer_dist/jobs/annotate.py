@@ -40,8 +40,17 @@ from fer_dist.console import console, print_table
 from fer_dist.data.packing import crop as crop_lib
 from fer_dist.data.packing import pack
 from fer_dist.data.packing.layout import Video
-from fer_dist.data.shards.format import Manifest, ManifestError, PackParams, atomic_write, read_manifest, sample_key
+from fer_dist.data.shards.format import (
+    Manifest,
+    ManifestError,
+    MelParams,
+    PackParams,
+    atomic_write,
+    read_manifest,
+    sample_key,
+)
 from fer_dist.engine import predictions as preds_lib
+from fer_dist.engine.rundir import CrossValidation, RunDir, TrainedModel
 from fer_dist.jobs.predict import predict_group
 from fer_dist.labels import CLASSES, NUM_CLASSES
 from fer_dist.models import build
@@ -66,10 +75,10 @@ class Faces:
         return ~np.isnan(self.boxes[:, 0])
 
 
-def postprocessing(run_dir: Path) -> tuple[postprocess.PostParams, Path | None]:
+def postprocessing(run: RunDir) -> tuple[postprocess.PostParams, Path | None]:
     """The run's post-processing: `RUN/postprocess.json`, or its cross-validation's
     `ensemble/postprocess.json` (RUN a fold of it); none (identity) when neither exists."""
-    for path in (run_dir / "postprocess.json", run_dir.parent / "ensemble" / "postprocess.json"):
+    for path in (run.postprocess, CrossValidation(run.path.parent).ensemble.postprocess):
         if path.is_file():
             return postprocess.PostParams.from_dict(json.loads(path.read_text())), path
     return postprocess.PostParams(), None
@@ -91,30 +100,30 @@ class Run:
     post-processing."""
 
     dir: Path
-    weights: Path  # checkpoints/best
+    trained: TrainedModel  # checkpoints/best
     cfg: config_lib.Config
     params: PackParams  # packing as the training shards were packed
-    trained: Manifest | None  # the training shards' manifest, when it can be read
+    training_shards: Manifest | None  # the training shards' manifest, when it can be read
     post: postprocess.PostParams
     post_path: Path | None
 
 
 def load_run(run_dir: Path) -> Run:
-    """The run in `run_dir`, checked before any video is touched. Packing follows the training
-    shards (their audio rate, the waveform when the model hears it). Raises ValueError when the
-    run has no exported model, ConfigError when its config does not load."""
-    weights = run_dir / "checkpoints" / "best"
-    if not (weights / "model.safetensors").is_file():
-        raise ValueError(f"{run_dir}: no trained model there (checkpoints/best/model.safetensors)")
-    cfg = config_lib.load(weights / "config.yaml", ["model.pretrained=false"])
+    """The run in `run_dir`, checked before any video is touched, as `fer-dist predict` checks its
+    members (`RunDir.trained`). Packing follows the training shards (their audio rate, the
+    waveform when the model hears it). Raises RunError when the run has no exported model,
+    ConfigError when its config does not load."""
+    run = RunDir(run_dir)
+    trained = run.trained()
+    cfg = trained.config()
     try:
-        trained = read_manifest(cfg.data.shards)
+        shards = read_manifest(cfg.data.shards)
     except (ManifestError, OSError):
-        trained = None
-    model = build(cfg.model, cfg.data.image_size, cfg.data.audio_size, trained.feature_dims() if trained else {})
-    wave = "wave" in model.inputs
-    params = PackParams(mel=trained.params.mel, audio_wave=wave) if trained else PackParams(audio_wave=wave)
-    return Run(run_dir, weights, cfg, params, trained, *postprocessing(run_dir))
+        shards = None
+    inputs = build(cfg.model, cfg.data.image_size, cfg.data.audio_size, shards.feature_dims() if shards else {}).inputs
+    mel = shards.params.mel if shards else MelParams()
+    params = PackParams(mel=mel, audio_wave="wave" in inputs)
+    return Run(run_dir, trained, cfg, params, shards, *postprocessing(run))
 
 
 def predict_faces(reports: list[dict], run: Run, work: Path, workers: int) -> tuple[list[Faces], list[str]]:
@@ -127,8 +136,8 @@ def predict_faces(reports: list[dict], run: Run, work: Path, workers: int) -> tu
         shards = work / "shards"
         shutil.rmtree(shards, ignore_errors=True)
         manifest = pack.pack(videos, shards, run.params, workers)
-        if run.trained is not None:
-            manifest.mel_stats = run.trained.mel_stats  # standardised as in training
+        if run.training_shards is not None:
+            manifest.mel_stats = run.training_shards.mel_stats  # standardised as in training
             manifest.write(shards)
         else:
             warnings.append(
@@ -137,7 +146,7 @@ def predict_faces(reports: list[dict], run: Run, work: Path, workers: int) -> tu
             )
         warnings += manifest.problems
         out = work / "predictions.npz"
-        predict_group(run.weights, shards, "test", out)
+        predict_group(run.trained, shards, "test", out)
         shutil.rmtree(shards)  # the crops stay, for a rerun with another model
         p = preds_lib.load(out)
         all_probs = ensemble.probabilities(p)

@@ -1,7 +1,8 @@
 """Cross-validation on one machine and submissions for the test videos.
 
-`fer-dist cv` resolves the config once per fold group (`data.holdout_fold=k`, the run folder
-`<cv dir>/fold{k}`), writes it into the fold's folder and trains it there through
+`fer-dist cv` gives each fold group its own run in the cross-validation folder
+(`CrossValidation.fold(k)`: the config once resolved, with `data.holdout_fold` = k and that
+folder as its `train.run_dir`), writes the fold's config there and trains it through
 `accelerate launch -m fer_dist.train --resume` (so on whatever GPUs or CPU processes there are),
 one fold after another; a fold whose last epoch is done is not trained again, and an interrupted
 one resumes from its checkpoint. Then, with test videos in the shards, `fer_dist.jobs.predict`
@@ -11,69 +12,64 @@ same fold folders on a cluster and ends with this command, which then finds ever
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 
-from fer_dist.config import ConfigError, dump, load
+from fer_dist.config import Config, ConfigError
 from fer_dist.console import console
-from fer_dist.data.shards.format import read_manifest
+from fer_dist.data.shards.format import Manifest, read_manifest
+from fer_dist.engine.rundir import CrossValidation, RunDir
 from fer_dist.jobs.launch import run_module
 from fer_dist.jobs.predict import predict
 from fer_dist.results import ensemble
 
 
-def finished(run_dir: Path) -> bool:
-    """The run's last epoch was evaluated and its best weights exported."""
-    metrics, config = run_dir / "metrics.jsonl", run_dir / "config.yaml"
-    if not (metrics.exists() and config.exists() and (run_dir / "checkpoints" / "best" / "metrics.json").exists()):
-        return False
-    epochs = load(config).train.epochs
-    lines = metrics.read_text().splitlines()
-    return bool(lines) and json.loads(lines[-1])["epoch"] == epochs
+def fold_config(cfg: Config, k: int, run: RunDir) -> Config:
+    """`cfg` for fold `k`: that fold group held out, trained into `run`."""
+    data = dataclasses.replace(cfg.data, holdout_fold=k)
+    return dataclasses.replace(cfg, data=data, train=dataclasses.replace(cfg.train, run_dir=str(run.path)))
 
 
-def train_folds(config: str, overrides: list[str], cv_dir: Path, launch: str | None) -> list[Path]:
-    """Each fold's config, resolved here and written into its run folder, trained from there."""
-    shards = load(config, overrides).data.shards
-    manifest = read_manifest(shards)
-    folds = sorted(int(g[4:]) for g in manifest.fold_groups())
+def train_folds(cfg: Config, manifest: Manifest, cv: CrossValidation, launch: str | None) -> list[RunDir]:
+    """Each fold's config, resolved here and written into its run folder, trained from there.
+    Raises ConfigError, before any fold is trained, for shards with fewer than two folds or an
+    empty one."""
+    folds = manifest.folds()
     if len(folds) < 2:
-        raise ConfigError(f"{shards} has {len(folds)} fold group(s); cross-validation needs at least 2")
+        raise ConfigError(f"{cfg.data.shards} has {len(folds)} fold group(s); cross-validation needs at least 2")
     empty = manifest.empty(manifest.fold_groups())
     if empty:  # every fold is checked before any is trained
         raise ConfigError(
-            f"{shards}: cross-validation holds out every fold group, but {empty}; pack with fewer --n-folds, "
-            "or give those videos crops, then pack again"
+            f"{cfg.data.shards}: cross-validation holds out every fold group, but {empty}; pack with fewer "
+            "--n-folds, or give those videos crops, then pack again"
         )
     runs = []
     for k in folds:
-        run_dir = cv_dir / f"fold{k}"
-        runs.append(run_dir)
-        if finished(run_dir):
-            console.print(f"fold {k}: finished, kept ({run_dir})")
+        run = cv.fold(k)
+        runs.append(run)
+        if run.finished():
+            console.print(f"fold {k}: finished, kept ({run.path})")
             continue
-        console.print(f"[bold]fold {k}[/] of {len(folds)}: training into {run_dir}")
-        fold = load(config, [*overrides, f"data.holdout_fold={k}", f"train.run_dir={run_dir}"])
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump(fold))
-        run_module("fer_dist.train", ["--resume", str(run_dir)], launch, f"fold {k}", run_dir)
+        console.print(f"[bold]fold {k}[/] of {len(folds)}: training into {run.path}")
+        run.write_config(fold_config(cfg, k, run))
+        run_module("fer_dist.train", ["--resume", str(run.path)], launch, f"fold {k}", run)
     return runs
 
 
 def cross_validate(
-    config: str,
-    overrides: list[str],
+    cfg: Config,
     cv_dir: Path,
     launch: str | None = None,
     how: str = "vote",
     template: Path | None = None,
     truth: Path | None = None,
 ) -> dict:
-    """Every fold, then the ensemble; with test videos in the shards, their predictions and submissions."""
-    overrides = [*overrides, f"train.run_dir={cv_dir}"]
-    train_folds(config, overrides, cv_dir, launch)
-    shards = Path(load(config, overrides).data.shards)
-    out = cv_dir / "ensemble"
-    if "test" in read_manifest(shards).groups:
-        return predict([str(cv_dir)], shards, out, launch, how, template, truth)
-    return ensemble.run([str(cv_dir)], out, how, truth)
+    """Every fold of `cfg`'s shards trained into `cv_dir`, then the ensemble; with test videos in the
+    shards, their predictions and submissions. Returns the ensemble's report."""
+    cv = CrossValidation(cv_dir)
+    manifest = read_manifest(cfg.data.shards)
+    train_folds(cfg, manifest, cv, launch)
+    shards = Path(cfg.data.shards)
+    if "test" in manifest.groups:
+        return predict([str(cv.path)], shards, cv.ensemble.path, launch, how, template, truth)
+    return ensemble.run([str(cv.path)], cv.ensemble.path, how, truth)

@@ -25,8 +25,9 @@ from fer_dist.console import progress
 from fer_dist.data.packing import pack
 from fer_dist.data.packing.layout import discover
 from fer_dist.data.packing.synth import TEST_LABELS, TEST_LIST, TEST_TEMPLATE
-from fer_dist.data.shards.format import PackParams
+from fer_dist.data.shards.format import PackParams, manifest_path
 from fer_dist.engine import provenance
+from fer_dist.engine.rundir import SUMMARY, CrossValidation
 from fer_dist.jobs.cv import cross_validate
 from fer_dist.results import ensemble
 
@@ -34,12 +35,12 @@ CONFIG = config.CONFIGS / "mfm_cpu.yaml"  # per fold: one epoch of 500 steps of 
 HEADS = ("image", "audio", "fusion", "ensemble")  # the model's heads; "ensemble" is its prediction
 
 
-def fold_heads(cv_dir: Path) -> list[dict]:
-    """Held-out macro-F1 of every head of each fold's best model."""
+def fold_heads(cv: CrossValidation) -> list[dict]:
+    """Held-out macro-F1 of every head of each fold's best model, by fold run (its folder's name)."""
     rows = []
-    for run in sorted(cv_dir.glob("fold*/checkpoints/best/metrics.json")):
-        by_head = json.loads(run.read_text())["macro_f1_by_head"]
-        rows.append({"fold": run.parents[2].name, **{h: by_head[h] for h in HEADS}})
+    for run in cv.runs():
+        by_head = run.trained().metrics()["macro_f1_by_head"]
+        rows.append({"fold": run.path.name, **{h: by_head[h] for h in HEADS}})
     return rows
 
 
@@ -61,7 +62,7 @@ def checks(folds: list[dict], test: dict[str, float], how: str) -> list[str]:
 
 def main_job(workdir: Path, videos: int = 24, seed: int = 0, epochs: int | None = None, test_videos: int = 4) -> int:
     started = time.perf_counter()
-    data, shards, cv_dir = workdir / "affwild2", workdir / "shards", workdir / "cv"
+    data, shards, cv = workdir / "affwild2", workdir / "shards", CrossValidation(workdir / "cv")
     if not (data / ".complete").exists():
         from fer_dist.data.packing.synth import synthesize
 
@@ -69,7 +70,7 @@ def main_job(workdir: Path, videos: int = 24, seed: int = 0, epochs: int | None 
             task = bar.add_task("synthesizing videos", total=videos + test_videos, info="")
             synthesize(data, videos, seed, 2, lambda: bar.advance(task), test_videos=test_videos)
         (data / ".complete").touch()
-    if not (shards / "manifest.json").exists():
+    if not manifest_path(shards).exists():
         vids = discover(data, test_list=data / TEST_LIST)
         with progress() as bar:
             task = bar.add_task("packing videos", total=len(vids), info="")
@@ -78,9 +79,10 @@ def main_job(workdir: Path, videos: int = 24, seed: int = 0, epochs: int | None 
             )
         pack.show(manifest)
     overrides = [f"data.shards={shards}", f"train.seed={seed}", *([f"train.epochs={epochs}"] if epochs else [])]
-    result = cross_validate(str(CONFIG), overrides, cv_dir, truth=data / TEST_LABELS, template=data / TEST_TEMPLATE)
+    cfg = config.load(CONFIG, overrides)
+    result = cross_validate(cfg, cv.path, truth=data / TEST_LABELS, template=data / TEST_TEMPLATE)
     ensemble.show(result)
-    folds = fold_heads(cv_dir)
+    folds = fold_heads(cv)
     table = Table(title="macro-F1 of each head on the fold's held-out videos")
     for col in ("", "image", "audio", "fusion", "prediction"):
         table.add_column(col, justify="right")
@@ -96,13 +98,9 @@ def main_job(workdir: Path, videos: int = 24, seed: int = 0, epochs: int | None 
     minutes = (time.perf_counter() - started) / 60
     failed = checks(folds, test, how)
     summary = {"seed": seed, "minutes": round(minutes, 2), "folds": folds, "test": test, "failed": failed}
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
-    fold_dirs = sorted(p for p in cv_dir.glob("fold*") if (p / "config.yaml").exists())
-    provenance.write(workdir, provenance.record(provenance.local_devices(), 1, **provenance.of_runs(fold_dirs)))
-    console.print(
-        f"report: {cv_dir / 'ensemble' / 'report.md'}; submissions: {cv_dir / 'ensemble' / 'submission'}  "
-        f"({minutes:.1f} min)"
-    )
+    (workdir / SUMMARY).write_text(json.dumps(summary, indent=1))
+    provenance.write(workdir, provenance.record(provenance.local_devices(), 1, **provenance.of_runs(cv.runs())))
+    console.print(f"report: {cv.ensemble.report_md}; submissions: {cv.ensemble.submission}  ({minutes:.1f} min)")
     for line in failed:
         console.print(f"[red]check failed:[/] {line}")
     if not failed:
@@ -122,7 +120,7 @@ def seeds_job(workdir: Path, seeds: list[int], videos: int = 24, epochs: int | N
     """The main job once per seed (data, packing and training all seeded) in `<workdir>/seed<s>`,
     then each figure as mean ± sd (min-max) over the seeds."""
     status = max(main_job(workdir / f"seed{s}", videos, s, epochs) for s in seeds)
-    runs = [json.loads((workdir / f"seed{s}" / "summary.json").read_text()) for s in seeds]
+    runs = [json.loads((workdir / f"seed{s}" / SUMMARY).read_text()) for s in seeds]
     table = Table(title=f"over seeds {', '.join(map(str, seeds))}: mean ± sd (min-max)")
     table.add_column("")
     table.add_column("macro-F1", justify="right")

@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
 from fer_dist.engine.checkpoint import REQUEUE_EXIT
+from fer_dist.engine.rundir import RunDir
 
 
 class Interrupted(Exception):
@@ -37,16 +37,17 @@ def launcher(launch: str | None) -> list[str]:
 
 
 def run_module(
-    module: str, args: list[str], launch: str | None, what: str, run_dir: Path | None = None, here=None
+    module: str, args: list[str], launch: str | None, what: str, run: RunDir | None = None, here=None
 ) -> None:
     """`python -m module args` through `accelerate launch`; when that would be one process anyway,
     `here` (the module's main function) runs it in this process instead, without a second start
-    of Python and torch."""
+    of Python and torch. Raises Interrupted when a signal stopped it (its status, or `run`'s
+    requeue file), RunFailed when it failed."""
     if here is not None and launch is None and torch.cuda.device_count() <= 1:
         status = here(args)
     else:
         status = subprocess.run([*launcher(launch), "-m", module, *args]).returncode
-    if status == REQUEUE_EXIT or (run_dir is not None and (run_dir / "requeue.json").exists()):
+    if status == REQUEUE_EXIT or (run is not None and run.requeue.exists()):
         raise Interrupted(f"{what} was stopped by a signal; run the same command again to resume it")
     if status:
-        raise RunFailed(f"{what} failed with status {status} (see its output above{f'; {run_dir}' if run_dir else ''})")
+        raise RunFailed(f"{what} failed with status {status} (see its output above{f'; {run.path}' if run else ''})")

@@ -20,33 +20,31 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from safetensors.torch import load_file
 
-from fer_dist import config as config_lib
 from fer_dist.config import ConfigError
 from fer_dist.console import console, progress
-from fer_dist.data.shards.format import ManifestError, atomic_write, read_manifest, sample_key
-from fer_dist.data.stream.pipeline import StreamError
+from fer_dist.data.shards.format import atomic_write, read_manifest, sample_key
 from fer_dist.engine import predictions as preds_lib
 from fer_dist.engine.distributed import make_accelerator
 from fer_dist.engine.evaluation import evaluate
-from fer_dist.engine.task import Task, model_for
+from fer_dist.engine.rundir import EnsembleDir, TrainedModel
+from fer_dist.engine.task import Task
+from fer_dist.errors import InputError, one_line
 from fer_dist.jobs.launch import run_module
 from fer_dist.labels import NUM_CLASSES
 from fer_dist.results import ensemble, postprocess, submission
 
 
-def predict_group(weights: Path, shards: Path, group: str, out: Path) -> dict | None:
-    """`out`: the predictions of the model exported in `weights` for every frame of `group`;
-    returns rank 0's scores (meaningless for an unlabelled group), None on other ranks."""
-    overrides = [f"data.shards={shards}", "model.pretrained=false"]
-    cfg = config_lib.load(weights / "config.yaml", overrides)
+def predict_group(trained: TrainedModel, shards: Path, group: str, out: Path) -> dict | None:
+    """`out`: the predictions of the `trained` model for every frame of `group`; returns rank 0's
+    scores (meaningless for an unlabelled group), None on other ranks. Raises ConfigError for an
+    empty group or shards that do not hold what the model takes."""
+    cfg = trained.config(shards)
     accelerator = make_accelerator(cfg)
     manifest = read_manifest(shards)
     if manifest.empty([group]):
         raise ConfigError(f"{shards}: {manifest.empty([group])}; there is nothing to predict")
-    model = model_for(cfg, manifest, training=False)
-    model.load_state_dict(load_file(weights / "model.safetensors"))
+    model = trained.load(cfg, manifest)
     model.to(accelerator.device)
     try:
         with progress(accelerator.is_main_process) as bar:
@@ -63,12 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the predictions file (.npz) to write")
     args = parser.parse_args(argv)
     try:
-        metrics = predict_group(Path(args.weights), Path(args.shards), args.group, Path(args.out))
-    except (config_lib.ConfigError, ManifestError, OSError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        return 2
-    except StreamError as exc:
-        console.print(f"[red]error:[/] {StreamError.why(exc)}", soft_wrap=True)
+        metrics = predict_group(TrainedModel(Path(args.weights)), Path(args.shards), args.group, Path(args.out))
+    except (InputError, OSError) as exc:
+        console.print(f"[red]error:[/] {one_line(exc)}", soft_wrap=True)
         return 2
     if metrics is not None:
         scored = f"; macro-F1 by head {json.dumps(metrics['macro_f1_by_head'])}" if args.group != "test" else ""
@@ -76,16 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def predict_members(specs: list[str], shards: Path, out: Path, launch: str | None, group: str = "test") -> None:
-    """`<out>/test/<run>.npz`: each run's best weights over `group` of `shards` (kept when there)."""
-    (out / "test").mkdir(parents=True, exist_ok=True)
+def predict_members(specs: list[str], shards: Path, out: EnsembleDir, launch: str | None, group: str = "test") -> None:
+    """Each member run's test predictions (`EnsembleDir.member_test`): its best weights over `group`
+    of `shards` (kept when there, made by these very weights)."""
     for m in ensemble.members(specs):
-        best = m.run_dir / "checkpoints" / "best"
-        target = out / "test" / f"{m.run_name}.npz"
-        if target.exists() and target.stat().st_mtime >= (best / "model.safetensors").stat().st_mtime:
-            continue  # predicted by these very weights
-        console.print(f"predicting {group} of {shards} with {m.run_dir}")
-        args = [str(best), "--shards", str(shards), "--group", group, "--out", str(target)]
+        trained, target = m.run.trained(), out.member_test(m.run)
+        if target.exists() and target.stat().st_mtime >= trained.weights.stat().st_mtime:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        console.print(f"predicting {group} of {shards} with {m.run.path}")
+        args = [str(trained.path), "--shards", str(shards), "--group", group, "--out", str(target)]
         run_module("fer_dist.jobs.predict", args, launch, f"prediction with {m.name}", here=main)
 
 
@@ -125,16 +120,16 @@ def required_frames(shards: Path, template: Path | None) -> tuple[dict[str, int]
     return frames, required
 
 
-def submit(out: Path, frames: dict[str, int], required: list[tuple[str, int]]) -> dict:
+def submit(out: EnsembleDir, frames: dict[str, int], required: list[tuple[str, int]]) -> dict:
     """Both submission formats from the post-processed ensemble over the test videos, made and
     checked in full before either is written (`submission.write`)."""
-    test = preds_lib.load(out / "test.npz")
-    params = postprocess.PostParams.from_dict(json.loads((out / "postprocess.json").read_text()))
+    test = preds_lib.load(out.test)
+    params = postprocess.PostParams.from_dict(json.loads(out.postprocess.read_text()))
     labels = postprocess.apply(test.key, test.logits["ensemble"], params)
     files = {f"abaw3/{name}": data for name, data in submission.abaw3(test.key, labels, frames).items()}
     within = [(v, min(f, frames.get(v, f))) for v, f in required]  # a row past a video's end: its last frame
     files["abaw5.csv"] = submission.abaw5(test.key, labels, within, named=required)
-    submission.write(out / "submission", files)
+    submission.write(out.submission, files)
     counts = np.bincount(labels, minlength=NUM_CLASSES).tolist()
     return {"abaw3_files": len(files) - 1, "abaw5_rows": len(required), "labels": counts}
 
@@ -148,7 +143,9 @@ def predict(
     template: Path | None = None,
     truth: Path | None = None,
 ) -> dict:
-    """The ensemble of `specs` over the test videos of `shards`: report, predictions, submissions."""
+    """The ensemble of `specs` over the test videos of `shards` in the ensemble folder `out`: report,
+    predictions, submissions. Everything is checked (the test videos, the template, the members,
+    the truth) before anything is written; raises ConfigError, SubmissionError or RunError."""
     manifest = read_manifest(shards)
     if "test" not in manifest.groups:
         raise ConfigError(f"{shards} holds no test videos (pack them with fer-dist shard --test-list)")
@@ -158,10 +155,11 @@ def predict(
     ensemble.members(specs)  # every member a finished run, before anything is written
     if truth is not None and not Path(truth).is_dir():
         raise ConfigError(f"--truth {truth}: not a folder of annotation files")
-    predict_members(specs, shards, out, launch)
+    folder = EnsembleDir(out)
+    predict_members(specs, shards, folder, launch)
     report = ensemble.run(specs, out, how, truth)
-    report["submission"] = submit(out, frames, required)
-    atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
+    report["submission"] = submit(folder, frames, required)
+    atomic_write(folder.report, json.dumps(report, indent=1).encode())
     return report
 
 

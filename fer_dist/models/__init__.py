@@ -44,7 +44,7 @@ def list_models() -> list[str]:
 
 def create_model(name: str, **kwargs) -> ExpressionModel:
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
+        raise ConfigError(f"unknown model {name!r}; known: {', '.join(list_models())}")
     cls = MODELS[name]
     accepted = inspect.signature(cls.__init__).parameters
     unknown = sorted(set(kwargs) - set(accepted))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fer_dist.config import ConfigError
 from fer_dist.models.backbones import create_backbone, tokens
 from fer_dist.models.contract import ExpressionModel, normalisation_of
 
@@ -46,7 +47,7 @@ class ModalFusionNet(ExpressionModel):
     ) -> None:
         super().__init__()
         if stage not in STAGES:
-            raise ValueError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}")
+            raise ConfigError(f"model.stage must be one of {', '.join(STAGES)}, not {stage!r}")
         self.heads = STAGES[stage]  # trained heads
         self.inputs = ("image", "audio") if stage == "fusion" else (stage,)
         self.output = "ensemble" if stage == "fusion" else stage  # the model's prediction

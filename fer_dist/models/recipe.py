@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fer_dist.config import ConfigError
 from fer_dist.models.backbones import create_backbone
 from fer_dist.models.contract import ExpressionModel, normalisation_of
 from fer_dist.models.layers import real_frames, sinusoid
@@ -59,7 +60,7 @@ class Temporal(nn.Module):
     def __init__(self, kind: str, dim: int, layers: int, heads: int, dropout: float) -> None:
         super().__init__()
         if kind not in ("transformer", "tcn"):
-            raise ValueError(f"temporal must be transformer or tcn, not {kind!r}")
+            raise ConfigError(f"model.temporal must be transformer or tcn, not {kind!r}")
         self.kind = kind
         if kind == "tcn":
             self.tcn = TCN(dim, layers, dropout)
@@ -97,7 +98,7 @@ class FusedRuns(ExpressionModel):
     ) -> None:
         super().__init__()
         if fusion not in ("gated", "cross"):
-            raise ValueError(f"fusion must be gated or cross, not {fusion!r}")
+            raise ConfigError(f"model.fusion must be gated or cross, not {fusion!r}")
         self.face_proj = nn.Sequential(nn.LayerNorm(face_dim), nn.Linear(face_dim, dim))
         self.voice_proj = nn.Sequential(nn.LayerNorm(voice_dim), nn.Linear(voice_dim, dim))
         self.missing = nn.Parameter(torch.zeros(2, dim))

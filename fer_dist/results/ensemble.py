@@ -3,10 +3,11 @@
 Each member is a training run directory. Its validation predictions are those of its best epoch
 on its own held-out fold; put end to end over the folds they are the out-of-fold predictions on
 which post-processing is tuned. Test predictions (`<out>/test/<run>.npz`, written by `fer-dist
-predict`) are combined by averaging probabilities or by majority vote, as in *Transformer-based
-Multimodal Information Fusion for Facial Expression Analysis* and *Multi-modal Expression
-Recognition with Ensemble Method*. The report puts per-class F1 of every fold next to the
-ensemble's, in the layout of the former's Table 2.
+predict`; every path of the output folder is `engine/rundir.py`'s `EnsembleDir`) are combined by
+averaging probabilities or by majority vote, as in *Transformer-based Multimodal Information
+Fusion for Facial Expression Analysis* and *Multi-modal Expression Recognition with Ensemble
+Method*. The report puts per-class F1 of every fold next to the ensemble's, in the layout of the
+former's Table 2.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -27,46 +27,47 @@ from fer_dist.data.shards.format import atomic_write
 from fer_dist.engine import predictions as preds_lib
 from fer_dist.engine import provenance
 from fer_dist.engine.metrics import confusion, f1_per_class
+from fer_dist.engine.rundir import EnsembleDir, RunDir, RunError, runs_of
+from fer_dist.errors import InputError
 from fer_dist.labels import CLASSES, NUM_CLASSES
 from fer_dist.results import postprocess
 
-HOW = ("vote", "mean")
+HOW = ("vote", "mean")  # how members are combined (`combine`)
 
 
-class EnsembleError(ValueError):
+class EnsembleError(InputError):
     """Members that cannot be combined, or predictions that are not there."""
 
 
 @dataclass(frozen=True)
 class Member:
-    run_dir: Path
-    head: str = ""  # "" is the model's own output head
+    """One head of one finished run (`head` "" is the model's own output head)."""
 
-    @property
-    def run_name(self) -> str:
-        """The run folder's name after its parent's (`cv-fold0`), unique among a cross-validation's folds."""
-        run = self.run_dir.resolve()
-        return f"{run.parent.name}-{run.name}"
+    run: RunDir
+    head: str = ""
 
     @property
     def name(self) -> str:
-        return self.run_name + (f"-{self.head}" if self.head else "")
+        """The run's name (`cv-fold0`), and the head's when it is not the output."""
+        return self.run.name + (f"-{self.head}" if self.head else "")
 
     @property
     def fold(self) -> int:
-        return int(yaml.safe_load((self.run_dir / "config.yaml").read_text())["data"]["holdout_fold"])
+        """The fold the run held out (its config's `data.holdout_fold`)."""
+        return self.run.config.data.holdout_fold
 
 
 def members(specs: list[str]) -> list[Member]:
-    """`RUN_DIR[:HEAD]` for each spec; a cross-validation directory stands for all its folds."""
+    """`RUN_DIR[:HEAD]` for each spec; a cross-validation directory stands for all its folds. Raises
+    EnsembleError when one is not a finished run, or none is given."""
     found = []
     for spec in specs:
         path, _, head = spec.partition(":")
-        folds = sorted(p for p in Path(path).glob("fold*") if (p / "config.yaml").exists())
-        runs = folds or [Path(path)]
-        for run in runs:
-            if not (run / "checkpoints" / "best" / "metrics.json").exists():
-                raise EnsembleError(f"{run}: no finished training run there (checkpoints/best/metrics.json)")
+        for run in runs_of(path):
+            try:
+                run.trained()
+            except RunError as exc:
+                raise EnsembleError(str(exc)) from None
             found.append(Member(run, head))
     if not found:
         raise EnsembleError("no members given")
@@ -75,8 +76,7 @@ def members(specs: list[str]) -> list[Member]:
 
 def validation(m: Member) -> preds_lib.Predictions:
     """The member's predictions on its held-out fold at its best epoch."""
-    epoch = json.loads((m.run_dir / "checkpoints" / "best" / "metrics.json").read_text())["epoch"]
-    return preds_lib.load(m.run_dir / "predictions" / f"epoch{epoch:03d}.npz")
+    return preds_lib.load(m.run.best_predictions())
 
 
 def probabilities(p: preds_lib.Predictions, head: str = "") -> np.ndarray:
@@ -88,11 +88,17 @@ def probabilities(p: preds_lib.Predictions, head: str = "") -> np.ndarray:
     return z / z.sum(1, keepdims=True)
 
 
-def combine(probs: list[np.ndarray], how: str) -> np.ndarray:
-    """mean: the average probability; vote: each member's label counts once, and a tie goes to the
-    class with the higher average probability. Both return rows that sum to 1."""
+def check_how(how: str) -> None:
+    """Raises EnsembleError unless `how` is one of HOW."""
     if how not in HOW:
         raise EnsembleError(f"--how must be one of {', '.join(HOW)}, not {how!r}")
+
+
+def combine(probs: list[np.ndarray], how: str) -> np.ndarray:
+    """mean: the average probability; vote: each member's label counts once, and a tie goes to the
+    class with the higher average probability. Both return rows that sum to 1. Raises EnsembleError
+    for another `how`."""
+    check_how(how)
     mean = np.mean(probs, axis=0)
     if how == "mean":
         return mean
@@ -140,7 +146,7 @@ def run(specs: list[str], out: Path, how: str = "vote", truth: Path | None = Non
     `validation.npz`, `test.npz` (when every member has test predictions), `postprocess.json`,
     `report.json`, `report.md` and `provenance.json` under `out`; returns the report. Everything is
     computed, and any refusal raised, before the first file is written."""
-    ms = members(specs)
+    ms, folder = members(specs), EnsembleDir(out)
     if truth is not None and not Path(truth).is_dir():
         raise EnsembleError(f"--truth {truth}: not a folder of annotation files")
     val = {m.name: validation(m) for m in ms}
@@ -171,34 +177,34 @@ def run(specs: list[str], out: Path, how: str = "vote", truth: Path | None = Non
         "postprocess": params.to_dict(),
     }
     test = None
-    if all((out / "test" / f"{m.run_name}.npz").exists() for m in ms):
-        test, report["test"] = test_report(ms, how, params, out, truth, fold_rows)
+    if all(folder.member_test(m.run).exists() for m in ms):
+        test, report["test"] = test_report(ms, how, params, folder, truth, fold_rows)
     elif truth is not None:
-        console.print(f"[yellow]warning:[/] --truth {truth} is unused: no test predictions in {out / 'test'}")
-    record = provenance.record(["cpu"], 1, **provenance.of_runs([m.run_dir for m in ms]))
+        console.print(f"[yellow]warning:[/] --truth {truth} is unused: no test predictions in {folder.path}")
+    record = provenance.record(["cpu"], 1, **provenance.of_runs([m.run for m in ms]))
     out.mkdir(parents=True, exist_ok=True)
-    preds_lib.save(out / "validation.npz", preds_lib.Predictions(keys, labels, {"ensemble": probs}, "ensemble"))
+    preds_lib.save(folder.validation, preds_lib.Predictions(keys, labels, {"ensemble": probs}, "ensemble"))
     if test is not None:
-        preds_lib.save(out / "test.npz", test)
+        preds_lib.save(folder.test, test)
     tuned = {**params.to_dict(), "validation_macro_f1_before": before, "validation_macro_f1_after": after}
-    atomic_write(out / "postprocess.json", json.dumps(tuned).encode())
-    atomic_write(out / "report.json", json.dumps(report, indent=1).encode())
-    atomic_write(out / "report.md", markdown(report).encode())
+    atomic_write(folder.postprocess, json.dumps(tuned).encode())
+    atomic_write(folder.report, json.dumps(report, indent=1).encode())
+    atomic_write(folder.report_md, markdown(report).encode())
     provenance.write(out, record)
     return report
 
 
 def test_report(
-    ms: list[Member], how, params, out: Path, truth: Path | None, fold_rows
+    ms: list[Member], how, params, out: EnsembleDir, truth: Path | None, fold_rows
 ) -> tuple[preds_lib.Predictions, list[dict]]:
-    """Combines the members' test predictions (`<out>/test/<run>.npz`, one file for all heads of
+    """Combines the members' test predictions (`EnsembleDir.member_test`, one file for all heads of
     a run) into the ensemble's; with the true labels, scores each member, their mean and the
     ensemble before and after post-processing."""
-    test = {m.run_name: preds_lib.load(out / "test" / f"{m.run_name}.npz") for m in ms}
+    test = {m.run.name: preds_lib.load(out.member_test(m.run)) for m in ms}
     keys = aligned(test)
-    member_probs = {m.name: probabilities(test[m.run_name], m.head) for m in ms}
+    member_probs = {m.name: probabilities(test[m.run.name], m.head) for m in ms}
     probs = combine(list(member_probs.values()), how)
-    labels = truth_labels(keys, truth) if truth else test[ms[0].run_name].label.astype(np.int64)
+    labels = truth_labels(keys, truth) if truth else test[ms[0].run.name].label.astype(np.int64)
     combined = preds_lib.Predictions(keys, labels, {"ensemble": probs}, "ensemble")
     if not (labels >= 0).any():
         return combined, []

@@ -16,10 +16,11 @@ import numpy as np
 
 from fer_dist.data.shards.format import sample_key
 from fer_dist.engine.predictions import split_keys
+from fer_dist.errors import InputError
 from fer_dist.labels import CLASSES
 
 
-class SubmissionError(ValueError):
+class SubmissionError(InputError):
     """A submission would miss frames the challenge requires."""
 
 

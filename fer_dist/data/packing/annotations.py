@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from fer_dist.data.shards.format import atomic_write
+from fer_dist.errors import InputError
 from fer_dist.labels import CLASSES, UNLABELLED
 
 CHALLENGE = Path("annotations") / "EXPR_Recognition_Challenge"
@@ -32,7 +33,7 @@ CLIP_COLUMNS = ("video", "label")
 RANGE_COLUMNS = ("video", "start_frame", "end_frame", "label")
 
 
-class LabelsError(ValueError):
+class LabelsError(InputError):
     """A labels CSV that cannot be turned into annotation files; the message names the row."""
 
 

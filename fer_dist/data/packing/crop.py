@@ -40,6 +40,7 @@ from fer_dist.console import console, print_table
 from fer_dist.data.packing.faces import DETECTORS, Detector, Face, Tracker, align
 from fer_dist.data.packing.layout import CROP_DIRS, VIDEO_DIRS, VIDEO_SUFFIXES
 from fer_dist.data.shards.format import atomic_write
+from fer_dist.errors import InputError
 
 CROPS = CROP_DIRS[0]  # cropped_aligned
 VIDEOS = VIDEO_DIRS[0]  # batch1
@@ -58,13 +59,13 @@ class CropParams:
 
     def __post_init__(self) -> None:
         if self.detector not in DETECTORS:
-            raise ValueError(f"unknown detector {self.detector!r}; choose one of {', '.join(DETECTORS)}")
+            raise InputError(f"unknown detector {self.detector!r}; choose one of {', '.join(DETECTORS)}")
         if self.redetect < 1 or self.min_track < 1:
-            raise ValueError(f"--redetect ({self.redetect}) and --min-track ({self.min_track}) count frames: >= 1")
+            raise InputError(f"--redetect ({self.redetect}) and --min-track ({self.min_track}) count frames: >= 1")
         if not 0 < self.min_face <= 1:
-            raise ValueError(f"--min-face {self.min_face}: a share of the frame's height, in (0, 1]")
+            raise InputError(f"--min-face {self.min_face}: a share of the frame's height, in (0, 1]")
         if not 1 <= self.quality <= 100:
-            raise ValueError(f"JPEG quality {self.quality}: 1 to 100")
+            raise InputError(f"JPEG quality {self.quality}: 1 to 100")
 
 
 def video_files(paths: list[Path]) -> list[Path]:
@@ -76,18 +77,18 @@ def video_files(paths: list[Path]) -> list[Path]:
         if p.is_dir():
             inside = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in VIDEO_SUFFIXES)
             if not inside:
-                raise ValueError(f"{p}: no video files ({', '.join(VIDEO_SUFFIXES)}) in this folder")
+                raise InputError(f"{p}: no video files ({', '.join(VIDEO_SUFFIXES)}) in this folder")
             found += inside
         elif p.is_file():
             found.append(p)
         else:
-            raise ValueError(f"{p}: no such file or folder")
+            raise InputError(f"{p}: no such file or folder")
     names: dict[str, Path] = {}
     for p in found:
         if "." in p.stem:
-            raise ValueError(f"{p}: the video name {p.stem!r} contains a dot, which shard keys cannot; rename the file")
+            raise InputError(f"{p}: the video name {p.stem!r} contains a dot, which shard keys cannot; rename the file")
         if p.stem in names and names[p.stem].resolve() != p.resolve():
-            raise ValueError(f"{names[p.stem]} and {p} have the same name; their crops would share a folder")
+            raise InputError(f"{names[p.stem]} and {p} have the same name; their crops would share a folder")
         names[p.stem] = p
     return [names[n] for n in sorted(names)]
 

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from fer_dist.errors import InputError
+
 if TYPE_CHECKING:  # dlib itself is imported when a detector is made
     import dlib
 
@@ -41,7 +43,7 @@ MODELS_PACKAGE = "face_recognition_models"
 INSTALL = "pip install dlib-bin face_recognition_models"
 
 
-class DetectorError(RuntimeError):
+class DetectorError(InputError):
     """The face detector or its model files are not installed."""
 
 
@@ -131,7 +133,7 @@ class Detector:
 
     def __init__(self, name: str = "hog"):
         if name not in DETECTORS:
-            raise ValueError(f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}")
+            raise DetectorError(f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}")
         try:
             import dlib
         except ImportError as exc:

@@ -43,13 +43,14 @@ from fer_dist.data.shards.format import (
     npy_bytes,
     read_manifest,
 )
+from fer_dist.errors import InputError
 
 # Each feature's dtype, in the order the twin shards hold the members (and the manifest names them).
 DTYPES = {"embedding": np.float16, "audio_features": np.float32, "words": np.float16, "voice": np.float16}
 Encoder = Callable[[list[dict]], np.ndarray]  # a shard's samples -> one feature per sample, [N, ...]
 
 
-class ExtractError(ValueError):
+class ExtractError(InputError):
     """The source shards or dataset cannot give the features; the message says which and why."""
 
 

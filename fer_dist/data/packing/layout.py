@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fer_dist.errors import InputError
 from fer_dist.labels import CLASSES, UNLABELLED
 
 CHALLENGE_DIRS = ("EXPR_Recognition_Challenge", "EXPR_Classification_Challenge", "EXPR_Set")
@@ -23,7 +24,7 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm")  # Aff-Wild2 has the 
 FACE_SUFFIX = re.compile(r"_(left|right)$")
 
 
-class LayoutError(ValueError):
+class LayoutError(InputError):
     """The data on disk does not have the shape fer-dist expects; the message says where."""
 
 

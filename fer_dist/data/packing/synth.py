@@ -31,6 +31,7 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
+from fer_dist.errors import InputError
 from fer_dist.labels import CLASSES, NUM_CLASSES, PAPER_TRAIN_COUNTS, UNLABELLED
 
 LOOK = (0, 1, 2, 3, 4, 5, 3, 0)  # class -> face; Fear/Surprise and Neutral/Other share one
@@ -364,14 +365,14 @@ def check(n_videos: int, length: int, style: str = "faces", shape_size: tuple[fl
     its label segments), or a `shape_size` range that is not 4 px <= least <= most <= 100 px (a
     shape and its margin fit the 112-px crop)."""
     if style not in STYLES:
-        raise ValueError(f"--style must be one of {', '.join(STYLES)}, not {style!r}")
+        raise InputError(f"--style must be one of {', '.join(STYLES)}, not {style!r}")
     most = CROP - 12  # room for the placement's 4-px margin on each side and the drift
     if len(shape_size) != 2 or not 4 <= shape_size[0] <= shape_size[1] <= most:
-        raise ValueError(f"shape_size must be (least, most) px with 4 <= least <= most <= {most}; got {shape_size}")
+        raise InputError(f"shape_size must be (least, most) px with 4 <= least <= most <= {most}; got {shape_size}")
     if n_videos < 4:
-        raise ValueError(f"--videos must be at least 4 (the layout's quirks need that many); got {n_videos}")
+        raise InputError(f"--videos must be at least 4 (the layout's quirks need that many); got {n_videos}")
     if length < 300:
-        raise ValueError(f"--length must be at least 300 frames a video, to hold every class; got {length}")
+        raise InputError(f"--length must be at least 300 frames a video, to hold every class; got {length}")
 
 
 def synthesize(

@@ -29,9 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
+from fer_dist.errors import InputError
+
 FORMAT_VERSION = 2  # 2: samples may hold the raw waveform (`wave`); shards without it are written as 1
 READS = (1, 2)
-FOLD_SCHEMES = ("video5", "train4+val", "official")
+FOLD_SCHEMES = ("video5", "train4+val", "official")  # how videos are dealt into fold groups (`pack.assign_folds`)
+MISSING = ("fill", "skip")  # a labelled frame without a crop: filled from the nearest crop, or dropped
 AUDIO_GAP_S = 0.5  # sound starting this much after the first frame, or ending before the last, is a quirk
 # (an encoder's priming and the last audio frame's rounding stay far below it)
 
@@ -45,6 +48,7 @@ MEMBERS = {
     "words": "words.npy",
     "voice": "voice.npy",
 }
+MANIFEST = "manifest.json"  # beside the tars
 LABEL, META = "cls", "json"  # every sample's label and metadata (video, frame, windows, ...)
 PACKED = ("image", "audio")  # the inputs `fer-dist shard` packs (and `wave`, with --audio-wave)
 
@@ -57,6 +61,11 @@ def fold_group(fold: int) -> str:
 def group_fold(group: str) -> int | None:
     """The fold a group holds (`fold_group`'s inverse), or None for the test group."""
     return int(group.removeprefix("fold")) if group.startswith("fold") and group[4:].isdigit() else None
+
+
+def manifest_path(shards: str | Path) -> Path:
+    """The manifest of the shard folder `shards`."""
+    return Path(shards) / MANIFEST
 
 
 def shard_name(group: str, index: int) -> str:
@@ -108,7 +117,7 @@ class SampleMeta:
             raise ValueError(f"not a sample's metadata: {exc}") from exc
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """A shard folder without a manifest this fer-dist reads; the message says how to get one."""
 
 
@@ -129,7 +138,7 @@ class PackParams:
     seed: int = 0
     samples_per_shard: int = 2000
     clip_len: int = 32
-    missing: str = "fill"  # "fill": labelled frames without a crop take the nearest crop; "skip": dropped
+    missing: str = "fill"  # one of MISSING
     mel: MelParams = field(default_factory=MelParams)
     audio_wave: bool = False  # also each frame's raw 16 kHz waveform window, as 16-bit PCM (`wave`)
 
@@ -142,9 +151,9 @@ class PackParams:
 
     def __post_init__(self) -> None:
         if self.folds not in FOLD_SCHEMES:
-            raise ValueError(f"--folds must be one of {', '.join(FOLD_SCHEMES)}, not {self.folds!r}")
-        if self.missing not in ("fill", "skip"):
-            raise ValueError(f"--missing must be fill or skip, not {self.missing!r}")
+            raise InputError(f"--folds must be one of {', '.join(FOLD_SCHEMES)}, not {self.folds!r}")
+        if self.missing not in MISSING:
+            raise InputError(f"--missing must be one of {', '.join(MISSING)}, not {self.missing!r}")
 
 
 @dataclass
@@ -367,7 +376,7 @@ class Manifest:
         return json.dumps(asdict(self), indent=1).encode()
 
     def write(self, folder: Path) -> None:
-        atomic_write(Path(folder) / "manifest.json", self.to_json())
+        atomic_write(manifest_path(folder), self.to_json())
 
     @classmethod
     def from_dict(cls, raw: dict) -> Manifest:
@@ -388,7 +397,7 @@ class Manifest:
 
 
 def read_manifest(shards: str | Path) -> Manifest:
-    path = Path(shards) / "manifest.json"
+    path = manifest_path(shards)
     if not path.exists():
         raise ManifestError(f"{path} not found: pack the data first (fer-dist shard ... --out {shards})")
     raw = json.loads(path.read_text())
@@ -410,8 +419,8 @@ def claim(out: Path, key: str, stamp: dict, error: type[ValueError], what: str) 
     """The finished manifest under `out` when it was made with `stamp` (under `key`), else None
     after recording `stamp` for the work in `out/.work`; other settings, finished or begun, are an
     `error` naming `what` was made there."""
-    if (out / "manifest.json").exists():
-        if json.loads((out / "manifest.json").read_text()).get(key) != stamp:
+    if manifest_path(out).exists():
+        if json.loads(manifest_path(out).read_text()).get(key) != stamp:
             raise error(f"{out} holds {what} made from other inputs or settings; remove it or use another folder")
         return read_manifest(out)
     work = out / ".work"

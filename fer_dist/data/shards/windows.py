@@ -10,9 +10,13 @@ run must be correspondingly purer inside.
 
 from __future__ import annotations
 
+import typing
+
 import numpy as np
 
-NAMES = ("s", "m", "l")
+from fer_dist.config import Window
+
+NAMES: tuple[str, ...] = typing.get_args(Window)  # small, medium, large
 HALF_WIDTHS = (16, 24, 32)
 THRESHOLDS = (0.8, 0.65, 0.5)
 WIDEST = HALF_WIDTHS[-1]  # half width, in frames, of the widest window: the one a sample stores

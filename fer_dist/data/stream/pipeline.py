@@ -32,6 +32,7 @@ from fer_dist.data.stream import balance
 from fer_dist.data.stream.counts import Counter, Epoch
 from fer_dist.data.stream.decode import decoded, frames_of
 from fer_dist.data.stream.transport import as_is, as_tensors, collate, collate_runs
+from fer_dist.errors import InputError
 
 
 def check(cfg: DataConfig, manifest: Manifest, inputs: tuple[str, ...] = PACKED, training: bool = True) -> None:
@@ -90,15 +91,11 @@ def dealt_shards(urls: list[str], order_seed: str, rank: int, world: int):
         yield {"url": url}
 
 
-class StreamError(RuntimeError):
+class StreamError(InputError):
     """The stream cannot give what it must: every shard it tried in a row was unreadable, or an
     evaluation did not see every frame of its group. Raised in a loader worker, it reaches the
     training process with the worker's traceback as its text (torch keeps the type);
-    `StreamError.why` is the one line that says why."""
-
-    @staticmethod
-    def why(exc: StreamError) -> str:
-        return str(exc).strip().splitlines()[-1].split("StreamError: ", 1)[-1]
+    `errors.one_line` is the one line that says why."""
 
 
 def read_shards(src, counter: Counter, give_up: int = 100):
