@@ -361,7 +361,9 @@ def add_ensemble(sub: Subparsers) -> None:
 def cmd_ensemble(args: argparse.Namespace) -> int:
     from fer_dist.results import ensemble
 
-    ensemble.show(ensemble.run(args.runs, Path(args.out), args.how, optional_path(args.truth)))
+    ensemble.check_how(args.how)
+    members = ensemble.members(args.runs)
+    ensemble.show(ensemble.run(members, Path(args.out), args.how, optional_path(args.truth)))
     return 0
 
 

@@ -125,7 +125,7 @@ def test_ensemble_report_from_fold_runs(tmp_path):
     labels_dir = tmp_path / "truth"
     labels_dir.mkdir()
     (labels_dir / "t.txt").write_text(",".join(CLASSES) + "\n" + "".join(f"{v}\n" for v in truth))
-    report = ensemble.run([str(cv)], cv / "ensemble", "vote", labels_dir)
+    report = ensemble.run(ensemble.members([str(cv)]), cv / "ensemble", "vote", labels_dir)
     val = {r["name"]: r for r in report["validation"]}
     assert set(val) == {"cv-fold0", "cv-fold1", "cv-fold2", "out-of-fold", "out-of-fold + post-processing"}
     assert val["cv-fold0"]["per_class_f1"][0] == 0 and val["cv-fold0"]["per_class_f1"][2] == 1
@@ -145,7 +145,7 @@ def test_ensemble_report_from_fold_runs(tmp_path):
     assert member["config"]["sha256"] == hashlib.sha256((cv / "fold1" / "config.yaml").read_bytes()).hexdigest()
     assert member["manifest"] == {"file": str((cv / "shards" / "manifest.json").resolve()), "sha256": None}
     # another head of the same models: the aux head always says Neutral
-    aux = ensemble.run([f"{cv}:aux"], cv / "ensemble", "mean", labels_dir)
+    aux = ensemble.run(ensemble.members([f"{cv}:aux"]), cv / "ensemble", "mean", labels_dir)
     assert {r["name"]: r for r in aux["test"]}["ensemble (mean)"]["per_class_f1"][1:] == [0.0] * 7
 
 
@@ -156,7 +156,7 @@ def test_an_ensemble_refused_on_its_test_predictions_writes_nothing(tmp_path):
         test_keys = np.array([f"t/{i + 1:05d}" for i in range(8 - k)])  # fold 1 misses a test frame
         fake_fold(cv, k, keys, np.arange(8), np.arange(8), test_keys, np.zeros(8 - k, int))
     with pytest.raises(ensemble.EnsembleError, match="1 missing, 0 extra, e.g. t/00008"):
-        ensemble.run([str(cv)], cv / "ensemble", "vote")
+        ensemble.run(ensemble.members([str(cv)]), cv / "ensemble", "vote")
     assert sorted(p.name for p in (cv / "ensemble").iterdir()) == ["test"]  # only the members' own files
 
 
@@ -168,7 +168,7 @@ def test_a_member_is_named_after_its_folder_and_a_missing_truth_is_refused(tmp_p
     monkeypatch.chdir(cv)
     assert ensemble.Member(RunDir(Path("fold1"))).name == "cv-fold1"  # a relative folder too
     with pytest.raises(ensemble.EnsembleError, match="--truth .*nowhere: not a folder"):
-        ensemble.run(["."], cv / "ensemble", truth=tmp_path / "nowhere")
+        ensemble.run(ensemble.members(["."]), cv / "ensemble", truth=tmp_path / "nowhere")
 
 
 def test_submissions_complete_or_refused(tmp_path):

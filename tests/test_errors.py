@@ -11,10 +11,12 @@ import pytest
 from fer_dist import cli
 from fer_dist.config import ConfigError
 from fer_dist.data.packing.annotations import LabelsError
-from fer_dist.data.packing.faces import DetectorError
+from fer_dist.data.packing.faces import DETECTORS, DetectorError
 from fer_dist.data.packing.features import ExtractError
 from fer_dist.data.packing.layout import LayoutError
-from fer_dist.data.shards.format import ManifestError
+from fer_dist.data.packing.synth import STYLES
+from fer_dist.data.shards.format import FOLD_SCHEMES, MISSING, ManifestError
+from fer_dist.data.shards.windows import NAMES
 from fer_dist.data.stream.pipeline import StreamError
 from fer_dist.engine.rundir import RunError
 from fer_dist.errors import InputError, one_line
@@ -95,3 +97,26 @@ def test_a_fault_inside_the_model_keeps_its_traceback(shards, tmp_path):
     assert "Traceback (most recent call last)" in result.stderr
     assert "in forward" in result.stderr and "ValueError: a deliberate fault in forward" in result.stderr
     assert "error: a deliberate fault" not in result.stderr
+
+
+SHARD = ["shard", "--root", ".", "--out", "x"]
+EXTRACT = ["extract", "--shards", "s", "--root", "r", "--out", "x", "--backbone", "b"]
+
+
+@pytest.mark.parametrize(
+    "argv, allowed",
+    [
+        ([*SHARD, "--folds", "video3"], FOLD_SCHEMES),
+        ([*SHARD, "--missing", "drop"], MISSING),
+        (["crop", "--videos", "v.mp4", "--out", "x", "--detector", "mtcnn"], DETECTORS),
+        (["synth", "--out", "x", "--style", "cartoons"], STYLES),
+        ([*EXTRACT, "--speech-window", "xl"], NAMES),
+    ],
+)
+def test_an_options_allowed_values_are_the_librarys(argv, allowed, capsys):
+    """The command line offers the values the library allows (one statement of them), and refuses
+    another before anything runs."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "invalid choice" in line]
+    assert stop.value.code == 2 and all(name in line.split("choose from", 1)[1] for name in allowed), line

@@ -99,7 +99,6 @@ class Run:
     """A training run as annotate uses it: its exported model, how to pack for it, its
     post-processing."""
 
-    dir: Path
     trained: TrainedModel  # checkpoints/best
     cfg: config_lib.Config
     params: PackParams  # packing as the training shards were packed
@@ -123,7 +122,7 @@ def load_run(run_dir: Path) -> Run:
     inputs = build(cfg.model, cfg.data.image_size, cfg.data.audio_size, shards.feature_dims() if shards else {}).inputs
     mel = shards.params.mel if shards else MelParams()
     params = PackParams(mel=mel, audio_wave="wave" in inputs)
-    return Run(run_dir, trained, cfg, params, shards, *postprocessing(run))
+    return Run(trained, cfg, params, shards, *postprocessing(run))
 
 
 def predict_faces(reports: list[dict], run: Run, work: Path, workers: int) -> tuple[list[Faces], list[str]]:

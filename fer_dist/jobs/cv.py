@@ -72,4 +72,4 @@ def cross_validate(
     shards = Path(cfg.data.shards)
     if "test" in manifest.groups:
         return predict([str(cv.path)], shards, cv.ensemble.path, launch, how, template, truth)
-    return ensemble.run([str(cv.path)], cv.ensemble.path, how, truth)
+    return ensemble.run(ensemble.members([str(cv.path)]), cv.ensemble.path, how, truth)

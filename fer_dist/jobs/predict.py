@@ -71,10 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def predict_members(specs: list[str], shards: Path, out: EnsembleDir, launch: str | None, group: str = "test") -> None:
+def predict_members(
+    ms: list[ensemble.Member], shards: Path, out: EnsembleDir, launch: str | None, group: str = "test"
+) -> None:
     """Each member run's test predictions (`EnsembleDir.member_test`): its best weights over `group`
     of `shards` (kept when there, made by these very weights)."""
-    for m in ensemble.members(specs):
+    for m in ms:
         trained, target = m.run.trained(), out.member_test(m.run)
         if target.exists() and target.stat().st_mtime >= trained.weights.stat().st_mtime:
             continue
@@ -152,12 +154,12 @@ def predict(
     if manifest.empty(["test"]):
         raise ConfigError(f"{shards}: {manifest.empty(['test'])}; there is nothing to predict")
     frames, required = required_frames(shards, template)
-    ensemble.members(specs)  # every member a finished run, before anything is written
+    ms = ensemble.members(specs)  # every member a finished run, before anything is written
     if truth is not None and not Path(truth).is_dir():
         raise ConfigError(f"--truth {truth}: not a folder of annotation files")
     folder = EnsembleDir(out)
-    predict_members(specs, shards, folder, launch)
-    report = ensemble.run(specs, out, how, truth)
+    predict_members(ms, shards, folder, launch)
+    report = ensemble.run(ms, out, how, truth)
     report["submission"] = submit(folder, frames, required)
     atomic_write(folder.report, json.dumps(report, indent=1).encode())
     return report

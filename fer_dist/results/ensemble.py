@@ -141,12 +141,12 @@ def row(name: str, labels: np.ndarray, predicted: np.ndarray, **extra) -> dict:
     return {"name": name, "per_class_f1": f1.round(6).tolist(), "macro_f1": float(f1.mean()), **extra}
 
 
-def run(specs: list[str], out: Path, how: str = "vote", truth: Path | None = None) -> dict:
-    """Combines the members, tunes post-processing on their out-of-fold predictions, writes
+def run(ms: list[Member], out: Path, how: str = "vote", truth: Path | None = None) -> dict:
+    """Combines the members (`members`), tunes post-processing on their out-of-fold predictions, writes
     `validation.npz`, `test.npz` (when every member has test predictions), `postprocess.json`,
     `report.json`, `report.md` and `provenance.json` under `out`; returns the report. Everything is
     computed, and any refusal raised, before the first file is written."""
-    ms, folder = members(specs), EnsembleDir(out)
+    folder = EnsembleDir(out)
     if truth is not None and not Path(truth).is_dir():
         raise EnsembleError(f"--truth {truth}: not a folder of annotation files")
     val = {m.name: validation(m) for m in ms}
