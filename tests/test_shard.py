@@ -165,23 +165,22 @@ def test_the_manifest_does_not_depend_on_the_order_videos_finished_in():
     """Resumed packing finishes videos in another order; float sums must not see it."""
     import itertools
 
-    from fer_dist.data.packing.pack import manifest_of
-    from fer_dist.data.shards.format import PackParams
+    from fer_dist.data.packing.pack import MelSums, manifest_of
+    from fer_dist.data.shards.format import PackParams, Quality, VideoRecord
 
-    def record(fold: str, mel_sum: float) -> dict:
+    def record(fold: str) -> VideoRecord:
         counts = [1, 0, 0, 0, 0, 0, 0, 1]
-        return {
-            "split": "train", "fold": fold, "parent": "p", "fps": 30.0, "fps_source": "container", "frames": 2,
-            "audio": True, "audio_error": None, "labelled": 2, "with_crop": 2, "with_crop_class_counts": counts,
-            "samples": 2, "filled": 0, "corrupt_crops": 0, "dropped": {f"reason of {fold}": 1}, "class_counts": counts,
-            "labelled_class_counts": counts, "window_counts": [2, 2, 2], "window_patterns": [[1, 1]],
-            "quality": {
-                "video_frames": 2, "header_frames": 2, "timing": "timestamps", "timing_drift_s": 0.0, "audio_s": 1.0,
-                "audio_late_s": 0.0, "audio_early_end_s": 0.0, "labels_past_end": 0,
-                "crop_width": [112, 112], "crop_height": [112, 112],
-            },
-            "mel_sum": mel_sum, "mel_sumsq": abs(mel_sum), "mel_count": 4,
-        }  # fmt: skip
+        return VideoRecord(
+            split="train", fold=fold, parent="p", fps=30.0, fps_source="container", frames=2,
+            audio=True, audio_error=None, labelled=2, with_crop=2, with_crop_class_counts=counts,
+            samples=2, filled=0, corrupt_crops=0, dropped={f"reason of {fold}": 1}, class_counts=counts,
+            labelled_class_counts=counts, window_counts=[2, 2, 2], window_patterns=[[1, 1]],
+            quality=Quality(
+                video_frames=2, header_frames=2, timing="timestamps", timing_drift_s=0.0, audio_s=1.0,
+                audio_late_s=0.0, audio_early_end_s=0.0, labels_past_end=0,
+                crop_width=[112, 112], crop_height=[112, 112],
+            ),
+        )  # fmt: skip
 
     sums = {"a": 1e16, "b": 1.0, "c": -1e16, "d": 0.1}  # naive float sums of these depend on the order
     shards = {
@@ -190,9 +189,10 @@ def test_the_manifest_does_not_depend_on_the_order_videos_finished_in():
     }
     written = set()
     for order in itertools.permutations(sums):
-        records = {v: record(f"fold{i % 2}", sums[v]) for i, v in enumerate(sorted(sums))}
+        records = {v: record(f"fold{i % 2}") for i, v in enumerate(sorted(sums))}
+        mel = {v: MelSums(mel_sum=sums[v], mel_sumsq=abs(sums[v]), mel_count=4) for v in order}
         records = {v: records[v] for v in order}
-        written.add(manifest_of(records, shards, PackParams()).to_json())
+        written.add(manifest_of(records, mel, shards, PackParams()).to_json())
     assert len(written) == 1
     assert json.loads(written.pop())["mel_stats"]["mean"] == 1.1 / 16  # exactly rounded
 

@@ -8,13 +8,21 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fer_dist.bench.common import child, run_measured, spread
 from fer_dist.console import console, print_table
 from fer_dist.errors import InputError
+
+if TYPE_CHECKING:  # torch, Accelerate and the models are imported when a benchmark runs
+    from accelerate import Accelerator
+
+    from fer_dist.config import Config
+    from fer_dist.models.contract import ExpressionModel
 
 BLOCK = 5  # steps of one variant in a row; a round is one block of each
 PROCESSES = 3  # fresh processes whose rounds are pooled: where each copy of the model lands in memory
@@ -55,6 +63,98 @@ def step_setup(config_path: str, batch_size: int, world: int = 1):
     return cfg, model, batches
 
 
+def loop_step(
+    cfg: Config,
+    model: ExpressionModel,
+    accelerator: Accelerator,
+    steps: int,
+    warmup: int,
+    clip: float,
+    bitten: list[bool],
+) -> Callable:
+    """fer-dist's training step on its own copy of `model`: Accelerate-prepared model and
+    optimiser, the schedule of a run of `steps` + `warmup` steps, `train_step` (accumulation
+    context, autocast, the gradients clipped at `clip`, none when 0), the loss kept on the device
+    (summed into a float64 tensor) and, after each optimiser step, the ranks' agreement on a stop
+    signal. Returns step(inputs, target); with `clip` > 0 each step appends to `bitten` whether the
+    clip scaled the gradients."""
+    import copy
+
+    import torch
+
+    from fer_dist.engine.checkpoint import stop_requested
+    from fer_dist.engine.distributed import first_raised
+    from fer_dist.engine.optim import lr_factor, make_optimizer
+    from fer_dist.engine.task import Step, Task
+    from fer_dist.engine.trainer import train_step
+
+    task, total = Task(cfg, None, model), torch.zeros((), dtype=torch.float64)
+    net = copy.deepcopy(model)
+    optimizer = make_optimizer(cfg.optim, net)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, steps + warmup, steps))
+    net, optimizer = accelerator.prepare(net, optimizer)
+
+    def step(inputs, target):
+        nonlocal total
+        loss, stepped = train_step(
+            accelerator, net, optimizer, scheduler, task, Step(inputs, target, None, len(target)), clip
+        )
+        total += loss
+        if stepped:
+            first_raised(accelerator, stop_requested())
+        if clip > 0:
+            bitten.append(getattr(optimizer.optimizer, "grad_scale", None) is not None)
+
+    return step
+
+
+def bare_step(cfg: Config, model: ExpressionModel, clip: float) -> Callable:
+    """A bare PyTorch step on its own copy of `model`: forward, loss, backward, torch's own
+    `clip_grad_norm_` at `clip` (none when 0), optimiser step. Returns step(inputs, target)."""
+    import copy
+
+    import torch
+
+    from fer_dist.engine.losses import objective
+    from fer_dist.engine.optim import make_optimizer
+
+    net, heads = copy.deepcopy(model), model.heads
+    optimizer = make_optimizer(cfg.optim, net)
+
+    def step(inputs, target):
+        loss = objective(net(**inputs), target, heads, cfg.loss)
+        loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def warm_up(variants: dict[str, Callable], batches: list, warmup: int) -> None:
+    """`warmup` steps of each of `variants` in turn, over the fixed `batches`."""
+    for i in range(warmup):
+        for step in variants.values():
+            step(*batches[i % len(batches)])
+
+
+def time_blocks(variants: dict[str, Callable], batches: list, steps: int) -> dict[str, list[float]]:
+    """`steps` timed steps of each of `variants` over the fixed `batches`, in rounds of one block
+    of `BLOCK` steps (the last round's shorter) of each, each variant first in turn. Returns each
+    variant's seconds (wall clock) per block, in round order."""
+    blocks: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for k, block in enumerate(range(0, steps, BLOCK)):
+        for name in names[k % len(names) :] + names[: k % len(names)]:  # each goes first in turn
+            step = variants[name]
+            start = time.perf_counter()
+            for i in range(block, min(steps, block + BLOCK)):
+                step(*batches[i % len(batches)])
+            blocks[name].append(time.perf_counter() - start)
+    return blocks
+
+
 def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, bare: bool) -> dict:
     """Seconds per step of fer-dist's step (Accelerate-prepared model and optimiser, accumulation
     context, autocast, gradient clipping, schedule, the loss kept on the device, the per-step
@@ -65,73 +165,22 @@ def time_steps(config_path: str, batch_size: int, steps: int, warmup: int, bare:
     whatever one leaves in the caches fall on all alike. Returns
     each variant's seconds per step in each block, and the timed steps of fer-dist's clipped loop
     whose clip scaled the gradients."""
-    import copy
-
-    import torch
-
-    from fer_dist.engine.checkpoint import stop_requested
-    from fer_dist.engine.distributed import close_process_group, first_raised, make_accelerator
-    from fer_dist.engine.losses import objective
-    from fer_dist.engine.optim import lr_factor, make_optimizer
-    from fer_dist.engine.task import Step, Task
-    from fer_dist.engine.trainer import train_step
+    from fer_dist.engine.distributed import close_process_group, make_accelerator
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg, model, batches = step_setup(config_path, batch_size, world)
     accelerator = make_accelerator(cfg)
-    heads, total, task = model.heads, torch.zeros((), dtype=torch.float64), Task(cfg, None, model)
-    bitten = []
-
-    def loop(clip: float):
-        net = copy.deepcopy(model)
-        optimizer = make_optimizer(cfg.optim, net)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, steps + warmup, steps))
-        net, optimizer = accelerator.prepare(net, optimizer)
-
-        def step(inputs, target):
-            nonlocal total
-            loss, stepped = train_step(
-                accelerator, net, optimizer, scheduler, task, Step(inputs, target, None, len(target)), clip
-            )
-            total += loss
-            if stepped:
-                first_raised(accelerator, stop_requested())
-            if clip > 0:
-                bitten.append(getattr(optimizer.optimizer, "grad_scale", None) is not None)
-
-        return step
-
-    def bare_loop(clip: float):
-        net = copy.deepcopy(model)
-        optimizer = make_optimizer(cfg.optim, net)
-
-        def step(inputs, target):
-            loss = objective(net(**inputs), target, heads, cfg.loss)
-            loss.backward()
-            if clip > 0:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        return step
-
-    variants = {"loop": loop(CLIP)}
+    bitten: list[bool] = []
+    variants = {"loop": loop_step(cfg, model, accelerator, steps, warmup, CLIP, bitten)}
     if bare:
-        variants.update(loop_unclipped=loop(0.0), bare=bare_loop(0.0), bare_clipped=bare_loop(CLIP))
-    blocks: dict[str, list[float]] = {name: [] for name in variants}
-    for i in range(warmup):
-        for step in variants.values():
-            step(*batches[i % len(batches)])
-    names = list(variants)
+        variants.update(
+            loop_unclipped=loop_step(cfg, model, accelerator, steps, warmup, 0.0, bitten),
+            bare=bare_step(cfg, model, 0.0),
+            bare_clipped=bare_step(cfg, model, CLIP),
+        )
+    warm_up(variants, batches, warmup)
     bitten.clear()  # the timed steps only
-    for k, block in enumerate(range(0, steps, BLOCK)):
-        for name in names[k % len(names) :] + names[: k % len(names)]:  # each goes first in turn
-            step = variants[name]
-            start = time.perf_counter()
-            for i in range(block, min(steps, block + BLOCK)):
-                step(*batches[i % len(batches)])
-            blocks[name].append(time.perf_counter() - start)
-    step = None  # the last variant timed, and with it its model
+    blocks = time_blocks(variants, batches, steps)
     close_process_group(accelerator, variants.clear)
     if int(os.environ.get("RANK", "0")):
         return {}

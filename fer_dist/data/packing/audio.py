@@ -79,77 +79,114 @@ def video_times(container, video, stamps: list[int | None], fps: Fraction | None
     return [Fraction(i) / (fps or ASSUMED_FPS) for i in range(len(decoded))], False, damage
 
 
+class AudioTimeline:
+    """An audio stream's decoded frames placed on the container's timeline, mixed to mono and
+    resampled to each of `rates` (Hz) from the same frames: sample k of `mono(rate)` lies at
+    k / rate s. Silence leads up to the first frame's timestamp and is put where the timestamps
+    jump ahead by more than `GAP` (a recorder that dropped sound), so that what follows keeps its
+    time, as a video frame's time is its timestamp."""
+
+    def __init__(self, rates: tuple[int, ...]) -> None:
+        self.rates = rates
+        self.resamplers = {r: av.AudioResampler(format="flt", layout="mono", rate=r) for r in rates}
+        self.chunks: dict[int, list[np.ndarray]] = {r: [] for r in rates}  # float32 pieces of each rate's audio
+        self.start: float | None = None  # s: the first frame's timestamp (0 when it has none); None: no frame yet
+        self.end = 0.0  # s: where the audio added so far ends
+        self.gaps = 0.0  # s of silence put where the timestamps jump ahead
+
+    def add(self, frame: av.AudioFrame) -> None:
+        """Appends a decoded frame at its timestamp (after the audio so far when it has none)."""
+        at = None if frame.pts is None else float(frame.pts * frame.time_base)
+        if self.start is None:
+            self.start = self.end = max(0.0, at or 0.0)
+        elif at is not None and at - self.end > GAP:  # the sound jumps ahead: silence in between
+            self.gaps += at - self.end
+            for r in self.rates:
+                self.chunks[r].append(np.zeros(round((at - self.end) * r), np.float32))
+            self.end = at
+        self.end += frame.samples / frame.sample_rate
+        for r, resampler in self.resamplers.items():
+            self.chunks[r] += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+
+    def flush(self) -> None:
+        """Appends what the resamplers still hold, once the last frame was added."""
+        for r, resampler in self.resamplers.items():
+            self.chunks[r] += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+
+    def mono(self, rate: int) -> np.ndarray:
+        """[samples] float32 at `rate` (one of `rates`): the audio from time 0 on, silence before
+        its start."""
+        lead = np.zeros(int(round((self.start or 0.0) * rate)), np.float32)
+        return np.concatenate([lead, *self.chunks[rate]]).astype(np.float32)
+
+
+def read_packets(
+    container: av.container.InputContainer,
+    video: av.VideoStream | None,
+    sound: av.AudioStream | None,
+    timeline: AudioTimeline,
+) -> tuple[list[int | None], str]:
+    """One demuxing pass over `container`'s `video` and `sound` streams (either may be None): the
+    video packets' timestamps (in the stream's time base; decode order), the sound's frames added
+    to `timeline`; and why the pass stopped early ("" when it did not). PyAV's faults (`FAULTS`)
+    end the pass, not raised."""
+    stamps: list[int | None] = []
+    try:
+        for packet in container.demux([s for s in (video, sound) if s is not None]):
+            if packet.stream is video:
+                if packet.size and not packet.is_discard:
+                    stamps.append(packet.pts if packet.pts is not None else packet.dts)
+                continue
+            for frame in packet.decode():
+                timeline.add(frame)
+    except FAULTS as exc:
+        return stamps, fault(exc)
+    return stamps, ""
+
+
 def read_media(path: Path | None, sample_rate: int, also: tuple[int, ...] = ()) -> Media:
     """Each video frame's presentation time, and the audio decoded with PyAV, mixed to mono and
     resampled to `sample_rate` (and to the `also` rates, from the same decoded frames), placed on
     the container's timeline by its timestamps: sample k of the audio is at k / rate s, silence
     before its first timestamp and where its timestamps jump ahead (a recorder that dropped sound),
-    as a frame's time is its timestamp.
+    as a frame's time is its timestamp (`AudioTimeline`).
 
-    One demuxing pass reads the video packets' timestamps and decodes the audio; the video is
-    decoded only when its frame count needs it (`video_times`). A file damaged part way (cut off
-    in a download) keeps what precedes the damage and says where it stopped (`damage`); a file that
-    cannot be opened gives a `Media` with `error` set. Never an exception."""
+    One demuxing pass reads the video packets' timestamps and decodes the audio (`read_packets`);
+    the video is decoded only when its frame count needs it (`video_times`). A file damaged part
+    way (cut off in a download) keeps what precedes the damage and says where it stopped
+    (`damage`); a file that cannot be opened gives a `Media` with `error` set. Never an exception."""
     if path is None:
         return Media(None, [], error="no video file")
     try:
         container = av.open(str(path))
     except FAULTS as exc:
         return Media(None, [], error=fault(exc))
-    rates = (sample_rate, *also)
-    chunks: dict[int, list] = {r: [] for r in rates}
-    start, end, gaps, times, timed, damage = None, 0.0, 0.0, [], True, ""
+    timeline = AudioTimeline((sample_rate, *also))
+    times, timed = [], True
     with container:
         video = container.streams.video[0] if container.streams.video else None
         sound = container.streams.audio[0] if container.streams.audio else None
         rate = (video.average_rate or video.guessed_rate) if video else None
         fps = Fraction(rate) if rate else None
-        resamplers = {r: av.AudioResampler(format="flt", layout="mono", rate=r) for r in rates} if sound else {}
-        stamps: list[int | None] = []
-        try:
-            for packet in container.demux([s for s in (video, sound) if s is not None]):
-                if packet.stream is video:
-                    if packet.size and not packet.is_discard:
-                        stamps.append(packet.pts if packet.pts is not None else packet.dts)
-                    continue
-                for frame in packet.decode():
-                    at = None if frame.pts is None else float(frame.pts * frame.time_base)
-                    if start is None:
-                        start = end = max(0.0, at or 0.0)
-                    elif at is not None and at - end > GAP:  # the sound jumps ahead: silence in between
-                        gaps += at - end
-                        for r in rates:
-                            chunks[r].append(np.zeros(round((at - end) * r), np.float32))
-                        end = at
-                    end += frame.samples / frame.sample_rate
-                    for r, resampler in resamplers.items():
-                        chunks[r] += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-        except FAULTS as exc:
-            damage = fault(exc)
-        for r, resampler in resamplers.items():
-            chunks[r] += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+        stamps, damage = read_packets(container, video, sound, timeline)
+        timeline.flush()
         header = int(video.frames) if video else 0
         if video is not None:
             times, timed, late = video_times(container, video, stamps, fps)
             cut = f"it holds {len(times)} of the {header} frames its header states" if header > len(times) else ""
             damage = damage or late or cut
-
-    def mono(rate: int) -> np.ndarray:
-        lead = np.zeros(int(round((start or 0.0) * rate)), np.float32)
-        return np.concatenate([lead, *chunks[rate]]).astype(np.float32)
-
-    heard = sound is not None and start is not None
+    heard = sound is not None and timeline.start is not None
     return Media(
         fps,
         times,
         header_frames=header,
         timed=timed,
-        audio=mono(sample_rate) if heard else None,
-        audio_start=start or 0.0,
-        sound_gaps=gaps,
+        audio=timeline.mono(sample_rate) if heard else None,
+        audio_start=timeline.start or 0.0,
+        sound_gaps=timeline.gaps,
         empty_audio=sound is not None and not heard,
         damage=damage or None,
-        resampled={r: mono(r) for r in also} if heard else {},
+        resampled={r: timeline.mono(r) for r in also} if heard else {},
     )
 
 

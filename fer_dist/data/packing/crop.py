@@ -160,30 +160,38 @@ def link_video(path: Path, root: Path) -> Path:
     return target
 
 
-def crop_video(job: tuple[Path, Path, CropParams]) -> dict:
-    """Crops one video into `root` (see the module's docstring); returns its report. An unreadable
-    video is reported (`error`) with no crops written."""
-    path, root, params = job
-    name = path.stem
-    report_path = root / REPORTS / f"{name}.json"
-    stamp = {
+def crop_stamp(path: Path, params: CropParams) -> dict:
+    """What a video's report records it was made from, and a rerun must match to reuse it: the
+    report's version, the video's resolved path and size in bytes, and `params`."""
+    return {
         "report": REPORT_VERSION,
         "source": str(path.resolve()),
         "size": path.stat().st_size,
         "params": asdict(params),
     }
-    if report_path.exists():
-        done = json.loads(report_path.read_text())
-        if done.get("stamp") == stamp:
-            return done
-    (root / REPORTS).mkdir(parents=True, exist_ok=True)  # whether or not a face makes the work folder
-    work = root / REPORTS / f".{name}.work"  # beside the crop folders, on the same file system
-    shutil.rmtree(work, ignore_errors=True)
-    tracker = Tracker(detector(params.detector), params.redetect, params.min_face)
+
+
+@dataclass(frozen=True)
+class Tracked:
+    """What decoding a video and tracking its faces found, frame by frame in decode order."""
+
+    faces: list[list[Face]]  # [frames] the faces found on each frame
+    times: list[float]  # [frames] s: each frame's presentation time, NaN where the container gives none
+    size: tuple[int, int] | None  # (width, height) px of the frames; None when none was decoded
+    header: int  # the frame count the container's header states; 0 when it states none
+    seconds: float  # s spent in the detector and tracker
+    error: str | None  # why the video could not be read to its end (`ExceptionName: message`); None if it could
+
+
+def track_video(path: Path, tracker: Tracker, work: Path, quality: int) -> Tracked:
+    """Decodes every frame of the video at `path` (PyAV), finds and tracks its faces with `tracker`,
+    and writes each face's aligned 112x112 crop (JPEG of `quality`) at once as
+    `work/<track>/<frame:05d>.jpg` (frames 1-based): who a track is becomes known at the end. A
+    file without a video stream, or that PyAV or the tracker cannot read to its end, gives
+    `error`, with the frames decoded before it; nothing is raised for it."""
     faces: list[list[Face]] = []
     times: list[float] = []
     seconds, error, size, header = 0.0, None, None, 0
-    start, cpu = time.perf_counter(), time.process_time()
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -202,55 +210,102 @@ def crop_video(job: tuple[Path, Path, CropParams]) -> dict:
                 for f in found:  # every face is cropped now; who it is becomes known at the end
                     folder = work / str(f.track)
                     folder.mkdir(parents=True, exist_ok=True)
-                    align(image, f.points).save(folder / f"{len(faces):05d}.jpg", quality=params.quality)
+                    align(image, f.points).save(folder / f"{len(faces):05d}.jpg", quality=quality)
     except (av.error.FFmpegError, ValueError, IndexError, OSError) as exc:
         error = f"{type(exc).__name__}: {exc}"
+    return Tracked(faces, times, size, header, seconds, error)
+
+
+def place_crops(name: str, chosen: dict[str, dict[int, Face]], root: Path, work: Path) -> dict[str, dict[int, Face]]:
+    """Moves each person's crops of video `name` (`chosen`: name suffix -> frame -> face, from
+    `people`) out of `work` into `root/cropped_aligned/<name><suffix>/`, after removing the
+    video's crop folders of an earlier run; returns face name -> frame -> face."""
+    names = {f"{name}{suffix}": picked for suffix, picked in chosen.items()}
+    for old in [name, *(name + s for s in SIDES)]:
+        shutil.rmtree(root / CROPS / old, ignore_errors=True)
+    for face_name, picked in names.items():
+        final = root / CROPS / face_name
+        final.mkdir(parents=True)
+        for frame, f in picked.items():
+            os.replace(work / str(f.track) / f"{frame:05d}.jpg", final / f"{frame:05d}.jpg")
+    return names
+
+
+def boxes_npz(times: list[float], names: dict[str, dict[int, Face]]) -> bytes:
+    """The bytes of a video's `crop_reports/<video>.npz`: `times` [frames] float64 s, each frame's
+    presentation time, and for each face name `box/<name>` [frames, 4] float32 px, its box (x0, y0,
+    x1, y1; NaN on frames without it)."""
+    boxes = {}
+    for face_name, picked in names.items():
+        boxes[face_name] = np.full((len(times), 4), np.nan, np.float32)
+        for frame, f in picked.items():
+            boxes[face_name][frame - 1] = f.box
+    buffer = io.BytesIO()
+    np.savez(buffer, times=np.array(times, np.float64), **{f"box/{n}": b for n, b in boxes.items()})
+    return buffer.getvalue()
+
+
+def write_people(path: Path, root: Path, seen: Tracked, work: Path, min_track: int) -> dict:
+    """For a video read to its end (`path`, its faces `seen`, their crops in `work`): its people
+    (`people`), their crops placed (`place_crops`), the video linked for its audio (`link_video`)
+    and its boxes written (`boxes_npz`); `work` is removed. Returns the report's counts of them:
+    people, names, faces (crops per name), frames_with_face and `people`'s track counts."""
+    name = path.stem
+    chosen, counts = people(seen.faces, min_track)
+    names = place_crops(name, chosen, root, work)
+    shutil.rmtree(work, ignore_errors=True)
+    link_video(path, root)
+    atomic_write(root / REPORTS / f"{name}.npz", boxes_npz(seen.times, names))
+    with_face = set().union(*(picked.keys() for picked in names.values())) if names else set()
+    return {
+        "people": len(names),
+        "names": sorted(names),
+        "faces": {n: len(p) for n, p in sorted(names.items())},
+        "frames_with_face": len(with_face),
+        **counts,
+    }
+
+
+def crop_video(job: tuple[Path, Path, CropParams]) -> dict:
+    """Crops one video into `root` (`job`: the video, the root, the parameters; see the module's
+    docstring); returns its report, which is also written to `root/crop_reports/<video>.json`. A
+    video whose report was made from the same file and parameters (`crop_stamp`) is not cropped
+    again: that report is returned. An unreadable video is reported (`error`) with no crops
+    written."""
+    path, root, params = job
+    name = path.stem
+    report_path = root / REPORTS / f"{name}.json"
+    stamp = crop_stamp(path, params)
+    if report_path.exists():
+        done = json.loads(report_path.read_text())
+        if done.get("stamp") == stamp:
+            return done
+    (root / REPORTS).mkdir(parents=True, exist_ok=True)  # whether or not a face makes the work folder
+    work = root / REPORTS / f".{name}.work"  # beside the crop folders, on the same file system
+    shutil.rmtree(work, ignore_errors=True)
+    tracker = Tracker(detector(params.detector), params.redetect, params.min_face)
+    start, cpu = time.perf_counter(), time.process_time()
+    seen = track_video(path, tracker, work, params.quality)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     report = {
         "video": name,
         "source": str(path),
-        "frames": len(faces),
-        "header_frames": header,
-        "size": size,
-        "error": error,
+        "frames": len(seen.faces),
+        "header_frames": seen.header,
+        "size": seen.size,
+        "error": seen.error,
     }
-    if error is not None:
+    if seen.error is not None:
         shutil.rmtree(work, ignore_errors=True)
         report.update(people=0, names=[], faces={}, frames_with_face=0, tracks=0, kept_tracks=0)
     else:
-        chosen, counts = people(faces, params.min_track)
-        names = {f"{name}{suffix}": picked for suffix, picked in chosen.items()}
-        for old in [name, *(name + s for s in SIDES)]:
-            shutil.rmtree(root / CROPS / old, ignore_errors=True)
-        for face_name, picked in names.items():
-            final = root / CROPS / face_name
-            final.mkdir(parents=True)
-            for frame, f in picked.items():
-                os.replace(work / str(f.track) / f"{frame:05d}.jpg", final / f"{frame:05d}.jpg")
-        shutil.rmtree(work, ignore_errors=True)
-        link_video(path, root)
-        boxes = {}
-        for face_name, picked in names.items():
-            boxes[face_name] = np.full((len(faces), 4), np.nan, np.float32)
-            for frame, f in picked.items():
-                boxes[face_name][frame - 1] = f.box
-        buffer = io.BytesIO()
-        np.savez(buffer, times=np.array(times, np.float64), **{f"box/{n}": b for n, b in boxes.items()})
-        atomic_write(root / REPORTS / f"{name}.npz", buffer.getvalue())
-        with_face = set().union(*(picked.keys() for picked in names.values())) if names else set()
-        report.update(
-            people=len(names),
-            names=sorted(names),
-            faces={n: len(p) for n, p in sorted(names.items())},
-            frames_with_face=len(with_face),
-            **counts,
-        )
+        report.update(write_people(path, root, seen, work, params.min_track))
     report.update(
         detector=params.detector,
-        detector_seconds=round(seconds, 3),
+        detector_seconds=round(seen.seconds, 3),
         seconds=round(elapsed, 3),
         cpu_seconds=round(cpu, 3),  # of every thread of the process: what the video cost, whatever else ran
-        fps=round(len(faces) / elapsed, 1) if elapsed > 0 and faces else 0.0,
+        fps=round(len(seen.faces) / elapsed, 1) if elapsed > 0 and seen.faces else 0.0,
         stamp=stamp,
     )
     report_path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,8 +19,8 @@ import math
 import multiprocessing
 import os
 import shutil
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
 from pathlib import Path
 
@@ -162,7 +162,7 @@ def timing_drift(times: list[Fraction]) -> float:
 
 def quality_of(
     media: audio.Media, times: list[Fraction], labels: int, crops: Crops, rate: int, frames_from: str
-) -> dict:
+) -> Quality:
     """What is odd about a video, counted (the manifest's `Quality`): its frame count and timing,
     its file's damage, its sound against its frames (`times`; the sound at `rate` Hz), its
     `labels` and its crops against its frames, and the crops' sizes."""
@@ -171,26 +171,26 @@ def quality_of(
     start, end = media.audio_start, len(media.audio) / rate if sound else 0.0
     seconds = audio.seconds(video)
     heights, widths = [h for h, _ in crops.sizes.values()], [w for _, w in crops.sizes.values()]
-    return {
-        "video_frames": media.frames,
-        "header_frames": media.header_frames,
-        "timing": "timestamps" if media.timed and media.frames else "assumed rate",
-        "timing_drift_s": round(timing_drift(video), 4),
-        "damage": media.damage or "",
-        "frames_from": frames_from,
-        "empty_audio": media.empty_audio,
-        "audio_s": round(end - start - media.sound_gaps, 4) if sound else 0.0,
-        "audio_late_s": round(max(0.0, start - seconds[0]), 4) if sound else 0.0,
-        "audio_early_end_s": round(max(0.0, seconds[-1] - end), 4) if sound else 0.0,
-        "sound_gaps_s": round(media.sound_gaps, 4),
-        "frames_before_sound": int((seconds < start).sum()) if sound else 0,
-        "frames_after_sound": int((seconds >= end).sum()) if sound else 0,
-        "labels_past_end": max(0, labels - media.frames) if media.frames and frames_from == "annotation" else 0,
-        "crops_past_end": sum(f > media.frames for f in crops.files) if media.frames else 0,
-        "not_jpeg_crops": crops.not_jpeg + crops.other_images,
-        "crop_width": [min(widths, default=0), max(widths, default=0)],
-        "crop_height": [min(heights, default=0), max(heights, default=0)],
-    }
+    return Quality(
+        video_frames=media.frames,
+        header_frames=media.header_frames,
+        timing="timestamps" if media.timed and media.frames else "assumed rate",
+        timing_drift_s=round(timing_drift(video), 4),
+        damage=media.damage or "",
+        frames_from=frames_from,
+        empty_audio=media.empty_audio,
+        audio_s=round(end - start - media.sound_gaps, 4) if sound else 0.0,
+        audio_late_s=round(max(0.0, start - seconds[0]), 4) if sound else 0.0,
+        audio_early_end_s=round(max(0.0, seconds[-1] - end), 4) if sound else 0.0,
+        sound_gaps_s=round(media.sound_gaps, 4),
+        frames_before_sound=int((seconds < start).sum()) if sound else 0,
+        frames_after_sound=int((seconds >= end).sum()) if sound else 0,
+        labels_past_end=max(0, labels - media.frames) if media.frames and frames_from == "annotation" else 0,
+        crops_past_end=sum(f > media.frames for f in crops.files) if media.frames else 0,
+        not_jpeg_crops=crops.not_jpeg + crops.other_images,
+        crop_width=[min(widths, default=0), max(widths, default=0)],
+        crop_height=[min(heights, default=0), max(heights, default=0)],
+    )
 
 
 def test_frames(media: audio.Media, crops: Crops) -> tuple[int, str]:
@@ -204,119 +204,158 @@ def test_frames(media: audio.Media, crops: Crops) -> tuple[int, str]:
     return max(crops.files, default=0), "crops"
 
 
-def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, dict]:
-    """Pass 1 for one video: writes `work/<video>.tar` (samples in frame order) and returns its record."""
-    video, group, params, work = job
-    record_path = work / f"{video.name}.json"
-    if record_path.exists():
-        return video.name, json.loads(record_path.read_text())
-    crops = Crops(video.crops)
-    waves = (WAVE_RATE,) if params.audio_wave else ()
-    media = audio.read_media(video.media, params.mel.sample_rate, also=waves)
-    fps = media.fps or audio.ASSUMED_FPS
+def frame_labels(video: Video, media: audio.Media, crops: Crops) -> tuple[np.ndarray, str]:
+    """Frames 1..n's labels ([n] int8, index i holds frame i + 1, `UNLABELLED` where none) and what
+    sets n: `annotation` (the annotation file's lines), else for a test video, whose every frame
+    needs a prediction, `test_frames`'s count and source. Raises LayoutError (`read_annotation`)
+    for an annotation file that cannot be read as one."""
     if video.annotation is not None:
-        labels, frames_from = read_annotation(video.annotation), "annotation"
-    else:  # a test video: every frame of the video needs a prediction
-        count, frames_from = test_frames(media, crops)
-        labels = np.full(count, UNLABELLED, np.int8)
-    n = len(labels)
-    frames = np.flatnonzero(labels != UNLABELLED) + 1 if video.split != "test" else np.arange(1, n + 1)
+        return read_annotation(video.annotation), "annotation"
+    count, frames_from = test_frames(media, crops)
+    return np.full(count, UNLABELLED, np.int8), frames_from
 
+
+@dataclass(frozen=True)
+class Selection:
+    """Which of a video's frames are packed, and which crop each takes."""
+
+    frames: np.ndarray  # [samples] int64: the packed frames (1-based), ascending
+    source: np.ndarray  # [samples] int64: the frame whose crop each takes: itself, or the nearest readable crop
+    own: np.ndarray  # [k] int64: the frames whose crop was found readable before any filling, ascending
+    dropped: dict[str, int]  # why frames were dropped -> how many (a reason checked and met by none: 0)
+
+
+def select_frames(labels: np.ndarray, split: str, crops: Crops, missing: str) -> Selection:
+    """The frames to pack: the labelled ones ([n] `labels`, 1-based frames), or every frame of a
+    test video. A frame without a readable crop of its own takes the nearest readable crop
+    (`Crops.nearest`); with `missing` "skip" it is dropped instead, except in a test video, whose
+    every frame needs a prediction; in a video without any readable crop every frame is dropped.
+    Reads the crops it needs (`Crops.read_own`), so that `crops` counts them afterwards."""
+    n = len(labels)
+    frames = np.flatnonzero(labels != UNLABELLED) + 1 if split != "test" else np.arange(1, n + 1)
     crops.read_own(frames)
-    readable = crops.readable
-    dropped: collections.Counter = collections.Counter()
-    have = np.array(sorted(readable), dtype=np.int64)
-    if not readable:
+    own = np.array(sorted(crops.readable), dtype=np.int64)
+    dropped: dict[str, int] = {}
+    if not crops.readable:
         dropped["no readable crop in the video"] = len(frames)
         keep = np.zeros(len(frames), bool)
-    elif params.missing == "skip" and video.split != "test":  # test frames always need a prediction
-        keep = np.isin(frames, have)
+    elif missing == "skip" and split != "test":
+        keep = np.isin(frames, own)
         dropped["no crop (--missing skip)"] = int((~keep).sum())
     else:
         keep = np.ones(len(frames), bool)
     frames = frames[keep]
-    source = np.array([f if f in readable else crops.nearest(f) for f in frames.tolist()])
-    source = source.astype(np.int64) if len(source) else frames
+    source = np.array([f if f in crops.readable else crops.nearest(f) for f in frames.tolist()])
+    return Selection(frames, source.astype(np.int64) if len(source) else frames, own, dropped)
 
-    # Each frame at its own timestamp; frames past the video's end (an annotation longer than its
-    # video) are outside it: silence, like the columns before frame 1.
+
+@dataclass(frozen=True)
+class MelSums:
+    """A video's log-mel values of the frames that hear its sound, summed: what the manifest's
+    `mel_stats` (their mean and std over all videos, `mel_stats`) is computed from. Kept beside the
+    video's record (in `work/<video>.json`), never in the manifest."""
+
+    mel_sum: float  # the values' sum (natural-log mel power)
+    mel_sumsq: float  # their squares' sum
+    mel_count: int  # how many values: n_mels x the frames inside the sound
+
+
+@dataclass(frozen=True)
+class FrameAudio:
+    """A video's sound laid out frame by frame, for frames 1..n (n labels)."""
+
+    times: list[Fraction]  # [n, fewer when frames lie past the video's end] s: each frame's own time
+    columns: np.ndarray  # [n_mels, n + 2 * WIDEST] float16 log-mel: column WIDEST + i - 1 is frame i's
+    pads: np.ndarray  # [n, 2] int64: silent columns of each frame's widest window, before and after
+    windows: np.ndarray  # [n, len(NAMES)] bool: which windows pass their label-purity threshold
+    audio: bool  # the video has sound (False: packed silent, every column silence)
+    pcm: np.ndarray | None  # [samples] int16 16-bit PCM at WAVE_RATE, empty when silent; None: not packed
+    sums: MelSums
+
+
+def frame_audio(media: audio.Media, labels: np.ndarray, params: PackParams) -> FrameAudio:
+    """`media`'s log-mel (`params.mel`) sampled at each frame's own timestamp, one column per
+    frame of the [n] `labels`; frames past the video's end (an annotation longer than its video)
+    are outside it: silence, like the columns before frame 1. The sums count the columns of the
+    frames inside the sound. With `params.audio_wave`, also the sound at WAVE_RATE as 16-bit PCM,
+    resampled straight from the same decoded frames."""
+    n = len(labels)
     times = audio.frame_times(media, n)
     heard = audio.heard(times, media.audio, media.audio_start, params.mel.sample_rate)
     mel = audio.log_mel(media.audio, params.mel) if media.audio is not None else None
     columns = audio.frame_columns(mel, audio.seconds(times), n, params.mel)
-    pads = audio.padding(heard, n)
     inside = columns[:, WIDEST : WIDEST + len(times)][:, heard].astype(np.float64)
-    flags = purity_flags(labels)
-
-    half = columns.astype(np.float16)
-    header = npy_header((params.mel.n_mels, 2 * WIDEST), np.float16)
-    if params.audio_wave:  # resampled straight to 16 kHz from the same decoded frames
+    pcm = None
+    if params.audio_wave:
         pcm = audio.pcm16(media.resampled[WAVE_RATE]) if mel is not None else np.zeros(0, np.int16)
-        wave_header = npy_header((WAVE_WIDTH,), np.int16)
-        silent_wave = np.zeros(WAVE_WIDTH, np.int16)
+    return FrameAudio(
+        times=times,
+        columns=columns.astype(np.float16),
+        pads=audio.padding(heard, n),
+        windows=purity_flags(labels),
+        audio=mel is not None,
+        pcm=pcm,
+        sums=MelSums(float(inside.sum()), float((inside**2).sum()), int(inside.size)),
+    )
+
+
+def spool_samples(
+    video: Video,
+    group: str,
+    fps: Fraction,
+    labels: np.ndarray,
+    chosen: Selection,
+    crops: Crops,
+    sound: FrameAudio,
+) -> Iterator[tuple[int, dict[str, bytes]]]:
+    """Each packed frame (1-based, in frame order) with its sample's members: the crop's JPEG bytes
+    as they are, the widest log-mel window (float16 .npy), the label, the metadata (`SampleMeta`)
+    and, when `sound.pcm` is packed, the widest waveform window (int16 .npy; silence for a frame
+    past the video's end)."""
+    header = npy_header((sound.columns.shape[0], 2 * WIDEST), np.float16)
+    wave_header = npy_header((WAVE_WIDTH,), np.int16)
+    silent_wave = np.zeros(WAVE_WIDTH, np.int16)
+    for f, src in zip(chosen.frames.tolist(), chosen.source.tolist(), strict=True):
+        label = int(labels[f - 1])
+        meta = SampleMeta(
+            video=video.name,
+            frame=f,
+            label=label,
+            split=video.split,
+            fold=group,
+            fps=float(fps),
+            windows={name: bool(sound.windows[f - 1, k]) for k, name in enumerate(NAMES)},
+            audio=sound.audio,
+            pad=sound.pads[f - 1].tolist(),
+            filled_from=None if src == f else src,
+        )
+        members = {
+            MEMBERS["image"]: crops.readable[src],
+            MEMBERS["audio"]: header + audio.window(sound.columns, f).tobytes(),
+            LABEL: str(label).encode(),
+            META: meta.to_bytes(),
+        }
+        if sound.pcm is not None:
+            wave = audio.wave_window(sound.pcm, sound.times[f - 1]) if f <= len(sound.times) else silent_wave
+            members[MEMBERS["wave"]] = wave_header + wave.tobytes()
+        yield f, members
+
+
+def write_spool(work: Path, name: str, samples: Iterable[tuple[int, dict[str, bytes]]]) -> None:
+    """Writes video `name`'s `samples` (frame, members; in frame order) as `work/<name>.tar`, one
+    tar record per sample (`tar_record`), and its index `work/<name>.idx.npy`: [samples, 3] int64
+    rows of frame, byte offset and byte length of the sample's record, which pass 2 copies by.
+    Each file appears under its name only when complete."""
     extents = []
-    tmp = work / f"{video.name}.tar.tmp"
+    tmp = work / f"{name}.tar.tmp"
     with open(tmp, "wb") as fh:
-        for f, src in zip(frames.tolist(), source.tolist(), strict=True):
-            label = int(labels[f - 1])
-            meta = SampleMeta(
-                video=video.name,
-                frame=f,
-                label=label,
-                split=video.split,
-                fold=group,
-                fps=float(fps),
-                windows={name: bool(flags[f - 1, k]) for k, name in enumerate(NAMES)},
-                audio=mel is not None,
-                pad=pads[f - 1].tolist(),
-                filled_from=None if src == f else src,
-            )
-            members = {
-                MEMBERS["image"]: readable[src],
-                MEMBERS["audio"]: header + audio.window(half, f).tobytes(),
-                LABEL: str(label).encode(),
-                META: meta.to_bytes(),
-            }
-            if params.audio_wave:
-                wave = audio.wave_window(pcm, times[f - 1]) if f <= len(times) else silent_wave
-                members[MEMBERS["wave"]] = wave_header + wave.tobytes()
-            record = tar_record(sample_key(video.name, f), members)
+        for f, members in samples:
+            record = tar_record(sample_key(name, f), members)
             extents.append((f, fh.tell(), len(record)))
             fh.write(record)
         fh.write(TAR_END)
-    os.replace(tmp, work / f"{video.name}.tar")
-    atomic_write(work / f"{video.name}.idx.npy", npy_bytes(np.array(extents, np.int64).reshape(-1, 3)))
-
-    packed = labels[frames - 1]
-    all_labelled = labels[labels != UNLABELLED]
-    with_crop = np.isin(np.arange(1, n + 1), have) & (labels != UNLABELLED)  # own readable crop
-    record = {
-        "split": video.split,
-        "fold": group,
-        "parent": video.parent,
-        "fps": float(fps),
-        "fps_source": "container" if media.fps else "assumed",
-        "frames": n,
-        "audio": mel is not None,
-        "audio_error": media.error,
-        "labelled": int(len(all_labelled)),
-        "with_crop": int(with_crop.sum()),
-        "with_crop_class_counts": np.bincount(labels[with_crop], minlength=NUM_CLASSES).tolist(),
-        "samples": int(len(frames)),
-        "filled": int((source != frames).sum()),
-        "corrupt_crops": len(crops.corrupt),
-        "dropped": dict(dropped),
-        "class_counts": np.bincount(packed[packed >= 0], minlength=NUM_CLASSES).tolist(),
-        "labelled_class_counts": np.bincount(all_labelled, minlength=NUM_CLASSES).tolist(),
-        "window_counts": flags[frames - 1].sum(0).tolist(),
-        "window_patterns": window_patterns(packed, flags[frames - 1]),
-        "quality": quality_of(media, times, n, crops, params.mel.sample_rate, frames_from),
-        "mel_sum": float(inside.sum()),
-        "mel_sumsq": float((inside**2).sum()),
-        "mel_count": int(inside.size),
-    }
-    atomic_write(record_path, json.dumps(record).encode())
-    return video.name, record
+    os.replace(tmp, work / f"{name}.tar")
+    atomic_write(work / f"{name}.idx.npy", npy_bytes(np.array(extents, np.int64).reshape(-1, 3)))
 
 
 def window_patterns(labels: np.ndarray, flags: np.ndarray) -> list[list[int]]:
@@ -329,6 +368,84 @@ def window_patterns(labels: np.ndarray, flags: np.ndarray) -> list[list[int]]:
     return out.tolist()
 
 
+def video_record(
+    video: Video,
+    group: str,
+    media: audio.Media,
+    labels: np.ndarray,
+    frames_from: str,
+    chosen: Selection,
+    crops: Crops,
+    sound: FrameAudio,
+    sample_rate: int,
+) -> VideoRecord:
+    """The manifest's record of a packed video: its labelled frames ([n] `labels`) and those with
+    their own crop, per class; what was packed (`chosen`), filled and dropped; its sound; and what
+    is odd about it (`quality_of`, the sound at `sample_rate` Hz)."""
+    n = len(labels)
+    frames = chosen.frames
+    packed = labels[frames - 1]
+    all_labelled = labels[labels != UNLABELLED]
+    with_crop = np.isin(np.arange(1, n + 1), chosen.own) & (labels != UNLABELLED)  # own readable crop
+    return VideoRecord(
+        split=video.split,
+        fold=group,
+        parent=video.parent,
+        fps=float(media.fps or audio.ASSUMED_FPS),
+        fps_source="container" if media.fps else "assumed",
+        frames=n,
+        audio=sound.audio,
+        audio_error=media.error,
+        labelled=int(len(all_labelled)),
+        with_crop=int(with_crop.sum()),
+        with_crop_class_counts=np.bincount(labels[with_crop], minlength=NUM_CLASSES).tolist(),
+        samples=int(len(frames)),
+        filled=int((chosen.source != frames).sum()),
+        corrupt_crops=len(crops.corrupt),
+        dropped=dict(chosen.dropped),
+        class_counts=np.bincount(packed[packed >= 0], minlength=NUM_CLASSES).tolist(),
+        labelled_class_counts=np.bincount(all_labelled, minlength=NUM_CLASSES).tolist(),
+        window_counts=sound.windows[frames - 1].sum(0).tolist(),
+        window_patterns=window_patterns(packed, sound.windows[frames - 1]),
+        quality=quality_of(media, sound.times, n, crops, sample_rate, frames_from),
+    )
+
+
+def write_packed(path: Path, record: VideoRecord, sums: MelSums) -> None:
+    """A packed video's record and log-mel sums as one JSON object (`path`, `work/<video>.json`):
+    the record's fields, then the sums'. Its presence marks the video's spool as complete."""
+    atomic_write(path, json.dumps({**asdict(record), **asdict(sums)}).encode())
+
+
+def read_packed(path: Path) -> tuple[VideoRecord, MelSums]:
+    """What `write_packed` wrote to `path`."""
+    raw = json.loads(path.read_text())
+    sums = MelSums(**{f.name: raw.pop(f.name) for f in fields(MelSums)})
+    return VideoRecord.from_dict(raw), sums
+
+
+def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, VideoRecord, MelSums]:
+    """Pass 1 for one video (`job`: the video, its fold group, the packing parameters and the work
+    folder): writes its spool, `work/<video>.tar` (samples in frame order) and `.idx.npy`, then
+    `work/<video>.json`; returns its name, record and log-mel sums. A video whose `.json` is there
+    is not packed again: what it holds is returned. Raises LayoutError for an annotation file that
+    cannot be read."""
+    video, group, params, work = job
+    done = work / f"{video.name}.json"
+    if done.exists():
+        return video.name, *read_packed(done)
+    crops = Crops(video.crops)
+    media = audio.read_media(video.media, params.mel.sample_rate, also=(WAVE_RATE,) if params.audio_wave else ())
+    labels, frames_from = frame_labels(video, media, crops)
+    chosen = select_frames(labels, video.split, crops, params.missing)
+    sound = frame_audio(media, labels, params)
+    fps = media.fps or audio.ASSUMED_FPS
+    write_spool(work, video.name, spool_samples(video, group, fps, labels, chosen, crops, sound))
+    record = video_record(video, group, media, labels, frames_from, chosen, crops, sound, params.mel.sample_rate)
+    write_packed(done, record, sound.sums)
+    return video.name, record, sound.sums
+
+
 def clips(frames: np.ndarray, clip_len: int) -> list[tuple[int, int]]:
     """[start, end) index ranges of runs of consecutive frames, cut to at most clip_len."""
     breaks = np.flatnonzero(np.diff(frames) != 1) + 1
@@ -339,14 +456,14 @@ def clips(frames: np.ndarray, clip_len: int) -> list[tuple[int, int]]:
 
 
 def group_plan(
-    records: dict[str, dict], group: str, params: PackParams, work: Path
+    records: dict[str, VideoRecord], group: str, params: PackParams, work: Path
 ) -> tuple[list[tuple[str, int, int]], dict[str, np.ndarray]]:
     """The group's clips in their shuffled order, (video, start, end) over each video's spool index
     rows (frame, offset, length); memory grows with the group's clips, not with its frames' bytes."""
     index = {
         name: np.load(work / f"{name}.idx.npy", allow_pickle=False)
         for name in sorted(records)
-        if records[name]["fold"] == group
+        if records[name].fold == group
     }
     all_clips = [(name, s, e) for name, rows in index.items() for s, e in clips(rows[:, 0], params.clip_len)]
     fold = group_fold(group)
@@ -355,7 +472,7 @@ def group_plan(
     return [all_clips[i] for i in order], index
 
 
-def write_group(job: tuple[str, dict[str, dict], PackParams, Path, Path]) -> list[dict]:
+def write_group(job: tuple[str, dict[str, VideoRecord], PackParams, Path, Path]) -> list[dict]:
     """Pass 2 for one fold group: copies each sample's tar records from its spool, clip by clip;
     returns the group's shards with their sample counts."""
     group, records, params, work, out = job
@@ -385,30 +502,30 @@ def write_group(job: tuple[str, dict[str, dict], PackParams, Path, Path]) -> lis
     return shards
 
 
-def problems(records: dict[str, dict]) -> list[str]:
+def problems(records: dict[str, VideoRecord]) -> list[str]:
     """What a user must hear about: nothing is dropped, degraded or placed unusually without a
     line here. Quirks that real Aff-Wild2 has in many videos (one annotation line past the last
     frame, crops of varying size in `cropped/`) get one line for all of them."""
     out, one_label_past, sizes = [], [], []
     for name, r in sorted(records.items()):
-        if r["audio_error"] == "no video file":
+        if r.audio_error == "no video file":
             out.append(
-                f"{name}: no video file found for its audio (looked for {r['parent']} with a suffix of "
+                f"{name}: no video file found for its audio (looked for {r.parent} with a suffix of "
                 f"{', '.join(VIDEO_SUFFIXES)}); packed silent"
             )
-        elif r["audio_error"]:
-            out.append(f"{name}: video unreadable ({r['audio_error']}); packed silent")
-        elif not r["audio"] and not r["quality"]["empty_audio"]:
+        elif r.audio_error:
+            out.append(f"{name}: video unreadable ({r.audio_error}); packed silent")
+        elif not r.audio and not r.quality.empty_audio:
             out.append(f"{name}: the video has no audio stream; packed silent")
-        if r["corrupt_crops"]:
-            out.append(f"{name}: {r['corrupt_crops']} corrupt crop(s) treated as missing")
-        for reason, count in r["dropped"].items():
+        if r.corrupt_crops:
+            out.append(f"{name}: {r.corrupt_crops} corrupt crop(s) treated as missing")
+        for reason, count in r.dropped.items():
             if count:
                 out.append(f"{name}: {count} frame(s) dropped: {reason}")
-        if r["fps_source"] == "assumed":
+        if r.fps_source == "assumed":
             out.append(f"{name}: frame rate unknown, assumed {float(audio.ASSUMED_FPS):g} fps")
-        q = Quality(**r["quality"])
-        for quirk, sentence in q.quirks(r["fps"]).items():
+        q = r.quality
+        for quirk, sentence in q.quirks(r.fps).items():
             if quirk == "labels past the end" and q.labels_past_end == 1:
                 one_label_past.append(name)
             elif quirk == "crop sizes":
@@ -430,33 +547,46 @@ def problems(records: dict[str, dict]) -> list[str]:
     return out
 
 
+def mel_stats(sums: list[MelSums]) -> MelStats:
+    """The mean and std of the log-mel values of every video's frames inside its sound, from the
+    videos' `sums`: exactly rounded (`math.fsum`), so the same whatever their order; silence's
+    value and 1 when no video has sound."""
+    count = sum(s.mel_count for s in sums)
+    mean = math.fsum(s.mel_sum for s in sums) / max(count, 1)
+    var = math.fsum(s.mel_sumsq for s in sums) / max(count, 1) - mean**2
+    return MelStats(mean, float(np.sqrt(max(var, 1e-12)))) if count else MelStats(SILENCE, 1.0)
+
+
 def manifest_of(
-    records: dict[str, dict], shards: dict[str, list[dict]], params: PackParams, stamp: dict | None = None
+    records: dict[str, VideoRecord],
+    sums: dict[str, MelSums],
+    shards: dict[str, list[dict]],
+    params: PackParams,
+    stamp: dict | None = None,
 ) -> Manifest:
-    """The manifest; the same whatever order the videos finished in (records are taken sorted by
-    video and the log-mel sums exactly rounded, so a resumed packing gives the same bytes)."""
+    """The manifest of the packed videos' `records` (by video), their log-mel `sums` (by video)
+    and each group's `shards` (name and samples); the same whatever order the videos finished in
+    (records are taken sorted by video and the log-mel sums exactly rounded, so a resumed packing
+    gives the same bytes)."""
     records = dict(sorted(records.items()))
-    count = sum(r["mel_count"] for r in records.values())
-    mean = math.fsum(r["mel_sum"] for r in records.values()) / max(count, 1)
-    var = math.fsum(r["mel_sumsq"] for r in records.values()) / max(count, 1) - mean**2
     groups = {}
     for group, group_shards in sorted(shards.items()):
-        members = [r for r in records.values() if r["fold"] == group]
+        members = [r for r in records.values() if r.fold == group]
         groups[group] = Group(
             shards=[Shard(**s) for s in group_shards],
             samples=sum(s["samples"] for s in group_shards),
-            class_counts=np.sum([r["class_counts"] for r in members], axis=0).astype(int).tolist(),
-            window_patterns=np.sum([r["window_patterns"] for r in members], axis=0).astype(int).tolist(),
+            class_counts=np.sum([r.class_counts for r in members], axis=0).astype(int).tolist(),
+            window_patterns=np.sum([r.window_patterns for r in members], axis=0).astype(int).tolist(),
             videos=len(members),
         )
 
     def total(key: str) -> int | list[int]:
-        values = [r[key] for r in records.values()]
+        values = [getattr(r, key) for r in records.values()]
         return np.sum(values, axis=0).astype(int).tolist() if values else 0
 
     dropped: collections.Counter = collections.Counter()
     for r in records.values():
-        dropped.update(r["dropped"])
+        dropped.update(r.dropped)
     totals = Totals(
         videos=len(records),
         samples=total("samples"),
@@ -464,7 +594,7 @@ def manifest_of(
         with_crop=total("with_crop"),
         filled=total("filled"),
         corrupt_crops=total("corrupt_crops"),
-        videos_without_audio=sorted(n for n, r in records.items() if not r["audio"]),
+        videos_without_audio=sorted(n for n, r in records.items() if not r.audio),
         dropped=dict(dropped),
         class_counts=total("class_counts"),
         labelled_class_counts=total("labelled_class_counts"),
@@ -474,14 +604,11 @@ def manifest_of(
         format=FORMAT_VERSION if params.audio_wave else 1,
         classes=list(CLASSES),
         params=params,
-        mel_stats=MelStats(mean, float(np.sqrt(max(var, 1e-12)))) if count else MelStats(SILENCE, 1.0),
+        mel_stats=mel_stats([sums[name] for name in sorted(sums)]),
         totals=totals,
         problems=problems(records),
         groups=groups,
-        videos={
-            name: VideoRecord.from_dict({k: v for k, v in r.items() if k not in ("mel_sum", "mel_sumsq", "mel_count")})
-            for name, r in records.items()
-        },
+        videos=records,
         stamp=stamp,
         members=list(params.inputs()),
     )
@@ -537,17 +664,18 @@ def pack(
         return done
     work = out / ".work"
     groups = assign_folds(videos, params.folds, params.n_folds, params.seed)
-    records: dict[str, dict] = {}
+    records: dict[str, VideoRecord] = {}
+    sums: dict[str, MelSums] = {}
     with worker_context().Pool(max(1, workers), initializer=torch.set_num_threads, initargs=(1,)) as pool:
         jobs = [(v, groups[v.name], params, work) for v in videos]
-        for name, record in pool.imap_unordered(pack_video, jobs):
-            records[name] = record
+        for name, record, mel in pool.imap_unordered(pack_video, jobs):
+            records[name], sums[name] = record, mel
             if progress:
-                progress("videos", record["samples"])
+                progress("videos", record.samples)
         names = sorted(set(groups.values()))
         jobs2 = [(g, records, params, work, out) for g in names]
         shards = dict(zip(names, pool.imap(write_group, jobs2), strict=True))
-    manifest = manifest_of(records, shards, params, stamp)
+    manifest = manifest_of(records, sums, shards, params, stamp)
     manifest.write(out)
     shutil.rmtree(work)
     return manifest
