@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fer_dist.data.packing.audio import read_media
 from fer_dist.data.packing.layout import discover, list_crops, read_annotation
 from fer_dist.data.packing.synth import TEST_LIST, TEST_TEMPLATE, synthesize
 from fer_dist.data.shards.format import SampleMeta, read_manifest
@@ -293,6 +294,17 @@ def test_sound_with_a_gap_that_ends_early_keeps_its_time_and_no_pad_exceeds_the_
             assert s["meta"].pad == [0, 64] and s["mel"].max() == QUIET and not s["wave"].any()
     assert f"the {q.frames_after_sound} frame(s) after it hear silence" in warning(quirky, f"{name}:", "ends")
     assert "jump ahead by 1.0" in warning(quirky, f"{name}:", "jump ahead")
+
+
+def test_a_rate_asked_for_twice_fills_each_gap_once(tmp_path):
+    """`--sample-rate 16000 --audio-wave`: the log-mel's audio and the waveform share one rate; the
+    silence put into a gap in the sound is put once, so the sound after it keeps its time."""
+    path = tmp_path / "gap.mp4"
+    write_video(path, [i / 30 for i in range(90)], [(0.0, tone(1.0, 16000)), (2.0, tone(1.0, 16000))])
+    alone, twice = read_media(path, 16000), read_media(path, 16000, also=(16000,))
+    assert alone.sound_gaps == pytest.approx(1.0, abs=0.05) and twice.sound_gaps == alone.sound_gaps
+    assert np.array_equal(twice.audio, alone.audio) and np.array_equal(twice.resampled[16000], alone.audio)
+    assert len(alone.audio) / 16000 == pytest.approx(3.0, abs=0.1)  # 1 s, 1 s of silence, 1 s
 
 
 def test_sound_that_starts_late_and_ends_early_counts_each(quirky):

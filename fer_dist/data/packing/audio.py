@@ -87,7 +87,7 @@ class AudioTimeline:
     time, as a video frame's time is its timestamp."""
 
     def __init__(self, rates: tuple[int, ...]) -> None:
-        self.rates = rates
+        self.rates = tuple(dict.fromkeys(rates))  # each once: the log-mel's and the waveform's may be one rate
         self.resamplers = {r: av.AudioResampler(format="flt", layout="mono", rate=r) for r in rates}
         self.chunks: dict[int, list[np.ndarray]] = {r: [] for r in rates}  # float32 pieces of each rate's audio
         self.start: float | None = None  # s: the first frame's timestamp (0 when it has none); None: no frame yet
