@@ -153,7 +153,10 @@ def test_the_cnn_detector_finds_the_face_hog_finds_and_unknown_names_are_refused
     with pytest.raises(ValueError, match="unknown detector 'mtcnn'; choose one of hog, cnn"):
         Detector("mtcnn")
     video = str(real_footage / "single_face.mp4")
-    for bad in (["--detector", "mtcnn"], ["--redetect", "0"], ["--min-face", "0"], ["--min-track", "-1"]):
+    with pytest.raises(SystemExit) as refused:  # not one of the detectors: the command line's choices refuse it
+        cli.main(["crop", "--videos", video, "--out", str(tmp_path / "out"), "--detector", "mtcnn"])
+    assert refused.value.code == 2
+    for bad in (["--redetect", "0"], ["--min-face", "0"], ["--min-track", "-1"]):
         assert cli.main(["crop", "--videos", video, "--out", str(tmp_path / "out"), *bad]) == 2
     assert not (tmp_path / "out").exists()
 
