@@ -92,13 +92,6 @@ def cmd_shard(args: argparse.Namespace) -> int:
     from fer_dist.data.packing.layout import discover
     from fer_dist.data.shards.format import MelParams, PackParams
 
-    videos = discover(
-        Path(args.root),
-        annotations=optional_path(args.annotations),
-        crop_dirs=[Path(p) for p in args.crops] or None,
-        video_dirs=[Path(p) for p in args.video_dirs] or None,
-        test_list=optional_path(args.test_list),
-    )
     params = PackParams(
         folds=args.folds,
         n_folds=args.n_folds,
@@ -108,6 +101,13 @@ def cmd_shard(args: argparse.Namespace) -> int:
         missing=args.missing,
         mel=MelParams(sample_rate=args.sample_rate),
         audio_wave=args.audio_wave,
+    )  # checked before the dataset is read
+    videos = discover(
+        Path(args.root),
+        annotations=optional_path(args.annotations),
+        crop_dirs=[Path(p) for p in args.crops] or None,
+        video_dirs=[Path(p) for p in args.video_dirs] or None,
+        test_list=optional_path(args.test_list),
     )
     with progress() as bar:
         task = bar.add_task("packing videos", total=len(videos), info="")
@@ -248,13 +248,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     `cmd_inspect_result` for a run folder, an ensemble's output or the main job's folder."""
     from fer_dist.data.shards import survey
     from fer_dist.data.shards.format import ManifestError, PackParams, manifest_path, read_manifest
-    from fer_dist.engine.rundir import is_result
+    from fer_dist.engine.rundir import CrossValidation, is_result
 
     folder = Path(args.shards)
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder")
     if is_result(folder):
         return cmd_inspect_result(args)
+    if CrossValidation(folder).runs():
+        raise InputError(
+            f"{folder} is a cross-validation: inspect one of its runs ({CrossValidation(folder).runs()[0].path}) "
+            f"or its ensemble ({CrossValidation(folder).ensemble.path})"
+        )
     if not manifest_path(folder).exists() and not list(folder.glob("*.tar")):
         raise InputError(f"{folder}: neither shards (manifest.json, *.tar) nor a run folder")
     try:

@@ -195,6 +195,9 @@ def from_dict(raw: dict) -> Config:
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+    lists = [s for s in SECTIONS if not isinstance(raw.get(s) or {}, dict)]
+    if lists:
+        raise ConfigError(f"section(s) {', '.join(lists)}: each a mapping of keys to values, not {raw[lists[0]]!r}")
     model = {"name": "mfm", **(raw.get("model") or {})}
     train = dict(raw.get("train") or {})
     if train.get("mixed_precision") is False:  # YAML 1.1 reads a bare `no` as false
@@ -313,10 +316,24 @@ def find(path: str | Path) -> Path:
     raise ConfigError(f"config {path} not found (a YAML file, or one of the shipped configs: {known})")
 
 
+def read(path: str | Path) -> dict:
+    """The sections of the YAML config file `path` (`find`). Raises ConfigError, naming the file,
+    for one that is not YAML, is empty, or is not a mapping of sections."""
+    found = find(path)
+    try:
+        raw = yaml.safe_load(found.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{found} is not a YAML config: {' '.join(str(exc).split())}") from None
+    if not isinstance(raw, dict):
+        what = "empty" if raw is None else f"a {type(raw).__name__}"
+        raise ConfigError(f"{found} is {what}: a config is a mapping of sections ({', '.join(SECTIONS)})")
+    return raw
+
+
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Reads a YAML config (`find`) and applies `section.key=value` overrides (values parsed as YAML)."""
-    raw = yaml.safe_load(find(path).read_text()) if path else {}
-    raw = raw or {}
+    """Reads a YAML config (`read`; the defaults when `path` is None) and applies `section.key=value`
+    overrides (values parsed as YAML). Raises ConfigError."""
+    raw = read(path) if path else {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")

@@ -11,8 +11,10 @@ import time
 
 import pytest
 
-from fer_dist.data.packing.synth import TEST_LABELS, TEST_TEMPLATE
-from fer_dist.data.shards.format import read_manifest
+from fer_dist.data.packing.layout import discover
+from fer_dist.data.packing.pack import pack
+from fer_dist.data.packing.synth import TEST_LABELS, TEST_LIST, TEST_TEMPLATE
+from fer_dist.data.shards.format import PackParams, read_manifest
 from fer_dist.engine import predictions as preds_lib
 from helpers import REPO, tiny_config
 
@@ -88,6 +90,22 @@ def test_cv_resumes_fold_by_fold_then_predicts_and_submits(challenge, tmp_path):
     assert refused.returncode == 2
     assert "refusing to predict" in out and "no-such-video/00001" in out  # before any prediction
     assert (cv / "ensemble" / "submission" / "abaw5.csv").read_bytes() == written
+
+    # other shards of the same test videos: every member predicts them anew (none of the earlier
+    # predictions is taken for theirs), then, asked again, keeps what it made
+    other = tmp_path / "other_shards"
+    pack(discover(data, test_list=data / TEST_LIST), other, PackParams(samples_per_shard=200, n_folds=3), workers=2)
+    for predicted in (3, 0):
+        again = fer_dist("predict", str(cv), "--shards", str(other), "--out", str(cv / "ensemble"))
+        out, _ = again.communicate(timeout=300)
+        assert again.returncode == 0 and out.count("predicting test of") == predicted, out[-3000:]
+
+    # an ensemble's output into a training run's folder is refused, the run left as it was
+    fold0_files = {p: p.read_bytes() for p in (cv / "fold0").rglob("*") if p.is_file()}
+    into_run = fer_dist("predict", str(cv), "--shards", str(shards), "--out", str(cv / "fold0"))
+    out, _ = into_run.communicate(timeout=300)
+    assert into_run.returncode == 2 and "holds a training run" in out, out[-3000:]
+    assert {p: p.read_bytes() for p in (cv / "fold0").rglob("*") if p.is_file()} == fold0_files
 
 
 def test_a_single_process_fold_gets_every_core(tmp_path):

@@ -21,3 +21,12 @@ def test_each_failed_check_is_one_line_naming_what_failed():
     assert failed[0].startswith("fold0: the prediction (0.700) is not above the audio head")
     assert failed[1].startswith("fold1: the prediction (0.800) is not above the image head")
     assert "below the mean of its members" in failed[2] and "post-processing lowers" in failed[3]
+
+
+def test_a_main_job_of_no_epochs_is_refused_before_anything_is_made(tmp_path, capsys):
+    """`--epochs 0` is not "the config's epochs": refused in one line, no data made."""
+    from fer_dist import cli
+
+    assert cli.main(["demo", "--workdir", str(tmp_path / "demo"), "--epochs", "0"]) == 2
+    assert "train.epochs must be positive" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from fer_dist.engine import predictions as preds_lib
-from fer_dist.engine.rundir import EnsembleDir, RunDir
+from fer_dist.engine.rundir import RunDir
 from fer_dist.labels import CLASSES, NUM_CLASSES
 from fer_dist.results import ensemble, postprocess, submission
 
@@ -160,6 +160,27 @@ def test_an_ensemble_refused_on_its_test_predictions_writes_nothing(tmp_path):
     assert sorted(p.name for p in (cv / "ensemble").iterdir()) == ["test"]  # only the members' own files
 
 
+def test_an_ensemble_into_a_run_or_shards_is_refused_and_a_lost_fold_config_named(tmp_path):
+    cv = tmp_path / "cv"
+    for k in range(2):
+        keys = np.array([f"v{k}/{i + 1:05d}" for i in range(8)])
+        fake_fold(cv, k, keys, np.arange(8), np.arange(8), keys[:1], np.zeros(1, int))
+    before = {p: p.read_bytes() for p in cv.rglob("*") if p.is_file()}
+    with pytest.raises(ensemble.EnsembleError, match="fold1 holds a training run"):
+        ensemble.run(ensemble.members([str(cv)]), cv / "fold1")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.json").write_text("{}")
+    with pytest.raises(ensemble.EnsembleError, match="holds shards"):
+        ensemble.run(ensemble.members([str(cv)]), tmp_path / "shards")
+    assert {p: p.read_bytes() for p in cv.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["manifest.json"]
+    (cv / "fold0" / "config.yaml").unlink()  # a fold is not left out in silence: named, and refused
+    with pytest.raises(ensemble.EnsembleError, match="fold0: no config.yaml there"):
+        ensemble.members([str(cv)])
+    with pytest.raises(ensemble.EnsembleError, match="nowhere: no such folder"):
+        ensemble.members([str(tmp_path / "nowhere")])
+
+
 def test_a_member_is_named_after_its_folder_and_a_missing_truth_is_refused(tmp_path, monkeypatch):
     cv = tmp_path / "cv"
     for k in range(2):
@@ -196,18 +217,18 @@ def test_submissions_complete_or_refused(tmp_path):
 
 
 def test_a_submission_refused_in_either_format_writes_neither(tmp_path):
-    from fer_dist.jobs.predict import submit
+    from fer_dist.jobs.predict import submission_files
 
     keys = np.array(["a/00001", "a/00002", "b/00001"])
     logits = np.eye(NUM_CLASSES, dtype=np.float32)[[1, 1, 2]]
-    preds_lib.save(tmp_path / "test.npz", preds_lib.Predictions(keys, np.full(3, -1), {"ensemble": logits}, "ensemble"))
-    (tmp_path / "postprocess.json").write_text(json.dumps(postprocess.PostParams().to_dict()))
+    test = preds_lib.Predictions(keys, np.full(3, -1), {"ensemble": logits}, "ensemble")
+    identity = postprocess.PostParams()
     with pytest.raises(submission.SubmissionError, match="ABAW5/6 file: 1 required frame.*c/00001"):
-        submit(EnsembleDir(tmp_path), {"a": 2, "b": 1}, [("a", 1), ("a", 2), ("b", 1), ("c", 1)])  # ABAW3 is complete
-    assert not (tmp_path / "submission").exists()
-    assert submit(EnsembleDir(tmp_path), {"a": 2, "b": 1}, [("b", 1), ("a", 2), ("b", 2)])["abaw5_rows"] == 3
-    assert (tmp_path / "submission" / "abaw3" / "a.txt").read_text().splitlines()[1:] == ["1", "1"]
-    rows = (tmp_path / "submission" / "abaw5.csv").read_text().splitlines()[1:]
+        submission_files(test, identity, {"a": 2, "b": 1}, [("a", 1), ("a", 2), ("b", 1), ("c", 1)])  # ABAW3 complete
+    files, made = submission_files(test, identity, {"a": 2, "b": 1}, [("b", 1), ("a", 2), ("b", 2)])
+    assert made["abaw5_rows"] == 3 and made["abaw3_files"] == 2
+    assert files["abaw3/a.txt"].decode().splitlines()[1:] == ["1", "1"]
+    rows = files["abaw5.csv"].decode().splitlines()[1:]
     assert rows == ["b/00001.jpg,2", "a/00002.jpg,1", "b/00002.jpg,2"]  # past b's end: b's last frame's label
 
 

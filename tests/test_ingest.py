@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fer_dist import cli
 from fer_dist.data.packing.audio import read_media
 from fer_dist.data.packing.layout import LayoutError, discover, list_crops, read_annotation
 from fer_dist.data.packing.pack import assign_folds, pack
 from fer_dist.data.shards.format import PackParams, SampleMeta, read_manifest
+from fer_dist.errors import InputError
 from fer_dist.labels import CLASSES
 from helpers import samples
 
@@ -99,6 +101,25 @@ def test_fold_schemes_keep_parents_together(synthetic):
     v5 = assign_folds(videos, "video5", 5, 0)
     assert set(v5.values()) == {f"fold{k}" for k in range(5)}
     assert v5 != assign_folds(videos, "video5", 5, 1)  # seeded
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--n-folds", "0"], "--n-folds 0: --folds video5 deals videos into at least 1"),
+        (["--folds", "train4+val", "--n-folds", "1"], "--n-folds 1: --folds train4+val deals videos into at least 2"),
+        (["--samples-per-shard", "0"], "--samples-per-shard (0) and --clip-len (32) count samples: >= 1"),
+        (["--clip-len", "-2"], "--samples-per-shard (2000) and --clip-len (-2) count samples: >= 1"),
+    ],
+)
+def test_packing_parameters_are_refused_before_anything_is_written(synthetic, tmp_path, capsys, options, message):
+    """Parameters no packing can follow (`--n-folds 0` once divided by zero, half-way, leaving its
+    work folder behind to refuse the next try): one line, and no folder made."""
+    out = tmp_path / "shards"
+    assert cli.main(["shard", "--root", str(synthetic), "--out", str(out), *options]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {message}", err
+    assert not out.exists()
 
 
 def test_test_set_packs_every_frame(synthetic, tmp_path):
@@ -197,8 +218,10 @@ def test_packing_again_keeps_the_shards_of_the_same_inputs_and_refuses_changed_o
         change()
         assert fingerprint(discover(copy)) != same
         same = fingerprint(discover(copy))
-    with pytest.raises(ValueError, match="other inputs or settings"):
+    with pytest.raises(InputError, match="other inputs or settings"):
         pack(discover(copy), shards, PackParams(samples_per_shard=150), workers=2)
+    assert cli.main(["shard", "--root", str(copy), "--out", str(shards), "--samples-per-shard", "150"]) == 2
+    assert "holds shards made from other inputs or settings" in capsys.readouterr().err  # one line, no traceback
 
 
 def test_malformed_annotation_is_a_clear_error(synthetic, tmp_path):

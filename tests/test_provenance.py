@@ -122,3 +122,24 @@ def test_inspect_of_a_missing_or_empty_folder_says_so_in_one_line(tmp_path, caps
     (tmp_path / "empty").mkdir()
     assert main(["inspect", str(tmp_path / "empty")]) == 2
     assert "neither shards (manifest.json, *.tar) nor a run folder" in " ".join(capsys.readouterr().err.split())
+
+
+def test_an_ensembles_figures_keep_the_held_out_folds_apart_from_the_test_videos(tmp_path):
+    """A member's row is in both of the report's sections: each keeps its own figure."""
+    out = tmp_path / "ensemble"
+    out.mkdir()
+    rows = {
+        "validation": [{"name": "cv-fold4", "macro_f1": 0.889}, {"name": "out-of-fold", "macro_f1": 0.93}],
+        "test": [{"name": "cv-fold4", "macro_f1": 0.949}, {"name": "ensemble (vote)", "macro_f1": 0.955}],
+    }
+    (out / "report.json").write_text(json.dumps(rows))
+    figures = provenance.figures(out)
+    assert figures["on the held-out folds"] == {"cv-fold4": 0.889, "out-of-fold": 0.93}
+    assert figures["on the test videos"] == {"cv-fold4": 0.949, "ensemble (vote)": 0.955}
+
+
+def test_inspect_of_a_cross_validation_names_what_to_inspect_in_it(tmp_path, capsys):
+    (tmp_path / "cv" / "fold0").mkdir(parents=True)
+    assert main(["inspect", str(tmp_path / "cv")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "is a cross-validation" in err and "cv/fold0" in err and "cv/ensemble" in err

@@ -60,9 +60,13 @@ def test_the_folds_of_a_cross_validation_are_found_in_fold_order(tmp_path):
     for k in (10, 2, 0):
         old_run(cv.fold(k).path, fold=k)
     (cv.path / "fold_old").mkdir()  # not a fold's folder
-    (cv.path / "fold7").mkdir()  # no config: not a run
+    (cv.path / "fold5.txt").write_text("")  # nor this
     assert [r.path.name for r in cv.runs()] == ["fold0", "fold2", "fold10"]
     assert [r.config.data.holdout_fold for r in cv.runs()] == [0, 2, 10]
+    (cv.path / "fold7").mkdir()  # a fold whose config is lost is still one of the folds, and refused when read
+    assert [r.path.name for r in cv.runs()] == ["fold0", "fold2", "fold7", "fold10"]
+    with pytest.raises(RunError, match="fold7: no config.yaml there"):
+        cv.fold(7).config  # noqa: B018 - reading it is the test
     assert runs_of(cv.path) == cv.runs() and runs_of(cv.fold(2).path) == [cv.fold(2)]
     assert cv.ensemble.path == cv.path / "ensemble"
     out = EnsembleDir(tmp_path / "out")
@@ -75,3 +79,24 @@ def test_a_result_folder_is_told_from_shards(tmp_path):
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "manifest.json").write_text("{}")
     assert not is_result(tmp_path / "shards")
+
+
+def test_a_trained_model_loads_with_its_weights_ready_to_evaluate(shards, tmp_path):
+    from safetensors.torch import save_file
+
+    from fer_dist import config
+    from fer_dist.data.shards.format import read_manifest
+    from fer_dist.engine.rundir import TrainedModel
+    from fer_dist.engine.task import model_for
+    from helpers import REPO, tiny_run
+
+    cfg = config.load(REPO / "configs" / "mfm_cpu.yaml", tiny_run(shards, tmp_path / "run"))
+    trained = model_for(cfg, read_manifest(shards), training=False)
+    best = TrainedModel(tmp_path / "best")
+    best.path.mkdir()
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(best.weights))
+    best.config_file.write_text(config.dump(cfg))
+    loaded = best.load(best.config(shards), read_manifest(shards))
+    assert not loaded.training  # dropout off, as a user's own evaluation needs
+    saved = trained.state_dict()
+    assert all(v.equal(saved[k]) for k, v in loaded.state_dict().items()) and loaded.state_dict().keys() == saved.keys()

@@ -122,16 +122,16 @@ class TrainedModel:
         return config_lib.load(self.config_file, overrides)
 
     def load(self, cfg: Config, manifest: Manifest) -> ExpressionModel:
-        """The model of `cfg` with these weights, checked against the shards it will read
-        (`engine.task.model_for`), in evaluation mode's build. Raises ConfigError when the shards
-        do not hold what the model takes."""
+        """The model of `cfg` (`config()`) with these weights, built as evaluation builds it and
+        checked against the shards it will read (`engine.task.model_for`), in evaluation mode
+        (dropout off). Raises ConfigError when the shards do not hold what the model takes."""
         from safetensors.torch import load_file  # torch, only where a model is built: reading a folder needs none
 
         from fer_dist.engine.task import model_for
 
         model = model_for(cfg, manifest, training=False)
         model.load_state_dict(load_file(self.weights))
-        return model
+        return model.eval()
 
 
 @dataclass(frozen=True)
@@ -230,9 +230,11 @@ class RunDir:
         return bool(lines) and lines[-1]["epoch"] == self.config.train.epochs
 
     def trained(self) -> TrainedModel:
-        """The run's exported best model. Raises RunError when the run has none (no finished epoch)."""
+        """The run's exported best model, its config read and validated. Raises RunError when the run
+        has none (no finished epoch) or its config is missing, ConfigError when the config does not load."""
         if not self.best.exists():
             raise RunError(f"{self.path}: no finished training run there (checkpoints/best/metrics.json)")
+        self.config  # noqa: B018 - read (once) and validated with the model, before the model is used
         return self.best
 
     def best_predictions(self) -> Path:
@@ -262,6 +264,10 @@ class EnsembleDir:
     def member_test(self, run: RunDir) -> Path:
         """A member run's own test predictions (every head), made by `fer-dist predict`."""
         return self.path / "test" / f"{run.name}.npz"
+
+    def member_stamp(self, run: RunDir) -> Path:
+        """What `member_test` was made from (the weights' and the shards' manifest's SHA-256)."""
+        return self.path / "test" / f"{run.name}.json"
 
     @property
     def postprocess(self) -> Path:
@@ -294,11 +300,12 @@ class CrossValidation:
         return RunDir(self.path / f"{FOLD}{k}")
 
     def runs(self) -> list[RunDir]:
-        """The fold runs here that have their config, in fold order ([] for a folder that holds none)."""
+        """Every fold's run folder here (`fold0`, `fold1`, ...), in fold order; [] for a folder that
+        holds none. A fold folder whose config is missing is one of them: reading it is refused."""
         found = {}
         for p in self.path.glob(f"{FOLD}*"):
             k = p.name.removeprefix(FOLD)
-            if k.isdigit() and (p / CONFIG).is_file():
+            if k.isdigit() and p.is_dir():
                 found[int(k)] = RunDir(p)
         return [found[k] for k in sorted(found)]
 

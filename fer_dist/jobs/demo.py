@@ -61,8 +61,13 @@ def checks(folds: list[dict], test: dict[str, float], how: str) -> list[str]:
 
 
 def main_job(workdir: Path, videos: int = 24, seed: int = 0, epochs: int | None = None, test_videos: int = 4) -> int:
+    """The main job in `workdir` (see the module's docstring); returns its exit status: 0 when every
+    check passed, 1 when one failed. Raises ConfigError, before anything is made, when `epochs`
+    (the config's when None) is not a count of epochs."""
     started = time.perf_counter()
     data, shards, cv = workdir / "affwild2", workdir / "shards", CrossValidation(workdir / "cv")
+    overrides = [f"data.shards={shards}", f"train.seed={seed}"]
+    cfg = config.load(CONFIG, [*overrides, *([f"train.epochs={epochs}"] if epochs is not None else [])])
     if not (data / ".complete").exists():
         from fer_dist.data.packing.synth import synthesize
 
@@ -78,8 +83,6 @@ def main_job(workdir: Path, videos: int = 24, seed: int = 0, epochs: int | None 
                 vids, shards, PackParams(samples_per_shard=500, seed=seed), 2, lambda _, n: bar.advance(task)
             )
         pack.show(manifest)
-    overrides = [f"data.shards={shards}", f"train.seed={seed}", *([f"train.epochs={epochs}"] if epochs else [])]
-    cfg = config.load(CONFIG, overrides)
     result = cross_validate(cfg, cv.path, truth=data / TEST_LABELS, template=data / TEST_TEMPLATE)
     ensemble.show(result)
     folds = fold_heads(cv)

@@ -23,10 +23,11 @@ import numpy as np
 
 from fer_dist.config import ConfigError
 from fer_dist.console import console, progress
-from fer_dist.data.shards.format import atomic_write, read_manifest, sample_key
+from fer_dist.data.shards.format import atomic_write, manifest_path, read_manifest, sample_key
 from fer_dist.engine import predictions as preds_lib
 from fer_dist.engine.distributed import make_accelerator
 from fer_dist.engine.evaluation import evaluate
+from fer_dist.engine.provenance import sha256
 from fer_dist.engine.rundir import EnsembleDir, TrainedModel
 from fer_dist.engine.task import Task
 from fer_dist.errors import InputError, one_line
@@ -75,15 +76,18 @@ def predict_members(
     ms: list[ensemble.Member], shards: Path, out: EnsembleDir, launch: str | None, group: str = "test"
 ) -> None:
     """Each member run's test predictions (`EnsembleDir.member_test`): its best weights over `group`
-    of `shards` (kept when there, made by these very weights)."""
+    of `shards`, kept from an earlier prediction only when that was made by these very weights from
+    these very shards (`EnsembleDir.member_stamp`: the SHA-256 of both)."""
     for m in ms:
-        trained, target = m.run.trained(), out.member_test(m.run)
-        if target.exists() and target.stat().st_mtime >= trained.weights.stat().st_mtime:
+        trained, target, stamp = m.run.trained(), out.member_test(m.run), out.member_stamp(m.run)
+        made_from = {"weights": sha256(trained.weights), "shards": sha256(manifest_path(shards))}
+        if target.exists() and stamp.exists() and json.loads(stamp.read_text()) == made_from:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         console.print(f"predicting {group} of {shards} with {m.run.path}")
         args = [str(trained.path), "--shards", str(shards), "--group", group, "--out", str(target)]
         run_module("fer_dist.jobs.predict", args, launch, f"prediction with {m.name}", here=main)
+        atomic_write(stamp, json.dumps(made_from).encode())
 
 
 def required_frames(shards: Path, template: Path | None) -> tuple[dict[str, int], list[tuple[str, int]]]:
@@ -122,18 +126,18 @@ def required_frames(shards: Path, template: Path | None) -> tuple[dict[str, int]
     return frames, required
 
 
-def submit(out: EnsembleDir, frames: dict[str, int], required: list[tuple[str, int]]) -> dict:
-    """Both submission formats from the post-processed ensemble over the test videos, made and
-    checked in full before either is written (`submission.write`)."""
-    test = preds_lib.load(out.test)
-    params = postprocess.PostParams.from_dict(json.loads(out.postprocess.read_text()))
+def submission_files(
+    test: preds_lib.Predictions, params: postprocess.PostParams, frames: dict[str, int], required: list[tuple[str, int]]
+) -> tuple[dict[str, bytes], dict]:
+    """Both submission formats (file name -> bytes) from the ensemble's `test` predictions
+    post-processed with `params`, and what they hold; raises SubmissionError when a required
+    frame has no prediction. Writes nothing (`submission.write` does)."""
     labels = postprocess.apply(test.key, test.logits["ensemble"], params)
     files = {f"abaw3/{name}": data for name, data in submission.abaw3(test.key, labels, frames).items()}
     within = [(v, min(f, frames.get(v, f))) for v, f in required]  # a row past a video's end: its last frame
     files["abaw5.csv"] = submission.abaw5(test.key, labels, within, named=required)
-    submission.write(out.submission, files)
     counts = np.bincount(labels, minlength=NUM_CLASSES).tolist()
-    return {"abaw3_files": len(files) - 1, "abaw5_rows": len(required), "labels": counts}
+    return files, {"abaw3_files": len(files) - 1, "abaw5_rows": len(required), "labels": counts}
 
 
 def predict(
@@ -145,9 +149,12 @@ def predict(
     template: Path | None = None,
     truth: Path | None = None,
 ) -> dict:
-    """The ensemble of `specs` over the test videos of `shards` in the ensemble folder `out`: report,
-    predictions, submissions. Everything is checked (the test videos, the template, the members,
-    the truth) before anything is written; raises ConfigError, SubmissionError or RunError."""
+    """The ensemble of `specs` over the test videos of `shards` in the ensemble folder `out`: each
+    member's test predictions (`predict_members`), then the report, the combined predictions and
+    both submission formats. The test videos, the template, the members, the truth and `out` are
+    checked before any prediction is made, and the submission files are made in full before the
+    ensemble's files are written: a refusal leaves `out` as it was, but for the members' own
+    predictions. Raises ConfigError, SubmissionError or EnsembleError."""
     manifest = read_manifest(shards)
     if "test" not in manifest.groups:
         raise ConfigError(f"{shards} holds no test videos (pack them with fer-dist shard --test-list)")
@@ -158,11 +165,13 @@ def predict(
     if truth is not None and not Path(truth).is_dir():
         raise ConfigError(f"--truth {truth}: not a folder of annotation files")
     folder = EnsembleDir(out)
+    ensemble.check_out(folder)
     predict_members(ms, shards, folder, launch)
-    report = ensemble.run(ms, out, how, truth)
-    report["submission"] = submit(folder, frames, required)
-    atomic_write(folder.report, json.dumps(report, indent=1).encode())
-    return report
+    result = ensemble.combined(ms, folder, how, truth)
+    files, result.report["submission"] = submission_files(result.test, result.params, frames, required)
+    submission.write(folder.submission, files)
+    ensemble.write(result, folder)
+    return result.report
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from rich.table import Table
 from fer_dist.console import console
 from fer_dist.console import out as stdout
 from fer_dist.data.packing.layout import read_annotation
-from fer_dist.data.shards.format import atomic_write
+from fer_dist.data.shards.format import atomic_write, manifest_path
 from fer_dist.engine import predictions as preds_lib
 from fer_dist.engine import provenance
 from fer_dist.engine.metrics import confusion, f1_per_class
@@ -59,10 +59,13 @@ class Member:
 
 def members(specs: list[str]) -> list[Member]:
     """`RUN_DIR[:HEAD]` for each spec; a cross-validation directory stands for all its folds. Raises
-    EnsembleError when one is not a finished run, or none is given."""
+    EnsembleError when one is not a folder or not a finished run (its best model exported, its
+    config there), or none is given; ConfigError when a run's config does not load."""
     found = []
     for spec in specs:
         path, _, head = spec.partition(":")
+        if not Path(path).is_dir():
+            raise EnsembleError(f"{path}: no such folder")
         for run in runs_of(path):
             try:
                 run.trained()
@@ -79,10 +82,14 @@ def validation(m: Member) -> preds_lib.Predictions:
     return preds_lib.load(m.run.best_predictions())
 
 
-def probabilities(p: preds_lib.Predictions, head: str = "") -> np.ndarray:
+def probabilities(p: preds_lib.Predictions, head: str = "", who: str = "") -> np.ndarray:
+    """[N, classes] float64 softmax of `head`'s logits (the output head's when ""); raises
+    EnsembleError, naming `who` (the member), when the predictions have no such head."""
     head = head or p.output
     if head not in p.logits:
-        raise EnsembleError(f"no head {head!r} in these predictions (they have {', '.join(p.logits)})")
+        raise EnsembleError(
+            f"{who or 'these predictions'}: no head {head!r} in its predictions (they have {', '.join(p.logits)})"
+        )
     z = p.logits[head].astype(np.float64)
     z = np.exp(z - z.max(1, keepdims=True))
     return z / z.sum(1, keepdims=True)
@@ -141,16 +148,35 @@ def row(name: str, labels: np.ndarray, predicted: np.ndarray, **extra) -> dict:
     return {"name": name, "per_class_f1": f1.round(6).tolist(), "macro_f1": float(f1.mean()), **extra}
 
 
-def run(ms: list[Member], out: Path, how: str = "vote", truth: Path | None = None) -> dict:
-    """Combines the members (`members`), tunes post-processing on their out-of-fold predictions, writes
-    `validation.npz`, `test.npz` (when every member has test predictions), `postprocess.json`,
-    `report.json`, `report.md` and `provenance.json` under `out`; returns the report. Everything is
-    computed, and any refusal raised, before the first file is written."""
-    folder = EnsembleDir(out)
+@dataclass
+class Ensemble:
+    """What an ensemble's folder receives, computed in full before any of it is written."""
+
+    report: dict  # report.json (and report.md): per-fold and combined rows, post-processing, test rows
+    validation: preds_lib.Predictions  # the out-of-fold predictions, every labelled frame once
+    test: preds_lib.Predictions | None  # the combined test predictions, when every member has its own
+    params: postprocess.PostParams  # post-processing tuned on `validation`
+    tuned: dict  # postprocess.json: `params` and the out-of-fold macro-F1 before and after them
+    record: dict  # provenance.json's record: each member's seed, config and shards
+
+
+def check_out(out: EnsembleDir) -> None:
+    """Raises EnsembleError when `out` holds a training run or shards, whose own files an ensemble's
+    (provenance.json, postprocess.json, ...) would replace."""
+    if RunDir(out.path).holds_run() or manifest_path(out.path).exists():
+        what = "shards" if manifest_path(out.path).exists() else "a training run"
+        raise EnsembleError(f"--out {out.path} holds {what}; write the ensemble into a folder of its own")
+
+
+def combined(ms: list[Member], out: EnsembleDir, how: str = "vote", truth: Path | None = None) -> Ensemble:
+    """Combines the members (`members`) by `how` (`combine`) on their held-out folds, tunes
+    post-processing on the out-of-fold predictions, and, when every member has test predictions in
+    `out` (`EnsembleDir.member_test`), combines those and scores them against `truth`. Writes
+    nothing; raises EnsembleError for members that cannot be combined."""
     if truth is not None and not Path(truth).is_dir():
         raise EnsembleError(f"--truth {truth}: not a folder of annotation files")
     val = {m.name: validation(m) for m in ms}
-    member_probs = {m.name: probabilities(val[m.name], m.head) for m in ms}
+    member_probs = {m.name: probabilities(val[m.name], m.head, m.name) for m in ms}
     folds: dict[int, list[Member]] = {}
     for m in ms:
         folds.setdefault(m.fold, []).append(m)
@@ -177,21 +203,42 @@ def run(ms: list[Member], out: Path, how: str = "vote", truth: Path | None = Non
         "postprocess": params.to_dict(),
     }
     test = None
-    if all(folder.member_test(m.run).exists() for m in ms):
-        test, report["test"] = test_report(ms, how, params, folder, truth, fold_rows)
+    if all(out.member_test(m.run).exists() for m in ms):
+        test, report["test"] = test_report(ms, how, params, out, truth, fold_rows)
     elif truth is not None:
-        console.print(f"[yellow]warning:[/] --truth {truth} is unused: no test predictions in {folder.path}")
-    record = provenance.record(["cpu"], 1, **provenance.of_runs([m.run for m in ms]))
-    out.mkdir(parents=True, exist_ok=True)
-    preds_lib.save(folder.validation, preds_lib.Predictions(keys, labels, {"ensemble": probs}, "ensemble"))
-    if test is not None:
-        preds_lib.save(folder.test, test)
-    tuned = {**params.to_dict(), "validation_macro_f1_before": before, "validation_macro_f1_after": after}
-    atomic_write(folder.postprocess, json.dumps(tuned).encode())
-    atomic_write(folder.report, json.dumps(report, indent=1).encode())
-    atomic_write(folder.report_md, markdown(report).encode())
-    provenance.write(out, record)
-    return report
+        console.print(f"[yellow]warning:[/] --truth {truth} is unused: no test predictions in {out.path}")
+    return Ensemble(
+        report,
+        preds_lib.Predictions(keys, labels, {"ensemble": probs}, "ensemble"),
+        test,
+        params,
+        {**params.to_dict(), "validation_macro_f1_before": before, "validation_macro_f1_after": after},
+        provenance.record(["cpu"], 1, **provenance.of_runs([m.run for m in ms])),
+    )
+
+
+def write(e: Ensemble, out: EnsembleDir) -> None:
+    """`validation.npz`, `test.npz` (when there are test predictions), `postprocess.json`,
+    `report.json`, `report.md` and `provenance.json` in `out`, each file atomically."""
+    out.path.mkdir(parents=True, exist_ok=True)
+    preds_lib.save(out.validation, e.validation)
+    if e.test is not None:
+        preds_lib.save(out.test, e.test)
+    atomic_write(out.postprocess, json.dumps(e.tuned).encode())
+    atomic_write(out.report, json.dumps(e.report, indent=1).encode())
+    atomic_write(out.report_md, markdown(e.report).encode())
+    provenance.write(out.path, e.record)
+
+
+def run(ms: list[Member], out: Path, how: str = "vote", truth: Path | None = None) -> dict:
+    """`fer-dist ensemble`: the members combined (`combined`) and written into the folder `out`
+    (`write`); returns the report. Everything is computed, and any refusal raised, before the first
+    file is written."""
+    folder = EnsembleDir(out)
+    check_out(folder)
+    result = combined(ms, folder, how, truth)
+    write(result, folder)
+    return result.report
 
 
 def test_report(
@@ -202,7 +249,7 @@ def test_report(
     ensemble before and after post-processing."""
     test = {m.run.name: preds_lib.load(out.member_test(m.run)) for m in ms}
     keys = aligned(test)
-    member_probs = {m.name: probabilities(test[m.run.name], m.head) for m in ms}
+    member_probs = {m.name: probabilities(test[m.run.name], m.head, m.name) for m in ms}
     probs = combine(list(member_probs.values()), how)
     labels = truth_labels(keys, truth) if truth else test[ms[0].run.name].label.astype(np.int64)
     combined = preds_lib.Predictions(keys, labels, {"ensemble": probs}, "ensemble")

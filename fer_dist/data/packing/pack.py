@@ -58,6 +58,7 @@ from fer_dist.data.shards.format import (
 from fer_dist.data.shards.survey import show_quality
 from fer_dist.data.shards.tars import TAR_END, tar_record
 from fer_dist.data.shards.windows import NAMES, SILENCE, WAVE_RATE, WAVE_WIDTH, WIDEST, purity_flags
+from fer_dist.errors import InputError
 from fer_dist.labels import CLASSES, NUM_CLASSES, UNLABELLED
 
 
@@ -658,7 +659,7 @@ def pack(
     out.mkdir(parents=True, exist_ok=True)
     names = sorted(v.name for v in videos)
     stamp = json.loads(json.dumps({"params": asdict(params), "videos": names, "inputs": fingerprint(videos)}))
-    done = claim(out, "stamp", stamp, ValueError, "shards")
+    done = claim(out, "stamp", stamp, InputError, "shards")
     if done is not None:
         console.print(f"{out} holds the shards of these very inputs and settings: kept, nothing packed again")
         return done

@@ -154,6 +154,13 @@ class PackParams:
             raise InputError(f"--folds must be one of {', '.join(FOLD_SCHEMES)}, not {self.folds!r}")
         if self.missing not in MISSING:
             raise InputError(f"--missing must be one of {', '.join(MISSING)}, not {self.missing!r}")
+        least = {"video5": 1, "train4+val": 2, "official": 0}[self.folds]  # train4+val: a train fold and val
+        if self.n_folds < least:
+            raise InputError(f"--n-folds {self.n_folds}: --folds {self.folds} deals videos into at least {least}")
+        if self.samples_per_shard < 1 or self.clip_len < 1:
+            raise InputError(
+                f"--samples-per-shard ({self.samples_per_shard}) and --clip-len ({self.clip_len}) count samples: >= 1"
+            )
 
 
 @dataclass
@@ -415,7 +422,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def claim(out: Path, key: str, stamp: dict, error: type[ValueError], what: str) -> Manifest | None:
+def claim(out: Path, key: str, stamp: dict, error: type[InputError], what: str) -> Manifest | None:
     """The finished manifest under `out` when it was made with `stamp` (under `key`), else None
     after recording `stamp` for the work in `out/.work`; other settings, finished or begun, are an
     `error` naming `what` was made there."""
