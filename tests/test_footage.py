@@ -488,6 +488,9 @@ def test_training_evaluation_and_prediction_on_quirky_footage(quirky, tmp_path, 
     refused = tmp_path / "refused"
     with pytest.raises(SubmissionError, match=r"cannot give 1 required frame.*not among the test videos"):
         predict([str(run)], quirky.shards, refused, template=template)
-    with pytest.raises(EnsembleError, match="no finished training run"):
+    with pytest.raises(EnsembleError, match="no-run: no such folder"):
         predict([str(tmp_path / "no-run")], quirky.shards, refused)
+    (tmp_path / "unfinished").mkdir()
+    with pytest.raises(EnsembleError, match="unfinished: no finished training run there"):
+        predict([str(tmp_path / "unfinished")], quirky.shards, refused)
     assert not refused.exists()
