@@ -20,6 +20,7 @@ from fer_dist.data.packing.synth import STYLES
 from fer_dist.data.shards.format import FOLD_SCHEMES, MISSING
 from fer_dist.data.shards.windows import NAMES
 from fer_dist.errors import InputError, one_line
+from fer_dist.tracks import TRACKS, parse_tracks
 
 Subparsers = argparse._SubParsersAction  # what `add_subparsers` returns
 
@@ -37,13 +38,15 @@ def add_synth(sub: Subparsers) -> None:
     s.add_argument("--length", type=int, default=1000, help="frames per video (the tests' set: 6 of 320)")
     s.add_argument("--test-videos", type=int, default=0, help="also test videos, with a test list and a template")
     s.add_argument("--style", default="faces", choices=STYLES, help="the crops' class cue (see synth.py)")
+    s.add_argument("--tracks", default="expr", help="the tracks annotated, some of expr,au,va (default: expr)")
     s.set_defaults(func=cmd_synth)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from fer_dist.data.packing.synth import check, synthesize
+    from fer_dist.data.packing.synth import TEST_LABEL_DIRS, TEST_TEMPLATES, check, synthesize, written
 
-    check(args.videos, args.length, args.style)  # before the progress bar
+    tracks = [t.name for t in parse_tracks(args.tracks)]
+    check(args.videos, args.length, args.style, tracks=tracks)  # before the progress bar
     with progress() as bar:
         task = bar.add_task("synthesizing videos", total=args.videos + args.test_videos, info="")
         total = synthesize(
@@ -55,10 +58,16 @@ def cmd_synth(args: argparse.Namespace) -> int:
             length=args.length,
             test_videos=args.test_videos,
             style=args.style,
+            tracks=tracks,
         )
-    console.print(f"{args.videos} videos, {total} labelled frames in {args.out}")
+    if tracks == ["expr"]:
+        console.print(f"{args.videos} videos, {total} labelled frames in {args.out}")
+    else:
+        for name, (videos, frames) in written(Path(args.out), tracks).items():
+            console.print(f"{TRACKS[name].title}: {videos} videos, {frames} labelled frames in {args.out}")
     if args.test_videos:
-        console.print(f"{args.test_videos} test videos: {args.out}/test_set.txt, test_template.csv, test_labels/")
+        files = ", ".join(f"{TEST_TEMPLATES[name]}, {TEST_LABEL_DIRS[name]}/" for name in tracks)
+        console.print(f"{args.test_videos} test videos: {args.out}/test_set.txt, {files}")
     return 0
 
 
@@ -68,6 +77,7 @@ def add_shard(sub: Subparsers) -> None:
     s.add_argument("--root", required=True, help="folder holding the annotations, crops and videos")
     s.add_argument("--out", required=True)
     s.add_argument("--annotations", help="the EXPR_* folder, if discovery should not look for it")
+    s.add_argument("--tracks", help="the tracks to pack, e.g. expr,au,va (default: every track found under --root)")
     s.add_argument("--crops", nargs="*", default=[], help="crop folders (default: cropped_aligned*)")
     s.add_argument("--video-dirs", nargs="*", default=[], help="video folders (default: batch1, batch2, new_vids)")
     s.add_argument("--test-list", help="file listing the test videos, one name per line")
@@ -108,6 +118,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
         crop_dirs=[Path(p) for p in args.crops] or None,
         video_dirs=[Path(p) for p in args.video_dirs] or None,
         test_list=optional_path(args.test_list),
+        tracks=parse_tracks(args.tracks) if args.tracks is not None else None,
     )
     with progress() as bar:
         task = bar.add_task("packing videos", total=len(videos), info="")
@@ -276,6 +287,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         survey.show(folder, found, diffs, agree)
         if manifest is not None:
+            survey.show_tracks(manifest)
             survey.show_quality(manifest)
     return 0 if agree else 1
 
@@ -399,6 +411,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_score(sub: Subparsers) -> None:
+    s = sub.add_parser("score", help="score a submission (either ABAW format) against annotation files")
+    s.add_argument("--track", default="expr", choices=list(TRACKS), help="expressions, action units or valence-arousal")
+    s.add_argument("--annotations", required=True, help="folder of the track's <video>.txt annotation files")
+    s.add_argument("--submission", required=True, help="an ABAW3 folder of <video>.txt, or the ABAW5/6 file")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_score)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from fer_dist.console import print_table
+    from fer_dist.results.score import score
+
+    t = TRACKS[args.track]
+    result = score(t, Path(args.annotations), Path(args.submission))
+    if args.json:
+        out.print_json(json.dumps(result))
+        return 0
+    rows = [{"part": name, "value": f"{v:.4f}"} for name, v in result["parts"].items()]
+    rows.append({"part": t.metric_title, "value": f"{result[t.metric]:.4f}"})
+    print_table(f"{t.title}: {result['frames']} frames of {result['videos']} videos", {"part": "", "value": ""}, rows)
+    if result["unscored_videos"]:
+        console.print(f"{len(result['unscored_videos'])} submitted video(s) have no annotation file: not scored")
+    return 0
+
+
 def add_bench(sub: Subparsers) -> None:
     s = sub.add_parser("bench", help="the performance figures quoted in the README")
     s.add_argument("what", choices=list(BENCHMARKS))
@@ -477,6 +515,7 @@ COMMANDS = (
     add_cv,
     add_ensemble,
     add_predict,
+    add_score,
     add_bench,
     add_demo,
 )

@@ -33,7 +33,7 @@ def test_out_of_range_label(tmp_path):
 def test_other_header_is_refused(tmp_path):
     f = tmp_path / "v.txt"
     f.write_text("valence,arousal\n0.1,0.2\n")
-    with pytest.raises(LayoutError, match="not an expression header"):
+    with pytest.raises(LayoutError, match="is not a header of expressions but of valence-arousal"):
         read_annotation(f)
 
 

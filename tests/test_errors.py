@@ -21,7 +21,9 @@ from fer_dist.data.stream.pipeline import StreamError
 from fer_dist.engine.rundir import RunError
 from fer_dist.errors import InputError, one_line
 from fer_dist.results.ensemble import EnsembleError
+from fer_dist.results.score import ScoreError
 from fer_dist.results.submission import SubmissionError
+from fer_dist.tracks import TrackError
 from helpers import REPO, tiny_run
 
 REFUSALS = (
@@ -35,6 +37,8 @@ REFUSALS = (
     RunError,
     EnsembleError,
     SubmissionError,
+    ScoreError,
+    TrackError,
 )
 
 
@@ -69,6 +73,8 @@ def test_one_line_is_the_message_or_a_loader_workers_last_line():
         (["shard", "--root", "{tmp}", "--out", "{tmp}/shards"], "{tmp}"),
         (["train", "--config", "mfm_cpu", "data.shards={tmp}", "train.run_dir={tmp}/run"], "manifest"),
         (["synth", "--out", "{tmp}/s", "--videos", "3"], "--videos must be at least 4"),
+        (["shard", "--root", "{tmp}", "--out", "{tmp}/shards", "--tracks", "expr,mood"], "unknown track 'mood'"),
+        (["score", "--track", "au", "--annotations", "{tmp}", "--submission", "{tmp}/sub.txt"], "no annotation files"),
     ],
 )
 def test_a_refused_input_is_one_line_and_status_2(argv, names, tmp_path, capsys):

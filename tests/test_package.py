@@ -18,6 +18,7 @@ from helpers import REPO
 STAGES = [
     "errors",
     "labels",
+    "tracks",
     "config",
     "console",
     "data",

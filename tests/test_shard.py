@@ -205,8 +205,9 @@ def test_shards_without_waveforms_stay_format_1_and_an_unknown_format_is_refused
     manifest = read_manifest(shards)
     assert manifest.format == 1 and manifest.members == ["image", "audio"] and not manifest.params.audio_wave
     raw = json.loads((shards / "manifest.json").read_text())
-    (tmp_path / "manifest.json").write_text(json.dumps({**raw, "format": 3}))
-    with pytest.raises(ManifestError, match=r"format 3, this fer-dist reads \(1, 2\)"):
+    assert "tracks" not in raw and manifest.tracks == ["expr"]  # format 1 holds the expression track alone
+    (tmp_path / "manifest.json").write_text(json.dumps({**raw, "format": 4}))
+    with pytest.raises(ManifestError, match=r"format 4, this fer-dist reads \(1, 2, 3\); repack"):
         read_manifest(tmp_path)
 
 

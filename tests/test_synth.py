@@ -68,9 +68,9 @@ def test_deterministic(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
         synthesize(d, 4, seed=3, workers=1, length=LENGTH)
-    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.suffix in (".txt", ".jpg"))
-    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.suffix in (".txt", ".jpg"))
-    assert files_a == files_b
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert files_a == files_b and {f.suffix for f in files_a} == {".txt", ".jpg", ".mp4", ".avi"}
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a)
     c = tmp_path / "c"
     synthesize(c, 4, seed=4, workers=1, length=LENGTH)

@@ -58,7 +58,7 @@ def evaluate(
     if group not in manifest.groups:
         raise ConfigError(f"{data.shards} has no group {group!r} (it has {', '.join(manifest.groups)})")
     net.eval()
-    expected, world, rank = manifest.groups[group].samples, accelerator.num_processes, accelerator.process_index
+    expected, world, rank = manifest.frames_of(group, ("expr",)), accelerator.num_processes, accelerator.process_index
     progress = bar.add_task(f"evaluate {group}", total=math.ceil(expected / data.eval_batch_size / world), info="")
     keys, labels, logits, tally = [], [], {}, Tally()
     for batch in pipeline.eval_loader(data, manifest, group, rank=rank, world=world, inputs=net.inputs):

@@ -1,4 +1,7 @@
-"""The ABAW expression score: the unweighted mean of the per-class F1 over the 8 classes."""
+"""The tracks' challenge metrics (REFERENCE §1b): expressions, macro-F1 over the 8 classes; action
+units, the mean over the 12 AUs of each AU's binary F1; valence-arousal, P_VA, the mean of the two
+dimensions' concordance correlation coefficients (CCC). Each is computed over every scored frame at
+once (never averaged per video or per batch), in float64."""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from fer_dist.labels import NUM_CLASSES
+from fer_dist.labels import CLASSES, NUM_CLASSES
+from fer_dist.tracks import ACTION_UNITS, DIMENSIONS, Track
 
 
 def confusion(labels: np.ndarray, preds: np.ndarray, n: int = NUM_CLASSES) -> np.ndarray:
@@ -33,6 +37,62 @@ def chance_macro_f1(class_counts) -> float:
     p = np.asarray(class_counts, float) / np.sum(class_counts)
     n = len(p)
     return float(np.mean(2 * p / n / (p + 1 / n)))
+
+
+def binary_f1(labels: np.ndarray, preds: np.ndarray) -> np.ndarray:
+    """Each column's binary F1 of [N, K] 0/1 `labels` against [N, K] 0/1 `preds` (the positives' F1,
+    ABAW3-6's AU score); 0 for a column with neither true nor predicted positives."""
+    labels, preds = np.asarray(labels, bool), np.asarray(preds, bool)
+    tp = (labels & preds).sum(0).astype(float)
+    denom = labels.sum(0) + preds.sum(0)
+    return np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+
+
+def au_thresholds(labels: np.ndarray, probs: np.ndarray, grid: np.ndarray | None = None) -> np.ndarray:
+    """Per AU, the threshold on [N, 12] probabilities `probs` that gives the best F1 on [N, 12] 0/1
+    `labels` (out-of-fold predictions): a sweep of 0.05..0.95 in steps of 0.05 (teams sweep 0.1-0.9,
+    REFERENCE §1b); of equal F1, the threshold nearest 0.5. Returns [12] thresholds."""
+    grid = np.round(np.arange(0.05, 0.951, 0.05), 2) if grid is None else np.asarray(grid, float)
+    scores = np.stack([binary_f1(labels, probs >= t) for t in grid])  # [thresholds, AUs]
+    order = np.argsort(np.abs(grid - 0.5), kind="stable")  # nearest 0.5 first wins a tie
+    return grid[order][scores[order].argmax(0)]
+
+
+def always_positive_f1(labels: np.ndarray) -> np.ndarray:
+    """Each AU's F1 when every frame is called positive: 2p / (1 + p), p the AU's positive share."""
+    p = np.asarray(labels, float).mean(0)
+    return 2 * p / (1 + p)
+
+
+def ccc(x: np.ndarray, y: np.ndarray) -> float:
+    """Lin's concordance correlation coefficient of predictions `x` and labels `y` ([N]), with
+    population moments: 2 cov(x, y) / (var x + var y + (mean x - mean y)^2) (REFERENCE §1b); 0 where
+    that is 0 / 0 (both constant and equal)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    mx, my = x.mean(), y.mean()
+    cov = ((x - mx) * (y - my)).mean()
+    denom = x.var() + y.var() + (mx - my) ** 2
+    return float(2 * cov / denom) if denom > 0 else 0.0
+
+
+def track_scores(track: Track, labels: np.ndarray, preds: np.ndarray) -> dict:
+    """A track's metric and its parts over every frame at once: `labels` and `preds` in the track's
+    label convention (`fer_dist/tracks.py`: [N] classes, [N, 12] 0/1, [N, 2] values), the frames not
+    annotated left out here. Returns {track.metric: value, "parts": {name: value}, "frames": N}."""
+    keep = track.annotated(labels)
+    labels, preds = labels[keep], preds[keep]
+    if track.name == "expr":
+        parts = f1_per_class(confusion(labels.astype(np.int64), preds.astype(np.int64)))
+        names = CLASSES
+    elif track.name == "au":
+        parts, names = binary_f1(labels, preds), ACTION_UNITS
+    else:
+        parts, names = np.array([ccc(preds[:, d], labels[:, d]) for d in range(len(DIMENSIONS))]), DIMENSIONS
+    return {
+        track.metric: float(parts.mean()),
+        "parts": dict(zip(names, parts.round(6).tolist(), strict=True)),
+        "frames": int(keep.sum()),
+    }
 
 
 def confusion_png(cm: np.ndarray, classes: list[str], path: Path, title: str) -> None:

@@ -88,7 +88,7 @@ def test_videos(reports: list[dict], root: Path) -> list[Video]:
     """Every found face as a test video of the layout under `root`: packing gives it one sample
     per frame of its video, as it does the test videos of `fer-dist shard --test-list`."""
     return [
-        Video(name, "test", None, root / crop_lib.CROPS / name, root / crop_lib.VIDEOS / Path(r["source"]).name)
+        Video(name, "test", {}, root / crop_lib.CROPS / name, root / crop_lib.VIDEOS / Path(r["source"]).name)
         for r in reports
         for name in r["names"]
     ]

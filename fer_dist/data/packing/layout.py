@@ -1,22 +1,22 @@
-"""The Aff-Wild2 expression data as it lies on disk: annotation files, face crops, videos.
+"""The Aff-Wild2 data as it lies on disk: annotation files of each track, face crops, videos.
 
 Everything downstream sees only `Video` records and label arrays, so every edition's layout
-(ABAW1/2 `EXPR_Set`, ABAW3/5 `EXPR_Classification_Challenge`, ABAW6 `EXPR_Recognition_Challenge`)
-is resolved here, once.
+(ABAW1/2 `EXPR_Set`, `AU_Set`, `VA_Set`; ABAW3/5 `EXPR_Classification_Challenge`; ABAW6
+`EXPR_Recognition_Challenge`; `AU_Detection_Challenge`, `VA_Estimation_Challenge`; nested release
+folders) is resolved here, once (the folder names: `fer_dist/tracks.py`).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from fer_dist.errors import InputError
-from fer_dist.labels import CLASSES, UNLABELLED
+from fer_dist.tracks import TRACKS, Track, TrackError
 
-CHALLENGE_DIRS = ("EXPR_Recognition_Challenge", "EXPR_Classification_Challenge", "EXPR_Set")
 SPLIT_DIRS = {"Train_Set": "train", "Training_Set": "train", "Validation_Set": "val"}
 CROP_DIRS = ("cropped_aligned", "cropped_aligned_new_50_vids")
 VIDEO_DIRS = ("batch1", "batch2", "new_vids")
@@ -31,10 +31,16 @@ class LayoutError(InputError):
 @dataclass(frozen=True)
 class Video:
     name: str  # annotation name, e.g. "10-60-1280x720_left"; shard keys start with it
-    split: str  # "train", "val" or "test"
-    annotation: Path | None  # None for test videos
+    split: str  # "train", "val" or "test": its split in the first track that carries it
+    annotations: dict[str, Path]  # track name -> its annotation file; empty for a test video
     crops: Path | None  # folder of NNNNN.jpg, None when the video has no crop folder
     media: Path | None  # the video file the audio comes from
+    splits: dict[str, str] = field(default_factory=dict)  # track name -> the video's official split in it
+
+    @property
+    def annotation(self) -> Path | None:
+        """The expression annotation file, None when the video has none."""
+        return self.annotations.get("expr")
 
     @property
     def parent(self) -> str:
@@ -46,37 +52,47 @@ def parent_name(name: str) -> str:
     return FACE_SUFFIX.sub("", name)
 
 
-def read_annotation(path: Path) -> np.ndarray:
-    """Labels of frames 1..n as int8 (index i holds frame i+1), -1 where not annotated.
-
-    The header names the classes, so 7-class (ABAW1/2) files map onto the 8 classes by name.
-    """
+def read_annotation(path: Path, track: Track = TRACKS["expr"]) -> np.ndarray:
+    """A track's labels of frames 1..n (index i holds frame i + 1): expressions [n] int8, action
+    units [n, 12] int8, valence-arousal [n, 2] float64, each row `track.missing` where the file
+    says "not annotated" (`fer_dist/tracks.py`). The header names the columns, so they are read by
+    name (7-class ABAW1/2 expression files map onto the 8 classes). Raises LayoutError naming the
+    file and line of an empty file, a header of another track and a malformed row."""
     lines = path.read_text(encoding="utf-8-sig").splitlines()
     if not lines:
         raise LayoutError(f"{path}: empty annotation file")
-    names = [n.strip() for n in lines[0].split(",")]
-    unknown = [n for n in names if n not in CLASSES]
-    if unknown or len(set(names)) != len(names):
-        raise LayoutError(
-            f"{path}:1: header {lines[0].strip()!r} is not an expression header; expected the classes "
-            f"{','.join(CLASSES)} (or the 7-class subset without Other)"
-        )
-    mapping = np.array([CLASSES.index(n) for n in names], dtype=np.int8)
+    try:
+        order = track.header_order([n.strip() for n in lines[0].split(",")])
+    except TrackError as exc:
+        raise LayoutError(f"{path}:1: {exc}") from None
     while len(lines) > 1 and not lines[-1].strip():  # blank lines an editor left at the end carry no frame
         lines.pop()
-    labels = np.empty(len(lines) - 1, dtype=np.int8)
+    labels = track.empty(len(lines) - 1)
     for i, line in enumerate(lines[1:]):
         text = line.strip()
         try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or not UNLABELLED <= value < len(names):
-            raise LayoutError(
-                f"{path}:{i + 2}: malformed label {text!r}; expected -1 or an integer 0..{len(names) - 1}"
-            )
-        labels[i] = UNLABELLED if value == UNLABELLED else mapping[value]
+            label = track.parse([text] if track.width == 1 else [f.strip() for f in text.split(",")], order)
+        except TrackError as exc:
+            raise LayoutError(f"{path}:{i + 2}: {exc}") from None
+        if label is not None:
+            labels[i] = label
     return labels
+
+
+def track_folders(root: Path, tracks: list[Track]) -> dict[str, Path]:
+    """Each of `tracks`' annotation folder under `root` (any edition's name, up to 3 levels down,
+    so nested releases are found), by track name; a track without one is left out. Raises
+    LayoutError when a track has several (two editions unpacked side by side)."""
+    found = {}
+    for t in tracks:
+        folders = _find_dirs(Path(root), t.folders)
+        if len(folders) > 1:
+            listed = ", ".join(str(c) for c in folders)
+            hint = "pass --annotations to choose one" if t.name == "expr" else "keep one edition's"
+            raise LayoutError(f"{root}: several {t.title} annotation folders ({listed}); {hint}")
+        if folders:
+            found[t.name] = folders[0]
+    return found
 
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
@@ -114,19 +130,6 @@ def _find_dirs(root: Path, names: tuple[str, ...], depth: int = 3) -> list[Path]
     return found
 
 
-def _annotation_dirs(root: Path) -> dict[str, Path]:
-    challenges = _find_dirs(root, CHALLENGE_DIRS)
-    if not challenges:
-        raise LayoutError(
-            f"{root}: no annotation folder found; looked for {', '.join(CHALLENGE_DIRS)} up to 3 levels down "
-            "(pass --annotations to name it)"
-        )
-    if len(challenges) > 1:
-        listed = ", ".join(str(c) for c in challenges)
-        raise LayoutError(f"{root}: several annotation folders ({listed}); pass --annotations to choose one")
-    return annotation_splits(challenges[0])
-
-
 def annotation_splits(challenge: Path) -> dict[str, Path]:
     splits = {SPLIT_DIRS[d.name]: d for d in sorted(challenge.iterdir()) if d.name in SPLIT_DIRS}
     if not splits:
@@ -156,6 +159,26 @@ def _index_crops(dirs: list[Path]) -> dict[str, Path]:
     return crops
 
 
+def _track_splits(root: Path, annotations: Path | None, tracks: list[Track] | None) -> dict[str, dict[str, Path]]:
+    """Each track's split folders, {track: {split: folder}}: the tracks asked for (each must be
+    there), or every track found when none is asked; `annotations` names the expression folder."""
+    asked = tracks if tracks is not None else list(TRACKS.values())
+    if annotations is not None and all(t.name != "expr" for t in asked):
+        raise LayoutError("--annotations names the expression folder, but --tracks leaves expressions out")
+    discovered = [t for t in asked if not (t.name == "expr" and annotations is not None)]
+    found = {name: annotation_splits(folder) for name, folder in track_folders(root, discovered).items()}
+    if annotations is not None:
+        found["expr"] = annotation_splits(annotations)
+    missing = [t for t in asked if t.name not in found] if tracks is not None else []
+    if missing or not found:
+        names = [f for t in (missing or asked) for f in t.folders]
+        raise LayoutError(
+            f"{root}: no annotation folder found; looked for {', '.join(names)} up to 3 levels down "
+            "(pass --annotations to name the expression folder)"
+        )
+    return {t.name: found[t.name] for t in asked if t.name in found}
+
+
 def discover(
     root: Path,
     *,
@@ -163,13 +186,18 @@ def discover(
     crop_dirs: list[Path] | None = None,
     video_dirs: list[Path] | None = None,
     test_list: Path | None = None,
+    tracks: list[Track] | None = None,
 ) -> list[Video]:
-    """Every video with its annotation, crop folder and media file, found under `root` by the
-    real folder names; explicit paths override discovery."""
+    """Every video with its annotation files (one per track it carries), crop folder and media
+    file, found under `root` by the real folder names; explicit paths override discovery. `tracks`:
+    those to read (each must have its folder); None: every track found. A video's `split` is its
+    split in the first track that carries it (expr, au, va), `splits` its split in each. Raises
+    LayoutError for a missing folder, a name with a dot, and a video in two splits of one track
+    or both annotated and a test video."""
     root = Path(root)
     if not root.is_dir():
         raise LayoutError(f"{root}: not a directory")
-    splits = annotation_splits(annotations) if annotations else _annotation_dirs(root)
+    by_track = _track_splits(root, annotations, tracks)
     crop_dirs = crop_dirs or [d for d in _find_dirs(root, CROP_DIRS, depth=1)]
     video_dirs = video_dirs or [d for d in _find_dirs(root, VIDEO_DIRS, depth=1)]
     if not crop_dirs:
@@ -177,19 +205,29 @@ def discover(
     crops = _index_crops(crop_dirs)
     media = _index_media(video_dirs)
 
-    named: list[tuple[str, str, Path | None]] = []
-    for split, folder in sorted(splits.items()):
-        named += [(p.stem, split, p) for p in sorted(folder.glob("*.txt"))]
+    files: dict[str, dict[str, Path]] = {}
+    splits: dict[str, dict[str, str]] = {}
+    for track, folders in by_track.items():
+        for split, folder in sorted(folders.items()):
+            for p in sorted(folder.glob("*.txt")):
+                if "." in p.stem:
+                    raise LayoutError(f"{p}: video name {p.stem!r} contains a dot; shard keys cannot")
+                if track in splits.get(p.stem, {}):
+                    raise LayoutError(f"video {p.stem} is listed in both {splits[p.stem][track]} and {split}")
+                files.setdefault(p.stem, {})[track] = p
+                splits.setdefault(p.stem, {})[track] = split
+    named = sorted((next(iter(splits[n].values())), n) for n in files)
     if test_list is not None:
         names = [n.strip() for n in Path(test_list).read_text().splitlines() if n.strip()]
-        named += [(n, "test", None) for n in names]
+        named += [("test", n) for n in names]
 
     videos, seen = [], {}
-    for name, split, path in named:
+    for split, name in named:
         if "." in name:
-            raise LayoutError(f"{path or test_list}: video name {name!r} contains a dot; shard keys cannot")
+            raise LayoutError(f"{test_list}: video name {name!r} contains a dot; shard keys cannot")
         if name in seen:
             raise LayoutError(f"video {name} is listed in both {seen[name]} and {split}")
         seen[name] = split
-        videos.append(Video(name, split, path, crops.get(name), media.get(parent_name(name))))
+        parts = (files.get(name, {}), crops.get(name), media.get(parent_name(name)), splits.get(name, {}))
+        videos.append(Video(name, split, *parts))
     return videos

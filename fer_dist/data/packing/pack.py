@@ -44,22 +44,25 @@ from fer_dist.data.shards.format import (
     SampleMeta,
     Shard,
     Totals,
+    TrackCounts,
     VideoRecord,
     atomic_write,
     claim,
     fold_group,
     group_fold,
+    label_counts,
     npy_bytes,
     npy_header,
     sample_key,
     shard_name,
     whole_jpeg,
 )
-from fer_dist.data.shards.survey import show_quality
+from fer_dist.data.shards.survey import show_quality, show_tracks
 from fer_dist.data.shards.tars import TAR_END, tar_record
 from fer_dist.data.shards.windows import NAMES, SILENCE, WAVE_RATE, WAVE_WIDTH, WIDEST, purity_flags
 from fer_dist.errors import InputError
 from fer_dist.labels import CLASSES, NUM_CLASSES, UNLABELLED
+from fer_dist.tracks import TRACKS
 
 
 def assign_folds(videos: list[Video], scheme: str, n_folds: int, seed: int) -> dict[str, str]:
@@ -205,15 +208,43 @@ def test_frames(media: audio.Media, crops: Crops) -> tuple[int, str]:
     return max(crops.files, default=0), "crops"
 
 
-def frame_labels(video: Video, media: audio.Media, crops: Crops) -> tuple[np.ndarray, str]:
-    """Frames 1..n's labels ([n] int8, index i holds frame i + 1, `UNLABELLED` where none) and what
-    sets n: `annotation` (the annotation file's lines), else for a test video, whose every frame
-    needs a prediction, `test_frames`'s count and source. Raises LayoutError (`read_annotation`)
-    for an annotation file that cannot be read as one."""
-    if video.annotation is not None:
-        return read_annotation(video.annotation), "annotation"
-    count, frames_from = test_frames(media, crops)
-    return np.full(count, UNLABELLED, np.int8), frames_from
+@dataclass(frozen=True)
+class FrameLabels:
+    """A video's labels of frames 1..n (index i holds frame i + 1), one array per track it carries,
+    each in its track's convention (`fer_dist/tracks.py`), and what set n."""
+
+    tracks: dict[str, np.ndarray]  # track name -> [n] or [n, width] labels, `missing` where none
+    n: int  # frames: the longest annotation file's, or a test video's count (`test_frames`)
+    frames_from: str  # annotation | video | header | crops
+
+    @property
+    def expression(self) -> np.ndarray:
+        """[n] int8 expression labels, `UNLABELLED` where none (everywhere when the video has none):
+        what the audio windows' purity and the class counts are taken from."""
+        return self.tracks["expr"] if "expr" in self.tracks else np.full(self.n, UNLABELLED, np.int8)
+
+    def annotated(self) -> np.ndarray:
+        """[n] bool: the frames labelled for at least one track."""
+        hit = np.zeros(self.n, bool)
+        for name, labels in self.tracks.items():
+            hit |= TRACKS[name].annotated(labels)
+        return hit
+
+
+def frame_labels(video: Video, media: audio.Media, crops: Crops) -> FrameLabels:
+    """The labels of every track `video` carries, over the frames of its longest annotation file
+    (a shorter file's missing lines read as "not annotated"); for a test video, whose every frame
+    needs a prediction, none, over `test_frames`'s count. Raises LayoutError (`read_annotation`) for
+    an annotation file that cannot be read as one."""
+    if not video.annotations:
+        return FrameLabels({}, *test_frames(media, crops))
+    read = {name: read_annotation(path, TRACKS[name]) for name, path in video.annotations.items()}
+    n = max(len(labels) for labels in read.values())
+    padded = {}
+    for name, labels in read.items():
+        padded[name] = TRACKS[name].empty(n)
+        padded[name][: len(labels)] = labels
+    return FrameLabels(padded, n, "annotation")
 
 
 @dataclass(frozen=True)
@@ -226,14 +257,14 @@ class Selection:
     dropped: dict[str, int]  # why frames were dropped -> how many (a reason checked and met by none: 0)
 
 
-def select_frames(labels: np.ndarray, split: str, crops: Crops, missing: str) -> Selection:
-    """The frames to pack: the labelled ones ([n] `labels`, 1-based frames), or every frame of a
-    test video. A frame without a readable crop of its own takes the nearest readable crop
+def select_frames(labelled: np.ndarray, split: str, crops: Crops, missing: str) -> Selection:
+    """The frames to pack: the labelled ones ([n] bool `labelled`, 1-based frames: labelled for any
+    track), or every frame of a test video. A frame without a readable crop of its own takes the nearest readable crop
     (`Crops.nearest`); with `missing` "skip" it is dropped instead, except in a test video, whose
     every frame needs a prediction; in a video without any readable crop every frame is dropped.
     Reads the crops it needs (`Crops.read_own`), so that `crops` counts them afterwards."""
-    n = len(labels)
-    frames = np.flatnonzero(labels != UNLABELLED) + 1 if split != "test" else np.arange(1, n + 1)
+    n = len(labelled)
+    frames = np.flatnonzero(labelled) + 1 if split != "test" else np.arange(1, n + 1)
     crops.read_own(frames)
     own = np.array(sorted(crops.readable), dtype=np.int64)
     dropped: dict[str, int] = {}
@@ -304,20 +335,23 @@ def spool_samples(
     video: Video,
     group: str,
     fps: Fraction,
-    labels: np.ndarray,
+    labels: FrameLabels,
     chosen: Selection,
     crops: Crops,
     sound: FrameAudio,
 ) -> Iterator[tuple[int, dict[str, bytes]]]:
     """Each packed frame (1-based, in frame order) with its sample's members: the crop's JPEG bytes
-    as they are, the widest log-mel window (float16 .npy), the label, the metadata (`SampleMeta`)
-    and, when `sound.pcm` is packed, the widest waveform window (int16 .npy; silence for a frame
-    past the video's end)."""
+    as they are, the widest log-mel window (float16 .npy), the expression label, the metadata
+    (`SampleMeta`, with the frame's action units and valence-arousal when it has them) and, when
+    `sound.pcm` is packed, the widest waveform window (int16 .npy; silence for a frame past the
+    video's end)."""
+    expression = labels.expression
+    au, va = (labels.tracks.get(t) for t in ("au", "va"))
     header = npy_header((sound.columns.shape[0], 2 * WIDEST), np.float16)
     wave_header = npy_header((WAVE_WIDTH,), np.int16)
     silent_wave = np.zeros(WAVE_WIDTH, np.int16)
     for f, src in zip(chosen.frames.tolist(), chosen.source.tolist(), strict=True):
-        label = int(labels[f - 1])
+        label = int(expression[f - 1])
         meta = SampleMeta(
             video=video.name,
             frame=f,
@@ -329,6 +363,8 @@ def spool_samples(
             audio=sound.audio,
             pad=sound.pads[f - 1].tolist(),
             filled_from=None if src == f else src,
+            au=au[f - 1].tolist() if au is not None and TRACKS["au"].annotated(au[f - 1 : f])[0] else None,
+            va=va[f - 1].tolist() if va is not None and TRACKS["va"].annotated(va[f - 1 : f])[0] else None,
         )
         members = {
             MEMBERS["image"]: crops.readable[src],
@@ -369,25 +405,41 @@ def window_patterns(labels: np.ndarray, flags: np.ndarray) -> list[list[int]]:
     return out.tolist()
 
 
+def track_counts(name: str, labels: np.ndarray, frames: np.ndarray) -> TrackCounts:
+    """Track `name`'s counts in a video (`format.TrackCounts`): its [n] or [n, width] `labels`, the
+    packed `frames` (1-based)."""
+    t = TRACKS[name]
+    packed = labels[frames - 1][t.annotated(labels[frames - 1])]
+    return TrackCounts(int(t.annotated(labels).sum()), len(packed), label_counts(name, packed))
+
+
+def carried(labels: FrameLabels, frames: np.ndarray) -> dict[str, int]:
+    """The packed `frames` (1-based) counted by the tracks each carries, keyed "expr,au" (registry
+    order); frames carrying none (a test video's) are not counted."""
+    hits = {name: TRACKS[name].annotated(values)[frames - 1] for name, values in labels.tracks.items()}
+    keys = [",".join(name for name, hit in hits.items() if hit[i]) for i in range(len(frames))]
+    return dict(sorted(collections.Counter(k for k in keys if k).items()))
+
+
 def video_record(
     video: Video,
     group: str,
     media: audio.Media,
-    labels: np.ndarray,
-    frames_from: str,
+    labels: FrameLabels,
     chosen: Selection,
     crops: Crops,
     sound: FrameAudio,
     sample_rate: int,
 ) -> VideoRecord:
-    """The manifest's record of a packed video: its labelled frames ([n] `labels`) and those with
-    their own crop, per class; what was packed (`chosen`), filled and dropped; its sound; and what
-    is odd about it (`quality_of`, the sound at `sample_rate` Hz)."""
-    n = len(labels)
+    """The manifest's record of a packed video: its labelled frames and those with their own crop,
+    per expression class; per track it carries, its split and counts (`track_counts`); what was
+    packed (`chosen`), filled and dropped; its sound; and what is odd about it (`quality_of`, the
+    sound at `sample_rate` Hz)."""
+    n, expression = labels.n, labels.expression
     frames = chosen.frames
-    packed = labels[frames - 1]
-    all_labelled = labels[labels != UNLABELLED]
-    with_crop = np.isin(np.arange(1, n + 1), chosen.own) & (labels != UNLABELLED)  # own readable crop
+    packed = expression[frames - 1]
+    all_labelled = expression[expression != UNLABELLED]
+    with_crop = np.isin(np.arange(1, n + 1), chosen.own) & (expression != UNLABELLED)  # own readable crop
     return VideoRecord(
         split=video.split,
         fold=group,
@@ -399,7 +451,7 @@ def video_record(
         audio_error=media.error,
         labelled=int(len(all_labelled)),
         with_crop=int(with_crop.sum()),
-        with_crop_class_counts=np.bincount(labels[with_crop], minlength=NUM_CLASSES).tolist(),
+        with_crop_class_counts=np.bincount(expression[with_crop], minlength=NUM_CLASSES).tolist(),
         samples=int(len(frames)),
         filled=int((chosen.source != frames).sum()),
         corrupt_crops=len(crops.corrupt),
@@ -408,7 +460,10 @@ def video_record(
         labelled_class_counts=np.bincount(all_labelled, minlength=NUM_CLASSES).tolist(),
         window_counts=sound.windows[frames - 1].sum(0).tolist(),
         window_patterns=window_patterns(packed, sound.windows[frames - 1]),
-        quality=quality_of(media, sound.times, n, crops, sample_rate, frames_from),
+        quality=quality_of(media, sound.times, n, crops, sample_rate, labels.frames_from),
+        tracks={name: track_counts(name, values, frames) for name, values in labels.tracks.items()},
+        splits=dict(video.splits),
+        carried=carried(labels, frames),
     )
 
 
@@ -437,12 +492,12 @@ def pack_video(job: tuple[Video, str, PackParams, Path]) -> tuple[str, VideoReco
         return video.name, *read_packed(done)
     crops = Crops(video.crops)
     media = audio.read_media(video.media, params.mel.sample_rate, also=(WAVE_RATE,) if params.audio_wave else ())
-    labels, frames_from = frame_labels(video, media, crops)
-    chosen = select_frames(labels, video.split, crops, params.missing)
-    sound = frame_audio(media, labels, params)
+    labels = frame_labels(video, media, crops)
+    chosen = select_frames(labels.annotated(), video.split, crops, params.missing)
+    sound = frame_audio(media, labels.expression, params)
     fps = media.fps or audio.ASSUMED_FPS
     write_spool(work, video.name, spool_samples(video, group, fps, labels, chosen, crops, sound))
-    record = video_record(video, group, media, labels, frames_from, chosen, crops, sound, params.mel.sample_rate)
+    record = video_record(video, group, media, labels, chosen, crops, sound, params.mel.sample_rate)
     write_packed(done, record, sound.sums)
     return video.name, record, sound.sums
 
@@ -558,6 +613,17 @@ def mel_stats(sums: list[MelSums]) -> MelStats:
     return MelStats(mean, float(np.sqrt(max(var, 1e-12)))) if count else MelStats(SILENCE, 1.0)
 
 
+def summed_tracks(records: list[VideoRecord]) -> dict[str, TrackCounts]:
+    """The videos' per-track counts added up, by track (in registry order)."""
+    out = {}
+    for name in TRACKS:
+        parts = [r.tracks[name] for r in records if name in r.tracks]
+        if parts:
+            counts = np.sum([p.counts for p in parts], axis=0).astype(int).tolist()
+            out[name] = TrackCounts(sum(p.labelled for p in parts), sum(p.samples for p in parts), counts)
+    return out
+
+
 def manifest_of(
     records: dict[str, VideoRecord],
     sums: dict[str, MelSums],
@@ -579,6 +645,8 @@ def manifest_of(
             class_counts=np.sum([r.class_counts for r in members], axis=0).astype(int).tolist(),
             window_patterns=np.sum([r.window_patterns for r in members], axis=0).astype(int).tolist(),
             videos=len(members),
+            tracks=summed_tracks(members),
+            carried=dict(sorted(sum((collections.Counter(r.carried) for r in members), collections.Counter()).items())),
         )
 
     def total(key: str) -> int | list[int]:
@@ -600,9 +668,11 @@ def manifest_of(
         class_counts=total("class_counts"),
         labelled_class_counts=total("labelled_class_counts"),
         with_crop_class_counts=total("with_crop_class_counts"),
+        tracks=summed_tracks(list(records.values())),
     )
+    tracks = [name for name in TRACKS if name in totals.tracks] or ["expr"]
     manifest = Manifest(
-        format=FORMAT_VERSION if params.audio_wave else 1,
+        format=FORMAT_VERSION if tracks != ["expr"] else 2 if params.audio_wave else 1,
         classes=list(CLASSES),
         params=params,
         mel_stats=mel_stats([sums[name] for name in sorted(sums)]),
@@ -612,6 +682,7 @@ def manifest_of(
         videos=records,
         stamp=stamp,
         members=list(params.inputs()),
+        tracks=tracks,
     )
     empty = manifest.empty(sorted(groups))
     if empty:
@@ -637,8 +708,9 @@ def fingerprint(videos: list[Video]) -> str:
     digest = hashlib.sha256()
     for v in sorted(videos, key=lambda v: v.name):
         digest.update(f"{v.name}\n".encode())
-        if v.annotation is not None:
-            digest.update(hashlib.sha256(v.annotation.read_bytes()).digest())
+        for name, path in v.annotations.items():  # an expression file's digest alone, as in earlier packings
+            tag = b"" if name == "expr" else f"{name}\n".encode()
+            digest.update(tag + hashlib.sha256(path.read_bytes()).digest())
         if v.crops is not None:
             with os.scandir(v.crops) as entries:
                 digest.update("".join(sorted(f"{e.name}:{e.stat().st_size}\n" for e in entries)).encode())
@@ -705,6 +777,8 @@ def show(manifest: Manifest) -> None:
     )
     groups = ", ".join(f"{g} {v.samples} ({len(v.shards)} shards)" for g, v in manifest.groups.items())
     out.print(f"groups: {groups}")
+    if manifest.tracks != ["expr"]:
+        show_tracks(manifest)
     show_quality(manifest)
     for line in manifest.problems:
         console.print(f"[yellow]warning:[/] {line}")

@@ -5,12 +5,15 @@ Every reader and writer of shards goes through this module. A shard folder holds
 `manifest.json`, which `Manifest` reads and writes:
 
     format, classes         the format version and the class order of every count list
+    tracks                  the tracks whose labels the samples carry (`fer_dist/tracks.py`; format 3)
     params                  the packing parameters (`PackParams`)
     mel_stats               mean and std of the log-mel values, for standardisation
     totals, problems        what was packed, dropped, filled or degraded, over all videos
     groups                  per fold group: its shards with their sample counts, class counts and
-                            window-pattern counts (the stream's resampling weights come from them)
-    videos                  per video: split, fold, frame rate, audio, per-class and per-window counts
+                            window-pattern counts (the stream's resampling weights come from them),
+                            and per track its labelled and packed frames and their counts
+    videos                  per video: split, fold, frame rate, audio, per-class and per-window counts,
+                            and per track its official split and counts (`TrackCounts`)
     stamp                   what the packing was made from (a rerun with other inputs is refused)
     members                 the model inputs the samples hold: image and audio, and wave when packed
                             with --audio-wave (format 2); for feature shards, what extract wrote
@@ -30,9 +33,13 @@ from pathlib import Path
 import numpy as np
 
 from fer_dist.errors import InputError
+from fer_dist.tracks import TRACKS
 
-FORMAT_VERSION = 2  # 2: samples may hold the raw waveform (`wave`); shards without it are written as 1
-READS = (1, 2)
+# 2: samples may hold the raw waveform (`wave`); 3: samples may carry action units and valence-arousal
+# (`SampleMeta.au`, `.va`) and the manifest counts per track. Shards of the expression track alone
+# without `wave` are written as 1, with it as 2, so that their bytes stay those of earlier packings.
+FORMAT_VERSION = 3
+READS = (1, 2, 3)
 FOLD_SCHEMES = ("video5", "train4+val", "official")  # how videos are dealt into fold groups (`pack.assign_folds`)
 MISSING = ("fill", "skip")  # a labelled frame without a crop: filled from the nearest crop, or dropped
 AUDIO_GAP_S = 0.5  # sound starting this much after the first frame, or ending before the last, is a quirk
@@ -96,7 +103,7 @@ class SampleMeta:
 
     video: str
     frame: int  # 1-based, as in cropped_aligned
-    label: int  # 0-7, -1 for a test frame
+    label: int  # the expression, 0-7; -1 for a test frame and a frame labelled for other tracks only
     split: str  # train | val | test
     fold: str  # the group the video is packed into
     fps: float  # the container's average frame rate
@@ -104,9 +111,18 @@ class SampleMeta:
     audio: bool  # False for a video packed silent (no audio stream, no sound, unreadable)
     pad: list[int]  # the widest window's silent columns: [before, after], at most 64 together
     filled_from: int | None  # the frame whose crop a frame without its own crop took, else None
+    au: list[int] | None = None  # the 12 action units, 0/1 (`tracks.ACTION_UNITS`); None: not labelled
+    va: list[float] | None = None  # valence and arousal in [-1, 1]; None: not labelled
 
     def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        """The JSON bytes; a track the frame is not labelled for is left out (so an expression
+        sample's bytes are those of formats 1 and 2)."""
+        fields = {k: v for k, v in asdict(self).items() if v is not None or k not in ("au", "va")}
+        return json.dumps(fields, sort_keys=True).encode()
+
+    def carries(self, track: str) -> bool:
+        """Whether the frame holds a label of `track` (expr, au, va)."""
+        return self.label >= 0 if track == "expr" else getattr(self, track) is not None
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SampleMeta:
@@ -163,6 +179,32 @@ class PackParams:
             )
 
 
+VA_BINS = 10  # valence-arousal counts: cells of 0.2 per dimension over [-1, 1] (`TrackCounts`)
+
+
+@dataclass
+class TrackCounts:
+    """One track's frames in a video, a fold group or all the shards. `counts` per track: expr, the
+    packed frames per class [8]; au, the packed frames where each AU is on [12]; va, the packed frames
+    per cell of a 10 x 10 grid over (valence, arousal) in [-1, 1]^2, row-major by valence [100]."""
+
+    labelled: int  # frames annotated for the track
+    samples: int  # of them, packed
+    counts: list[int]
+
+
+def label_counts(track: str, labels: np.ndarray) -> list[int]:
+    """`TrackCounts.counts` of labelled frames' [k] or [k, width] `labels` of `track`."""
+    t = TRACKS[track]
+    labels = np.asarray(labels).reshape(-1, t.width) if t.width > 1 else np.asarray(labels, np.int64)
+    if track == "expr":
+        return np.bincount(labels, minlength=t.outputs).tolist()
+    if track == "au":
+        return labels.sum(0, dtype=np.int64).tolist()
+    cells = np.clip(np.floor((labels + 1) / (2 / VA_BINS)).astype(np.int64), 0, VA_BINS - 1)
+    return np.bincount(cells[:, 0] * VA_BINS + cells[:, 1], minlength=VA_BINS * VA_BINS).tolist()
+
+
 @dataclass
 class Shard:
     name: str
@@ -176,6 +218,8 @@ class Group:
     class_counts: list[int]
     window_patterns: list[list[int]]  # [class][s + 2m + 4l]: samples per class and pure-window pattern
     videos: int
+    tracks: dict[str, TrackCounts] = field(default_factory=dict)  # by track name
+    carried: dict[str, int] = field(default_factory=dict)  # packed frames by the tracks they carry ("expr,au")
 
 
 @dataclass
@@ -298,11 +342,16 @@ class VideoRecord:
     window_counts: list[int]
     window_patterns: list[list[int]]
     quality: Quality | None = None  # None in shards packed before the quality record existed
+    tracks: dict[str, TrackCounts] = field(default_factory=dict)  # by track name: the tracks it carries
+    splits: dict[str, str] = field(default_factory=dict)  # by track name: its official split in each
+    carried: dict[str, int] = field(default_factory=dict)  # packed frames by the tracks they carry ("expr,au")
 
     @classmethod
     def from_dict(cls, raw: dict) -> VideoRecord:
         quality = raw.get("quality")
-        return cls(**{**raw, "quality": Quality(**quality) if quality else None})
+        return cls(
+            **{**raw, "quality": Quality(**quality) if quality else None, "tracks": counts_of(raw.get("tracks", {}))}
+        )
 
 
 @dataclass
@@ -324,6 +373,7 @@ class Totals:
     class_counts: list[int]
     labelled_class_counts: list[int]
     with_crop_class_counts: list[int]
+    tracks: dict[str, TrackCounts] = field(default_factory=dict)
 
 
 @dataclass
@@ -347,6 +397,7 @@ class Manifest:
     features: dict[str, dict] = field(default_factory=dict)  # name -> {"dim": width, what it is}
     feature_stats: dict[str, FeatureStats] = field(default_factory=dict)
     extract_stamp: dict | None = None
+    tracks: list[str] = field(default_factory=lambda: ["expr"])  # the tracks the samples carry
 
     def empty(self, groups: list[str]) -> str | None:
         """None when every one of `groups` holds samples; else what is wrong, naming each empty or
@@ -360,6 +411,14 @@ class Manifest:
                 gave = f"its videos ({', '.join(videos)}) gave none: see the packing warnings" if videos else "no video"
                 faults.append(f"{g} holds no samples ({gave})")
         return "; ".join(faults) or None
+
+    def frames_of(self, group: str, tracks: tuple[str, ...]) -> int:
+        """The packed frames of `group` labelled for at least one of `tracks`; of the test group,
+        every frame (none is labelled, each is predicted)."""
+        g = self.groups[group]
+        if group_fold(group) is None:
+            return g.samples
+        return sum(n for carried, n in g.carried.items() if set(carried.split(",")) & set(tracks))
 
     def folds(self) -> list[int]:
         """The folds packed (0-based, ascending), not the test group."""
@@ -380,7 +439,16 @@ class Manifest:
         return dims
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=1).encode()
+        """The manifest's JSON; below format 3 (the expression track alone) without the per-track
+        records, which `from_dict` derives from the expression counts, so its bytes are those of
+        earlier packings."""
+        raw = asdict(self)
+        if self.format < 3:
+            raw.pop("tracks")
+            for part in (raw["totals"], *raw["groups"].values(), *raw["videos"].values()):
+                for key in ("tracks", "splits", "carried"):
+                    part.pop(key, None)
+        return json.dumps(raw, indent=1).encode()
 
     def write(self, folder: Path) -> None:
         atomic_write(manifest_path(folder), self.to_json())
@@ -388,19 +456,46 @@ class Manifest:
     @classmethod
     def from_dict(cls, raw: dict) -> Manifest:
         params = raw["params"]
-        return cls(
+        manifest = cls(
             **{
                 **raw,
                 "params": PackParams(**{**params, "mel": MelParams(**params["mel"])}),
                 "mel_stats": MelStats(**raw["mel_stats"]),
-                "totals": Totals(**raw["totals"]),
+                "totals": Totals(**{**raw["totals"], "tracks": counts_of(raw["totals"].get("tracks", {}))}),
                 "groups": {
-                    g: Group(**{**v, "shards": [Shard(**s) for s in v["shards"]]}) for g, v in raw["groups"].items()
+                    g: Group(
+                        **{**v, "shards": [Shard(**s) for s in v["shards"]], "tracks": counts_of(v.get("tracks", {}))}
+                    )
+                    for g, v in raw["groups"].items()
                 },
                 "videos": {n: VideoRecord.from_dict(v) for n, v in raw["videos"].items()},
                 "feature_stats": {n: FeatureStats(**s) for n, s in raw.get("feature_stats", {}).items()},
             }
         )
+        if "tracks" not in raw:
+            expression_tracks(manifest)
+        return manifest
+
+
+def counts_of(raw: dict) -> dict[str, TrackCounts]:
+    return {t: TrackCounts(**c) for t, c in raw.items()}
+
+
+def expression_tracks(manifest: Manifest) -> None:
+    """The per-track records of a manifest below format 3 (the expression track alone), from its
+    expression counts: each fold video's split and counts, each group's and the totals'."""
+
+    def expr(labelled: int, class_counts: list[int]) -> dict[str, TrackCounts]:
+        return {"expr": TrackCounts(labelled, int(sum(class_counts)), list(class_counts))}
+
+    for v in manifest.videos.values():
+        if v.split != "test":
+            v.tracks, v.splits, v.carried = expr(v.labelled, v.class_counts), {"expr": v.split}, {"expr": v.samples}
+    for name, g in manifest.groups.items():
+        if group_fold(name) is not None:
+            labelled = sum(v.labelled for v in manifest.videos.values() if v.fold == name)
+            g.tracks, g.carried = expr(labelled, g.class_counts), {"expr": g.samples}
+    manifest.totals.tracks = expr(manifest.totals.labelled, manifest.totals.class_counts)
 
 
 def read_manifest(shards: str | Path) -> Manifest:

@@ -14,9 +14,10 @@ import numpy as np
 from rich.table import Table
 
 from fer_dist.console import out, print_table
-from fer_dist.data.shards.format import META, Manifest, SampleMeta, shard_group
+from fer_dist.data.shards.format import META, Manifest, SampleMeta, label_counts, shard_group
 from fer_dist.data.shards.windows import NAMES
 from fer_dist.labels import CLASSES, NUM_CLASSES
+from fer_dist.tracks import TRACKS
 
 
 def empty_video() -> dict:
@@ -26,7 +27,18 @@ def empty_video() -> dict:
         "class_counts": [0] * NUM_CLASSES,
         "window_counts": [0] * len(NAMES),
         "group": None,
+        "labels": {name: [] for name in TRACKS},  # each track's labels, as the samples carry them
     }
+
+
+def track_totals(videos: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """Per video, the samples and `label_counts` of each track it carries, from `survey`'s labels
+    (which it replaces)."""
+    out = {}
+    for name, v in videos.items():
+        labels = v.pop("labels")
+        out[name] = {t: {"samples": len(x), "counts": label_counts(t, np.array(x))} for t, x in labels.items() if x}
+    return out
 
 
 def survey(folder: Path, sample_members: set[str]) -> dict:
@@ -58,6 +70,10 @@ def survey(folder: Path, sample_members: set[str]) -> dict:
                     if meta.label >= 0:
                         v["class_counts"][meta.label] += 1
                         groups[group][meta.label] += 1
+                    for t in TRACKS:
+                        if meta.carries(t):
+                            v["labels"][t].append(meta.label if t == "expr" else getattr(meta, t))
+                            groups[group][t] += 1
                     for k, name in enumerate(NAMES):
                         v["window_counts"][k] += meta.windows[name]
                     count += 1
@@ -69,13 +85,19 @@ def survey(folder: Path, sample_members: set[str]) -> dict:
                 f"{path.name}: {len(incomplete)} samples without exactly {sorted(sample_members)}, e.g. {incomplete[0]}"
             )
         shards[path.name] = count
+    tracks = track_totals(videos)
     return {
         "shards": shards,
         "videos": dict(sorted(videos.items())),
         "groups": {
-            g: {"samples": c["samples"], "class_counts": [c[k] for k in range(NUM_CLASSES)]}
+            g: {
+                "samples": c["samples"],
+                "class_counts": [c[k] for k in range(NUM_CLASSES)],
+                "tracks": {t: c[t] for t in TRACKS if c[t]},
+            }
             for g, c in sorted(groups.items())
         },
+        "tracks": tracks,
         "samples": sum(shards.values()),
         "filled": sum(v["filled"] for v in videos.values()),
         "problems": problems,
@@ -96,6 +118,13 @@ def compare(found: dict, manifest: Manifest) -> list[str]:
                 diffs.append(f"video {name}: {key} manifest {getattr(record, key)}, tars {got[key]}")
         if record.samples and got["group"] != record.fold:
             diffs.append(f"video {name}: group manifest {record.fold}, tars {got['group']}")
+        carried = found["tracks"].get(name, {})
+        for t, counts in record.tracks.items():
+            want = {"samples": counts.samples, "counts": counts.counts}
+            if counts.samples and carried.get(t) != want:
+                diffs.append(f"video {name}: {TRACKS[t].title} manifest {want}, tars {carried.get(t)}")
+        for t in sorted(set(carried) - set(record.tracks)):
+            diffs.append(f"video {name}: the tars carry {TRACKS[t].title} labels, the manifest none")
     for name in sorted(set(found["videos"]) - set(manifest.videos)):
         diffs.append(f"video {name}: in the tars, not in the manifest")
     total = np.sum([v["class_counts"] for v in found["videos"].values()], axis=0).tolist() if found["videos"] else []
@@ -141,6 +170,20 @@ def show_quality(manifest: Manifest) -> None:
         frames = f"{q['video_frames']} ({q['header_frames'] or 'none'})"
         table.add_row(row["video"], frames, "\n".join(row["found"]))
     out.print(table)
+
+
+def show_tracks(manifest: Manifest) -> None:
+    """Per track, its videos, labelled and packed frames, and per group its packed frames."""
+    groups = [g for g in manifest.groups if any(manifest.groups[g].tracks.values())]
+    rows = []
+    for name in manifest.tracks:
+        t = manifest.totals.tracks[name]
+        videos = sum(name in v.tracks for v in manifest.videos.values())
+        packed = {g: getattr(manifest.groups[g].tracks.get(name), "samples", 0) for g in groups}
+        row = {"track": name, "videos": videos, "labelled": t.labelled, "packed": t.samples}
+        rows.append({**row, **packed})
+    columns = {"track": "track", "videos": "videos", "labelled": "labelled", "packed": "packed"}
+    print_table("frames per track", {**columns, **{g: g for g in groups}}, rows)
 
 
 def show(folder: Path, found: dict, diffs: list[str], agree: bool) -> None:

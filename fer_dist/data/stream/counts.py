@@ -17,7 +17,8 @@ import torch
 from fer_dist.data.shards.format import split_key
 
 log = logging.getLogger(__name__)
-COUNTS = ("read", "no_window", "discarded", "emitted", "corrupt_shards", "corrupt_samples")
+# other_tracks: frames of a fold group labelled for none of the run's tracks (multi-track shards)
+COUNTS = ("read", "no_window", "discarded", "emitted", "corrupt_shards", "corrupt_samples", "other_tracks")
 
 
 class Counter:
@@ -84,7 +85,7 @@ def describe(total: torch.Tensor) -> dict:
     """The counts (`COUNTS`, then the share thrown away before decoding) of a summed `Tally` or
     `Epoch.totals`; of the latter also the median and least videos and clips a batch drew on."""
     counts = dict(zip(COUNTS, (int(v) for v in total[: len(COUNTS)]), strict=True))
-    thrown_away = counts["no_window"] + counts["discarded"]  # read, parsed, never decoded
+    thrown_away = counts["no_window"] + counts["discarded"] + counts["other_tracks"]  # read, parsed, never decoded
     counts["discarded_fraction"] = thrown_away / max(1, counts["read"])
     if len(total) > len(COUNTS):
         videos, clips = total[len(COUNTS) :].view(2, -1).tolist()
@@ -101,6 +102,8 @@ class Epoch:
         self.diversity = torch.zeros(2, frames + 1, dtype=torch.long)  # batches by distinct videos, by clips
         if saved is not None:  # (a checkpoint of an older fer-dist kept the counts alone)
             whole = torch.zeros(len(COUNTS) + self.diversity.numel(), dtype=torch.long)
+            if len(saved) in (len(COUNTS) - 1, len(COUNTS) - 1 + self.diversity.numel()):
+                saved = [*saved[: len(COUNTS) - 1], 0, *saved[len(COUNTS) - 1 :]]  # saved before other_tracks
             whole[: len(saved)] = torch.tensor(saved)
             counts, histograms = whole.split([len(COUNTS), self.diversity.numel()])
             if finished:  # no worker reads again: the counts are all there will be

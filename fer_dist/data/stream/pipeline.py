@@ -3,15 +3,17 @@
 Training, per rank and epoch:
 
     the training groups' shards, permuted per (seed, epoch) and dealt to each (rank, worker)
-    -> tar samples -> parse label and metadata (tiny members only) -> keep what the model takes
-    -> pick a pure audio window -> [clip mode: runs of consecutive frames] -> class-balanced
-    copies (`balance`) -> shuffle (undecoded) -> decode (`decode`) -> batch (`transport`)
+    -> tar samples -> parse label and metadata (tiny members only) -> keep the frames labelled
+    for the run's tracks (`carrying`) -> keep what the model takes -> pick a pure audio window
+    -> [clip mode: runs of consecutive frames] -> class-balanced copies (`balance`)
+    -> shuffle (undecoded) -> decode (`decode`) -> batch (`transport`)
 
 and the loader stops after a fixed number of batches, the same on every rank (`TrainStream`, which
 the trainer holds). Evaluation reads the held-out group's shards, split by rank then by worker, in
-order: every frame exactly once over all ranks. Neither loader goes through `accelerator.prepare`:
-WebDataset already splits the data, and a second split by Accelerate would silently drop half of it.
-Each worker counts what it reads, drops and emits, and the faults it skips (`counts`).
+order: every frame exactly once over all ranks (of a fold group, every frame labelled for the run's
+tracks). Neither loader goes through `accelerator.prepare`: WebDataset already splits the data, and
+a second split by Accelerate would silently drop half of it. Each worker counts what it reads,
+drops and emits, and the faults it skips (`counts`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch.utils.data import get_worker_info
 
 from fer_dist.config import ConfigError, DataConfig
 from fer_dist.data.shards import tars
-from fer_dist.data.shards.format import LABEL, MEMBERS, META, PACKED, Manifest, SampleMeta, fold_group
+from fer_dist.data.shards.format import LABEL, MEMBERS, META, PACKED, Manifest, SampleMeta, fold_group, group_fold
 from fer_dist.data.stream import balance
 from fer_dist.data.stream.counts import Counter, Epoch
 from fer_dist.data.stream.decode import decoded, frames_of
@@ -137,6 +139,17 @@ def parse(src, counter: Counter):
         sample["clip"], last = clip, here
         counter.add("read")
         yield sample
+
+
+def carrying(src, tracks: tuple[str, ...], counter: Counter):
+    """The samples labelled for at least one of the run's `tracks` (expr, au, va): a shard packed
+    with several tracks holds frames labelled for others only, which are counted and dropped
+    before anything is decoded."""
+    for sample in src:
+        if any(sample["meta"].carries(t) for t in tracks):
+            yield sample
+        else:
+            counter.add("other_tracks")
 
 
 def kept(src, members: tuple[str, ...]):
@@ -253,6 +266,7 @@ class TrainStream:
         accumulation: int = 1,
     ) -> None:  # fmt: skip
         self.cfg, self.inputs, self.seed, self.rank, self.world = cfg, inputs, seed, rank, world
+        self.tracks = ("expr",)  # the tracks the run learns
         groups = manifest.fold_groups(cfg.holdout_fold)
         self.urls = manifest.shard_paths(cfg.shards, groups)
         self.plan = balance.resampling_plan(manifest, groups, cfg, inputs)
@@ -271,6 +285,7 @@ class TrainStream:
             stage(dealt_shards, self.urls, f"{self.seed}/{epoch}", self.rank, self.world),
             stage(read_shards, counter=counter),
             stage(parse, counter=counter),
+            stage(carrying, tracks=self.tracks, counter=counter),
             stage(kept, members=(LABEL, META, *(MEMBERS[name] for name in inputs))),
             stage(
                 pick_window,
@@ -310,9 +325,11 @@ def train_loader(
 
 
 def eval_loader(
-    cfg: DataConfig, manifest: Manifest, group: str, *, rank: int, world: int, inputs: tuple[str, ...] = PACKED
-) -> wds.WebLoader | list:
-    """This rank's share of `group`: whole shards, rank r taking shards r, r + world, ..."""
+    cfg: DataConfig, manifest: Manifest, group: str, *, rank: int, world: int, inputs: tuple[str, ...] = PACKED,
+    tracks: tuple[str, ...] = ("expr",),
+) -> wds.WebLoader | list:  # fmt: skip
+    """This rank's share of `group`: whole shards, rank r taking shards r, r + world, ...; of a fold
+    group, the frames labelled for one of `tracks` (`carrying`), of the test group every frame."""
     urls = manifest.shard_paths(cfg.shards, [group])[rank::world]
     if not urls:
         return []
@@ -323,8 +340,10 @@ def eval_loader(
         wds.split_by_worker,
         stage(read_shards, counter=counter),
         stage(parse, counter=counter),
-        stage(fixed_window, window=cfg.eval_window),
     ]
+    if group_fold(group) is not None:  # a fold group is scored on its run's tracks; the test group is all predicted
+        stages.append(stage(carrying, tracks=tracks, counter=counter))
+    stages += [stage(fixed_window, window=cfg.eval_window)]
     if cfg.sequence_length:
         stages.append(stage(runs, length=cfg.sequence_length))
     stages += [
