@@ -283,7 +283,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     agree = not diffs and not found["problems"]
     if args.json:
         quality = survey.quality_rows(manifest) if manifest else []
-        out.print_json(json.dumps({**found, "manifest_differences": diffs, "agrees": agree, "quality": quality}))
+        per_track = survey.track_rows(manifest) if manifest else []
+        extra = {"manifest_differences": diffs, "agrees": agree, "quality": quality, "track_totals": per_track}
+        out.print_json(json.dumps({**found, **extra}))
     else:
         survey.show(folder, found, diffs, agree)
         if manifest is not None:
@@ -434,6 +436,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     print_table(f"{t.title}: {result['frames']} frames of {result['videos']} videos", {"part": "", "value": ""}, rows)
     if result["unscored_videos"]:
         console.print(f"{len(result['unscored_videos'])} submitted video(s) have no annotation file: not scored")
+    if result["past_end"]:
+        console.print(f"{result['past_end']} row(s) lie past the end of their video's annotation file: not scored")
     return 0
 
 

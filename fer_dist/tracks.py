@@ -149,6 +149,9 @@ TRACKS = {
 }
 
 
+LEARNT = ("expr",)  # the tracks a training run learns and is scored on; the others are packed, read and scored
+
+
 def track(name: str) -> Track:
     """The track called `name` (expr, au, va). Raises TrackError naming the known ones."""
     if name not in TRACKS:

@@ -206,3 +206,43 @@ def test_an_abaw3_folder_missing_a_video_or_a_frame_is_refused(tmp_path, au_set)
         score(AU, folder, abaw3)
     with pytest.raises(ScoreError, match="it holds AU_Detection_Challenge.*: name one"):
         score(AU, tmp_path, abaw3)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-8"])
+def test_an_annotation_file_in_windows_encodings_reads_as_its_utf8_twin(tmp_path, encoding):
+    """Notepad's "Unicode" (UTF-16 LE with a byte-order mark, CRLF), its big-endian twin and UTF-8
+    with a mark give the labels of the plain UTF-8 file; a file in none of them is one line."""
+    lines = [",".join(ACTION_UNITS), "1,0,0,0,0,0,0,0,0,0,0,1", "-1,-1,-1,-1,-1,-1,-1,-1,-1,-1,-1,-1"]
+    plain = write(tmp_path / "plain.txt", lines)
+    other = tmp_path / "other.txt"
+    text = "\r\n".join(lines) + "\r\n"
+    other.write_bytes(("\ufeff" + text).encode(encoding))  # the byte-order mark first
+    assert np.array_equal(read_annotation(other, AU), read_annotation(plain, AU))
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other\nNeutré\n".encode("latin-1"))
+    with pytest.raises(LayoutError, match=r"latin.txt: not text in UTF-8, or UTF-16 with a byte-order mark"):
+        read_annotation(latin, EXPR)
+
+
+def test_score_reads_a_utf16_submission_and_counts_rows_past_a_videos_end(tmp_path, au_set, capsys):
+    folder, truth, pred = au_set
+    abaw3, abaw5 = submissions(tmp_path, AU, pred)
+    want = score(AU, folder, abaw5)
+    abaw5.write_bytes(abaw5.read_text().replace("\n", "\r\n").encode("utf-16"))
+    assert score(AU, folder, abaw5) == want and want["past_end"] == 0
+    with open(abaw3 / "b_left.txt", "a") as extra:  # b_left's file annotates 20 frames; 2 rows more
+        extra.write("0,0,0,0,0,0,0,0,0,0,0,0\n1,1,1,1,1,1,1,1,1,1,1,1\n")
+    got = score(AU, folder, abaw3)
+    assert got["past_end"] == 2 and got["au_f1"] == want["au_f1"]
+    assert cli.main(["score", "--track", "au", "--annotations", str(folder), "--submission", str(abaw3)]) == 0
+    assert "2 row(s) lie past the end" in " ".join(capsys.readouterr().err.split())
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"image_location,AU1\n\xff\xfe\x00broken")
+    assert cli.main(["score", "--track", "au", "--annotations", str(folder), "--submission", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.csv: not text in UTF-8" in err and "Traceback" not in err
+
+
+def test_a_constant_prediction_has_a_ccc_of_zero_not_minus_zero():
+    got = ccc(np.zeros(5), np.array([0.1, -0.2, 0.3, 0.0, 0.5]))
+    assert got == 0 and np.copysign(1, got) == 1

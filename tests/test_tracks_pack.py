@@ -15,9 +15,11 @@ import pytest
 
 from fer_dist import cli, config
 from fer_dist.data.packing.layout import LayoutError, discover, read_annotation
-from fer_dist.data.packing.pack import pack
-from fer_dist.data.shards.format import PackParams, SampleMeta, label_counts, read_manifest
+from fer_dist.data.packing.pack import pack, show
+from fer_dist.data.shards.format import PackParams, SampleMeta, fold_group, label_counts, read_manifest
+from fer_dist.data.stream.counts import COUNTS
 from fer_dist.data.stream.pipeline import eval_loader
+from fer_dist.engine.trainer import report_stream
 from fer_dist.tracks import ACTION_UNITS, TRACKS, parse_tracks
 from helpers import samples
 
@@ -136,6 +138,8 @@ def test_inspect_reads_every_track_back_from_the_tars(three, capsys):
     assert cli.main(["inspect", str(root / "shards"), "--json"]) == 0
     found = json.loads(capsys.readouterr().out)
     assert found["agrees"] and found["tracks"]["5-30-640x360"].keys() == {"au", "va"}
+    totals = {row["track"]: row for row in found["track_totals"]}
+    assert all(totals[t]["packed"] == manifest.totals.tracks[t].samples and totals[t]["videos"] == 5 for t in TRACKS)
 
 
 def test_tracks_asked_for_are_packed_alone_and_a_missing_one_is_named(three, tmp_path):
@@ -174,3 +178,82 @@ def test_an_expression_run_reads_the_expression_frames_alone(three):
             for f in (np.flatnonzero(labels >= 0) + 1).tolist()
         }
         assert len(keys) == len(set(keys)) == manifest.frames_of(group, ("expr",)) and set(keys) == want
+
+
+def test_a_run_is_refused_before_training_when_its_track_is_missing_from_the_shards_or_the_fold(
+    three, tmp_path, capsys
+):
+    """Shards of action units alone, a held-out fold without an expression frame, and training
+    folds without one: each refused in one line before any training, never a hung stream or a
+    traceback after training; packing names the folds a track lacks."""
+    root, truth, manifest = three
+    au = tmp_path / "au"
+    show(pack(discover(root / "data", tracks=parse_tracks("au")), au, PackParams(samples_per_shard=500), workers=2))
+    shown = capsys.readouterr().out
+    assert "frames per track" in shown and "labelled frames per class" not in shown  # no empty table of classes
+    assert cli.main(["inspect", str(au)]) == 0
+    assert "Neutral" not in capsys.readouterr().out
+    run = ["train", "--config", "mfm_cpu", f"train.run_dir={tmp_path / 'run'}"]
+    assert cli.main([*run, f"data.shards={au}"]) == 2
+    assert "carry action units alone; a run learns expressions" in " ".join(capsys.readouterr().err.split())
+    lacking = [k for k in manifest.folds() if not manifest.frames_of(fold_group(k), ("expr",))]
+    assert lacking, "the plan deals some fold only videos without expression labels"
+    named = ", ".join(fold_group(k) for k in lacking)
+    assert any(p.startswith(f"{named} hold(s) no frames of expressions") for p in manifest.problems)
+    assert cli.main([*run, f"data.shards={root / 'shards'}", f"data.holdout_fold={lacking[0]}"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{fold_group(lacking[0])} holds no frames labelled for expressions" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_file_that_annotates_no_frame_is_named_in_a_warning(synthetic, tmp_path):
+    write_labels(synthetic, tmp_path / "data")
+    header_only = tmp_path / "data" / AU / "Train_Set" / "5-30-640x360.txt"
+    header_only.write_text(",".join(ACTION_UNITS) + "\n")
+    unmarked = tmp_path / "data" / VA / "Validation_Set" / "2-25-640x360.txt"
+    n = len(unmarked.read_text().splitlines()) - 1
+    unmarked.write_text("valence,arousal\n" + "-5,-5\n" * n)
+    manifest = pack(discover(tmp_path / "data"), tmp_path / "shards", PackParams(samples_per_shard=500), workers=2)
+    assert (
+        "5-30-640x360: its action units file annotates no frame (a header alone, or -1 each row)" in manifest.problems
+    )
+    assert "2-25-640x360: its valence-arousal file annotates no frame (a header alone, or -5 each row)" in (
+        manifest.problems
+    )
+    assert manifest.videos["5-30-640x360"].tracks["au"].labelled == 0
+
+
+def test_a_video_annotated_twice_in_a_track_or_also_listed_as_a_test_video_is_refused_naming_the_files(three, tmp_path):
+    root, _, _ = three
+    listed = tmp_path / "test_set.txt"
+    listed.write_text("5-30-640x360\n")
+    with pytest.raises(LayoutError, match=r"test video 5-30-640x360 is annotated \(action units in .*AU_Detection"):
+        discover(root / "data", test_list=listed)
+    listed.write_text("7-30-640x360\n7-30-640x360\n")
+    with pytest.raises(LayoutError, match="video 7-30-640x360 is listed twice"):
+        discover(root / "data", test_list=listed)
+    data = tmp_path / "data"
+    shutil.copytree(root / "data", data, symlinks=True)
+    twin = data / AU / "Validation_Set" / "3-30-640x360.txt"
+    twin.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(data / AU / "Train_Set" / "3-30-640x360.txt", twin)
+    with pytest.raises(LayoutError, match=r"annotated for action units in both .*Train_Set/3-30-640x360.txt and .*"):
+        discover(data)
+
+
+@pytest.mark.parametrize(
+    ("other_tracks", "discarded", "warned"),
+    [(700, 100, False), (0, 600, True), (300, 400, True)],
+)
+def test_frames_of_other_tracks_are_said_apart_and_never_set_off_the_resampling_warning(
+    other_tracks, discarded, warned, capsys
+):
+    """Of 1000 frames read, those labelled for other tracks only are named in the epoch's line and
+    left out of the warning about data.balance and video_cap, which cannot change them."""
+    counts = dict.fromkeys(COUNTS, 0) | {"read": 1000, "other_tracks": other_tracks, "discarded": discarded}
+    counts |= {"discarded_fraction": (other_tracks + discarded) / 1000}
+    counts |= {"videos_per_batch": {"median": 3, "min": 2}, "clips_per_batch": {"median": 4, "min": 3}}
+    report_stream(counts)
+    said = " ".join(capsys.readouterr().err.split())
+    assert (f"({other_tracks} labelled for other tracks only)" in said) == bool(other_tracks)
+    assert ("most of what the stream read was discarded" in said) == warned

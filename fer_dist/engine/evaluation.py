@@ -19,6 +19,7 @@ from fer_dist.engine import predictions as preds_lib
 from fer_dist.engine.metrics import confusion, confusion_png, f1_per_class
 from fer_dist.engine.task import Task
 from fer_dist.labels import CLASSES
+from fer_dist.tracks import LEARNT
 
 
 def scores(p: preds_lib.Predictions, output: str) -> tuple[dict, np.ndarray]:
@@ -58,7 +59,7 @@ def evaluate(
     if group not in manifest.groups:
         raise ConfigError(f"{data.shards} has no group {group!r} (it has {', '.join(manifest.groups)})")
     net.eval()
-    expected, world, rank = manifest.frames_of(group, ("expr",)), accelerator.num_processes, accelerator.process_index
+    expected, world, rank = manifest.frames_of(group, LEARNT), accelerator.num_processes, accelerator.process_index
     progress = bar.add_task(f"evaluate {group}", total=math.ceil(expected / data.eval_batch_size / world), info="")
     keys, labels, logits, tally = [], [], {}, Tally()
     for batch in pipeline.eval_loader(data, manifest, group, rank=rank, world=world, inputs=net.inputs):

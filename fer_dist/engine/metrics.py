@@ -72,7 +72,7 @@ def ccc(x: np.ndarray, y: np.ndarray) -> float:
     mx, my = x.mean(), y.mean()
     cov = ((x - mx) * (y - my)).mean()
     denom = x.var() + y.var() + (mx - my) ** 2
-    return float(2 * cov / denom) if denom > 0 else 0.0
+    return float(2 * cov / denom) + 0.0 if denom > 0 else 0.0  # + 0.0: no -0.0 for a constant prediction
 
 
 def track_scores(track: Track, labels: np.ndarray, preds: np.ndarray) -> dict:

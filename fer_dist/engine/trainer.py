@@ -59,10 +59,13 @@ def train_step(accelerator, model, optimizer, scheduler, task: Task, step: Step,
 
 def report_stream(counts: dict) -> None:
     videos, clips = counts["videos_per_batch"], counts["clips_per_batch"]
+    others = counts["other_tracks"]
     line = (
         f"stream: read {counts['read']}, emitted {counts['emitted']}, "
-        f"discarded {counts['discarded_fraction']:.1%} of what was read; a batch drew on "
-        f"{videos['median']} videos (least {videos['min']}) and {clips['median']} clips (least {clips['min']})"
+        f"discarded {counts['discarded_fraction']:.1%} of what was read"
+        + (f" ({others} labelled for other tracks only)" if others else "")
+        + f"; a batch drew on {videos['median']} videos (least {videos['min']}) and {clips['median']} clips "
+        f"(least {clips['min']})"
     )
     if counts["corrupt_shards"] + counts["corrupt_samples"]:
         line += (
@@ -70,7 +73,8 @@ def report_stream(counts: dict) -> None:
             f"{counts['corrupt_samples']} corrupt sample(s)"
         )
     console.print(line)
-    if counts["discarded_fraction"] > 0.5:
+    resampled = (counts["no_window"] + counts["discarded"]) / max(1, counts["read"] - others)  # what settings choose
+    if resampled > 0.5:
         console.print("[yellow]warning:[/] most of what the stream read was discarded (see data.balance, video_cap)")
 
 

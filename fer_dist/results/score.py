@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fer_dist.data.packing.layout import LayoutError, read_annotation
+from fer_dist.data.packing.layout import LayoutError, read_annotation, read_text
 from fer_dist.engine.metrics import track_scores
 from fer_dist.errors import InputError
 from fer_dist.tracks import Track, TrackError
@@ -33,7 +33,7 @@ def read_rows(path: Path, track: Track, located: bool) -> dict[str, dict[int, ob
     """The predictions in one submission file, {video: {frame: label}}: an ABAW3 file (`located`
     False: row k is frame k of the video the file is named after) or the ABAW5/6 file (True).
     Raises ScoreError naming the line of a wrong header, a malformed row or a frame given twice."""
-    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    lines = read_text(path).splitlines()
     names = [n.strip() for n in lines[0].split(",")] if lines else []
     if located and names[:1] != [LOCATION]:
         raise ScoreError(f"{path}:1: an ABAW5/6 submission's header starts with {LOCATION}")
@@ -98,14 +98,17 @@ def read_truth(folder: Path, track: Track) -> dict[str, np.ndarray]:
 
 def score(track: Track, annotations: Path, submission: Path) -> dict:
     """The track's metric of `submission` over every annotated frame in `annotations`, with its
-    parts (per class, per AU, per dimension) and counts. Raises ScoreError when a frame is missing."""
+    parts (per class, per AU, per dimension) and counts: the submitted videos without an annotation
+    file (`unscored_videos`) and the rows past the end of a video's annotation file (`past_end`),
+    neither scored. Raises ScoreError when a frame is missing."""
     truth = read_truth(annotations, track)
     given = read_submission(submission, track)
-    labels, preds, missing = [], [], []
+    labels, preds, missing, past_end = [], [], [], 0
     for video, values in sorted(truth.items()):
         frames = np.flatnonzero(track.annotated(values)) + 1
         rows = given.get(video, {})
         missing += [f"{video}/{f:05d}" for f in frames.tolist() if f not in rows]
+        past_end += sum(f > len(values) for f in rows)
         labels.append(values[frames - 1])
         preds += [rows.get(f, values[f - 1]) for f in frames.tolist()]
     if missing:
@@ -114,5 +117,10 @@ def score(track: Track, annotations: Path, submission: Path) -> dict:
         )
     stacked = np.concatenate(labels)
     result = track_scores(track, stacked, np.asarray(preds, stacked.dtype).reshape(stacked.shape))
-    result.update(track=track.name, videos=len(truth), unscored_videos=sorted(set(given) - set(truth)))
+    result.update(
+        track=track.name,
+        videos=len(truth),
+        unscored_videos=sorted(set(given) - set(truth)),
+        past_end=int(past_end),
+    )
     return result

@@ -52,13 +52,28 @@ def parent_name(name: str) -> str:
     return FACE_SUFFIX.sub("", name)
 
 
+def read_text(path: Path) -> str:
+    """The text of an annotation or submission file: UTF-8, with or without a byte-order mark, or
+    UTF-16 with one (what Windows Notepad saves as "Unicode"). Raises LayoutError naming the file
+    when it is neither."""
+    data = path.read_bytes()
+    encoding = "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise LayoutError(
+            f"{path}: not text in UTF-8, or UTF-16 with a byte-order mark ({exc.reason} at byte {exc.start})"
+        ) from None
+
+
 def read_annotation(path: Path, track: Track = TRACKS["expr"]) -> np.ndarray:
     """A track's labels of frames 1..n (index i holds frame i + 1): expressions [n] int8, action
     units [n, 12] int8, valence-arousal [n, 2] float64, each row `track.missing` where the file
     says "not annotated" (`fer_dist/tracks.py`). The header names the columns, so they are read by
     name (7-class ABAW1/2 expression files map onto the 8 classes). Raises LayoutError naming the
-    file and line of an empty file, a header of another track and a malformed row."""
-    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    file and line of an empty file, one in no encoding `read_text` reads, a header of another track
+    and a malformed row."""
+    lines = read_text(path).splitlines()
     if not lines:
         raise LayoutError(f"{path}: empty annotation file")
     try:
@@ -213,7 +228,10 @@ def discover(
                 if "." in p.stem:
                     raise LayoutError(f"{p}: video name {p.stem!r} contains a dot; shard keys cannot")
                 if track in splits.get(p.stem, {}):
-                    raise LayoutError(f"video {p.stem} is listed in both {splits[p.stem][track]} and {split}")
+                    raise LayoutError(
+                        f"video {p.stem} is annotated for {TRACKS[track].title} in both {files[p.stem][track]} "
+                        f"and {p}; keep one"
+                    )
                 files.setdefault(p.stem, {})[track] = p
                 splits.setdefault(p.stem, {})[track] = split
     named = sorted((next(iter(splits[n].values())), n) for n in files)
@@ -225,8 +243,14 @@ def discover(
     for split, name in named:
         if "." in name:
             raise LayoutError(f"{test_list}: video name {name!r} contains a dot; shard keys cannot")
+        if name in seen and seen[name] == "test":
+            raise LayoutError(f"{test_list}: video {name} is listed twice")
         if name in seen:
-            raise LayoutError(f"video {name} is listed in both {seen[name]} and {split}")
+            annotated = ", ".join(f"{TRACKS[t].title} in {path}" for t, path in files[name].items())
+            raise LayoutError(
+                f"{test_list}: test video {name} is annotated ({annotated}); one packing holds a video "
+                "either as a test video or as an annotated one"
+            )
         seen[name] = split
         parts = (files.get(name, {}), crops.get(name), media.get(parent_name(name)), splits.get(name, {}))
         videos.append(Video(name, split, *parts))

@@ -573,6 +573,10 @@ def problems(records: dict[str, VideoRecord]) -> list[str]:
             out.append(f"{name}: video unreadable ({r.audio_error}); packed silent")
         elif not r.audio and not r.quality.empty_audio:
             out.append(f"{name}: the video has no audio stream; packed silent")
+        for track, counts in r.tracks.items():
+            if not counts.labelled:
+                t = TRACKS[track]
+                out.append(f"{name}: its {t.title} file annotates no frame (a header alone, or {t.missing} each row)")
         if r.corrupt_crops:
             out.append(f"{name}: {r.corrupt_crops} corrupt crop(s) treated as missing")
         for reason, count in r.dropped.items():
@@ -684,9 +688,16 @@ def manifest_of(
         members=list(params.inputs()),
         tracks=tracks,
     )
-    empty = manifest.empty(sorted(groups))
+    empty = manifest.empty(sorted(groups), tuple(tracks))
     if empty:
         manifest.problems.append(f"{empty}; such a group can be neither held out nor trained on")
+    for name in tracks if len(tracks) > 1 else ():
+        lacking = [g for g in manifest.fold_groups() if groups[g].samples and not manifest.frames_of(g, (name,))]
+        if lacking:
+            manifest.problems.append(
+                f"{', '.join(lacking)} hold(s) no frames of {TRACKS[name].title}: a run of that track can neither "
+                "hold it out nor train on it (pack more videos, or fewer --n-folds)"
+            )
     return manifest
 
 
@@ -755,21 +766,11 @@ def pack(
 
 
 def show(manifest: Manifest) -> None:
-    """The paper's Table 1 for these data, with both counts, the data-quality table, and every
-    warning."""
+    """What was packed: the paper's Table 1 for these data (when they hold expressions), the
+    totals, the frames per track, the data-quality table, and every warning."""
     t = manifest.totals
-    rows = [
-        {
-            "class": name,
-            "all": t.labelled_class_counts[c],
-            "crop": t.with_crop_class_counts[c],
-            "packed": t.class_counts[c],
-        }
-        for c, name in enumerate(CLASSES)
-    ]
-    rows.append({"class": "total", "all": t.labelled, "crop": t.with_crop, "packed": sum(t.class_counts)})
-    columns = {"class": "class", "all": "all labelled", "crop": "with a crop", "packed": "packed"}
-    print_table("labelled frames per class", columns, rows)
+    if "expr" in manifest.tracks:
+        show_classes(t)
     out.print(
         f"{t.videos} videos, {t.samples} samples; {t.filled} frames filled from the nearest crop; "
         f"{t.corrupt_crops} corrupt crops; {len(t.videos_without_audio)} videos packed without audio; "
@@ -782,3 +783,20 @@ def show(manifest: Manifest) -> None:
     show_quality(manifest)
     for line in manifest.problems:
         console.print(f"[yellow]warning:[/] {line}")
+
+
+def show_classes(t: Totals) -> None:
+    """The paper's Table 1 for these data: each class's labelled frames, those with a crop, and
+    those packed."""
+    rows = [
+        {
+            "class": name,
+            "all": t.labelled_class_counts[c],
+            "crop": t.with_crop_class_counts[c],
+            "packed": t.class_counts[c],
+        }
+        for c, name in enumerate(CLASSES)
+    ]
+    rows.append({"class": "total", "all": t.labelled, "crop": t.with_crop, "packed": sum(t.class_counts)})
+    columns = {"class": "class", "all": "all labelled", "crop": "with a crop", "packed": "packed"}
+    print_table("labelled frames per class", columns, rows)

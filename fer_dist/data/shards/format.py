@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from fer_dist.errors import InputError
-from fer_dist.tracks import TRACKS
+from fer_dist.tracks import LEARNT, TRACKS
 
 # 2: samples may hold the raw waveform (`wave`); 3: samples may carry action units and valence-arousal
 # (`SampleMeta.au`, `.va`) and the manifest counts per track. Shards of the expression track alone
@@ -399,9 +399,10 @@ class Manifest:
     extract_stamp: dict | None = None
     tracks: list[str] = field(default_factory=lambda: ["expr"])  # the tracks the samples carry
 
-    def empty(self, groups: list[str]) -> str | None:
-        """None when every one of `groups` holds samples; else what is wrong, naming each empty or
-        missing group and the videos packed into it (for a refusal before any training)."""
+    def empty(self, groups: list[str], tracks: tuple[str, ...] = LEARNT) -> str | None:
+        """None when every one of `groups` holds samples, a fold group's labelled for one of
+        `tracks`; else what is wrong, naming each empty or missing group and the videos packed into
+        it, or the tracks its samples carry (for a refusal before any training)."""
         faults = []
         for g in groups:
             if g not in self.groups:
@@ -410,6 +411,12 @@ class Manifest:
                 videos = sorted(n for n, v in self.videos.items() if v.fold == g)
                 gave = f"its videos ({', '.join(videos)}) gave none: see the packing warnings" if videos else "no video"
                 faults.append(f"{g} holds no samples ({gave})")
+            elif not self.frames_of(g, tracks):
+                held = {t for key, n in self.groups[g].carried.items() if n for t in key.split(",")}
+                carried = ", ".join(TRACKS[t].title for t in TRACKS if t in held)
+                wanted = " or ".join(TRACKS[t].title for t in tracks)
+                samples = self.groups[g].samples
+                faults.append(f"{g} holds no frames labelled for {wanted} (its {samples} carry {carried} alone)")
         return "; ".join(faults) or None
 
     def frames_of(self, group: str, tracks: tuple[str, ...]) -> int:

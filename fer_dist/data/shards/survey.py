@@ -172,28 +172,35 @@ def show_quality(manifest: Manifest) -> None:
     out.print(table)
 
 
-def show_tracks(manifest: Manifest) -> None:
-    """Per track, its videos, labelled and packed frames, and per group its packed frames."""
+def track_rows(manifest: Manifest) -> list[dict]:
+    """Per track: its videos, labelled and packed frames, and each fold group's packed frames."""
     groups = [g for g in manifest.groups if any(manifest.groups[g].tracks.values())]
     rows = []
     for name in manifest.tracks:
         t = manifest.totals.tracks[name]
         videos = sum(name in v.tracks for v in manifest.videos.values())
         packed = {g: getattr(manifest.groups[g].tracks.get(name), "samples", 0) for g in groups}
-        row = {"track": name, "videos": videos, "labelled": t.labelled, "packed": t.samples}
-        rows.append({**row, **packed})
-    columns = {"track": "track", "videos": "videos", "labelled": "labelled", "packed": "packed"}
-    print_table("frames per track", {**columns, **{g: g for g in groups}}, rows)
+        rows.append({"track": name, "videos": videos, "labelled": t.labelled, "packed": t.samples, **packed})
+    return rows
+
+
+def show_tracks(manifest: Manifest) -> None:
+    """`track_rows` as a table."""
+    rows = track_rows(manifest)
+    print_table("frames per track", {name: name for name in rows[0]}, rows)
 
 
 def show(folder: Path, found: dict, diffs: list[str], agree: bool) -> None:
+    """What `survey` read from the tars: samples per group, and per class when they hold any
+    expression; totals; each problem and difference from the manifest."""
+    classes = CLASSES if any(sum(v["class_counts"]) for v in found["groups"].values()) else ()
     rows = [
-        {"group": g, "samples": v["samples"], **dict(zip(CLASSES, v["class_counts"], strict=True))}
+        {"group": g, "samples": v["samples"], **dict(zip(classes, v["class_counts"], strict=False))}
         for g, v in found["groups"].items()
     ]
     print_table(
         f"{folder}: samples read from the tars",
-        {"group": "group", "samples": "samples", **{c: c for c in CLASSES}},
+        {"group": "group", "samples": "samples", **{c: c for c in classes}},
         rows,
     )
     out.print(

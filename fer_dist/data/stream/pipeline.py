@@ -35,21 +35,30 @@ from fer_dist.data.stream.counts import Counter, Epoch
 from fer_dist.data.stream.decode import decoded, frames_of
 from fer_dist.data.stream.transport import as_is, as_tensors, collate, collate_runs
 from fer_dist.errors import InputError
+from fer_dist.tracks import LEARNT, TRACKS
 
 
 def check(cfg: DataConfig, manifest: Manifest, inputs: tuple[str, ...] = PACKED, training: bool = True) -> None:
     """What the config asks of the shards (for training: a held-out group and others to train
     on), checked before anything starts."""
     held_out = fold_group(cfg.holdout_fold)
+    if training and not set(LEARNT) & set(manifest.tracks):
+        raise ConfigError(
+            f"the shards in {cfg.shards} carry {', '.join(TRACKS[t].title for t in manifest.tracks)} alone; a run "
+            f"learns {', '.join(TRACKS[t].title for t in LEARNT)}: pack them too (docs/tracks.md)"
+        )
     empty = manifest.empty([held_out]) if training else None
     if empty:
-        others = [str(k) for k in manifest.folds() if manifest.groups[fold_group(k)].samples]
+        others = [str(k) for k in manifest.folds() if manifest.frames_of(fold_group(k), LEARNT)]
         raise ConfigError(
             f"data.holdout_fold={cfg.holdout_fold}: {empty}; hold out another fold (data.holdout_fold="
             f"{' | '.join(others)}), or pack with fewer --n-folds"
         )
-    if training and not manifest.shard_paths(cfg.shards, manifest.fold_groups(cfg.holdout_fold)):
+    training_groups = manifest.fold_groups(cfg.holdout_fold)
+    if training and not manifest.shard_paths(cfg.shards, training_groups):
         raise ConfigError(f"no shards to train on besides the held-out {held_out}")
+    if training and not sum(manifest.frames_of(g, LEARNT) for g in training_groups):
+        raise ConfigError(f"no frames labelled for {' or '.join(TRACKS[t].title for t in LEARNT)} besides {held_out}")
     held = manifest.members
     missing = [name for name in inputs if name not in held]
     if missing:
@@ -266,7 +275,7 @@ class TrainStream:
         accumulation: int = 1,
     ) -> None:  # fmt: skip
         self.cfg, self.inputs, self.seed, self.rank, self.world = cfg, inputs, seed, rank, world
-        self.tracks = ("expr",)  # the tracks the run learns
+        self.tracks = LEARNT
         groups = manifest.fold_groups(cfg.holdout_fold)
         self.urls = manifest.shard_paths(cfg.shards, groups)
         self.plan = balance.resampling_plan(manifest, groups, cfg, inputs)
@@ -326,7 +335,7 @@ def train_loader(
 
 def eval_loader(
     cfg: DataConfig, manifest: Manifest, group: str, *, rank: int, world: int, inputs: tuple[str, ...] = PACKED,
-    tracks: tuple[str, ...] = ("expr",),
+    tracks: tuple[str, ...] = LEARNT,
 ) -> wds.WebLoader | list:  # fmt: skip
     """This rank's share of `group`: whole shards, rank r taking shards r, r + world, ...; of a fold
     group, the frames labelled for one of `tracks` (`carrying`), of the test group every frame."""
