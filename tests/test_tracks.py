@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 
 from fer_dist import cli
-from fer_dist.data.packing.layout import LayoutError, read_annotation, track_folders
+from fer_dist.data.packing.annotations import read_labels
+from fer_dist.data.packing.layout import LayoutError, discover, read_annotation, track_folders
 from fer_dist.engine.metrics import always_positive_f1, au_thresholds, binary_f1, ccc, macro_f1, track_scores
+from fer_dist.errors import InputError
 from fer_dist.results.score import ScoreError, score
+from fer_dist.results.submission import read_template
 from fer_dist.tracks import ACTION_UNITS, TRACKS, TrackError, parse_tracks, track
 
 AU, VA, EXPR = TRACKS["au"], TRACKS["va"], TRACKS["expr"]
@@ -220,7 +223,7 @@ def test_an_annotation_file_in_windows_encodings_reads_as_its_utf8_twin(tmp_path
     assert np.array_equal(read_annotation(other, AU), read_annotation(plain, AU))
     latin = tmp_path / "latin.txt"
     latin.write_bytes("Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other\nNeutré\n".encode("latin-1"))
-    with pytest.raises(LayoutError, match=r"latin.txt: not text in UTF-8, or UTF-16 with a byte-order mark"):
+    with pytest.raises(InputError, match=r"latin.txt: not text in UTF-8, or UTF-16 with a byte-order mark"):
         read_annotation(latin, EXPR)
 
 
@@ -246,3 +249,35 @@ def test_score_reads_a_utf16_submission_and_counts_rows_past_a_videos_end(tmp_pa
 def test_a_constant_prediction_has_a_ccc_of_zero_not_minus_zero():
     got = ccc(np.zeros(5), np.array([0.1, -0.2, 0.3, 0.0, 0.5]))
     assert got == 0 and np.copysign(1, got) == 1
+
+
+def user_files(tmp_path):
+    """Each kind of text file a user hands fer-dist, as UTF-8 text, and how fer-dist reads it."""
+    root = tmp_path / "root"
+    write(root / "EXPR_Recognition_Challenge" / "Train_Set" / "a.txt", [",".join(EXPR.columns), "3", "-1"])
+    (root / "cropped_aligned" / "a").mkdir(parents=True)
+    return {
+        "labels CSV": (
+            "video,start_frame,end_frame,label\r\nclip1,1,30,Happiness\r\n",
+            lambda path: [(r.video, r.start, r.end, r.label, r.split) for r in read_labels(path)],
+        ),
+        "template": ("image_location,Neutral\r\nb/00001.jpg,\r\nb/00002.jpg,\r\n", read_template),
+        "test list": ("b\r\nc\r\n", lambda path: discover(root, test_list=path)),
+        "annotations": ("valence,arousal\r\n0.5,-0.25\r\n-5,-5\r\n", lambda path: read_annotation(path, VA).tolist()),
+    }
+
+
+@pytest.mark.parametrize("kind", ["labels CSV", "template", "test list", "annotations"])
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-8"])
+def test_every_text_file_a_user_hands_over_reads_the_same_in_utf16_or_with_a_bom(tmp_path, kind, encoding):
+    """What Windows editors save (UTF-16 with a byte-order mark, either byte order; UTF-8 with a
+    mark; CRLF) reads as its plain UTF-8 twin, for every kind of file; latin-1 is refused in one
+    line naming the file."""
+    text, read = user_files(tmp_path)[kind]
+    plain, marked, latin = tmp_path / "plain.txt", tmp_path / "marked.txt", tmp_path / "latin.txt"
+    plain.write_bytes(text.encode())
+    marked.write_bytes(("\ufeff" + text).encode(encoding))
+    assert read(marked) == read(plain)
+    latin.write_bytes(text.replace("\r\n", "é\r\n", 1).encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin.txt: not text in UTF-8, or UTF-16 with a byte-order mark"):
+        read(latin)

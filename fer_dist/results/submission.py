@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fer_dist.data.packing.layout import read_text
 from fer_dist.data.shards.format import sample_key
 from fer_dist.engine.predictions import split_keys
 from fer_dist.errors import InputError
@@ -34,7 +35,7 @@ def by_frame(keys: np.ndarray, labels: np.ndarray) -> dict[str, dict[int, int]]:
 
 def read_template(path: Path) -> list[tuple[str, int]]:
     """The required (video, frame) rows of an ABAW5/6 template, in its order."""
-    lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    lines = read_text(path).splitlines()
     if not lines or not lines[0].startswith("image_location"):
         raise SubmissionError(f"{path}: not an ABAW expression template (first line must start with image_location)")
     rows = []

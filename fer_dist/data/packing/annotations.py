@@ -17,11 +17,13 @@ end and overlapping ranges are refused, naming the row, and then no annotation f
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from fer_dist.data.packing.layout import read_text
 from fer_dist.data.shards.format import atomic_write
 from fer_dist.errors import InputError
 from fer_dist.labels import CLASSES, UNLABELLED
@@ -62,7 +64,7 @@ def read_labels(path: Path) -> list[LabelRow]:
     naming the line, for a missing header, an unknown class or split, a frame number that is not
     a positive integer, and start_frame after end_frame."""
     path = Path(path)
-    with open(path, newline="", encoding="utf-8-sig") as fh:
+    with io.StringIO(read_text(path), newline="") as fh:
         reader = csv.DictReader(fh, skipinitialspace=True)
         header = tuple(c.strip() for c in reader.fieldnames or ())
         columns = [c for c in header if c != "split"]

@@ -53,15 +53,17 @@ def parent_name(name: str) -> str:
 
 
 def read_text(path: Path) -> str:
-    """The text of an annotation or submission file: UTF-8, with or without a byte-order mark, or
-    UTF-16 with one (what Windows Notepad saves as "Unicode"). Raises LayoutError naming the file
-    when it is neither."""
+    """The text of a user's text file (annotations, test lists, labels CSVs, templates,
+    submissions): UTF-8, with or without a byte-order mark, or UTF-16 with one (what Windows
+    Notepad saves as "Unicode"), line ends as written. Raises InputError naming the file when it is
+    neither."""
+    path = Path(path)
     data = path.read_bytes()
     encoding = "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as exc:
-        raise LayoutError(
+        raise InputError(
             f"{path}: not text in UTF-8, or UTF-16 with a byte-order mark ({exc.reason} at byte {exc.start})"
         ) from None
 
@@ -236,7 +238,7 @@ def discover(
                 splits.setdefault(p.stem, {})[track] = split
     named = sorted((next(iter(splits[n].values())), n) for n in files)
     if test_list is not None:
-        names = [n.strip() for n in Path(test_list).read_text().splitlines() if n.strip()]
+        names = [n.strip() for n in read_text(test_list).splitlines() if n.strip()]
         named += [("test", n) for n in names]
 
     videos, seen = [], {}
