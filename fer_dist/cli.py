@@ -81,6 +81,12 @@ def add_shard(sub: Subparsers) -> None:
     s.add_argument("--crops", nargs="*", default=[], help="crop folders (default: cropped_aligned*)")
     s.add_argument("--video-dirs", nargs="*", default=[], help="video folders (default: batch1, batch2, new_vids)")
     s.add_argument("--test-list", help="file listing the test videos, one name per line")
+    s.add_argument(
+        "--prefer",
+        nargs="*",
+        default=[],
+        help="folders (names or paths) whose video files and crop folders win when a name is in several",
+    )
     s.add_argument("--folds", default="video5", choices=FOLD_SCHEMES, help="how videos are dealt into fold groups")
     s.add_argument("--n-folds", type=int, default=5)
     s.add_argument("--seed", type=int, default=0)
@@ -119,6 +125,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
         video_dirs=[Path(p) for p in args.video_dirs] or None,
         test_list=optional_path(args.test_list),
         tracks=parse_tracks(args.tracks) if args.tracks is not None else None,
+        prefer=args.prefer,
     )
     with progress() as bar:
         task = bar.add_task("packing videos", total=len(videos), info="")

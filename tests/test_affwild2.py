@@ -1,6 +1,11 @@
+import itertools
+from pathlib import Path
+
 import pytest
 
-from fer_dist.data.packing.layout import LayoutError, read_annotation
+from fer_dist import cli
+from fer_dist.data.packing.layout import CROP_DIRS, VIDEO_DIRS, LayoutError, discover, read_annotation
+from fer_dist.data.shards.format import read_manifest
 from fer_dist.labels import CLASSES
 
 
@@ -48,3 +53,54 @@ def test_blank_line_before_more_labels_is_malformed(tmp_path):
     f.write_text(",".join(CLASSES) + "\n0\n\n5\n\n")
     with pytest.raises(LayoutError, match=r"v\.txt:3: malformed label ''"):
         read_annotation(f)
+
+
+def mirror(synthetic: Path, root: Path) -> Path:
+    """The synthetic set's layout under `root`, every video and crop folder a link to the set's, so
+    that a test can add clashing names; every video folder exists."""
+    for folder in (*VIDEO_DIRS, *CROP_DIRS):
+        (root / folder).mkdir(parents=True)
+        if (synthetic / folder).is_dir():
+            for item in (synthetic / folder).iterdir():
+                (root / folder / item.name).symlink_to(item)
+    for entry in synthetic.iterdir():
+        if not (root / entry.name).exists():
+            (root / entry.name).symlink_to(entry)
+    return root
+
+
+def clash(root: Path, first: str, second: str) -> tuple[Path, Path]:
+    """The first name of folder `first` also in `second` (a second copy, as in the public reports of
+    batches whose names collide); returns both paths."""
+    kept = sorted((root / first).iterdir())[0]
+    twin = root / second / kept.name
+    twin.symlink_to(kept.resolve())
+    return kept, twin
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [*itertools.permutations(VIDEO_DIRS, 2), *itertools.permutations(CROP_DIRS, 2)],
+)
+def test_a_name_in_two_folders_is_refused_naming_both_unless_one_is_preferred(synthetic, tmp_path, first, second):
+    """Every pair of video folders and of crop folders: a clash names both paths and the option;
+    --prefer (a folder's name or path) picks the file, and the other is kept as passed over."""
+    root = mirror(synthetic, tmp_path / "root")
+    kept, twin = clash(root, first, second)
+    with pytest.raises(LayoutError, match=r"1 (video file|crop folder) name\(s\) in several folders") as refused:
+        discover(root)
+    both = {f"{kept} and {twin}", f"{twin} and {kept}"}  # in the order the folders are searched
+    assert any(pair in str(refused.value) for pair in both) and "--prefer FOLDER" in str(refused.value)
+    for prefer, chosen, lost in (([second], twin, kept), ([str(root / first)], kept, twin)):
+        video = next(v for v in discover(root, prefer=prefer) if kept.stem in (v.name, v.parent))
+        assert (video.crops if kept.is_dir() else video.media) == chosen and video.passed_over == (lost,)
+
+
+def test_a_preferred_folder_is_packed_and_said_in_a_warning(synthetic, tmp_path, capsys):
+    root = mirror(synthetic, tmp_path / "root")
+    kept, twin = clash(root, "batch1", "new_vids")
+    out = tmp_path / "shards"
+    assert cli.main(["shard", "--root", str(root), "--out", str(out), "--prefer", "new_vids"]) == 0
+    said = "".join(capsys.readouterr().err.split())  # the console wraps long paths anywhere
+    assert "".join(f"{twin} packed, not {kept} (--prefer)".split()) in said
+    assert any(f"{twin} packed, not {kept}" in p for p in read_manifest(out).problems)

@@ -36,6 +36,7 @@ class Video:
     crops: Path | None  # folder of NNNNN.jpg, None when the video has no crop folder
     media: Path | None  # the video file the audio comes from
     splits: dict[str, str] = field(default_factory=dict)  # track name -> the video's official split in it
+    passed_over: tuple[Path, ...] = ()  # crop folders and video files of its name in folders --prefer ranks lower
 
     @property
     def annotation(self) -> Path | None:
@@ -154,26 +155,48 @@ def annotation_splits(challenge: Path) -> dict[str, Path]:
     return splits
 
 
-def _index_media(dirs: list[Path]) -> dict[str, Path]:
-    media: dict[str, Path] = {}
-    for d in dirs:
-        for p in sorted(d.iterdir()):
-            if p.suffix.lower() in VIDEO_SUFFIXES:
-                old = media.get(p.stem)
-                if old is None or (old.suffix.lower() != ".mp4" and p.suffix.lower() == ".mp4"):
-                    media[p.stem] = p
-    return media
+def _in_folder(d: Path, crops: bool) -> dict[str, Path]:
+    """The crop folders (`crops`) or video files in folder `d`, by name; of two containers of one
+    video in one folder, the .mp4."""
+    found: dict[str, Path] = {}
+    for p in sorted(d.iterdir()):
+        if crops and p.is_dir():
+            found[p.name] = p
+        elif not crops and p.suffix.lower() in VIDEO_SUFFIXES:
+            old = found.get(p.stem)
+            if old is None or (old.suffix.lower() != ".mp4" and p.suffix.lower() == ".mp4"):
+                found[p.stem] = p
+    return found
 
 
-def _index_crops(dirs: list[Path]) -> dict[str, Path]:
-    crops: dict[str, Path] = {}
+def _index(dirs: list[Path], crops: bool, prefer: list[str]) -> tuple[dict[str, Path], dict[str, list[Path]]]:
+    """Each video's file (or crop folder, `crops`) in `dirs`, and the others of its name that lost
+    to it. A name in several folders is taken from the first of them named in `prefer` (folder
+    names or paths); with none named, LayoutError lists the clashes, both paths of each."""
+    places: dict[str, list[Path]] = {}
     for d in dirs:
-        for p in sorted(d.iterdir()):
-            if p.is_dir():
-                if p.name in crops:
-                    raise LayoutError(f"crop folder {p.name} is in both {crops[p.name].parent} and {d}")
-                crops[p.name] = p
-    return crops
+        for name, path in _in_folder(d, crops).items():
+            places.setdefault(name, []).append(path)
+    rank = {p: i for i, p in enumerate(prefer)}
+
+    def preference(path: Path) -> int:
+        folder = path.parent
+        return min(rank.get(folder.name, len(prefer)), rank.get(str(folder), len(prefer)))
+
+    chosen, passed_over, clashes = {}, {}, []
+    for name, paths in places.items():
+        best = min(paths, key=preference)
+        if len(paths) > 1 and preference(best) == len(prefer):
+            clashes.append(" and ".join(map(str, paths)))
+        chosen[name], passed_over[name] = best, [p for p in paths if p != best]
+    if clashes:
+        kind = "crop folder" if crops else "video file"
+        raise LayoutError(
+            f"{len(clashes)} {kind} name(s) in several folders: {'; '.join(clashes[:3])}"
+            + (f"; and {len(clashes) - 3} more" if len(clashes) > 3 else "")
+            + "; say which folder wins with --prefer FOLDER"
+        )
+    return chosen, {name: paths for name, paths in passed_over.items() if paths}
 
 
 def _track_splits(root: Path, annotations: Path | None, tracks: list[Track] | None) -> dict[str, dict[str, Path]]:
@@ -204,13 +227,16 @@ def discover(
     video_dirs: list[Path] | None = None,
     test_list: Path | None = None,
     tracks: list[Track] | None = None,
+    prefer: list[str] | None = None,
 ) -> list[Video]:
     """Every video with its annotation files (one per track it carries), crop folder and media
     file, found under `root` by the real folder names; explicit paths override discovery. `tracks`:
     those to read (each must have its folder); None: every track found. A video's `split` is its
-    split in the first track that carries it (expr, au, va), `splits` its split in each. Raises
-    LayoutError for a missing folder, a name with a dot, and a video in two splits of one track
-    or both annotated and a test video."""
+    split in the first track that carries it (expr, au, va), `splits` its split in each. A video
+    file or crop folder name found in several of the folders is taken from the first of them in
+    `prefer` (folder names or paths; `Video.passed_over` keeps the others). Raises LayoutError for a
+    missing folder, a name with a dot, a name in several folders none of which `prefer` names, and a
+    video in two splits of one track or both annotated and a test video."""
     root = Path(root)
     if not root.is_dir():
         raise LayoutError(f"{root}: not a directory")
@@ -219,8 +245,8 @@ def discover(
     video_dirs = video_dirs or [d for d in _find_dirs(root, VIDEO_DIRS, depth=1)]
     if not crop_dirs:
         raise LayoutError(f"{root}: no face-crop folder ({' / '.join(CROP_DIRS)})")
-    crops = _index_crops(crop_dirs)
-    media = _index_media(video_dirs)
+    crops, crops_over = _index(crop_dirs, True, prefer or [])
+    media, media_over = _index(video_dirs, False, prefer or [])
 
     files: dict[str, dict[str, Path]] = {}
     splits: dict[str, dict[str, str]] = {}
@@ -255,5 +281,6 @@ def discover(
             )
         seen[name] = split
         parts = (files.get(name, {}), crops.get(name), media.get(parent_name(name)), splits.get(name, {}))
-        videos.append(Video(name, split, *parts))
+        over = tuple(crops_over.get(name, []) + media_over.get(parent_name(name), []))
+        videos.append(Video(name, split, *parts, passed_over=over))
     return videos

@@ -760,6 +760,11 @@ def pack(
         jobs2 = [(g, records, params, work, out) for g in names]
         shards = dict(zip(names, pool.imap(write_group, jobs2), strict=True))
     manifest = manifest_of(records, sums, shards, params, stamp)
+    manifest.problems += [
+        f"{v.name}: {v.crops if lost.is_dir() else v.media} packed, not {lost} (--prefer)"
+        for v in videos
+        for lost in v.passed_over
+    ]
     manifest.write(out)
     shutil.rmtree(work)
     return manifest
