@@ -39,6 +39,8 @@ import numpy as np
 from fer_dist.console import console, print_table
 from fer_dist.data.packing.faces import DETECTORS, Detector, Face, Tracker, align
 from fer_dist.data.packing.layout import CROP_DIRS, VIDEO_DIRS, VIDEO_SUFFIXES
+from fer_dist.data.packing.workers import completed
+from fer_dist.data.packing.workers import pool as workers_pool
 from fer_dist.data.shards.format import atomic_write
 from fer_dist.errors import InputError
 
@@ -333,8 +335,8 @@ def crop(
             if progress:
                 progress(reports[-1])
     else:
-        with multiprocessing.get_context("forkserver").Pool(workers) as pool:
-            for report in pool.imap_unordered(crop_video, jobs):
+        with workers_pool(workers, multiprocessing.get_context("forkserver")) as pool:
+            for report in completed(pool, crop_video, jobs):
                 reports.append(report)
                 if progress:
                     progress(report)

@@ -29,6 +29,8 @@ import numpy as np
 
 from fer_dist.data.packing import audio
 from fer_dist.data.packing.layout import Video
+from fer_dist.data.packing.workers import completed
+from fer_dist.data.packing.workers import pool as workers_pool
 from fer_dist.data.shards import tars
 from fer_dist.data.shards.format import (
     LABEL,
@@ -176,8 +178,8 @@ def write_features(
         return done
     work = out / ".work"
     jobs = [(by_name[n], r.frames, params, work) for n, r in source.videos.items()]
-    with multiprocessing.get_context("forkserver").Pool(max(1, workers)) as pool:  # see pack.worker_context
-        for _ in pool.imap_unordered(prosody_job, jobs):
+    with workers_pool(workers, multiprocessing.get_context("forkserver")) as pool:  # see pack.worker_context
+        for _ in completed(pool, prosody_job, jobs):
             if progress:
                 progress("audio", 0)
     prosodies = {n: np.load(work / f"{n}.afeat.npy", allow_pickle=False) for n in source.videos}

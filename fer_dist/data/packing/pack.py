@@ -31,6 +31,8 @@ from torchvision.io import decode_jpeg
 from fer_dist.console import console, out, print_table
 from fer_dist.data.packing import audio
 from fer_dist.data.packing.layout import VIDEO_SUFFIXES, Video, list_crops, other_images, read_annotation
+from fer_dist.data.packing.workers import completed, in_order
+from fer_dist.data.packing.workers import pool as workers_pool
 from fer_dist.data.shards.format import (
     FORMAT_VERSION,
     LABEL,
@@ -750,15 +752,19 @@ def pack(
     groups = assign_folds(videos, params.folds, params.n_folds, params.seed)
     records: dict[str, VideoRecord] = {}
     sums: dict[str, MelSums] = {}
-    with worker_context().Pool(max(1, workers), initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        jobs = [(v, groups[v.name], params, work) for v in videos]
-        for name, record, mel in pool.imap_unordered(pack_video, jobs):
-            records[name], sums[name] = record, mel
-            if progress:
-                progress("videos", record.samples)
-        names = sorted(set(groups.values()))
-        jobs2 = [(g, records, params, work, out) for g in names]
-        shards = dict(zip(names, pool.imap(write_group, jobs2), strict=True))
+    try:
+        with workers_pool(workers, worker_context(), torch.set_num_threads, (1,)) as pool:
+            jobs = [(v, groups[v.name], params, work) for v in videos]
+            for name, record, mel in completed(pool, pack_video, jobs):
+                records[name], sums[name] = record, mel
+                if progress:
+                    progress("videos", record.samples)
+            names = sorted(set(groups.values()))
+            jobs2 = [(g, records, params, work, out) for g in names]
+            shards = dict(zip(names, in_order(pool, write_group, jobs2), strict=True))
+    except OSError:
+        console.print(f"[yellow]packing stopped:[/] {work} keeps each video packed so far; the same command resumes")
+        raise
     manifest = manifest_of(records, sums, shards, params, stamp)
     manifest.problems += [
         f"{v.name}: {v.crops if lost.is_dir() else v.media} packed, not {lost} (--prefer)"

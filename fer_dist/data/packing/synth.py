@@ -47,6 +47,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fer_dist.data.packing.layout import read_annotation
+from fer_dist.data.packing.workers import completed
+from fer_dist.data.packing.workers import pool as workers_pool
 from fer_dist.errors import InputError
 from fer_dist.labels import CLASSES, NUM_CLASSES, PAPER_TRAIN_COUNTS, UNLABELLED
 from fer_dist.tracks import ACTION_UNITS, TRACKS, track
@@ -685,8 +687,8 @@ def synthesize(
     plans = plan(n_videos, test_videos, names)
     jobs = [(out, p, seed, i, length, style, tuple(shape_size)) for i, p in enumerate(plans)]
     total = 0
-    with multiprocessing.get_context("forkserver").Pool(max(1, workers)) as pool:
-        for labelled in pool.imap_unordered(make_video, jobs):
+    with workers_pool(workers, multiprocessing.get_context("forkserver")) as pool:
+        for labelled in completed(pool, make_video, jobs):
             total += labelled.get(names[0], 0)
             if progress is not None:
                 progress()
