@@ -7,6 +7,7 @@ the workers by a `sitecustomize` the test puts on their path."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -86,7 +87,8 @@ def test_a_worker_killed_by_sigkill_ends_the_packing_at_once(synthetic, tmp_path
 
 
 def test_a_full_disk_in_a_worker_ends_the_packing_with_one_line(synthetic, tmp_path):
-    """Each worker's second spool write finds the disk full."""
+    """Each worker's second spool write finds the disk full; with room again, the same command
+    resumes from the videos packed before the failure (at most one a worker), and says so."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(FULL_DISK)
@@ -95,3 +97,7 @@ def test_a_full_disk_in_a_worker_ends_the_packing_with_one_line(synthetic, tmp_p
     status, err = ended(shard(synthetic, out, env))
     assert status == 2
     one_line(err, "No space left on device", out)
+    status, err = ended(shard(synthetic, out))  # room again: the same command resumes, and says so
+    resumed = re.search(r"resuming: (\d) of 7 videos were packed before", " ".join(err.split()))
+    assert status == 0 and resumed and 1 <= int(resumed[1]) <= 2, err  # one a worker, before its failure
+    assert (out / "manifest.json").exists() and not (out / ".work").exists()

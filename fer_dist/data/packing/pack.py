@@ -749,6 +749,9 @@ def pack(
         console.print(f"{out} holds the shards of these very inputs and settings: kept, nothing packed again")
         return done
     work = out / ".work"
+    resumed = sum((work / f"{v.name}.json").exists() for v in videos)
+    if resumed:
+        console.print(f"resuming: {resumed} of {len(videos)} videos were packed before, in {work}")
     groups = assign_folds(videos, params.folds, params.n_folds, params.seed)
     records: dict[str, VideoRecord] = {}
     sums: dict[str, MelSums] = {}
