@@ -83,7 +83,8 @@ def add_shard(sub: Subparsers) -> None:
     s.add_argument("--test-list", help="file listing the test videos, one name per line")
     s.add_argument(
         "--prefer",
-        nargs="*",
+        nargs="+",
+        action="extend",
         default=[],
         help="folders (names or paths) whose video files and crop folders win when a name is in several",
     )
@@ -292,12 +293,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         quality = survey.quality_rows(manifest) if manifest else []
         per_track = survey.track_rows(manifest) if manifest else []
         extra = {"manifest_differences": diffs, "agrees": agree, "quality": quality, "track_totals": per_track}
+        extra["packing_warnings"] = manifest.problems if manifest else []
         out.print_json(json.dumps({**found, **extra}))
     else:
         survey.show(folder, found, diffs, agree)
         if manifest is not None:
             survey.show_tracks(manifest)
             survey.show_quality(manifest)
+            for line in manifest.problems:
+                console.print(f"[yellow]packing warning:[/] {line}")
     return 0 if agree else 1
 
 

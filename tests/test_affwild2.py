@@ -1,11 +1,14 @@
 import itertools
+import shutil
 from pathlib import Path
 
 import pytest
 
 from fer_dist import cli
 from fer_dist.data.packing.layout import CROP_DIRS, VIDEO_DIRS, LayoutError, discover, read_annotation
-from fer_dist.data.shards.format import read_manifest
+from fer_dist.data.packing.pack import pack
+from fer_dist.data.shards.format import PackParams, read_manifest
+from fer_dist.errors import InputError
 from fer_dist.labels import CLASSES
 
 
@@ -56,15 +59,18 @@ def test_blank_line_before_more_labels_is_malformed(tmp_path):
 
 
 def mirror(synthetic: Path, root: Path) -> Path:
-    """The synthetic set's layout under `root`, every video and crop folder a link to the set's, so
-    that a test can add clashing names; every video folder exists."""
+    """The synthetic set's layout under `root`, every video and crop folder a link to the set's and
+    its annotations a copy, so that a test can add clashing names and change labels; every video
+    folder exists."""
     for folder in (*VIDEO_DIRS, *CROP_DIRS):
         (root / folder).mkdir(parents=True)
         if (synthetic / folder).is_dir():
             for item in (synthetic / folder).iterdir():
                 (root / folder / item.name).symlink_to(item)
-    for entry in synthetic.iterdir():
-        if not (root / entry.name).exists():
+    for entry in synthetic.iterdir():  # the annotations copied: a test may change them
+        if entry.is_dir() and not (root / entry.name).exists():
+            shutil.copytree(entry, root / entry.name)
+        elif not (root / entry.name).exists():
             (root / entry.name).symlink_to(entry)
     return root
 
@@ -104,3 +110,37 @@ def test_a_preferred_folder_is_packed_and_said_in_a_warning(synthetic, tmp_path,
     said = "".join(capsys.readouterr().err.split())  # the console wraps long paths anywhere
     assert "".join(f"{twin} packed, not {kept} (--prefer)".split()) in said
     assert any(f"{twin} packed, not {kept}" in p for p in read_manifest(out).problems)
+
+
+def test_prefer_takes_a_folder_by_name_or_any_path_and_refuses_one_naming_none_or_two(synthetic, tmp_path, monkeypatch):
+    root = mirror(synthetic, tmp_path / "root")
+    kept, twin = clash(root, "batch1", "batch2")
+    monkeypatch.chdir(tmp_path)
+    for prefer in ("batch2", "batch2/", str(root / "batch2"), "root/batch2/", "./root/../root/batch2"):
+        video = next(v for v in discover(root, prefer=[prefer]) if v.parent == kept.stem)
+        assert video.media == twin, prefer
+    with pytest.raises(LayoutError, match="--prefer batch9 names none of the folders searched"):
+        discover(root, prefer=["batch9"])
+    with pytest.raises(LayoutError, match="--prefer names none of a clash's folders"):
+        discover(root, prefer=["new_vids"])
+    other = tmp_path / "elsewhere" / "batch2"
+    other.mkdir(parents=True)
+    with pytest.raises(LayoutError, match=rf"--prefer batch2 names {root / 'batch2'} and {other}; give the path"):
+        discover(root, video_dirs=[root / "batch1", root / "batch2", other], prefer=["batch2"])
+    args = cli.parser().parse_args(["shard", "--root", "r", "--out", "o", "--prefer", "a", "--prefer", "b", "c"])
+    assert args.prefer == ["a", "b", "c"]  # a repeated option adds to the list
+
+
+def test_a_packing_stopped_by_a_bad_file_before_it_finished_anything_starts_over_once_it_is_mended(synthetic, tmp_path):
+    root = mirror(synthetic, tmp_path / "root")
+    videos = discover(root)
+    first = videos[0].annotation
+    good = first.read_bytes()
+    first.unlink()
+    first.write_bytes(good.replace(b"Neutral", "Neutré".encode("latin-1"), 1))
+    out = tmp_path / "shards"
+    with pytest.raises(InputError, match="not text in UTF-8"):
+        pack(discover(root), out, PackParams(), workers=1)
+    assert (out / ".work" / "stamp.json").exists()
+    first.write_bytes(good)
+    assert pack(discover(root), out, PackParams(), workers=1).totals.videos == len(videos)

@@ -62,11 +62,17 @@ def read_text(path: Path) -> str:
     data = path.read_bytes()
     encoding = "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
     try:
-        return data.decode(encoding)
+        text = data.decode(encoding)
     except UnicodeDecodeError as exc:
         raise InputError(
             f"{path}: not text in UTF-8, or UTF-16 with a byte-order mark ({exc.reason} at byte {exc.start})"
         ) from None
+    if "\x00" in text:
+        raise InputError(
+            f"{path}: not text in UTF-8, or UTF-16 with a byte-order mark (a NUL character at byte "
+            f"{data.index(0)}: UTF-16 or UTF-32 saved without one?)"
+        )
+    return text
 
 
 def read_annotation(path: Path, track: Track = TRACKS["expr"]) -> np.ndarray:
@@ -169,6 +175,24 @@ def _in_folder(d: Path, crops: bool) -> dict[str, Path]:
     return found
 
 
+def names_folder(prefer: str, folder: Path) -> bool:
+    """Whether `--prefer` value `prefer` names `folder`: by its name alone, or as a path to it."""
+    if "/" not in prefer.rstrip("/") and not Path(prefer).is_absolute():
+        return folder.name == prefer.rstrip("/")
+    return Path(prefer).resolve() == folder.resolve()
+
+
+def check_prefer(prefer: list[str], dirs: list[Path]) -> None:
+    """Refuses (LayoutError) a `--prefer` value that names none of the video and crop folders
+    searched, or that names two of them by the name they share."""
+    for p in prefer:
+        named = [d for d in dirs if names_folder(p, d)]
+        if not named:
+            raise LayoutError(f"--prefer {p} names none of the folders searched ({', '.join(map(str, dirs))})")
+        if len(named) > 1:
+            raise LayoutError(f"--prefer {p} names {' and '.join(map(str, named))}; give the path of the one that wins")
+
+
 def _index(dirs: list[Path], crops: bool, prefer: list[str]) -> tuple[dict[str, Path], dict[str, list[Path]]]:
     """Each video's file (or crop folder, `crops`) in `dirs`, and the others of its name that lost
     to it. A name in several folders is taken from the first of them named in `prefer` (folder
@@ -177,11 +201,9 @@ def _index(dirs: list[Path], crops: bool, prefer: list[str]) -> tuple[dict[str, 
     for d in dirs:
         for name, path in _in_folder(d, crops).items():
             places.setdefault(name, []).append(path)
-    rank = {p: i for i, p in enumerate(prefer)}
 
     def preference(path: Path) -> int:
-        folder = path.parent
-        return min(rank.get(folder.name, len(prefer)), rank.get(str(folder), len(prefer)))
+        return next((i for i, p in enumerate(prefer) if names_folder(p, path.parent)), len(prefer))
 
     chosen, passed_over, clashes = {}, {}, []
     for name, paths in places.items():
@@ -194,7 +216,7 @@ def _index(dirs: list[Path], crops: bool, prefer: list[str]) -> tuple[dict[str, 
         raise LayoutError(
             f"{len(clashes)} {kind} name(s) in several folders: {'; '.join(clashes[:3])}"
             + (f"; and {len(clashes) - 3} more" if len(clashes) > 3 else "")
-            + "; say which folder wins with --prefer FOLDER"
+            + ("; --prefer names none of a clash's folders" if prefer else "; say which wins with --prefer FOLDER")
         )
     return chosen, {name: paths for name, paths in passed_over.items() if paths}
 
@@ -245,6 +267,7 @@ def discover(
     video_dirs = video_dirs or [d for d in _find_dirs(root, VIDEO_DIRS, depth=1)]
     if not crop_dirs:
         raise LayoutError(f"{root}: no face-crop folder ({' / '.join(CROP_DIRS)})")
+    check_prefer(prefer or [], [*crop_dirs, *video_dirs])
     crops, crops_over = _index(crop_dirs, True, prefer or [])
     media, media_over = _index(video_dirs, False, prefer or [])
 

@@ -527,7 +527,8 @@ def atomic_write(path: Path, data: bytes) -> None:
 def claim(out: Path, key: str, stamp: dict, error: type[InputError], what: str) -> Manifest | None:
     """The finished manifest under `out` when it was made with `stamp` (under `key`), else None
     after recording `stamp` for the work in `out/.work`; other settings, finished or begun, are an
-    `error` naming `what` was made there."""
+    `error` naming `what` was made there, but for work begun that finished nothing (a run that
+    stopped at once, e.g. on a bad input since mended): it starts over."""
     if manifest_path(out).exists():
         if json.loads(manifest_path(out).read_text()).get(key) != stamp:
             raise error(f"{out} holds {what} made from other inputs or settings; remove it or use another folder")
@@ -535,7 +536,8 @@ def claim(out: Path, key: str, stamp: dict, error: type[InputError], what: str) 
     work = out / ".work"
     work.mkdir(parents=True, exist_ok=True)
     stamp_path = work / "stamp.json"
-    if stamp_path.exists() and json.loads(stamp_path.read_text()) != stamp:
+    finished = [p for p in work.iterdir() if p.name != stamp_path.name and not p.name.endswith(".tmp")]
+    if stamp_path.exists() and json.loads(stamp_path.read_text()) != stamp and finished:
         raise error(f"{out} holds {what} started from other inputs or settings; remove it or use another folder")
     atomic_write(stamp_path, json.dumps(stamp).encode())
     return None
