@@ -293,7 +293,14 @@ def discover(
     videos, seen = [], {}
     for split, name in named:
         if "." in name:
-            raise LayoutError(f"{test_list}: video name {name!r} contains a dot; shard keys cannot")
+            suffix = Path(name).suffix.lower()
+            hint = f" (list it as {Path(name).stem}, without {suffix})" if suffix in VIDEO_SUFFIXES else ""
+            raise LayoutError(f"{test_list}: video name {name!r} contains a dot; shard keys cannot{hint}")
+        if split == "test" and name not in crops and parent_name(name) not in media:
+            raise LayoutError(
+                f"{test_list}: test video {name} has neither a crop folder nor a video file under the folders "
+                "searched (a typo?); a submission would lack it"
+            )
         if name in seen and seen[name] == "test":
             raise LayoutError(f"{test_list}: video {name} is listed twice")
         if name in seen:
