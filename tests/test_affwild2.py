@@ -149,7 +149,7 @@ def test_a_packing_stopped_by_a_bad_file_before_it_finished_anything_starts_over
 def test_a_test_list_naming_a_video_found_nowhere_or_a_file_name_is_refused(synthetic, tmp_path):
     listed = tmp_path / "test_set.txt"
     listed.write_text("8-30-640x36\n")  # a typo: no crops, no video
-    with pytest.raises(LayoutError, match="test video 8-30-640x36 has neither a crop folder nor a video file"):
+    with pytest.raises(LayoutError, match=r"test video\(s\) 8-30-640x36 have neither a crop folder nor a video file"):
         discover(synthetic, test_list=listed)
     listed.write_text("8-30-640x360.mp4\n")
     with pytest.raises(LayoutError, match=r"shard keys cannot \(list it as 8-30-640x360, without .mp4\)"):

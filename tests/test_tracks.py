@@ -255,7 +255,8 @@ def user_files(tmp_path):
     """Each kind of text file a user hands fer-dist, as UTF-8 text, and how fer-dist reads it."""
     root = tmp_path / "root"
     write(root / "EXPR_Recognition_Challenge" / "Train_Set" / "a.txt", [",".join(EXPR.columns), "3", "-1"])
-    (root / "cropped_aligned" / "a").mkdir(parents=True)
+    for video in ("a", "b", "c"):  # a annotated; b and c the test list's
+        (root / "cropped_aligned" / video).mkdir(parents=True)
     return {
         "labels CSV": (
             "video,start_frame,end_frame,label\r\nclip1,1,30,Happiness\r\n",

@@ -296,11 +296,6 @@ def discover(
             suffix = Path(name).suffix.lower()
             hint = f" (list it as {Path(name).stem}, without {suffix})" if suffix in VIDEO_SUFFIXES else ""
             raise LayoutError(f"{test_list}: video name {name!r} contains a dot; shard keys cannot{hint}")
-        if split == "test" and name not in crops and parent_name(name) not in media:
-            raise LayoutError(
-                f"{test_list}: test video {name} has neither a crop folder nor a video file under the folders "
-                "searched (a typo?); a submission would lack it"
-            )
         if name in seen and seen[name] == "test":
             raise LayoutError(f"{test_list}: video {name} is listed twice")
         if name in seen:
@@ -313,4 +308,10 @@ def discover(
         parts = (files.get(name, {}), crops.get(name), media.get(parent_name(name)), splits.get(name, {}))
         over = tuple(crops_over.get(name, []) + media_over.get(parent_name(name), []))
         videos.append(Video(name, split, *parts, passed_over=over))
+    nowhere = [v.name for v in videos if v.split == "test" and v.crops is None and v.media is None]
+    if nowhere:
+        raise LayoutError(
+            f"{test_list}: test video(s) {', '.join(nowhere)} have neither a crop folder nor a video file under "
+            "the folders searched (a typo?); a submission would lack them"
+        )
     return videos
