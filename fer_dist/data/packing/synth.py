@@ -51,7 +51,7 @@ from fer_dist.data.packing.workers import completed
 from fer_dist.data.packing.workers import pool as workers_pool
 from fer_dist.errors import InputError
 from fer_dist.labels import CLASSES, NUM_CLASSES, PAPER_TRAIN_COUNTS, UNLABELLED
-from fer_dist.tracks import ACTION_UNITS, TRACKS, track
+from fer_dist.tracks import ACTION_UNITS, TRACKS, parse_tracks
 
 LOOK = (0, 1, 2, 3, 4, 5, 3, 0)  # class -> face; Fear/Surprise and Neutral/Other share one
 SOUND = (0, 1, 1, 2, 3, 4, 3, 5)  # class -> sound; Anger/Disgust and Happiness/Surprise share one
@@ -629,12 +629,9 @@ def make_video(job: tuple[Path, Plan, int, int, int, str, tuple[float, float]]) 
 
 
 def asked(tracks) -> tuple[str, ...]:
-    """The names of `tracks` (some of TRACKS: expr, au, va) in TRACKS' order, each once. Raises
-    InputError for none or an unknown one."""
-    names = {track(name).name for name in tracks}
-    if not names:
-        raise InputError(f"--tracks names no track; give some of {', '.join(TRACKS)}")
-    return tuple(name for name in TRACKS if name in names)
+    """The names of `tracks` (some of TRACKS: expr, au, va) in TRACKS' order, each once
+    (`parse_tracks`). Raises TrackError for none or an unknown one."""
+    return tuple(t.name for t in parse_tracks(",".join(tracks)))
 
 
 def check(
