@@ -22,6 +22,7 @@ import yaml
 
 from fer_dist.errors import InputError
 from fer_dist.labels import CLASSES
+from fer_dist.tracks import DEFAULT, TRACKS, TrackError, track
 
 N_CLASSES = len(CLASSES)
 # The experiment configs and Accelerate launch files: the checkout's configs/ and launch/, shipped
@@ -96,6 +97,12 @@ class LossConfig:
     focal_gamma: float = 2.0  # focal: the focusing exponent gamma (paper 003: 2)
     rdrop_alpha: float = 0.0  # > 0: R-Drop, two dropout passes and this weight on their symmetric KL (paper 004: 5)
     head_weights: dict[str, float] = field(default_factory=dict)  # per-head loss weight; a head not named weighs 1
+    # Action units: binary cross-entropy, each AU's positives weighed by its negatives / positives in
+    # the training folds (counts), the square root of that (sqrt), or not (none); plus paper 001's
+    # multi-label circle loss (Eq. 5) at this weight (paper 001: 1).
+    au_pos_weight: Literal["counts", "sqrt", "none"] = "counts"
+    au_circle: float = 0.0
+    va_mse: float = 0.0  # valence-arousal: 1 - CCC per dimension over the batch, plus this weight on the MSE
 
 
 @dataclass
@@ -125,6 +132,7 @@ class TrainConfig:
 
 @dataclass
 class Config:
+    tracks: list[str] = field(default_factory=lambda: list(DEFAULT))  # what the run learns: expr, au or va
     model: dict[str, Any] = field(default_factory=lambda: {"name": "mfm"})
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -189,12 +197,33 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
 SECTIONS = ("model", "data", "optim", "loss", "train")
 
 
+def run_tracks(value: Any) -> list[str]:
+    """The config's `tracks` (a list, or one name or a comma-separated string: `tracks=au`), in
+    registry order. A run learns one track; several in one model are refused for now. Raises
+    ConfigError."""
+    names = [n.strip() for n in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"tracks: a list of track names ({', '.join(TRACKS)}), e.g. tracks=[au], not {value!r}")
+    try:
+        chosen = {track(n).name for n in names}
+    except TrackError as exc:
+        raise ConfigError(f"tracks: {exc}") from None
+    if len(chosen) > 1:
+        raise ConfigError(
+            f"tracks: a run learns one track ([expr], [au] or [va]), not {', '.join(sorted(chosen))}; train one run "
+            "per track (fer-dist cv for each) and submit each track's files"
+        )
+    return [name for name in TRACKS if name in chosen]
+
+
 def from_dict(raw: dict) -> Config:
     if not isinstance(raw, dict):
-        raise ConfigError(f"a config is a mapping of sections ({', '.join(SECTIONS)})")
+        raise ConfigError(f"a config is a mapping of sections ({', '.join(SECTIONS)}) and its tracks")
+    raw = dict(raw)
+    tracks = run_tracks(raw.pop("tracks", list(DEFAULT)))
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise ConfigError(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+        raise ConfigError(f"unknown section(s) {', '.join(unknown)}; known: tracks, {', '.join(SECTIONS)}")
     lists = [s for s in SECTIONS if not isinstance(raw.get(s) or {}, dict)]
     if lists:
         raise ConfigError(f"section(s) {', '.join(lists)}: each a mapping of keys to values, not {raw[lists[0]]!r}")
@@ -211,6 +240,7 @@ def from_dict(raw: dict) -> Config:
     if not isinstance(model.get("name"), str):
         raise ConfigError("model.name must name a model (see fer_dist.models.list_models())")
     cfg = Config(
+        tracks=tracks,
         model=model,
         data=_section(DataConfig, raw.get("data") or {}, "data"),
         optim=_section(OptimConfig, raw.get("optim") or {}, "optim"),
@@ -273,6 +303,14 @@ def validate(cfg: Config) -> None:
         (
             cfg.optim.restart_epochs > 0 and cfg.optim.restart_mult >= 1 and 0 <= cfg.optim.warmup_fraction < 1,
             "optim.restart_epochs > 0, optim.restart_mult >= 1 and 0 <= optim.warmup_fraction < 1",
+        ),
+        (
+            cfg.tracks == ["expr"] or d.mix == "none",
+            f"data.mix={d.mix} mixes expression labels; a run of tracks={cfg.tracks} takes data.mix=none",
+        ),
+        (
+            cfg.loss.au_circle >= 0 and cfg.loss.va_mse >= 0,
+            "loss.au_circle and loss.va_mse are non-negative weights",
         ),
         (cfg.train.epochs > 0, "train.epochs must be positive"),
         (cfg.train.effective_batch_size >= 0, "train.effective_batch_size must be 0 or positive"),

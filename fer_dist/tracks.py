@@ -106,6 +106,23 @@ class Track:
         label[order] = values
         return label
 
+    def values(self, outputs: np.ndarray) -> np.ndarray:
+        """A head's raw [N, outputs] columns for this track as the track's values: expression class
+        probabilities (softmax), AU probabilities (sigmoid), valence and arousal in (-1, 1) (tanh)."""
+        outputs = np.asarray(outputs, np.float64)
+        if self.name == "expr":
+            e = np.exp(outputs - outputs.max(1, keepdims=True))
+            return e / e.sum(1, keepdims=True)
+        return 1 / (1 + np.exp(-outputs)) if self.name == "au" else np.tanh(outputs)
+
+    def decide(self, values: np.ndarray, thresholds: np.ndarray | float = 0.5) -> np.ndarray:
+        """[N, outputs] `values` as labels in the annotation's convention: the most probable class
+        [N]; each AU on where its probability reaches its threshold ([12] or one for all) [N, 12];
+        valence and arousal as they are [N, 2]."""
+        if self.name == "expr":
+            return np.asarray(values).argmax(1)
+        return (np.asarray(values) >= thresholds).astype(np.int8) if self.name == "au" else np.asarray(values)
+
     def format(self, value) -> str:
         """One submission row's values: a class index, twelve 0/1, or `valence,arousal`."""
         if self.name == "expr":
@@ -149,7 +166,7 @@ TRACKS = {
 }
 
 
-LEARNT = ("expr",)  # the tracks a training run learns and is scored on; the others are packed, read and scored
+DEFAULT = ("expr",)  # the tracks a run learns when its config names none
 
 
 def track(name: str) -> Track:
@@ -157,6 +174,16 @@ def track(name: str) -> Track:
     if name not in TRACKS:
         raise TrackError(f"unknown track {name!r}; fer-dist knows {', '.join(TRACKS)}")
     return TRACKS[name]
+
+
+def layout(names: list[str] | tuple[str, ...]) -> dict[str, slice]:
+    """Where each of the tracks `names` lies among a head's output columns: the tracks in registry
+    order, each `outputs` wide (expressions 0:8, then action units, then valence-arousal)."""
+    spans, start = {}, 0
+    for name, t in TRACKS.items():
+        if name in names:
+            spans[name], start = slice(start, start + t.outputs), start + t.outputs
+    return spans
 
 
 def parse_tracks(text: str) -> list[Track]:

@@ -412,7 +412,8 @@ def test_the_workers_and_the_device_bring_crops_of_every_size_to_one(quirky):
 
     crops = [s["jpg"] for s in list(quirky.samples["1-30-640x360_right"].values())[:8]]
     assert len({Image.open(io.BytesIO(c)).size for c in crops}) == 8
-    raw = [{"__key__": f"v/{k:05d}", "label": 0, "clip": 0, "jpg": c} for k, c in enumerate(crops)]
+    meta = SampleMeta("v", 1, 0, "train", "fold0", 30.0, {}, True, [0, 0], None)
+    raw = [{"__key__": f"v/{k:05d}", "label": 0, "clip": 0, "jpg": c, "meta": meta} for k, c in enumerate(crops)]
     in_worker = transport.as_tensors(
         transport.collate([decode.decode_frame(r, ("image",)) for r in raw], image_size=48)
     )

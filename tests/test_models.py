@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from fer_dist import config
 from fer_dist.config import CONFIGS, ConfigError, LossConfig
 from fer_dist.engine.losses import focal, objective, symmetric_kl
+from fer_dist.engine.task import ensembled
 from fer_dist.models import build, create_model
 from fer_dist.models.backbones import tokens
 from fer_dist.models.regnet_transformer import RegNetTransformer
@@ -26,10 +27,10 @@ def tiny_model(**kw):
 def test_heads_and_shapes():
     m = tiny_model()
     out = m(torch.randn(3, 3, 32, 32), torch.randn(3, 1, 64, 32))
-    assert set(out) == {"image", "audio", "fusion", "ensemble"}
+    assert set(out) == {"image", "audio", "fusion"} and m.output == "ensemble" and m.ensemble == m.heads
     assert all(v.shape == (3, 8) for v in out.values())
     probs = torch.stack([out[h].softmax(-1) for h in ("image", "audio", "fusion")]).mean(0)
-    torch.testing.assert_close(out["ensemble"].exp(), probs)
+    torch.testing.assert_close(ensembled(out, m.ensemble, ["expr"]).exp(), probs)
 
 
 def test_co_attention_directions():

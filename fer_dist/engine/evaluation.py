@@ -1,5 +1,6 @@
-"""Scoring a fold group: every frame predicted once over all ranks, merged by rank 0 into a
-predictions file, scored per head, with a confusion-matrix PNG."""
+"""Scoring a fold group: every frame labelled for the run's track predicted once over all ranks,
+merged by rank 0 into a predictions file, scored per head on the track's metric, with a picture
+(the confusion matrix, the AUs' F1, or valence and arousal predicted against true)."""
 
 from __future__ import annotations
 
@@ -16,23 +17,48 @@ from fer_dist.data.shards.format import Manifest
 from fer_dist.data.stream import pipeline
 from fer_dist.data.stream.counts import Tally, describe
 from fer_dist.engine import predictions as preds_lib
-from fer_dist.engine.metrics import confusion, confusion_png, f1_per_class
+from fer_dist.engine.metrics import always_positive_f1, au_png, confusion, confusion_png, track_scores, va_png
 from fer_dist.engine.task import Task
 from fer_dist.labels import CLASSES
-from fer_dist.tracks import LEARNT
+from fer_dist.tracks import TRACKS
+
+PARTS = {"expr": "per_class_f1", "au": "per_au_f1", "va": "ccc"}  # each track's parts in the metrics
 
 
-def scores(p: preds_lib.Predictions, output: str) -> tuple[dict, np.ndarray]:
-    """Macro-F1 of the model's output head, per class and per head; and the output's confusion matrix."""
-    matrices = {h: confusion(p.label, p.logits[h].argmax(1)) for h in p.logits}
-    by_head = {h: f1_per_class(cm) for h, cm in matrices.items()}
-    metrics = {
-        "macro_f1": float(by_head[output].mean()),
-        "per_class_f1": dict(zip(CLASSES, by_head[output].round(6).tolist(), strict=True)),
-        "macro_f1_by_head": {h: float(f1.mean()) for h, f1 in by_head.items()},
-        "eval_frames": len(p),
-    }
-    return metrics, matrices[output]
+def scores(p: preds_lib.Predictions) -> dict:
+    """The held-out scores of every track `p` holds, over all its frames at once: for each, its
+    metric (`Track.metric`: macro_f1, au_f1 at 0.5, p_va) of the output head, its parts (per class
+    F1, per AU F1, CCC of valence and arousal) and the metric per head; for action units also the
+    always-positive baseline. `score` is the track's metric, what picks the best epoch."""
+    metrics: dict = {"track": ",".join(p.tracks), "eval_frames": len(p)}
+    for name in p.tracks:
+        t = TRACKS[name]
+        by_head = {h: track_scores(t, p.labels(name), t.decide(p.values(h, name))) for h in p.logits}
+        metrics[t.metric] = by_head[p.output][t.metric]
+        metrics[PARTS[name]] = by_head[p.output]["parts"]
+        metrics[f"{t.metric}_by_head"] = {h: s[t.metric] for h, s in by_head.items()}
+        if name == "au":
+            labels = p.labels(name)
+            metrics["always_positive_au_f1"] = float(always_positive_f1(labels[t.annotated(labels)]).mean())
+    metrics["score"] = sum(metrics[TRACKS[name].metric] for name in p.tracks)
+    return metrics
+
+
+def picture(p: preds_lib.Predictions, metrics: dict, path: Path, title: str) -> None:
+    """The held-out picture of the run's track: the expressions' confusion matrix, each AU's F1
+    against its always-positive F1, or predicted against true valence and arousal."""
+    name = p.tracks[0]
+    labels = p.labels(name)
+    keep = TRACKS[name].annotated(labels)
+    if name == "expr":
+        cm = confusion(labels, p.logits[p.output].argmax(1))
+        confusion_png(cm, list(CLASSES), path, f"{title}: macro-F1 {metrics['macro_f1']:.4f}")
+    elif name == "au":
+        baseline = always_positive_f1(labels[keep])
+        f1 = np.array(list(metrics["per_au_f1"].values()))
+        au_png(f1, baseline, path, f"{title}: mean AU F1 {metrics['au_f1']:.4f}")
+    else:
+        va_png(p.values(p.output, name)[keep], labels[keep], path, f"{title}: P_VA {metrics['p_va']:.4f}")
 
 
 def summed(accelerator, values: torch.Tensor) -> torch.Tensor:
@@ -59,26 +85,32 @@ def evaluate(
     if group not in manifest.groups:
         raise ConfigError(f"{data.shards} has no group {group!r} (it has {', '.join(manifest.groups)})")
     net.eval()
-    expected, world, rank = manifest.frames_of(group, LEARNT), accelerator.num_processes, accelerator.process_index
+    tracks = tuple(task.cfg.tracks)
+    expected, world, rank = manifest.frames_of(group, tracks), accelerator.num_processes, accelerator.process_index
     progress = bar.add_task(f"evaluate {group}", total=math.ceil(expected / data.eval_batch_size / world), info="")
-    keys, labels, logits, tally = [], [], {}, Tally()
-    for batch in pipeline.eval_loader(data, manifest, group, rank=rank, world=world, inputs=net.inputs):
+    keys, logits, tally = [], {}, Tally()
+    labels: dict[str, list[np.ndarray]] = {m: [] for m in ("label", *(t for t in tracks if t != "expr"))}
+    loader = pipeline.eval_loader(data, manifest, group, rank=rank, world=world, inputs=net.inputs, tracks=tracks)
+    for batch in loader:
         step = task.prepare(batch, accelerator.device, train=False)
         outputs = task.forward(net, step.inputs, accelerator.autocast)
         mask = batch.get("mask")  # clip mode: the real frames of padded runs
         for h, v in outputs.items():
             logits.setdefault(h, []).append((v[step.mask] if mask is not None else v).float().cpu().numpy())
         keys += [k for row in batch["key"] for k in row if k] if mask is not None else batch["key"]
-        labels.append((batch["label"][mask] if mask is not None else batch["label"]).numpy())
+        for m, got in labels.items():
+            got.append((batch[m][mask] if mask is not None else batch[m]).numpy())
         tally.see(batch)
         bar.advance(progress)
     bar.remove_task(progress)
     faults = reduce_counts(accelerator, tally)
     part = preds_lib.Predictions(
         np.array(keys, str),
-        np.concatenate(labels) if labels else np.array([], np.int64),
+        np.concatenate(labels.pop("label")) if keys else np.array([], np.int64),
         {h: np.concatenate(v) for h, v in logits.items()},
         net.output,
+        tracks,
+        {t: np.concatenate(v) for t, v in labels.items() if v},
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     parts = [out.with_name(f"{out.stem}.rank{r}.npz") for r in range(world)]
@@ -99,9 +131,9 @@ def evaluate(
     preds_lib.save(out, merged)
     for p in parts:
         p.unlink()
-    metrics, cm = scores(merged, net.output)
+    metrics = scores(merged)
     absent = [name for c, name in enumerate(CLASSES) if not (merged.label == c).any()]
-    if absent and (merged.label >= 0).any():  # a labelled group (the test group is not)
+    if "expr" in tracks and absent and (merged.label >= 0).any():  # a labelled group (the test group is not)
         best = (len(CLASSES) - len(absent)) / len(CLASSES)
         console.print(
             f"[yellow]warning:[/] {group} has no {', '.join(absent)} frames: macro-F1 counts their F1 as 0, "
@@ -109,5 +141,5 @@ def evaluate(
         )
         metrics["absent_classes"] = absent
     if chart is not None:
-        confusion_png(cm, list(CLASSES), chart, f"{out.stem}: macro-F1 {metrics['macro_f1']:.4f}")
+        picture(merged, metrics, chart, out.stem)
     return metrics

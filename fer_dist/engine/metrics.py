@@ -5,11 +5,13 @@ once (never averaged per video or per batch), in float64."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from fer_dist.data.shards.format import atomic_write
 from fer_dist.labels import CLASSES, NUM_CLASSES
 from fer_dist.tracks import ACTION_UNITS, DIMENSIONS, Track
 
@@ -67,8 +69,10 @@ def always_positive_f1(labels: np.ndarray) -> np.ndarray:
 def ccc(x: np.ndarray, y: np.ndarray) -> float:
     """Lin's concordance correlation coefficient of predictions `x` and labels `y` ([N]), with
     population moments: 2 cov(x, y) / (var x + var y + (mean x - mean y)^2) (REFERENCE §1b); 0 where
-    that is 0 / 0 (both constant and equal)."""
+    that is 0 / 0 (both constant and equal) and for no frames."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if not len(x):
+        return 0.0
     mx, my = x.mean(), y.mean()
     cov = ((x - mx) * (y - my)).mean()
     denom = x.var() + y.var() + (mx - my) ** 2
@@ -117,3 +121,57 @@ def confusion_png(cm: np.ndarray, classes: list[str], path: Path, title: str) ->
             draw.text((box[0] + 6, box[1] + cell // 2 - 6), str(int(cm[i, j])), fill=ink, font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
+
+
+def figure():
+    """A matplotlib figure and axes drawn off screen (Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(9, 4.5), layout="constrained")
+
+
+def saved(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, buffer.getvalue())
+
+
+def au_png(f1: np.ndarray, baseline: np.ndarray, path: Path, title: str) -> None:
+    """Each AU's F1 ([12], `ACTION_UNITS` order) as a bar, with its always-positive F1 ([12]) marked."""
+    fig, ax = figure()
+    x = np.arange(len(ACTION_UNITS))
+    ax.bar(x, f1, color="#4c72b0", label="F1")
+    ax.scatter(x, baseline, marker="_", s=400, color="#c44e52", linewidths=2, label="always positive", zorder=3)
+    ax.set_xticks(x, ACTION_UNITS)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("F1")
+    ax.set_title(title, loc="left")
+    ax.legend(loc="upper right", frameon=False)
+    saved(fig, path)
+
+
+def va_png(pred: np.ndarray, true: np.ndarray, path: Path, title: str) -> None:
+    """[N, 2] predicted against [N, 2] true valence and arousal, one 2-D histogram each (bins of 0.05
+    over [-1, 1], log-shaded), with the diagonal a perfect prediction lies on."""
+    import matplotlib.colors
+
+    fig, axes = figure()
+    fig.clf()
+    axes = fig.subplots(1, 2)
+    edges = np.linspace(-1, 1, 41)
+    for d, ax in enumerate(axes):
+        ax.hist2d(true[:, d], pred[:, d], bins=[edges, edges], cmap="Blues", norm=matplotlib.colors.LogNorm(), cmin=1)
+        ax.plot([-1, 1], [-1, 1], color="#c44e52", linewidth=1)
+        ax.set_xlabel(f"true {DIMENSIONS[d]}")
+        ax.set_ylabel(f"predicted {DIMENSIONS[d]}")
+        ax.set_aspect("equal")
+        ax.set_title(f"CCC {ccc(pred[:, d], true[:, d]):.3f}", loc="left")
+    fig.suptitle(title, x=0.02, ha="left")
+    saved(fig, path)

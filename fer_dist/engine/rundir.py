@@ -8,7 +8,9 @@ ensemble's output is made and parsed here, as `data/shards/format.py` does for t
         trackers.json  tensorboard/    the trackers' steps and run ids; TensorBoard's event files
         requeue.json                   left by a run a signal stopped (for launchers)
         predictions/epoch003.npz       the held-out fold's per-frame logits after epoch 3 (1-based)
-        confusion/epoch003.png         its confusion matrix
+        confusion/epoch003.png         its picture: the confusion matrix (expressions), each AU's F1
+                                       against always-positive (action units), predicted against
+                                       true valence and arousal (valence-arousal)
         checkpoints/step-00000120/     a step checkpoint (`Checkpoint`), the last `keep` kept
         checkpoints/best/              the best model (`TrainedModel`): weights, config, metrics
         postprocess.json               a run's own post-processing, when it has one
@@ -187,6 +189,7 @@ class RunDir:
         return self.path / "predictions" / f"epoch{epoch:03d}.npz"
 
     def confusion(self, epoch: int) -> Path:
+        """The held-out fold's picture after `epoch` (1-based), whatever the run's track."""
         return self.path / "confusion" / f"epoch{epoch:03d}.png"
 
     def step(self, global_step: int) -> Checkpoint:

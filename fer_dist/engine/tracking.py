@@ -42,10 +42,10 @@ def installed(names: list[str]) -> list[str]:
 
 
 def hyperparameters(cfg: Config) -> dict[str, str | int | float | bool]:
-    """The config as flat `section.key` values; lists and mappings as JSON text."""
-    flat = {}
+    """The config as flat `section.key` values (and `tracks`); lists and mappings as JSON text."""
+    flat: dict = {"tracks": ",".join(cfg.tracks)}
     for section, values in to_dict(cfg).items():
-        for key, value in values.items():
+        for key, value in values.items() if isinstance(values, dict) else ():
             plain = isinstance(value, str | int | float | bool)
             flat[f"{section}.{key}"] = value if plain else json.dumps(value)
     return flat

@@ -28,11 +28,12 @@ from fer_dist.data.stream import pipeline
 from fer_dist.data.stream.counts import describe
 from fer_dist.engine import checkpoint, provenance, tracking
 from fer_dist.engine.distributed import first_raised, make_accelerator
-from fer_dist.engine.evaluation import evaluate, summed
+from fer_dist.engine.evaluation import PARTS, evaluate, summed
 from fer_dist.engine.optim import clip_gradients, initialise, lr_factor, make_optimizer
 from fer_dist.engine.rundir import Checkpoint, RunDir
 from fer_dist.engine.state import TrainState
 from fer_dist.engine.task import Step, Task, model_for
+from fer_dist.tracks import TRACKS
 
 PRECISION = {"no": "fp32", "bf16": "bf16 mixed precision", "fp16": "fp16 mixed precision with loss scaling"}
 
@@ -99,7 +100,7 @@ class Trainer:
         accumulation = accelerator.gradient_accumulation_steps
         self.stream = pipeline.TrainStream(
             cfg.data, manifest, model.inputs, seed=cfg.train.seed, rank=self.rank, world=self.world,
-            accumulation=accumulation,
+            accumulation=accumulation, tracks=tuple(cfg.tracks),
         )  # fmt: skip
         self.steps = self.stream.steps  # micro-batches per rank and epoch
         updates = self.steps // accumulation
@@ -188,8 +189,8 @@ class Trainer:
                 "stream": counts,
             }
             self.record(metrics)
-            is_best = metrics["macro_f1"] > s.best
-            s.best = max(s.best, metrics["macro_f1"])
+            is_best = metrics["score"] > s.best
+            s.best = max(s.best, metrics["score"])
         if first_raised(self.accelerator, is_best):
             checkpoint.export_best(self.accelerator, self.model, self.run, config_lib.dump(self.cfg), metrics)
         return metrics
@@ -197,14 +198,19 @@ class Trainer:
     def record(self, metrics: dict) -> None:
         with open(self.run.metrics_file, "a") as fh:
             fh.write(json.dumps(metrics) + "\n")
-        by_head = "  ".join(f"{h} {v:.3f}" for h, v in metrics["macro_f1_by_head"].items())
-        console.print(
-            f"epoch {metrics['epoch']}: loss {metrics['train_loss']:.3f}  macro-F1 {metrics['macro_f1']:.4f}  "
-            f"({by_head})"
-        )
+        line, scalars = f"epoch {metrics['epoch']}: loss {metrics['train_loss']:.3f}", {}
+        for name in self.cfg.tracks:
+            t = TRACKS[name]
+            by_head = metrics[f"{t.metric}_by_head"]
+            heads = "  ".join(f"{h} {v:.3f}" for h, v in by_head.items())
+            line += f"  {t.metric_title} {metrics[t.metric]:.4f}  ({heads})"
+            if name == "au":
+                line += f"; always positive {metrics['always_positive_au_f1']:.3f}"
+            scalars |= {f"eval/{t.metric}/{head}": value for head, value in by_head.items()}
+            tag = "ccc" if name == "va" else "f1"  # eval/f1/Neutral, eval/f1/AU12, eval/ccc/valence
+            scalars |= {f"eval/{tag}/{part}": value for part, value in metrics[PARTS[name]].items()}
+        console.print(line)
         report_stream(metrics["stream"])
-        scalars = {f"eval/macro_f1/{head}": value for head, value in metrics["macro_f1_by_head"].items()}
-        scalars |= {f"eval/f1/{name}": value for name, value in metrics["per_class_f1"].items()}
         self.trackers.log("eval", scalars, metrics["step"])
 
     def log_progress(self, progress: int, loss: float, seconds: float) -> None:
@@ -258,10 +264,17 @@ class Trainer:
             f"{self.steps // accumulation} steps/epoch"
         )
         thrown_away = self.stream.thrown_away
-        console.print(
-            f"resampling: {cfg.data.balance} target; expected share of read samples discarded before decoding "
-            f"{thrown_away:.1%} (no pure window, or no copy)"
-        )
+        if cfg.tracks == ["expr"]:
+            console.print(
+                f"resampling: {cfg.data.balance} target; expected share of read samples discarded before decoding "
+                f"{thrown_away:.1%} (no pure window, or no copy)"
+            )
+        else:
+            title = TRACKS[cfg.tracks[0]].title
+            console.print(
+                f"learning {title}: every frame labelled for them read once a pass (data.balance, video_cap and "
+                f"subsample resample expressions); {thrown_away:.1%} of the samples read carry other tracks alone"
+            )
         if thrown_away > 0.5:
             console.print("[yellow]warning:[/] most samples read will be discarded; the stream reads more than it uses")
         if resume and self.state.epoch >= self.cfg.train.epochs:

@@ -34,6 +34,7 @@ from fer_dist.errors import InputError, one_line
 from fer_dist.jobs.launch import run_module
 from fer_dist.labels import NUM_CLASSES
 from fer_dist.results import ensemble, postprocess, submission
+from fer_dist.tracks import TRACKS
 
 
 def predict_group(trained: TrainedModel, shards: Path, group: str, out: Path) -> dict | None:
@@ -43,8 +44,9 @@ def predict_group(trained: TrainedModel, shards: Path, group: str, out: Path) ->
     cfg = trained.config(shards)
     accelerator = make_accelerator(cfg)
     manifest = read_manifest(shards)
-    if manifest.empty([group]):
-        raise ConfigError(f"{shards}: {manifest.empty([group])}; there is nothing to predict")
+    empty = manifest.empty([group], tuple(cfg.tracks))
+    if empty:
+        raise ConfigError(f"{shards}: {empty}; there is nothing to predict")
     model = trained.load(cfg, manifest)
     model.to(accelerator.device)
     try:
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error:[/] {one_line(exc)}", soft_wrap=True)
         return 2
     if metrics is not None:
-        scored = f"; macro-F1 by head {json.dumps(metrics['macro_f1_by_head'])}" if args.group != "test" else ""
+        metric = TRACKS[metrics["track"]].metric  # the model's track: macro_f1, au_f1 or p_va
+        scored = f"; {metric} by head {json.dumps(metrics[f'{metric}_by_head'])}" if args.group != "test" else ""
         console.print(f"{args.out}: {metrics['eval_frames']} frames{scored}")
     return 0
 

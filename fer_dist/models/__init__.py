@@ -60,13 +60,21 @@ def create_model(name: str, **kwargs) -> ExpressionModel:
 
 
 def build(
-    model_cfg: dict, image_size: int, audio_size: list[int], features: dict[str, int] | None = None
+    model_cfg: dict,
+    image_size: int,
+    audio_size: list[int],
+    features: dict[str, int] | None = None,
+    outputs: int = 8,
 ) -> ExpressionModel:
     """The configured model; input sizes and feature widths come from the data when the model
-    takes them and the config does not set them."""
+    takes them and the config does not set them. `outputs` is each head's width, the run's tracks'
+    columns (`tracks.layout`: 8 expression logits, 12 AU logits, valence and arousal); a config that
+    sets `model.outputs` itself is refused (ConfigError)."""
+    if "outputs" in model_cfg:
+        raise ConfigError("model.outputs is set by the run's tracks (tracks=[expr], [au] or [va]), not by the config")
     kwargs = {k: v for k, v in model_cfg.items() if k != "name"}
     accepted = inspect.signature(MODELS.get(model_cfg["name"], object).__init__).parameters
-    given = {"image_size": image_size, "audio_size": tuple(audio_size), **(features or {})}
+    given = {"image_size": image_size, "audio_size": tuple(audio_size), "outputs": outputs, **(features or {})}
     for key, value in given.items():
         if key in accepted:
             kwargs.setdefault(key, value)

@@ -1,8 +1,12 @@
 """What every model declares: the one thing the rest of fer-dist knows about a model.
 
 inputs               what forward() takes by keyword: image, audio, embedding, audio_features, words
-heads                the heads its loss trains (forward returns logits for each, and maybe more)
-output               the head that is its prediction
+heads                the heads its loss trains (forward returns raw outputs [..., outputs] for each)
+output               the head that is its prediction: one of `heads`, or "ensemble"
+ensemble             the heads whose mean prediction is the "ensemble" output (paper 000: image,
+                     audio and fusion); the engine averages them per track (mean class or AU
+                     probability, mean valence-arousal: `engine/task.py`), as a model knows its
+                     heads' widths but not the tracks their columns hold
 sequences            takes clip-mode runs [B, L, ...] (and `mask`, their real frames), not frames
 image_normalisation  (mean, std) per RGB channel the `image` input is standardised with: its
                      image backbone's, from timm's pretrained config, so pretrained weights see
@@ -21,6 +25,7 @@ class ExpressionModel(nn.Module):
     inputs: tuple[str, ...] = ()
     heads: tuple[str, ...] = ()
     output: str = ""
+    ensemble: tuple[str, ...] = ()
     sequences: bool = False
     image_normalisation: Normalisation = IMAGENET
 

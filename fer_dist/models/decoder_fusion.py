@@ -43,7 +43,7 @@ class DecoderFusionNet(RunScorer):
         decoder_heads: int = 4,
         mlp_dims: tuple[int, ...] = (512,),
         dropout: float = 0.1,
-        num_classes: int = 8,
+        outputs: int = 8,
     ) -> None:
         super().__init__()
         self.context = context
@@ -72,7 +72,7 @@ class DecoderFusionNet(RunScorer):
                 for name in dims
             }
         )
-        self.mlp = mlp([static_dim + dim * len(dims), *mlp_dims], num_classes, dropout)
+        self.mlp = mlp([static_dim + dim * len(dims), *mlp_dims], outputs, dropout)
 
     def static_feature(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h_s of every frame [N, 3, S, S]: the keys and values [N, T, dim] and the pooled [N, C]."""

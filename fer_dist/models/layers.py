@@ -19,12 +19,12 @@ class RunScorer(ExpressionModel):
     output = "expr"
 
 
-def mlp(dims: list[int], num_classes: int, dropout: float) -> nn.Sequential:
+def mlp(dims: list[int], outputs: int, dropout: float) -> nn.Sequential:
     """Linear + ReLU + dropout through `dims` (the first is the input width), then the classifier."""
     layers: list[nn.Module] = []
     for a, b in zip(dims, dims[1:], strict=False):
         layers += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(dropout)]
-    return nn.Sequential(*layers, nn.Linear(dims[-1], num_classes))
+    return nn.Sequential(*layers, nn.Linear(dims[-1], outputs))
 
 
 def sinusoid(length: int, dim: int, device: torch.device) -> torch.Tensor:

@@ -9,7 +9,8 @@ MFM fuses them by co-attention in both directions,
     Y    = Concat(Y_IA, Y_AI)                 (Eq. 3, along the token axis)
 
 then two ViT encoder layers give Y_T. Linear heads on the pooled branch features give Y_I and Y_A;
-the prediction is the ensemble (mean probability) of Y_I, Y_A and Y_T, and all three are trained.
+the prediction is the ensemble (mean probability) of Y_I, Y_A and Y_T, and all three are trained
+(the engine averages them per track: `ExpressionModel.ensemble`).
 
 The paper trains the branches first, then the fusion: `stage="image"` or `"audio"` builds one
 branch and its head alone; `stage="fusion"` (the default) builds everything, and takes the
@@ -42,7 +43,7 @@ class ModalFusionNet(ExpressionModel):
         fusion_heads: int = 8,
         fusion_layers: int = 2,
         dropout: float = 0.1,
-        num_classes: int = 8,
+        outputs: int = 8,
         stage: str = "fusion",
     ) -> None:
         super().__init__()
@@ -51,6 +52,7 @@ class ModalFusionNet(ExpressionModel):
         self.heads = STAGES[stage]  # trained heads
         self.inputs = ("image", "audio") if stage == "fusion" else (stage,)
         self.output = "ensemble" if stage == "fusion" else stage  # the model's prediction
+        self.ensemble = self.heads if stage == "fusion" else ()
         if stage != "audio":
             self.image_branch = create_backbone(
                 image_backbone, in_chans=3, img_size=image_size, pretrained=pretrained, **(image_backbone_args or {})
@@ -79,11 +81,11 @@ class ModalFusionNet(ExpressionModel):
                 layer, fusion_layers, norm=nn.LayerNorm(dim), enable_nested_tensor=False
             )
         if stage != "audio":
-            self.image_head = nn.Linear(self.image_branch.num_features, num_classes)
+            self.image_head = nn.Linear(self.image_branch.num_features, outputs)
         if stage != "image":
-            self.audio_head = nn.Linear(self.audio_branch.num_features, num_classes)
+            self.audio_head = nn.Linear(self.audio_branch.num_features, outputs)
         if stage == "fusion":
-            self.fusion_head = nn.Linear(dim, num_classes)
+            self.fusion_head = nn.Linear(dim, outputs)
             nn.init.trunc_normal_(self.source, std=0.02)
 
     def co_attention(self, f_i: torch.Tensor, f_a: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -102,11 +104,8 @@ class ModalFusionNet(ExpressionModel):
         y_ia, y_ai, _, _ = self.co_attention(self.image_proj(f_i), self.audio_proj(f_a))
         y = torch.cat([y_ia + self.source[0], y_ai + self.source[1]], dim=1)  # Eq. 3
         y_t = self.encoder(y).mean(1)
-        logits = {
+        return {
             "image": self.image_head(f_i.mean(1)),
             "audio": self.audio_head(f_a.mean(1)),
             "fusion": self.fusion_head(y_t),
         }
-        probs = torch.stack([logits[h].float().softmax(-1) for h in self.heads]).mean(0)
-        logits["ensemble"] = probs.clamp_min(1e-12).log()
-        return logits

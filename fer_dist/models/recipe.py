@@ -94,7 +94,7 @@ class FusedRuns(ExpressionModel):
         temporal_layers: int,
         num_heads: int,
         dropout: float,
-        num_classes: int,
+        outputs: int,
     ) -> None:
         super().__init__()
         if fusion not in ("gated", "cross"):
@@ -111,8 +111,8 @@ class FusedRuns(ExpressionModel):
             self.fuse_norm = nn.LayerNorm(dim)
         self.temporal = Temporal(temporal, dim, temporal_layers, num_heads, dropout)
         self.drop = nn.Dropout(dropout)
-        self.image_head, self.audio_head = nn.Linear(dim, num_classes), nn.Linear(dim, num_classes)
-        self.fusion_head = nn.Linear(dim, num_classes)
+        self.image_head, self.audio_head = nn.Linear(dim, outputs), nn.Linear(dim, outputs)
+        self.fusion_head = nn.Linear(dim, outputs)
 
     def fuse(self, v: torch.Tensor, a: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         if self.fusion == "gated":
@@ -154,7 +154,7 @@ class FaceVoiceTemporal(FusedRuns):
         temporal_layers: int = 2,
         num_heads: int = 4,
         dropout: float = 0.1,
-        num_classes: int = 8,
+        outputs: int = 8,
     ) -> None:
         face = create_backbone(
             image_backbone, in_chans=3, img_size=image_size, pretrained=pretrained, **(image_backbone_args or {})
@@ -170,7 +170,7 @@ class FaceVoiceTemporal(FusedRuns):
             temporal_layers,
             num_heads,
             dropout,
-            num_classes,
+            outputs,
         )
         self.face, self.voice = face, voice
         self.train_image = train_image
@@ -211,7 +211,7 @@ class FaceVoiceFeatures(FusedRuns):
         temporal_layers: int = 2,
         num_heads: int = 4,
         dropout: float = 0.1,
-        num_classes: int = 8,
+        outputs: int = 8,
     ) -> None:
         super().__init__(
             embedding_dim,
@@ -223,7 +223,7 @@ class FaceVoiceFeatures(FusedRuns):
             temporal_layers,
             num_heads,
             dropout,
-            num_classes,
+            outputs,
         )
         self.layer_weights = nn.Parameter(torch.zeros(voice_layers))
 

@@ -55,7 +55,7 @@ class RegNetTransformer(RunScorer):
         ff_dim: int = 512,
         attention_dropout: float = 0.1,
         dropout: float = 0.5,
-        num_classes: int = 8,
+        outputs: int = 8,
     ) -> None:
         super().__init__()
         self.backbone = create_backbone(
@@ -67,7 +67,7 @@ class RegNetTransformer(RunScorer):
             EncoderBlock(dim, num_heads, head_dim, ff_dim, attention_dropout) for _ in range(depth)
         )
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(dim, num_classes)
+        self.head = nn.Linear(dim, outputs)
 
     def encode(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """F(x): the transformer encoder over the run."""

@@ -32,12 +32,12 @@ class FeatureEncoder(RunScorer):
         encoded_dim: int,
         head_dims: tuple[int, ...],
         dropout: float,
-        num_classes: int,
+        outputs: int,
     ) -> None:
         super().__init__()
         self.inputs = ("embedding", "audio_features")
         self.affine = nn.Sequential(nn.Linear(embedding_dim + audio_features_dim, affine_dim), nn.ReLU())
-        self.head = mlp([encoded_dim, *head_dims], num_classes, dropout)
+        self.head = mlp([encoded_dim, *head_dims], outputs, dropout)
 
     def encode(self, f: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -60,9 +60,9 @@ class FeatureLSTM(FeatureEncoder):
         segment: int = 64,
         head_dims: tuple[int, ...] = (512, 256),
         dropout: float = 0.3,
-        num_classes: int = 8,
+        outputs: int = 8,
     ) -> None:
-        super().__init__(embedding_dim, audio_features_dim, affine_dim, hidden, head_dims, dropout, num_classes)
+        super().__init__(embedding_dim, audio_features_dim, affine_dim, hidden, head_dims, dropout, outputs)
         self.segment = segment
         self.lstm = nn.LSTM(affine_dim, hidden, layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
 
@@ -89,9 +89,9 @@ class FeatureTransformer(FeatureEncoder):
         segment: int = 128,
         head_dims: tuple[int, ...] = (512, 256),
         dropout: float = 0.3,
-        num_classes: int = 8,
+        outputs: int = 8,
     ) -> None:
-        super().__init__(embedding_dim, audio_features_dim, affine_dim, affine_dim, head_dims, dropout, num_classes)
+        super().__init__(embedding_dim, audio_features_dim, affine_dim, affine_dim, head_dims, dropout, outputs)
         self.segment = segment
         layer = nn.TransformerEncoderLayer(affine_dim, num_heads, ff_dim, dropout, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from fer_dist.errors import InputError
-from fer_dist.tracks import LEARNT, TRACKS
+from fer_dist.tracks import DEFAULT, TRACKS
 
 # 2: samples may hold the raw waveform (`wave`); 3: samples may carry action units and valence-arousal
 # (`SampleMeta.au`, `.va`) and the manifest counts per track. Shards of the expression track alone
@@ -399,7 +399,7 @@ class Manifest:
     extract_stamp: dict | None = None
     tracks: list[str] = field(default_factory=lambda: ["expr"])  # the tracks the samples carry
 
-    def empty(self, groups: list[str], tracks: tuple[str, ...] = LEARNT) -> str | None:
+    def empty(self, groups: list[str], tracks: tuple[str, ...] = DEFAULT) -> str | None:
         """None when every one of `groups` holds samples, a fold group's labelled for one of
         `tracks`; else what is wrong, naming each empty or missing group and the videos packed into
         it, or the tracks its samples carry (for a refusal before any training)."""

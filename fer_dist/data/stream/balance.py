@@ -29,6 +29,7 @@ import numpy as np
 from fer_dist.config import DataConfig
 from fer_dist.data.shards.format import PACKED, Manifest
 from fer_dist.data.shards.windows import NAMES
+from fer_dist.labels import NUM_CLASSES
 
 EXPONENT = {"natural": 1.0, "sqrt": 0.5, "uniform": 0.0}
 FAMILIES = (*EXPONENT, "weights")
@@ -108,9 +109,25 @@ def usable_patterns(cfg: DataConfig, inputs: tuple[str, ...] = PACKED) -> list[i
     return [p for p in range(8) if any(p & b for b in bits)]
 
 
-def resampling_plan(manifest: Manifest, groups: list[str], cfg: DataConfig, inputs: tuple[str, ...] = PACKED) -> Plan:
-    """Each (video, class)'s expected copies of a read sample (`plan`), over the frames
-    the stream keeps for a model taking `inputs`."""
+def natural_plan(manifest: Manifest, groups: list[str], track: str) -> Plan:
+    """One copy of every read frame labelled for `track` (action units, valence-arousal: the
+    classes and their audio windows' purity are an expression run's); `read` is their count."""
+    videos = [name for name, v in manifest.videos.items() if v.fold in groups]
+    counts = [manifest.videos[name].tracks.get(track) for name in videos]
+    frames = sum(c.samples for c in counts if c)
+    read = np.array([float(frames)])
+    return Plan({name: np.ones(NUM_CLASSES) for name in videos}, read, read, np.ones(1), 0.0)
+
+
+def resampling_plan(
+    manifest: Manifest, groups: list[str], cfg: DataConfig, inputs: tuple[str, ...] = PACKED,
+    tracks: tuple[str, ...] = ("expr",),
+) -> Plan:  # fmt: skip
+    """Each (video, class)'s expected copies of a read sample (`plan`), over the frames the stream
+    keeps for a model taking `inputs`; a run of another track than expressions reads its frames
+    once each (`natural_plan`)."""
+    if "expr" not in tracks:
+        return natural_plan(manifest, groups, tracks[0])
     usable = usable_patterns(cfg, inputs)
     counts = {
         name: np.asarray(v.window_patterns)[:, usable].sum(1) for name, v in manifest.videos.items() if v.fold in groups

@@ -14,6 +14,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from fer_dist.data.shards.format import MEMBERS, load_npy, whole_jpeg
 from fer_dist.data.shards.windows import NAMES, WAVE_WIDTH, column_span, wave_span
 from fer_dist.data.stream.counts import Counter
+from fer_dist.tracks import TRACKS
 
 SPANS = {name: np.array(column_span(name)) for name in NAMES}  # each window's (start, width) columns
 WAVE_SPANS = {name: wave_span(name) for name in NAMES}  # each window's (start, length) samples
@@ -32,10 +33,23 @@ def jpeg_bytes(data: bytes) -> np.ndarray:
     return np.frombuffer(data, np.uint8)
 
 
+NO_AU = np.full(len(TRACKS["au"].columns), TRACKS["au"].missing, np.int8)
+NO_VA = np.full(len(TRACKS["va"].columns), TRACKS["va"].missing, np.float32)
+
+
 def decode_frame(sample: dict, inputs: tuple[str, ...], decode: str = "cpu") -> dict:
     """The members the model takes, decoded: JPEG to uint8 [3, H, W] (`decode: gpu`: its checked
-    bytes, decoded on the device in batches), .npy arrays to tensors."""
-    frame = {"key": sample["__key__"], "label": sample["label"], "clip": np.int64(sample["clip"])}
+    bytes, decoded on the device in batches), .npy arrays to tensors; with the frame's labels of
+    every track: `label` the expression (-1: none), `au` [12] int8 0/1 (-1: none), `va` [2] float32
+    (-5: none), from its metadata."""
+    meta = sample["meta"]
+    frame = {
+        "key": sample["__key__"],
+        "label": sample["label"],
+        "au": NO_AU if meta.au is None else np.array(meta.au, np.int8),
+        "va": NO_VA if meta.va is None else np.array(meta.va, np.float32),
+        "clip": np.int64(sample["clip"]),
+    }
     for name in inputs:
         data = sample[MEMBERS[name]]
         if name == "image" and decode == "gpu":

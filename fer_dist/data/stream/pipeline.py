@@ -35,21 +35,26 @@ from fer_dist.data.stream.counts import Counter, Epoch
 from fer_dist.data.stream.decode import decoded, frames_of
 from fer_dist.data.stream.transport import as_is, as_tensors, collate, collate_runs
 from fer_dist.errors import InputError
-from fer_dist.tracks import LEARNT, TRACKS
+from fer_dist.tracks import DEFAULT, TRACKS
 
 
-def check(cfg: DataConfig, manifest: Manifest, inputs: tuple[str, ...] = PACKED, training: bool = True) -> None:
-    """What the config asks of the shards (for training: a held-out group and others to train
-    on), checked before anything starts."""
+def check(
+    cfg: DataConfig, manifest: Manifest, inputs: tuple[str, ...] = PACKED, training: bool = True,
+    tracks: tuple[str, ...] = DEFAULT,
+) -> None:  # fmt: skip
+    """What the config asks of the shards (for training: frames of the run's `tracks`, a held-out
+    group and others to train on), checked before anything starts. Raises ConfigError."""
     held_out = fold_group(cfg.holdout_fold)
-    if training and not set(LEARNT) & set(manifest.tracks):
+    titles = " or ".join(TRACKS[t].title for t in tracks)
+    if training and not set(tracks) & set(manifest.tracks):
         raise ConfigError(
-            f"the shards in {cfg.shards} carry {', '.join(TRACKS[t].title for t in manifest.tracks)} alone; a run "
-            f"learns {', '.join(TRACKS[t].title for t in LEARNT)}: pack them too (docs/tracks.md)"
+            f"the shards in {cfg.shards} carry {', '.join(TRACKS[t].title for t in manifest.tracks)} alone; the run "
+            f"learns {titles} (tracks={list(tracks)}): pack its annotations too (`fer-dist shard --tracks`, "
+            "docs/tracks.md)"
         )
-    empty = manifest.empty([held_out]) if training else None
+    empty = manifest.empty([held_out], tracks) if training else None
     if empty:
-        others = [str(k) for k in manifest.folds() if manifest.frames_of(fold_group(k), LEARNT)]
+        others = [str(k) for k in manifest.folds() if manifest.frames_of(fold_group(k), tracks)]
         raise ConfigError(
             f"data.holdout_fold={cfg.holdout_fold}: {empty}; hold out another fold (data.holdout_fold="
             f"{' | '.join(others)}), or pack with fewer --n-folds"
@@ -57,8 +62,8 @@ def check(cfg: DataConfig, manifest: Manifest, inputs: tuple[str, ...] = PACKED,
     training_groups = manifest.fold_groups(cfg.holdout_fold)
     if training and not manifest.shard_paths(cfg.shards, training_groups):
         raise ConfigError(f"no shards to train on besides the held-out {held_out}")
-    if training and not sum(manifest.frames_of(g, LEARNT) for g in training_groups):
-        raise ConfigError(f"no frames labelled for {' or '.join(TRACKS[t].title for t in LEARNT)} besides {held_out}")
+    if training and not sum(manifest.frames_of(g, tracks) for g in training_groups):
+        raise ConfigError(f"no frames labelled for {titles} besides {held_out}")
     held = manifest.members
     missing = [name for name in inputs if name not in held]
     if missing:
@@ -169,11 +174,14 @@ def kept(src, members: tuple[str, ...]):
         yield {k: v for k, v in sample.items() if k.startswith("__") or k in members or k in ("meta", "label", "clip")}
 
 
-def pick_window(src, windows: list[str], no_window: str, base: str, counter: Counter):
-    """Dynamic sampling (paper 000): one of the frame's usable windows, drawn each time it is read."""
+def pick_window(src, windows: list[str], no_window: str, base: str, counter: Counter, pure: bool = True):
+    """Dynamic sampling (paper 000): one of the frame's usable windows, drawn each time it is read.
+    A window is usable when its frames' expressions agree enough (its purity flag) for an expression
+    run (`pure`); for action units and valence-arousal, purity (an expression's) says nothing, and
+    every window is usable."""
     rng = worker_rng(base, "window")
     for sample in src:
-        usable = [w for w in windows if sample["meta"].windows[w]]
+        usable = [w for w in windows if not pure or sample["meta"].windows[w]]
         if usable:
             sample["window"] = rng.choice(usable)
         elif no_window == "widest":
@@ -206,11 +214,12 @@ def runs(src, length: int):
 
 
 def balanced(src, copies: dict[str, np.ndarray], base: str, counter: Counter):
-    """Stochastic copies of each read sample (a run: the mean of its frames' expected copies)."""
+    """Stochastic copies of each read sample (a run: the mean of its frames' expected copies); of
+    an expression run, per (video, class); of another track's run, one copy each (`balance.plan`)."""
     rng = worker_rng(base, "balance")
     for sample in src:
         frames = frames_of(sample)
-        mean = sum(float(copies[f["meta"].video][f["label"]]) for f in frames) / len(frames)
+        mean = sum(float(copies[f["meta"].video][max(f["label"], 0)]) for f in frames) / len(frames)
         n = balance.draw_copies(mean, rng)
         counter.add("discarded", len(frames) * (n == 0))
         counter.add("emitted", len(frames) * n)
@@ -272,13 +281,13 @@ class TrainStream:
 
     def __init__(
         self, cfg: DataConfig, manifest: Manifest, inputs: tuple[str, ...], *, seed: int, rank: int, world: int,
-        accumulation: int = 1,
+        accumulation: int = 1, tracks: tuple[str, ...] = DEFAULT,
     ) -> None:  # fmt: skip
         self.cfg, self.inputs, self.seed, self.rank, self.world = cfg, inputs, seed, rank, world
-        self.tracks = LEARNT
+        self.tracks = tracks
         groups = manifest.fold_groups(cfg.holdout_fold)
         self.urls = manifest.shard_paths(cfg.shards, groups)
-        self.plan = balance.resampling_plan(manifest, groups, cfg, inputs)
+        self.plan = balance.resampling_plan(manifest, groups, cfg, inputs, tracks)
         self.steps = balance.batches_per_epoch(self.plan, cfg, world, accumulation)  # batches per rank
         self.thrown_away = balance.expected_thrown_away(manifest, groups, self.plan)
         self.class_counts = torch.as_tensor(self.plan.read)  # the classes the stream reads (Remix's rule)
@@ -302,6 +311,7 @@ class TrainStream:
                 no_window=balance.no_window_policy(cfg, inputs),
                 base=base,
                 counter=counter,
+                pure="expr" in self.tracks,
             ),
         ]
         if cfg.sequence_length:
@@ -325,17 +335,17 @@ class TrainStream:
 
 def train_loader(
     cfg: DataConfig, manifest: Manifest, *, seed: int, epoch: int, rank: int, world: int, skip: int = 0,
-    multiple: int = 1, inputs: tuple[str, ...] = PACKED,
+    multiple: int = 1, inputs: tuple[str, ...] = PACKED, tracks: tuple[str, ...] = DEFAULT,
 ) -> tuple[wds.WebLoader, int]:  # fmt: skip
     """The rank's training batches of one epoch after the first `skip`, and how many the epoch has
     (`TrainStream`, for one epoch)."""
-    stream = TrainStream(cfg, manifest, inputs, seed=seed, rank=rank, world=world, accumulation=multiple)
+    stream = TrainStream(cfg, manifest, inputs, seed=seed, rank=rank, world=world, accumulation=multiple, tracks=tracks)
     return stream.loader(epoch, skip), stream.steps
 
 
 def eval_loader(
     cfg: DataConfig, manifest: Manifest, group: str, *, rank: int, world: int, inputs: tuple[str, ...] = PACKED,
-    tracks: tuple[str, ...] = LEARNT,
+    tracks: tuple[str, ...] = DEFAULT,
 ) -> wds.WebLoader | list:  # fmt: skip
     """This rank's share of `group`: whole shards, rank r taking shards r, r + world, ...; of a fold
     group, the frames labelled for one of `tracks` (`carrying`), of the test group every frame."""

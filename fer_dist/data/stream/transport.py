@@ -159,7 +159,7 @@ def collate_runs(runs_: list[list[dict]], length: int, image_size: int) -> dict:
     frames = [f for run in runs_ for f in run + [{**run[-1], "key": "", "label": -1}] * (length - len(run))]
     batch = collate(frames, image_size, (len(runs_), length))
     batch["key"] = [[f["key"] for f in frames[i : i + length]] for i in range(0, len(frames), length)]
-    batch["mask"] = batch["label"] >= 0
+    batch["mask"] = np.array([k != "" for row in batch["key"] for k in row]).reshape(len(runs_), length)
     return batch
 
 
