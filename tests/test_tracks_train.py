@@ -1,0 +1,185 @@
+"""Training the action-unit and valence-arousal tracks: their losses and ensemble against values
+worked by hand, the config's `tracks`, and a run of each track whose held-out frames are every
+frame labelled for it, scored once, the same on 1, 2 and 3 ranks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fer_dist import cli, config
+from fer_dist.config import ConfigError, LossConfig
+from fer_dist.data.packing.layout import discover
+from fer_dist.data.packing.pack import pack
+from fer_dist.data.packing.synth import synthesize
+from fer_dist.data.shards.format import PackParams, fold_group, read_manifest
+from fer_dist.engine import predictions
+from fer_dist.engine.evaluation import scores
+from fer_dist.engine.losses import circle, concordance, objective
+from fer_dist.engine.metrics import ccc
+from fer_dist.engine.task import au_pos_weight, ensembled
+from fer_dist.models import build
+from fer_dist.tracks import TRACKS, layout
+from helpers import LENGTH, launch, tiny_run
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """Six synthetic videos labelled for the three tracks (each track on its own overlapping
+    set of videos), packed into 3 folds."""
+    root = tmp_path_factory.mktemp("tracked")
+    synthesize(root / "data", 6, seed=5, workers=2, length=LENGTH, tracks=("expr", "au", "va"))
+    pack(discover(root / "data"), root / "shards", PackParams(samples_per_shard=150, n_folds=3), workers=2)
+    return root / "shards"
+
+
+def test_the_circle_loss_is_paper_001s_eq_5_worked_by_hand():
+    s = torch.tensor([[2.0, -1.0, 0.5], [0.0, 0.0, 0.0]])
+    y = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    first = math.log(1 + math.exp(-1.0) + math.exp(0.5)) + math.log(1 + math.exp(-2.0))
+    second = math.log(1) + math.log(1 + 3 * math.exp(0.0))  # no negative: log(1 + 0)
+    assert circle(s, y).item() == pytest.approx((first + second) / 2, rel=1e-6)
+
+
+def test_au_loss_weighs_positives_masks_unlabelled_frames_and_adds_the_circle_loss():
+    logits = torch.tensor([[1.0, -2.0], [0.5, 0.5], [3.0, 3.0]])
+    y = torch.tensor([[1, 0], [0, 1], [-1, -1]])  # the third frame is not annotated
+    weight = torch.tensor([4.0, 1.0])
+    got = objective({"h": logits}, {"au": y}, ("h",), LossConfig(au_circle=0.5), pos_weight=weight)
+
+    def bce(s, t, w):
+        p = 1 / (1 + math.exp(-s))
+        return -(w * t * math.log(p) + (1 - t) * math.log(1 - p))
+
+    by_hand = np.mean([bce(1.0, 1, 4), bce(-2.0, 0, 1), bce(0.5, 0, 4), bce(0.5, 1, 1)])
+    by_hand += 0.5 * circle(logits[:2], y[:2].float()).item()
+    assert got.item() == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_va_loss_is_one_minus_the_ccc_of_each_dimension_over_the_labelled_frames():
+    rng = np.random.default_rng(0)
+    raw = rng.normal(size=(40, 2)).astype(np.float32)
+    truth = np.clip(rng.normal(scale=0.4, size=(40, 2)), -1, 1).astype(np.float32)
+    truth[5] = -5  # not annotated
+    keep = np.arange(40) != 5
+    pred = np.tanh(raw)
+    by_hand = 1 - np.mean([ccc(pred[keep, d], truth[keep, d]) for d in range(2)])
+    got = objective({"h": torch.from_numpy(raw)}, {"va": torch.from_numpy(truth)}, ("h",), LossConfig())
+    assert got.item() == pytest.approx(by_hand, abs=1e-5)
+    both = concordance(torch.from_numpy(pred[keep]), torch.from_numpy(truth[keep])).numpy()
+    np.testing.assert_allclose(both, [ccc(pred[keep, d], truth[keep, d]) for d in range(2)], atol=1e-5)
+    with_mse = objective({"h": torch.from_numpy(raw)}, {"va": torch.from_numpy(truth)}, ("h",), LossConfig(va_mse=2))
+    assert with_mse.item() == pytest.approx(by_hand + 2 * np.mean((pred[keep] - truth[keep]) ** 2), abs=1e-5)
+
+
+def test_the_ensemble_averages_each_tracks_own_values():
+    outputs = {"a": torch.tensor([[0.0, 2.0, 1.0, -1.0]]), "b": torch.tensor([[2.0, -2.0, 0.0, 1.0]])}
+    heads = ("a", "b")
+    au = ensembled({h: v[:, :2].repeat(1, 6) for h, v in outputs.items()}, heads, ["au"])
+    probs = (torch.sigmoid(outputs["a"][:, :2]) + torch.sigmoid(outputs["b"][:, :2])) / 2
+    torch.testing.assert_close(torch.sigmoid(au[:, :2]), probs)
+    va = ensembled({h: v[:, 2:] for h, v in outputs.items()}, heads, ["va"])
+    torch.testing.assert_close(torch.tanh(va), (torch.tanh(outputs["a"][:, 2:]) + torch.tanh(outputs["b"][:, 2:])) / 2)
+
+
+def test_tracks_lay_out_a_heads_columns_and_turn_them_into_labels():
+    assert layout(["expr", "au", "va"]) == {"expr": slice(0, 8), "au": slice(8, 20), "va": slice(20, 22)}
+    assert layout(["va"]) == {"va": slice(0, 2)}
+    au, va = TRACKS["au"], TRACKS["va"]
+    probs = au.values(np.array([[0.0, 2.0, -2.0] * 4]))
+    assert probs[0, :3] == pytest.approx([0.5, 1 / (1 + math.exp(-2)), 1 / (1 + math.exp(2))])
+    assert au.decide(probs).tolist() == [[1, 1, 0] * 4]
+    assert au.decide(probs, np.array([0.6, 0.9, 0.1] * 4)).tolist() == [[0, 0, 1] * 4]
+    np.testing.assert_allclose(va.decide(va.values(np.array([[0.5, -30.0]]))), [[math.tanh(0.5), -1.0]])
+
+
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (["tracks=[au, va]"], "a run learns one track"),
+        (["tracks=[gaze]"], "unknown track 'gaze'"),
+        (["tracks={au: 1}"], "a list of track names"),
+        (["tracks=[au]", "data.mix=remix"], "data.mix=remix mixes expression labels"),
+        (["loss.au_circle=-1"], "non-negative weights"),
+        (["loss.au_pos_weight=inverse"], "loss.au_pos_weight must be one of counts, sqrt, none"),
+    ],
+)
+def test_a_config_asking_for_tracks_it_cannot_learn_is_refused(overrides, says):
+    with pytest.raises(ConfigError, match=says):
+        config.load(None, overrides)
+
+
+def test_heads_are_as_wide_as_the_runs_track_and_the_config_cannot_set_it():
+    cfg = {"name": "feature_lstm", "embedding_dim": 8, "audio_features_dim": 4}
+    for name, width in (("expr", 8), ("au", 12), ("va", 2)):
+        model = build(cfg, 32, [32, 32], outputs=TRACKS[name].outputs)
+        out = model(
+            embedding=torch.randn(2, 5, 8), audio_features=torch.randn(2, 5, 4), mask=torch.ones(2, 5, dtype=bool)
+        )
+        assert all(v.shape == (2, 5, width) for v in out.values())
+    with pytest.raises(ConfigError, match="model.outputs is set by the run's tracks"):
+        build({**cfg, "outputs": 12}, 32, [32, 32])
+
+
+def test_au_positive_weights_are_the_training_folds_negatives_over_positives(tracked):
+    manifest = read_manifest(tracked)
+    cfg = config.load(None, ["tracks=[au]", "data.mix=none", "data.holdout_fold=1"])
+    counts = [manifest.groups[g].tracks["au"] for g in manifest.fold_groups(1) if "au" in manifest.groups[g].tracks]
+    positives, frames = np.sum([c.counts for c in counts], 0), sum(c.samples for c in counts)
+    want = np.where(positives > 0, (frames - positives) / np.maximum(positives, 1), 1.0)
+    np.testing.assert_allclose(au_pos_weight(cfg, manifest).numpy(), want, rtol=1e-6)
+    sqrt = config.load(None, ["tracks=[au]", "data.holdout_fold=1", "loss.au_pos_weight=sqrt"])
+    np.testing.assert_allclose(au_pos_weight(sqrt, manifest).numpy(), np.sqrt(want), rtol=1e-6)
+    assert au_pos_weight(config.load(None, ["tracks=[va]"]), manifest) is None
+
+
+def held_out_fold(manifest, track: str) -> int:
+    """A fold holding frames of `track` with frames of it in the other folds too."""
+    return next(
+        k
+        for k in manifest.folds()
+        if manifest.frames_of(fold_group(k), (track,))
+        and sum(manifest.frames_of(g, (track,)) for g in manifest.fold_groups(k))
+    )
+
+
+@pytest.mark.parametrize("track", ["au", "va"])
+def test_a_run_of_a_track_scores_each_of_its_held_out_frames_once_on_any_number_of_ranks(
+    track, tracked, tmp_path, capsys
+):
+    manifest = read_manifest(tracked)
+    fold = held_out_fold(manifest, track)
+    run = tmp_path / "run"
+    args = tiny_run(tracked, run, f"tracks=[{track}]", f"data.holdout_fold={fold}", "train.log_with=[]")
+    assert cli.main(["train", "--config", "mfm_cpu", *args]) == 0
+    t = TRACKS[track]
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"{t.metric_title} " in said and f"learning {t.title}" in said
+    metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    trained = predictions.load(run / "predictions" / "epoch001.npz")
+    assert trained.tracks == (track,) and trained.logits["ensemble"].shape[1] == t.outputs
+    labelled = t.annotated(trained.labels(track))
+    assert labelled.all() and len(trained) == manifest.frames_of(fold_group(fold), (track,)) == metrics["eval_frames"]
+    assert metrics["track"] == track and metrics["score"] == metrics[t.metric]
+    assert set(metrics[f"{t.metric}_by_head"]) == {"image", "audio", "fusion", "ensemble"}
+    assert (run / "confusion" / "epoch001.png").stat().st_size > 0
+    assert json.loads((run / "checkpoints" / "best" / "metrics.json").read_text())[t.metric] == metrics[t.metric]
+
+    scored = {}
+    for n in (1, 2, 3):
+        out = tmp_path / f"eval{n}.npz"
+        launch(n, "-m", "fer_dist.jobs.predict", run / "checkpoints" / "best", "--shards", tracked, "--group",
+               fold_group(fold), "--out", out)  # fmt: skip
+        scored[n] = predictions.load(out)
+    one = scored[1]
+    assert one.key.tolist() == trained.key.tolist()
+    for n in (2, 3):
+        other = scored[n]
+        assert other.key.tolist() == one.key.tolist() and np.array_equal(other.labels(track), one.labels(track))
+        for head in one.logits:
+            np.testing.assert_allclose(one.logits[head], other.logits[head], atol=1e-5)
+        assert scores(other)[t.metric] == pytest.approx(scores(one)[t.metric], abs=1e-4)
