@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from fer_dist import config
 from fer_dist.config import CONFIGS, ConfigError, LossConfig
 from fer_dist.engine.losses import focal, objective, symmetric_kl
-from fer_dist.engine.task import ensembled
+from fer_dist.engine.task import ensembled, width
 from fer_dist.models import build, create_model
 from fer_dist.models.backbones import tokens
 from fer_dist.models.regnet_transformer import RegNetTransformer
@@ -320,7 +320,7 @@ def test_every_config_builds_its_model(name):
     local = {"pretrained": False, "speech_weights": None}  # the shipped configs' weights files are the user's
     model_cfg = {**cfg.model, **{k: v for k, v in local.items() if k in cfg.model}}
     features = {"embedding_dim": 512, "audio_features_dim": 15, "voice_dim": 768, "voice_layers": 13}
-    model = build(model_cfg, cfg.data.image_size, cfg.data.audio_size, features)
+    model = build(model_cfg, cfg.data.image_size, cfg.data.audio_size, features, width(cfg.tracks))
     assert model.sequences == bool(cfg.data.sequence_length)
     assert model.output in (*model.heads, "ensemble")
 

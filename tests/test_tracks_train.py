@@ -24,7 +24,7 @@ from fer_dist.engine.metrics import ccc
 from fer_dist.engine.task import au_pos_weight, ensembled
 from fer_dist.models import build
 from fer_dist.tracks import TRACKS, layout
-from helpers import LENGTH, launch, tiny_run
+from helpers import LENGTH, launch
 
 
 @pytest.fixture(scope="module")
@@ -147,39 +147,56 @@ def held_out_fold(manifest, track: str) -> int:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("track", ["au", "va"])
-def test_a_run_of_a_track_scores_each_of_its_held_out_frames_once_on_any_number_of_ranks(
+def test_a_run_of_a_track_learns_it_and_scores_each_held_out_frame_once_on_any_number_of_ranks(
     track, tracked, tmp_path, capsys
 ):
+    """The fusion model's CPU config, two short epochs on the videos of the other folds: the
+    prediction's mean AU F1 well above calling every AU on (the always-positive baseline, what a
+    model that learnt only the AUs' shares scores), its P_VA well above 0 (a constant prediction's).
+    Its held-out predictions hold every frame labelled for the track once, and predicting them
+    again on 2 and 3 ranks gives the same frames, outputs and figure."""
     manifest = read_manifest(tracked)
-    fold = held_out_fold(manifest, track)
-    run = tmp_path / "run"
-    args = tiny_run(tracked, run, f"tracks=[{track}]", f"data.holdout_fold={fold}", "train.log_with=[]")
-    assert cli.main(["train", "--config", "mfm_cpu", *args]) == 0
+    fold, run = held_out_fold(manifest, track), tmp_path / "run"
+    args = [f"data.shards={tracked}", f"train.run_dir={run}", f"tracks=[{track}]", f"data.holdout_fold={fold}"]
+    args += ["train.log_with=[]", "data.epoch_samples=1920", "train.epochs=2", "data.image_size=32"]
+    assert cli.main(["train", "--config", "mfm_cpu", *args, "data.audio_size=[32, 32]"]) == 0
     t = TRACKS[track]
     said = " ".join(capsys.readouterr().err.split())
     assert f"{t.metric_title} " in said and f"learning {t.title}" in said
     metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    trained = predictions.load(run / "predictions" / "epoch001.npz")
+    if track == "au":
+        assert metrics["au_f1"] >= metrics["always_positive_au_f1"] + 0.10, metrics["au_f1_by_head"]
+    else:
+        assert metrics["p_va"] >= 0.40, metrics["ccc"]
+    trained = predictions.load(run / "predictions" / f"epoch{metrics['epoch']:03d}.npz")
     assert trained.tracks == (track,) and trained.logits["ensemble"].shape[1] == t.outputs
-    labelled = t.annotated(trained.labels(track))
-    assert labelled.all() and len(trained) == manifest.frames_of(fold_group(fold), (track,)) == metrics["eval_frames"]
-    assert metrics["track"] == track and metrics["score"] == metrics[t.metric]
+    assert t.annotated(trained.labels(track)).all()
+    assert len(trained) == len(set(trained.key)) == manifest.frames_of(fold_group(fold), (track,))
+    assert (
+        metrics["eval_frames"] == len(trained) and metrics["track"] == track and metrics["score"] == metrics[t.metric]
+    )
     assert set(metrics[f"{t.metric}_by_head"]) == {"image", "audio", "fusion", "ensemble"}
-    assert (run / "confusion" / "epoch001.png").stat().st_size > 0
-    assert json.loads((run / "checkpoints" / "best" / "metrics.json").read_text())[t.metric] == metrics[t.metric]
-
-    scored = {}
-    for n in (1, 2, 3):
+    assert (run / "confusion" / f"epoch{metrics['epoch']:03d}.png").stat().st_size > 0
+    best = json.loads((run / "checkpoints" / "best" / "metrics.json").read_text())
+    assert best[t.metric] == max(
+        json.loads(line)[t.metric] for line in (run / "metrics.jsonl").read_text().splitlines()
+    )
+    best_predictions = predictions.load(run / "predictions" / f"epoch{best['epoch']:03d}.npz")
+    for n in (2, 3):
         out = tmp_path / f"eval{n}.npz"
         launch(n, "-m", "fer_dist.jobs.predict", run / "checkpoints" / "best", "--shards", tracked, "--group",
                fold_group(fold), "--out", out)  # fmt: skip
-        scored[n] = predictions.load(out)
-    one = scored[1]
-    assert one.key.tolist() == trained.key.tolist()
-    for n in (2, 3):
-        other = scored[n]
-        assert other.key.tolist() == one.key.tolist() and np.array_equal(other.labels(track), one.labels(track))
-        for head in one.logits:
-            np.testing.assert_allclose(one.logits[head], other.logits[head], atol=1e-5)
-        assert scores(other)[t.metric] == pytest.approx(scores(one)[t.metric], abs=1e-4)
+        other = predictions.load(out)
+        assert other.key.tolist() == trained.key.tolist()
+        assert np.array_equal(other.labels(track), trained.labels(track))
+        for head in trained.logits:
+            np.testing.assert_allclose(other.logits[head], best_predictions.logits[head], atol=1e-4)
+        output = best_predictions.logits[trained.output]
+        if track == "au":  # an AU decided otherwise only where its logit is 0 to within the ranks' float order
+            flipped = (other.logits[trained.output] >= 0) != (output >= 0)
+            assert (np.abs(output[flipped]) < 1e-4).all()
+            if flipped.any():
+                continue
+        assert scores(other)[t.metric] == pytest.approx(best[t.metric], abs=1e-5)
