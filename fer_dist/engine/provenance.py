@@ -30,9 +30,17 @@ import fer_dist
 from fer_dist.console import out
 from fer_dist.data.shards.format import atomic_write, manifest_path
 from fer_dist.engine.rundir import PROVENANCE, REPORT, SUMMARY, RunDir
+from fer_dist.tracks import TRACKS
 
 LIBRARIES = ("torch", "torchvision", "torchaudio", "timm", "accelerate", "av", "webdataset", "numpy", "deepspeed")
-HEADS = "macro_f1_by_head"
+
+
+def by_head(metrics: dict) -> dict[str, float]:
+    """An epoch's figure per head: its track's metric (macro-F1, mean AU F1, P_VA; lines written
+    before runs had tracks are expressions')."""
+    return metrics[f"{TRACKS[metrics.get('track', 'expr')].metric}_by_head"]
+
+
 CHECKOUT = Path(fer_dist.__file__).resolve().parents[1]  # the top of the checkout, when fer-dist runs from one
 
 
@@ -133,17 +141,17 @@ def stamps(entry: dict) -> list[dict]:
 
 
 def figures(folder: Path) -> dict[str, dict[str, float]]:
-    """The folder's macro-F1 figures: a run's last epoch and best model per head, an ensemble
+    """The folder's figures: a run's last epoch and best model per head (its track's metric), an ensemble
     report's rows on the held-out folds and, apart, on the test videos, a demo summary's test figures."""
     folder, run = Path(folder), RunDir(Path(folder))
     if run.metrics_file.exists():
         lines = run.metrics()
         found = {}
         if lines:
-            found[f"epoch {lines[-1]['epoch']} (last)"] = lines[-1][HEADS]
+            found[f"epoch {lines[-1]['epoch']} (last)"] = by_head(lines[-1])
         if run.best.exists():
             best = run.best.metrics()
-            found[f"epoch {best['epoch']} (best)"] = best[HEADS]
+            found[f"epoch {best['epoch']} (best)"] = by_head(best)
         return found
     if (folder / REPORT).exists():  # a member's row is in both: its held-out fold, then the test videos
         report = json.loads((folder / REPORT).read_text())
