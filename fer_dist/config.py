@@ -55,6 +55,9 @@ class DataConfig:
     video_cap: list[int] = field(default_factory=list)  # at most N frames per (video, class) a pass; 0: no cap
     subsample: list[float] = field(default_factory=list)  # kept fraction per class (majority subsampling)
     max_repeat: float = 8.0  # at most this many expected copies of one read sample
+    # Action units: every frame once a pass (none), or frames with rare AUs on more often (rare:
+    # sqrt(commonest AU's frames / rarest AU on's frames) copies, `data/stream/balance.py`).
+    au_balance: Literal["none", "rare"] = "none"
     # Dynamic sampling (paper 000): one of a frame's pure audio windows, drawn at every read.
     train_windows: list[Window] = field(default_factory=lambda: ["s", "m", "l"])
     eval_window: Window = "l"
@@ -307,6 +310,10 @@ def validate(cfg: Config) -> None:
         (
             cfg.tracks == ["expr"] or d.mix == "none",
             f"data.mix={d.mix} mixes expression labels; a run of tracks={cfg.tracks} takes data.mix=none",
+        ),
+        (
+            d.au_balance == "none" or cfg.tracks == ["au"],
+            f"data.au_balance=rare resamples action units; a run of tracks={cfg.tracks} does not learn them",
         ),
         (
             cfg.loss.au_circle >= 0 and cfg.loss.va_mse >= 0,

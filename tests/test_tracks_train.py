@@ -4,6 +4,7 @@ frame labelled for it, scored once, the same on 1, 2 and 3 ranks."""
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 
@@ -16,7 +17,10 @@ from fer_dist.config import ConfigError, LossConfig
 from fer_dist.data.packing.layout import discover
 from fer_dist.data.packing.pack import pack
 from fer_dist.data.packing.synth import synthesize
+from fer_dist.data.shards import tars
 from fer_dist.data.shards.format import PackParams, fold_group, read_manifest
+from fer_dist.data.stream import balance, pipeline
+from fer_dist.data.stream.counts import Counter
 from fer_dist.engine import predictions
 from fer_dist.engine.evaluation import scores
 from fer_dist.engine.losses import circle, concordance, objective
@@ -200,3 +204,40 @@ def test_a_run_of_a_track_learns_it_and_scores_each_held_out_frame_once_on_any_n
             if flipped.any():
                 continue
         assert scores(other)[t.metric] == pytest.approx(best[t.metric], abs=1e-5)
+
+
+def test_rare_aus_are_resampled_by_the_square_root_of_their_rarity_when_asked():
+    positives = np.array([400, 100, 25, 0, 400, 400, 400, 400, 400, 400, 400, 4])
+    copies = balance.rare_au_copies(positives, max_repeat=8.0)
+    np.testing.assert_allclose(copies[:4], [1.0, 2.0, 4.0, 1.0])  # sqrt(400 / n); an AU never on: 1
+    assert copies[-1] == 8.0  # sqrt(100) capped at max_repeat
+    assert balance.frame_copies([0] * 12, copies) == 1.0  # no AU on: one copy
+    assert balance.frame_copies([1, 1, 0, 0] + [0] * 8, copies) == 2.0  # the rarer of AU1 and AU2
+    assert balance.frame_copies([1, 0, 1, 0] + [0] * 8, copies) == 4.0
+
+
+def test_the_au_stream_emits_rare_au_frames_as_often_as_planned(tracked):
+    """Read once a pass without it; with `data.au_balance=rare`, the stream's balancing stage gives
+    each frame of the training folds floor(e) or ceil(e) copies, e its rarest AU on's, and as many
+    in all as the plan expects, to within the stochastic rounding."""
+    manifest = read_manifest(tracked)
+    fold = held_out_fold(manifest, "au")
+    groups, common = manifest.fold_groups(fold), [f"data.shards={tracked}", "tracks=[au]", f"data.holdout_fold={fold}"]
+    plan = balance.resampling_plan(manifest, groups, config.load(None, common).data, ("image",), ("au",))
+    assert plan.au_copies is None and plan.read[0] == sum(manifest.frames_of(g, ("au",)) for g in groups)
+    rare = config.load(None, [*common, "data.au_balance=rare"])
+    stream = pipeline.TrainStream(rare.data, manifest, ("image",), seed=0, rank=0, world=1, tracks=("au",))
+    copies = stream.plan.au_copies
+    assert copies is not None and copies.max() > 1 and copies.min() == 1
+    samples = []
+    for shard in manifest.shard_paths(tracked, groups):
+        with open(shard, "rb") as fh:
+            parsed = pipeline.parse(tars.samples(fh, shard), Counter())
+            samples += [s for s in pipeline.carrying(parsed, ("au",), Counter())]
+    out = list(pipeline.balanced(iter(samples), stream.plan.copies, "0/0/0", Counter(), copies))
+    got = collections.Counter(s["__key__"] for s in out)
+    want = {s["__key__"]: balance.frame_copies(s["meta"].au, copies) for s in samples}
+    assert all(math.floor(e) <= got[k] <= math.ceil(e) for k, e in want.items())
+    assert abs(len(out) - sum(want.values())) < 4 * math.sqrt(len(want))
+    with pytest.raises(ConfigError, match="data.au_balance=rare resamples action units"):
+        config.load(None, ["tracks=[va]", "data.au_balance=rare"])

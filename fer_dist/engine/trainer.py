@@ -270,10 +270,15 @@ class Trainer:
                 f"{thrown_away:.1%} (no pure window, or no copy)"
             )
         else:
-            title = TRACKS[cfg.tracks[0]].title
+            title, au_copies = TRACKS[cfg.tracks[0]].title, self.stream.plan.au_copies
+            each = (
+                f"frames with rare AUs on repeated, up to {au_copies.max():.1f} copies (data.au_balance=rare)"
+                if au_copies is not None
+                else "every frame labelled for them read once a pass"
+            )
             console.print(
-                f"learning {title}: every frame labelled for them read once a pass (data.balance, video_cap and "
-                f"subsample resample expressions); {thrown_away:.1%} of the samples read carry other tracks alone"
+                f"learning {title}: {each} (data.balance, video_cap and subsample resample expressions); "
+                f"{thrown_away:.1%} of the samples read carry other tracks alone"
             )
         if thrown_away > 0.5:
             console.print("[yellow]warning:[/] most samples read will be discarded; the stream reads more than it uses")

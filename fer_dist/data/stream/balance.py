@@ -42,6 +42,7 @@ class Plan:
     emitted: np.ndarray  # expected copies emitted per class for one pass
     target: np.ndarray  # the configured target class distribution
     discarded_fraction: float  # expected share of read samples given no copy
+    au_copies: np.ndarray | None = None  # [12] expected copies of a frame with that AU on (`rare_au_copies`)
 
 
 def target_distribution(counts: np.ndarray, family: str, weights: list[float] | None = None) -> np.ndarray:
@@ -109,14 +110,35 @@ def usable_patterns(cfg: DataConfig, inputs: tuple[str, ...] = PACKED) -> list[i
     return [p for p in range(8) if any(p & b for b in bits)]
 
 
-def natural_plan(manifest: Manifest, groups: list[str], track: str) -> Plan:
-    """One copy of every read frame labelled for `track` (action units, valence-arousal: the
-    classes and their audio windows' purity are an expression run's); `read` is their count."""
+def rare_au_copies(positives: np.ndarray, max_repeat: float) -> np.ndarray:
+    """[12] expected copies of a read frame for each AU it has on: sqrt(n_max / n_j), n_j the
+    training frames with AU j on and n_max the commonest AU's (the square-root rule of class-balanced
+    sampling, Kang et al. 2020, per AU), at most `max_repeat`; 1 for an AU never on. A frame takes
+    the copies of its rarest AU that is on, and 1 when none is (`frame_copies`)."""
+    n = np.asarray(positives, float)
+    ratio = np.sqrt(np.divide(n.max(initial=0.0), n, out=np.ones_like(n), where=n > 0))
+    return np.minimum(np.maximum(ratio, 1.0), max_repeat)
+
+
+def frame_copies(au: list[int] | None, au_copies: np.ndarray) -> float:
+    """The expected copies of a frame whose AUs are `au` (12 of 0/1): the largest of `au_copies`
+    over the AUs it has on, 1 with none on."""
+    on = [c for c, v in zip(au_copies.tolist(), au or (), strict=False) if v == 1]
+    return max(on, default=1.0)
+
+
+def natural_plan(manifest: Manifest, groups: list[str], track: str, cfg: DataConfig) -> Plan:
+    """Every read frame labelled for `track` (action units, valence-arousal: the classes and their
+    audio windows' purity are an expression run's) once; `read` is their count. For action units
+    with `data.au_balance: rare`, frames with rare AUs on more often (`rare_au_copies`)."""
     videos = [name for name, v in manifest.videos.items() if v.fold in groups]
     counts = [manifest.videos[name].tracks.get(track) for name in videos]
     frames = sum(c.samples for c in counts if c)
     read = np.array([float(frames)])
-    return Plan({name: np.ones(NUM_CLASSES) for name in videos}, read, read, np.ones(1), 0.0)
+    au_copies = None
+    if track == "au" and cfg.au_balance == "rare":
+        au_copies = rare_au_copies(np.sum([c.counts for c in counts if c], 0), cfg.max_repeat)
+    return Plan({name: np.ones(NUM_CLASSES) for name in videos}, read, read, np.ones(1), 0.0, au_copies)
 
 
 def resampling_plan(
@@ -127,7 +149,7 @@ def resampling_plan(
     keeps for a model taking `inputs`; a run of another track than expressions reads its frames
     once each (`natural_plan`)."""
     if "expr" not in tracks:
-        return natural_plan(manifest, groups, tracks[0])
+        return natural_plan(manifest, groups, tracks[0], cfg)
     usable = usable_patterns(cfg, inputs)
     counts = {
         name: np.asarray(v.window_patterns)[:, usable].sum(1) for name, v in manifest.videos.items() if v.fold in groups

@@ -213,13 +213,18 @@ def runs(src, length: int):
         yield {"frames": run}
 
 
-def balanced(src, copies: dict[str, np.ndarray], base: str, counter: Counter):
+def balanced(src, copies: dict[str, np.ndarray], base: str, counter: Counter, au_copies: np.ndarray | None = None):
     """Stochastic copies of each read sample (a run: the mean of its frames' expected copies); of
-    an expression run, per (video, class); of another track's run, one copy each (`balance.plan`)."""
+    an expression run, per (video, class); of another track's run, one copy each, or with
+    `au_copies` by the rarest AU a frame has on (`balance.frame_copies`)."""
     rng = worker_rng(base, "balance")
     for sample in src:
         frames = frames_of(sample)
-        mean = sum(float(copies[f["meta"].video][max(f["label"], 0)]) for f in frames) / len(frames)
+        if au_copies is not None:
+            each = [balance.frame_copies(f["meta"].au, au_copies) for f in frames]
+        else:
+            each = [float(copies[f["meta"].video][max(f["label"], 0)]) for f in frames]
+        mean = sum(each) / len(frames)
         n = balance.draw_copies(mean, rng)
         counter.add("discarded", len(frames) * (n == 0))
         counter.add("emitted", len(frames) * n)
@@ -317,7 +322,7 @@ class TrainStream:
         if cfg.sequence_length:
             stages.append(stage(runs, length=cfg.sequence_length))
         stages += [
-            stage(balanced, copies=self.plan.copies, base=base, counter=counter),
+            stage(balanced, copies=self.plan.copies, base=base, counter=counter, au_copies=self.plan.au_copies),
             stage(shuffled, bufsize=cfg.shuffle_buffer, base=base),
             stage(skipped, batches=skip, size=cfg.batch_size),
             stage(decoded, inputs=inputs, counter=counter, decode=cfg.decode),
