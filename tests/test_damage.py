@@ -283,6 +283,7 @@ def packed(files) -> SimpleNamespace:
     return SimpleNamespace(shards=shards, result=result, manifest=read_manifest(shards), samples=by_video)
 
 
+@pytest.mark.slow  # packs a small dataset
 def test_shard_packs_a_damaged_file_past_its_damage_counts_the_loss_and_warns_once(files, packed):
     """The issue's input: every labelled frame after the damage is packed at its own number, with
     its sound (not as "past the end" with silence); the frames and seconds lost are counted in the
