@@ -11,7 +11,7 @@ manifest (the run's `data.shards`) can be read, else by the video's own, with a 
 
 For each face (`<video>`, or `<video>_left` / `<video>_right`) it writes into OUT:
 
-    <face>.csv   one row per decoded frame: frame (1-based), time (s, the frame's own timestamp),
+    <face>.csv   one row per frame: frame (1-based), time (s, the frame's own timestamp),
                  face (1 when the frame has its own crop), label (0-7), expression, and the
                  eight class probabilities of the model's output head
     <face>.txt   the ABAW3 format: the class header, then one label per frame
@@ -20,7 +20,8 @@ For each face (`<video>`, or `<video>_left` / `<video>_right`) it writes into OU
     <video>.mp4  with --render: the video with each face's box and label drawn (no sound)
 
 A video without any face gets its CSV (no label on any frame) and a warning; an unreadable video
-is named and skipped.
+is named and skipped. A video damaged part way is read past the damage: its frames that do not
+decode keep their rows and numbers, with no face (`fer-dist crop` counts and names them).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import io
 import json
 import shutil
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -38,7 +40,7 @@ import numpy as np
 from fer_dist import config as config_lib
 from fer_dist.console import console, print_table
 from fer_dist.data.packing import crop as crop_lib
-from fer_dist.data.packing import pack
+from fer_dist.data.packing import demux, pack
 from fer_dist.data.packing.layout import Video
 from fer_dist.data.shards.format import (
     Manifest,
@@ -162,6 +164,8 @@ def predict_faces(reports: list[dict], run: Run, work: Path, workers: int) -> tu
             boxes = {name: z[f"box/{name}"] for name in r["names"]}
         for name in r["names"] or [r["video"]]:
             box = boxes.get(name, np.full((r["frames"], 4), np.nan))
+            if name in probs and r.get("damage") and len(probs[name]) > r["frames"]:  # packed to the header's count
+                probs[name], labels[name] = probs[name][: r["frames"]], labels[name][: r["frames"]]
             if name in probs and len(probs[name]) != r["frames"]:
                 raise RuntimeError(f"{name}: {len(probs[name])} frames predicted, {r['frames']} decoded")
             faces.append(Faces(name, r["video"], times, box, probs.get(name), labels.get(name)))
@@ -234,21 +238,38 @@ def timeline_png(path: Path, f: Faces, title: str) -> None:
     atomic_write(path, buffer.getvalue())
 
 
+def frame_at(times: np.ndarray, time: float | None, k: int) -> int | None:
+    """The frame (0-based) of `times` [frames] s (ascending) shown at `time` s, to a millisecond;
+    None when none is; the `k`-th when the frames have no times."""
+    if time is None or not len(times) or np.isnan(times).any():
+        return k if k < len(times) else None
+    j = int(np.searchsorted(times, time))
+    i = min((c for c in (j - 1, j) if 0 <= c < len(times)), key=lambda c: abs(times[c] - time))
+    return i if abs(times[i] - time) < 1e-3 else None
+
+
 def render(path: Path, source: Path, faces: list[Faces]) -> None:
-    """The video with each face's box and label drawn on every frame, H.264 in MP4, no sound."""
+    """The video with each face's box and label drawn on every frame, H.264 in MP4, no sound; each
+    frame at its own place (`frame_at` its time in the faces' `times`), so that a frame that does
+    not decode (a damaged file: `demux`) leaves the one before it on screen."""
     from PIL import ImageDraw, ImageFont
 
     font = ImageFont.load_default(size=18)
     tmp = path.with_name(path.name + ".tmp.mp4")
-    with av.open(str(source)) as src, av.open(str(tmp), "w") as dst:
+    format, seen, last = demux.index_cut_short(source), demux.Pass(), -1
+    with demux.opened(source, format is not None, format) as src, av.open(str(tmp), "w") as dst:
         stream = src.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate or 30
         out = dst.add_stream("libx264", rate=rate)
         out.width, out.height = stream.codec_context.width // 2 * 2, stream.codec_context.height // 2 * 2
         out.pix_fmt = "yuv420p"
         out.options = {"preset": "veryfast"}
-        for i, frame in enumerate(src.decode(stream)):
-            image = frame.to_image()
+        frames = (f for packet in demux.packets(src, [stream], seen) for f in demux.decode(packet, seen) or [])
+        for k, frame in enumerate(frames):
+            i = frame_at(faces[0].times, frame.time, k)
+            if i is None or i <= last:
+                continue
+            image, last = frame.to_image(), i
             draw = ImageDraw.Draw(image)
             for f in faces:
                 if f.labels is None or i >= len(f.labels) or not f.found[i]:
@@ -261,6 +282,7 @@ def render(path: Path, source: Path, faces: list[Faces]) -> None:
                 draw.rectangle(draw.textbbox(corner, text, font=font), fill=COLOURS[label])
                 draw.text(corner, text, fill="white", font=font)
             picture = av.VideoFrame.from_image(image.crop((0, 0, out.width, out.height)))
+            picture.pts, picture.time_base = i, Fraction(1) / Fraction(rate)
             dst.mux(out.encode(picture))
         dst.mux(out.encode())
     tmp.replace(path)

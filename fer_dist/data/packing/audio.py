@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torchaudio
 
+from fer_dist.data.packing import demux
+from fer_dist.data.packing.demux import ASSUMED_FPS, FAULTS, fault
 from fer_dist.data.shards.format import MelParams
 from fer_dist.data.shards.windows import PCM_SCALE, SILENCE, WAVE_RATE, WAVE_WIDTH, WIDEST
-
-ASSUMED_FPS = Fraction(30)  # the frame rate of a file that cannot be read
 
 
 @dataclass
@@ -36,9 +36,12 @@ class Media:
     audio_start: float = 0.0  # seconds: where the audio stream's first sample lies on the container's timeline
     sound_gaps: float = 0.0  # seconds of silence put where the audio's timestamps jump ahead
     empty_audio: bool = False  # an audio stream is there but holds no sound (`audio` is None)
-    damage: str | None = None  # why the file seems cut off or damaged part way: what precedes is kept
+    damage: str | None = None  # why the file seems cut off part way: what precedes is kept
     error: str | None = None  # why the file could not be read at all
     resampled: dict[int, np.ndarray] = field(default_factory=dict)  # the audio at the `also` rates
+    frames_lost: int = 0  # frames of `times` that did not decode or that the demuxer skipped (damaged packets)
+    sound_lost: float = 0.0  # seconds of sound that did not decode or that the demuxer skipped (silence there)
+    sound_heard: float = 0.0  # seconds of sound decoded
 
     @property
     def frames(self) -> int:
@@ -46,45 +49,15 @@ class Media:
         return len(self.times)
 
 
-FAULTS = (av.error.FFmpegError, IndexError, ValueError)  # what PyAV raises on a damaged or unknown file
 GAP = 0.01  # s: a jump in the audio's timestamps longer than this is filled with silence
-
-
-def fault(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-def video_times(container, video, stamps: list[int | None], fps: Fraction | None) -> tuple[list[Fraction], bool, str]:
-    """Each frame's presentation time (s), in decode order, whether they are timestamps, and why
-    decoding stopped early ("" when it did not).
-
-    From the demuxed packets' `stamps` (sorted: presentation order) when they agree with the
-    header's frame count; by decoding the video when the header states no count (fragmented MP4,
-    Matroska) or one the packets do not bear out. Frames without timestamps are timed at
-    (i - 1) / fps."""
-    if int(video.frames) == len(stamps) and None not in stamps:
-        return [Fraction(t) * video.time_base for t in sorted(stamps)], True, ""
-    decoded, damage = [], ""
-    try:
-        container.seek(0)
-        video.thread_type = "AUTO"
-        for f in container.decode(video):
-            decoded.append(None if f.pts is None else Fraction(f.pts) * f.time_base)
-    except FAULTS as exc:
-        damage = fault(exc)
-    if not decoded and None not in stamps:  # could not even seek back: the packets are all there is
-        return [Fraction(t) * video.time_base for t in sorted(stamps)], True, damage
-    if None not in decoded:
-        return decoded, True, damage
-    return [Fraction(i) / (fps or ASSUMED_FPS) for i in range(len(decoded))], False, damage
 
 
 class AudioTimeline:
     """An audio stream's decoded frames placed on the container's timeline, mixed to mono and
     resampled to each of `rates` (Hz) from the same frames: sample k of `mono(rate)` lies at
     k / rate s. Silence leads up to the first frame's timestamp and is put where the timestamps
-    jump ahead by more than `GAP` (a recorder that dropped sound), so that what follows keeps its
-    time, as a video frame's time is its timestamp."""
+    jump ahead by more than `GAP` (a recorder that dropped sound, or sound lost to damaged packets),
+    so that what follows keeps its time, as a video frame's time is its timestamp."""
 
     def __init__(self, rates: tuple[int, ...]) -> None:
         self.rates = tuple(dict.fromkeys(rates))  # each once: the log-mel's and the waveform's may be one rate
@@ -92,7 +65,20 @@ class AudioTimeline:
         self.chunks: dict[int, list[np.ndarray]] = {r: [] for r in rates}  # float32 pieces of each rate's audio
         self.start: float | None = None  # s: the first frame's timestamp (0 when it has none); None: no frame yet
         self.end = 0.0  # s: where the audio added so far ends
-        self.gaps = 0.0  # s of silence put where the timestamps jump ahead
+        self.gaps = 0.0  # s of silence put where the timestamps jump ahead, sound lost not counted
+        self.lost = 0.0  # s of sound lost: packets that did not decode, data the demuxer skipped
+        self.heard = 0.0  # s of sound added
+        self.pending = 0.0  # s lost in packets since the last frame added
+        self.skipped = False  # sound of unknown length lost since the last frame added
+
+    def lose(self, seconds: float | None) -> None:
+        """Sound lost before the next frame: `seconds` of it (a packet that did not decode), or, None,
+        as much as the next frame's timestamp jumps ahead (data the demuxer skipped)."""
+        if seconds is None:
+            self.skipped = True
+        else:
+            self.lost += seconds
+            self.pending += seconds
 
     def add(self, frame: av.AudioFrame) -> None:
         """Appends a decoded frame at its timestamp (after the audio so far when it has none)."""
@@ -100,11 +86,16 @@ class AudioTimeline:
         if self.start is None:
             self.start = self.end = max(0.0, at or 0.0)
         elif at is not None and at - self.end > GAP:  # the sound jumps ahead: silence in between
-            self.gaps += at - self.end
+            jump = at - self.end
+            lost = jump if self.skipped else min(jump, self.pending)
+            self.lost += max(0.0, lost - self.pending)  # skipped beyond the packets counted already
+            self.gaps += jump - lost
             for r in self.rates:
-                self.chunks[r].append(np.zeros(round((at - self.end) * r), np.float32))
+                self.chunks[r].append(np.zeros(round(jump * r), np.float32))
             self.end = at
+        self.pending, self.skipped = 0.0, False
         self.end += frame.samples / frame.sample_rate
+        self.heard += frame.samples / frame.sample_rate
         for r, resampler in self.resamplers.items():
             self.chunks[r] += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
 
@@ -112,6 +103,12 @@ class AudioTimeline:
         """Appends what the resamplers still hold, once the last frame was added."""
         for r, resampler in self.resamplers.items():
             self.chunks[r] += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+
+    def cut(self) -> None:
+        """The file is cut off: the packets lost after the last frame are the cut's (a packet broken
+        off at the end), past the file's end, not sound lost."""
+        self.lost -= self.pending
+        self.pending = 0.0
 
     def mono(self, rate: int) -> np.ndarray:
         """[samples] float32 at `rate` (one of `rates`): the audio from time 0 on, silence before
@@ -125,23 +122,101 @@ def read_packets(
     video: av.VideoStream | None,
     sound: av.AudioStream | None,
     timeline: AudioTimeline,
-) -> tuple[list[int | None], str]:
+) -> demux.Pass:
     """One demuxing pass over `container`'s `video` and `sound` streams (either may be None): the
-    video packets' timestamps (in the stream's time base; decode order), the sound's frames added
-    to `timeline`; and why the pass stopped early ("" when it did not). PyAV's faults (`FAULTS`)
-    end the pass, not raised."""
-    stamps: list[int | None] = []
+    video packets' timestamps (`Pass.stamps`), the sound's frames added to `timeline`, and what the
+    pass met (`demux.Pass`). An audio packet that does not decode, and data the demuxer skipped, are
+    sound lost (`AudioTimeline.lose`); the pass goes on past them. Raises nothing of PyAV's."""
+    seen, skips = demux.Pass(), 0
+    for packet in demux.packets(container, [s for s in (video, sound) if s is not None], seen):
+        if packet.stream is not sound:
+            continue
+        if seen.skips > skips:
+            timeline.lose(None)
+            skips = seen.skips
+        frames = demux.decode(packet, seen)
+        if frames is None:
+            timeline.lose(seen.sound_failed[-1])
+        for frame in frames or []:
+            timeline.add(frame)
+    timeline.flush()
+    return seen
+
+
+@dataclass
+class Demuxed:
+    """What the demuxing pass over a file read (`demux_media`)."""
+
+    seen: demux.Pass
+    timeline: AudioTimeline
+    fps: Fraction | None  # the video's average rate; None without video or a rate
+    header: int  # the frame count the video stream's header states; 0: none
+    time_base: Fraction | None  # the video stream's; None without video
+    sound: bool  # an audio stream is there
+    front_to_back: bool  # read as it lies, without the container's index
+
+
+def demux_media(path: Path, rates: tuple[int, ...], front_to_back: bool = False, format: str | None = None) -> Demuxed:
+    """The demuxing pass over the file at `path` (`read_packets`), its sound at `rates` (Hz);
+    `front_to_back` and `format` as `demux.opened` takes them. Raises `FAULTS` and OSError when the
+    file cannot be opened."""
+    timeline = AudioTimeline(rates)
+    with demux.opened(path, front_to_back, format) as container:
+        video = container.streams.video[0] if container.streams.video else None
+        sound = container.streams.audio[0] if container.streams.audio else None
+        rate = (video.average_rate or video.guessed_rate) if video else None
+        seen = read_packets(container, video, sound, timeline)
+        return Demuxed(
+            seen,
+            timeline,
+            Fraction(rate) if rate else None,
+            int(video.frames) if video else 0,
+            video.time_base if video else None,
+            sound is not None,
+            front_to_back,
+        )
+
+
+def demux_whole(path: Path, rates: tuple[int, ...]) -> Demuxed:
+    """`demux_media`, again reading the file as it lies when its index is cut short (its video
+    packets fall short of the count its header states though the demuxer met no error, and read as
+    they lie they are more: `demux.index_cut_short`). Raises as `demux_media`."""
+    first = demux_media(path, rates)
+    if first.header <= len(first.seen.stamps) or first.seen.stopped:
+        return first
+    format = demux.index_cut_short(path)
+    return first if format is None else demux_media(path, rates, front_to_back=True, format=format)
+
+
+def video_frames(path: Path, read: Demuxed) -> tuple[demux.Frames, str]:
+    """The video's frames (`demux.Frames`), the lost ones in their places, and why decoding it
+    stopped before its end ("" when it did not).
+
+    From the demuxed packets' timestamps when they agree with the header's frame count and the pass
+    met no damage; else by decoding the video (`demux.from_decoded`): when the header states no count
+    (fragmented MP4, Matroska) or one the packets do not bear out, and to count the frames lost in a
+    damaged file (its times then still come from its packets when they agree with the header)."""
+    seen, tb = read.seen, read.time_base
+    agree = read.header == len(seen.stamps) and None not in seen.stamps
+    if agree and not seen.damaged:
+        return demux.from_packets(seen, tb, read.fps), ""
+    decoded, again = [], demux.Pass()
     try:
-        for packet in container.demux([s for s in (video, sound) if s is not None]):
-            if packet.stream is video:
-                if packet.size and not packet.is_discard:
-                    stamps.append(packet.pts if packet.pts is not None else packet.dts)
-                continue
-            for frame in packet.decode():
-                timeline.add(frame)
-    except FAULTS as exc:
-        return stamps, fault(exc)
-    return stamps, ""
+        with demux.opened(path, read.front_to_back, seen.format) as container:
+            video = container.streams.video[0]
+            video.thread_type = "AUTO"
+            for packet in demux.packets(container, [video], again):
+                decoded += [f.pts for f in demux.decode(packet, again) or []]
+    except (*FAULTS, OSError) as exc:  # could not open it again
+        again.stopped = again.stopped or fault(exc)
+    if not decoded and None not in seen.stamps:  # nothing decoded: the packets are all there is
+        return demux.from_packets(seen, tb, read.fps), again.stopped
+    cut = bool(seen.stopped) or read.header > len(seen.stamps)
+    frames = demux.from_decoded(decoded, again, tb, read.fps, cut)
+    if agree:
+        packets = demux.from_packets(seen, tb, read.fps)
+        return demux.Frames(packets.times, True, frames.lost, {}), again.stopped
+    return frames, again.stopped
 
 
 def read_media(path: Path | None, sample_rate: int, also: tuple[int, ...] = ()) -> Media:
@@ -152,41 +227,41 @@ def read_media(path: Path | None, sample_rate: int, also: tuple[int, ...] = ()) 
     as a frame's time is its timestamp (`AudioTimeline`).
 
     One demuxing pass reads the video packets' timestamps and decodes the audio (`read_packets`);
-    the video is decoded only when its frame count needs it (`video_times`). A file damaged part
-    way (cut off in a download) keeps what precedes the damage and says where it stopped
-    (`damage`); a file that cannot be opened gives a `Media` with `error` set. Never an exception."""
+    the video is decoded only when its frame count needs it or the file is damaged (`video_frames`).
+    A file damaged part way is read past the damage (`demux`): every frame keeps its number and
+    time, the packets that do not decode are counted (`frames_lost`, `sound_lost`, silence where the
+    sound was lost). A file cut off (a broken download) keeps what precedes the cut and says where
+    it stopped (`damage`); a file that cannot be opened gives a `Media` with `error` set. Never an
+    exception."""
     if path is None:
         return Media(None, [], error="no video file")
     try:
-        container = av.open(str(path))
-    except FAULTS as exc:
+        read = demux_whole(path, (sample_rate, *also))
+    except (*FAULTS, OSError) as exc:
         return Media(None, [], error=fault(exc))
-    timeline = AudioTimeline((sample_rate, *also))
-    times, timed = [], True
-    with container:
-        video = container.streams.video[0] if container.streams.video else None
-        sound = container.streams.audio[0] if container.streams.audio else None
-        rate = (video.average_rate or video.guessed_rate) if video else None
-        fps = Fraction(rate) if rate else None
-        stamps, damage = read_packets(container, video, sound, timeline)
-        timeline.flush()
-        header = int(video.frames) if video else 0
-        if video is not None:
-            times, timed, late = video_times(container, video, stamps, fps)
-            cut = f"it holds {len(times)} of the {header} frames its header states" if header > len(times) else ""
-            damage = damage or late or cut
-    heard = sound is not None and timeline.start is not None
+    frames, damage = demux.Frames([], True, 0, {}), read.seen.stopped
+    if read.time_base is not None:
+        frames, late = video_frames(path, read)
+        cut = f"it holds {len(frames.times)} of the {read.header} frames its header states"
+        damage = damage or late or (cut if read.header > len(frames.times) else "")
+    timeline = read.timeline
+    if damage:
+        timeline.cut()
+    heard = read.sound and timeline.start is not None
     return Media(
-        fps,
-        times,
-        header_frames=header,
-        timed=timed,
+        read.fps,
+        frames.times,
+        header_frames=read.header,
+        timed=frames.timed,
         audio=timeline.mono(sample_rate) if heard else None,
         audio_start=timeline.start or 0.0,
         sound_gaps=timeline.gaps,
-        empty_audio=sound is not None and not heard,
+        empty_audio=read.sound and not heard,
         damage=damage or None,
         resampled={r: timeline.mono(r) for r in also} if heard else {},
+        frames_lost=frames.lost,
+        sound_lost=timeline.lost,
+        sound_heard=timeline.heard,
     )
 
 

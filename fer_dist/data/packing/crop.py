@@ -12,6 +12,11 @@ detector's time; `ROOT/crop_reports/<video>.npz` holds each frame's presentation
 (`times` [frames]) and each face's box in px (`box/<name>` [frames, 4]: x0, y0, x1, y1, NaN where
 no face). A finished video is not cropped again by a rerun with the same settings.
 
+A video damaged part way is read past the damage (`data/packing/demux.py`): a frame that does not
+decode gets no crop, and every other frame keeps its number, as `fer-dist shard` numbers the same
+file's frames; the report counts the frames lost (`frames_lost`) and says where a file cut off
+ends (`damage`), and a warning names each.
+
 Who is a person: the tracks that last at least `min_track` frames (shorter ones are passing faces
 or false detections, counted in the report). When two such tracks share at least `min_track`
 frames, the video has two people: on each frame the two largest faces are taken, left and right
@@ -30,13 +35,14 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 
 from fer_dist.console import console, print_table
+from fer_dist.data.packing import demux
 from fer_dist.data.packing.faces import DETECTORS, Detector, Face, Tracker, align
 from fer_dist.data.packing.layout import CROP_DIRS, VIDEO_DIRS, VIDEO_SUFFIXES
 from fer_dist.data.packing.workers import completed
@@ -48,7 +54,7 @@ CROPS = CROP_DIRS[0]  # cropped_aligned
 VIDEOS = VIDEO_DIRS[0]  # batch1
 REPORTS = "crop_reports"
 SIDES = ("_left", "_right")
-REPORT_VERSION = 3  # a report of another version is redone, not read
+REPORT_VERSION = 4  # a report of another version is redone, not read
 
 
 @dataclass(frozen=True)
@@ -177,51 +183,92 @@ def crop_stamp(path: Path, params: CropParams) -> dict:
 class Tracked:
     """What decoding a video and tracking its faces found, frame by frame in decode order."""
 
-    faces: list[list[Face]]  # [frames] the faces found on each frame
+    faces: list[list[Face]]  # [frames] the faces found on each frame (none on a frame lost)
     times: list[float]  # [frames] s: each frame's presentation time, NaN where the container gives none
     size: tuple[int, int] | None  # (width, height) px of the frames; None when none was decoded
     header: int  # the frame count the container's header states; 0 when it states none
     seconds: float  # s spent in the detector and tracker
-    error: str | None  # why the video could not be read to its end (`ExceptionName: message`); None if it could
+    error: str | None  # why the video could not be read (`ExceptionName: message`); None if it could
+    files: dict[int, int]  # frame (1-based) -> the decoded picture (1-based) whose crops are `work/<track>/<k>.jpg`
+    lost: int = 0  # frames that do not decode (damaged packets) or that the demuxer skipped: no faces, no crops
+    damage: str = ""  # why reading stopped before the file's end (a file cut off); "" when it did not
+
+
+@dataclass
+class Decoded:
+    """The pictures of a video that decode, in the decoder's order (`decode_faces`)."""
+
+    stamps: list[int | None] = field(default_factory=list)  # each one's timestamp (stream time base)
+    faces: list[list[Face]] = field(default_factory=list)  # the faces found on each
+    size: tuple[int, int] | None = None  # (width, height) px
+    seconds: float = 0.0  # s in the detector and tracker
+
+
+def decode_faces(container, seen: demux.Pass, tracker: Tracker, work: Path, quality: int) -> Decoded:
+    """Decodes every picture of `container`'s video that decodes (`demux.packets`, `demux.decode`: a
+    packet that does not is counted in `seen` and skipped), finds and tracks its faces with
+    `tracker` and writes each face's aligned 112x112 crop (JPEG of `quality`) at once as
+    `work/<track>/<k>.jpg`, k the picture's place in decode order (1-based): who a track is, and the
+    frame a picture is, become known at the end. Raises `demux.FAULTS` for a file without video."""
+    if not container.streams.video:
+        raise ValueError("no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    out = Decoded()
+    for packet in demux.packets(container, [stream], seen):
+        for frame in demux.decode(packet, seen) or []:
+            image = frame.to_ndarray(format="rgb24")
+            out.size = image.shape[1], image.shape[0]
+            tick = time.perf_counter()
+            found = tracker(image)
+            out.seconds += time.perf_counter() - tick
+            out.faces.append(found)
+            out.stamps.append(frame.pts)
+            for f in found:  # every face is cropped now; who it is becomes known at the end
+                folder = work / str(f.track)
+                folder.mkdir(parents=True, exist_ok=True)
+                align(image, f.points).save(folder / f"{len(out.faces):05d}.jpg", quality=quality)
+    return out
 
 
 def track_video(path: Path, tracker: Tracker, work: Path, quality: int) -> Tracked:
-    """Decodes every frame of the video at `path` (PyAV), finds and tracks its faces with `tracker`,
-    and writes each face's aligned 112x112 crop (JPEG of `quality`) at once as
-    `work/<track>/<frame:05d>.jpg` (frames 1-based): who a track is becomes known at the end. A
-    file without a video stream, or that PyAV or the tracker cannot read to its end, gives
-    `error`, with the frames decoded before it; nothing is raised for it."""
-    faces: list[list[Face]] = []
-    times: list[float] = []
-    seconds, error, size, header = 0.0, None, None, 0
+    """Decodes every frame of the video at `path` (PyAV) that decodes, finds and tracks its faces
+    (`decode_faces`). A file damaged part way is read past the damage: each frame keeps its number,
+    the frames lost (`demux.from_decoded`) having no faces and no crops; a file whose index is cut
+    short is read as it lies (`demux.index_cut_short`); a file cut off keeps the frames before the
+    cut (`damage`). A file without a video stream, or that PyAV cannot open, gives `error`; nothing
+    is raised for it."""
+    seen, error, header = demux.Pass(), None, 0
+    decoded, tb, rate = Decoded(), Fraction(1), None
+    format = demux.index_cut_short(path)
     try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ValueError("no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            header = int(stream.frames)
-            for frame in container.decode(stream):
-                image = frame.to_ndarray(format="rgb24")
-                size = image.shape[1], image.shape[0]
-                tick = time.perf_counter()
-                found = tracker(image)
-                seconds += time.perf_counter() - tick
-                faces.append(found)
-                times.append(float(frame.time) if frame.time is not None else float("nan"))
-                for f in found:  # every face is cropped now; who it is becomes known at the end
-                    folder = work / str(f.track)
-                    folder.mkdir(parents=True, exist_ok=True)
-                    align(image, f.points).save(folder / f"{len(faces):05d}.jpg", quality=quality)
-    except (av.error.FFmpegError, ValueError, IndexError, OSError) as exc:
-        error = f"{type(exc).__name__}: {exc}"
-    return Tracked(faces, times, size, header, seconds, error)
+        with demux.opened(path, format is not None, format) as container:
+            if container.streams.video:
+                video = container.streams.video[0]
+                header, tb, rate = int(video.frames), video.time_base, video.average_rate or video.guessed_rate
+            decoded = decode_faces(container, seen, tracker, work, quality)
+    except (*demux.FAULTS, OSError) as exc:
+        error = demux.fault(exc)
+    cut = header > len(seen.stamps)  # (or the demuxer stopped early: `seen.stopped`)
+    frames = demux.from_decoded(decoded.stamps, seen, tb, Fraction(rate) if rate else None, cut)
+    number = [frames.numbers.get(t, k + 1) if frames.numbers else k + 1 for k, t in enumerate(decoded.stamps)]
+    faces: list[list[Face]] = [[] for _ in frames.times]
+    for k, n in enumerate(number):
+        faces[n - 1] = decoded.faces[k]
+    times = [float(t) for t in frames.times] if frames.timed else [float("nan")] * len(frames.times)
+    short = f"it holds {len(faces)} of the {header} frames its header states" if header > len(faces) else ""
+    damage = (seen.stopped or short) if decoded.stamps else ""
+    files = {n: k + 1 for k, n in enumerate(number)}
+    return Tracked(faces, times, decoded.size, header, decoded.seconds, error, files, frames.lost, damage)
 
 
-def place_crops(name: str, chosen: dict[str, dict[int, Face]], root: Path, work: Path) -> dict[str, dict[int, Face]]:
+def place_crops(
+    name: str, chosen: dict[str, dict[int, Face]], root: Path, work: Path, files: dict[int, int]
+) -> dict[str, dict[int, Face]]:
     """Moves each person's crops of video `name` (`chosen`: name suffix -> frame -> face, from
-    `people`) out of `work` into `root/cropped_aligned/<name><suffix>/`, after removing the
-    video's crop folders of an earlier run; returns face name -> frame -> face."""
+    `people`) out of `work` (a frame's crops named by its decoded picture, `files`: frame ->
+    picture) into `root/cropped_aligned/<name><suffix>/<frame:05d>.jpg`, after removing the video's
+    crop folders of an earlier run; returns face name -> frame -> face."""
     names = {f"{name}{suffix}": picked for suffix, picked in chosen.items()}
     for old in [name, *(name + s for s in SIDES)]:
         shutil.rmtree(root / CROPS / old, ignore_errors=True)
@@ -229,7 +276,7 @@ def place_crops(name: str, chosen: dict[str, dict[int, Face]], root: Path, work:
         final = root / CROPS / face_name
         final.mkdir(parents=True)
         for frame, f in picked.items():
-            os.replace(work / str(f.track) / f"{frame:05d}.jpg", final / f"{frame:05d}.jpg")
+            os.replace(work / str(f.track) / f"{files[frame]:05d}.jpg", final / f"{frame:05d}.jpg")
     return names
 
 
@@ -254,7 +301,7 @@ def write_people(path: Path, root: Path, seen: Tracked, work: Path, min_track: i
     people, names, faces (crops per name), frames_with_face and `people`'s track counts."""
     name = path.stem
     chosen, counts = people(seen.faces, min_track)
-    names = place_crops(name, chosen, root, work)
+    names = place_crops(name, chosen, root, work, seen.files)
     shutil.rmtree(work, ignore_errors=True)
     link_video(path, root)
     atomic_write(root / REPORTS / f"{name}.npz", boxes_npz(seen.times, names))
@@ -294,6 +341,8 @@ def crop_video(job: tuple[Path, Path, CropParams]) -> dict:
         "source": str(path),
         "frames": len(seen.faces),
         "header_frames": seen.header,
+        "frames_lost": seen.lost,
+        "damage": seen.damage,
         "size": seen.size,
         "error": seen.error,
     }
@@ -351,7 +400,17 @@ def problems(reports: list[dict]) -> list[str]:
             out.append(f"{r['source']}: unreadable, skipped ({r['error']})")
         elif r["frames"] == 0:
             out.append(f"{r['source']}: no frames decoded")
-        if not r["error"] and r["header_frames"] and r["header_frames"] != r["frames"]:
+        if r.get("frames_lost"):
+            out.append(
+                f"{r['video']}: {r['frames_lost']} of its {r['frames']} frames do not decode (damaged packets): no "
+                "crops for them; every other frame keeps its number"
+            )
+        if r.get("damage"):
+            out.append(
+                f"{r['video']}: the file is cut off after frame {r['frames']} ({r['damage']}); the frames before "
+                "it are cropped"
+            )
+        elif not r["error"] and r["header_frames"] and r["header_frames"] != r["frames"]:
             out.append(
                 f"{r['video']}: the container says {r['header_frames']} frames, {r['frames']} were decoded; "
                 "crops and labels are numbered in decode order"

@@ -185,7 +185,7 @@ def quality_of(
         damage=media.damage or "",
         frames_from=frames_from,
         empty_audio=media.empty_audio,
-        audio_s=round(end - start - media.sound_gaps, 4) if sound else 0.0,
+        audio_s=round(media.sound_heard, 4) if sound else 0.0,
         audio_late_s=round(max(0.0, start - seconds[0]), 4) if sound else 0.0,
         audio_early_end_s=round(max(0.0, seconds[-1] - end), 4) if sound else 0.0,
         sound_gaps_s=round(media.sound_gaps, 4),
@@ -194,6 +194,8 @@ def quality_of(
         labels_past_end=max(0, labels - media.frames) if media.frames and frames_from == "annotation" else 0,
         crops_past_end=sum(f > media.frames for f in crops.files) if media.frames else 0,
         not_jpeg_crops=crops.not_jpeg + crops.other_images,
+        frames_lost=media.frames_lost,
+        sound_lost_s=round(media.sound_lost, 4),
         crop_width=[min(widths, default=0), max(widths, default=0)],
         crop_height=[min(heights, default=0), max(heights, default=0)],
     )

@@ -231,7 +231,7 @@ class Quality:
     header_frames: int  # the frame count the container's header states; 0 when it states none
     timing: str  # "timestamps": each frame at its presentation timestamp; "assumed rate": (i - 1) / fps
     timing_drift_s: float  # largest departure of a frame's timestamp from a constant rate (variable rate)
-    audio_s: float  # seconds of sound in the audio stream (silence put into its gaps not counted)
+    audio_s: float  # seconds of sound decoded from the audio stream (silence put into its gaps not counted)
     audio_late_s: float  # how long after the first frame the sound starts
     audio_early_end_s: float  # how long before the last frame the sound ends
     labels_past_end: int  # annotation lines past the video's last frame (filled from the nearest crop)
@@ -241,10 +241,12 @@ class Quality:
     frames_after_sound: int = 0  # video frames after the sound ends (they hear silence)
     sound_gaps_s: float = 0.0  # seconds of silence put where the audio's timestamps jump ahead
     empty_audio: bool = False  # an audio stream that holds no sound (packed silent)
-    damage: str = ""  # why reading the file stopped before its end (a truncated download); "" if it did not
+    damage: str = ""  # why the file seems cut off before its end (a truncated download); "" if it does not
     frames_from: str = "annotation"  # what sets the frames packed: annotation | video | header | crops (test)
     crops_past_end: int = 0  # crop files numbered past the video's last frame
     not_jpeg_crops: int = 0  # crop files that are not JPEG (`NNNNN.png`, a PNG named .jpg): never packed
+    frames_lost: int = 0  # of video_frames: frames whose packets do not decode or that the demuxer skipped
+    sound_lost_s: float = 0.0  # seconds of sound whose packets do not decode or that the demuxer skipped
 
     def quirks(self, fps: float) -> dict[str, str]:
         """This video's quirks: a name for each (the kind) and what was found and done, in a
@@ -262,6 +264,12 @@ class Quality:
                     if self.frames_from == "header"
                     else ""
                 ),
+            ),
+            "damaged packets": (
+                self.frames_lost or self.sound_lost_s,
+                f"damaged packets: {self.frames_lost} frame(s) and {self.sound_lost_s:.2f} s of sound do not decode; "
+                "the frames and sound that do are used, each at its own time: the frames lost keep their numbers "
+                "(their crops and labels are packed), silence is put where the sound was lost",
             ),
             "frame count": (
                 self.video_frames and self.header_frames != self.video_frames and not self.damage,

@@ -1,0 +1,264 @@
+"""A container read past its damage (PyAV): demuxed packet by packet, each packet decoded on its own,
+every video frame kept at its number.
+
+A file damaged part way (bytes overwritten in a copy, a bad sector, an index cut short) is read to
+its end: a packet that does not decode is skipped and counted, and the demuxer goes on past an
+error of its own as long as packets follow it. An error with nothing after it is where the file
+ends (a download cut off): what precedes it is kept.
+
+The frames lost keep their places. A frame's number is its rank among the video's presentation
+timestamps (the order in which the decoder gives its pictures, as `cropped_aligned` numbers them),
+and the timestamps of the packets that do not decode are known from the demuxer, so their frames
+are counted in at their own times. Where the demuxer reports that it skipped damaged data (Matroska
+drops a damaged cluster, packets and all) and the video's timestamps jump across that place by more
+than a frame and a half, the frames the jump holds at the stream's average rate are counted in as
+lost, evenly spaced. So the frames after the damage keep the numbers that their crops, cut from an
+intact copy or by `fer-dist crop` from this one, have.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import contextlib
+import io
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import av.logging
+
+ASSUMED_FPS = Fraction(30)  # the frame rate of a file that cannot be read, or whose frames carry no times
+FAULTS = (av.error.FFmpegError, IndexError, ValueError)  # what PyAV raises on a damaged or unknown file
+RETRIES = 1000  # the most errors of the demuxer one pass goes on past (each with packets after it)
+REORDER = 16  # packets: the most a decoder reorders frames by (H.264 holds at most 16 in its buffer)
+
+
+def fault(exc: Exception) -> str:
+    """An error as one line: `ExceptionName: message`."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+class FrontToBack(io.RawIOBase):
+    """A file read from its start to its end, as from a pipe: a demuxer reading it cannot seek, so it
+    reads the packets as they lie, not through the container's index."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = open(path, "rb")  # noqa: SIM115 (closed with this object)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def readinto(self, buffer) -> int:
+        return self.file.readinto(buffer)
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+@contextlib.contextmanager
+def opened(path: Path, front_to_back: bool = False, format: str | None = None) -> Iterator[av.container.InputContainer]:
+    """`path` opened with PyAV, closed after the block; `front_to_back`: read as it lies, without the
+    container's index (`FrontToBack`), in `format` (a PyAV format name; None: probed). Raises what
+    PyAV raises for a file it cannot open (`FAULTS`) and OSError."""
+    source = FrontToBack(Path(path)) if front_to_back else None
+    try:
+        with av.open(source or str(path), format=format) as container:
+            yield container
+    finally:
+        if source is not None:
+            source.close()
+
+
+@dataclass
+class Pass:
+    """What one demuxing pass over a container met (`packets` and `decode` fill it)."""
+
+    format: str = ""  # the container's format (PyAV's name): the demuxer's own error lines carry it
+    stamps: list[int | None] = field(default_factory=list)  # each video packet's pts (else dts), stream time base
+    marks: list[int] = field(default_factory=list)  # the demuxer skipped damaged data just before video packet k
+    failed: list[int | None] = field(default_factory=list)  # stamps of the video packets that did not decode
+    sound_failed: list[float | None] = field(default_factory=list)  # s: audio packets that did not decode
+    corrupt: int = 0  # packets the demuxer flagged corrupt
+    errors: int = 0  # errors the demuxer raised and went on past (packets followed them)
+    skips: int = 0  # the demuxer's reports of damaged data skipped, so far: its errors, raised or logged
+    stopped: str = ""  # the error that ended the pass before the file's end; "" when none did
+
+    @property
+    def damaged(self) -> bool:
+        """Whether the pass met damage: a packet that did not decode or came flagged corrupt, data the
+        demuxer skipped."""
+        return bool(self.failed or self.sound_failed or self.corrupt or self.skips)
+
+
+@contextlib.contextmanager
+def ffmpeg_errors() -> Iterator[list[tuple[int, str, str]]]:
+    """FFmpeg's error lines (level, name of what logged it, message) while the block runs, each one
+    (a line repeating the last is kept too), kept from the terminal; PyAV's log settings are put
+    back after it."""
+    level, repeated = av.logging.get_level(), av.logging.get_skip_repeated()
+    if level is None or level < av.logging.ERROR:
+        av.logging.set_level(av.logging.ERROR)
+    av.logging.set_skip_repeated(False)
+    try:
+        with av.logging.Capture(local=False) as logs:
+            yield logs
+    finally:
+        av.logging.set_level(level)
+        av.logging.set_skip_repeated(repeated)
+
+
+def flush_packet(stream) -> av.Packet:
+    """An empty packet of `stream`: decoding it drains the decoder of the frames it holds."""
+    packet = av.Packet()
+    packet.stream = stream
+    return packet
+
+
+def packets(container: av.container.InputContainer, streams: list, seen: Pass) -> Iterator[av.Packet]:
+    """`container`'s packets of `streams`, as they lie in the file, then the flush packets (size 0)
+    that drain the decoders. An error of the demuxer is gone past when a packet follows it (counted
+    in `seen.errors`); one after which none follows ends the pass (`seen.stopped`). Each video packet's
+    timestamp is added to `seen.stamps`, with a mark where the demuxer reported damaged data before
+    it (`seen.marks`, `seen.skips`). Raises nothing of PyAV's."""
+    yield from demuxed(container, streams, seen)
+    if seen.stopped:  # the demuxer gave no flush packets
+        yield from (flush_packet(s) for s in streams)
+
+
+def demuxed(container: av.container.InputContainer, streams: list, seen: Pass) -> Iterator[av.Packet]:
+    """`packets` but for the flush packets of a pass that stopped early."""
+    video = next((s for s in streams if s.type == "video"), None)
+    seen.format, read, noted, pending = container.format.name, 0, 0, ""
+    with ffmpeg_errors() as logs:
+        for _ in range(RETRIES + 1):
+            try:
+                for packet in container.demux(streams):
+                    if packet.size and pending:  # the demuxer went on after its error
+                        seen.errors, seen.skips, pending = seen.errors + 1, seen.skips + 1, ""
+                    seen.skips += sum(entry[1] == seen.format for entry in logs[read:])
+                    read = len(logs)
+                    seen.corrupt += bool(packet.size and packet.is_corrupt)
+                    if packet.stream is video and packet.size and not packet.is_discard:
+                        seen.marks += [len(seen.stamps)] if seen.skips > noted else []
+                        seen.stamps.append(packet.pts if packet.pts is not None else packet.dts)
+                        noted = seen.skips
+                    yield packet
+                seen.stopped = pending
+                return
+            except FAULTS as exc:
+                if pending:  # an error again, nothing between: where the file ends
+                    seen.stopped = pending
+                    return
+                pending = fault(exc)
+        seen.stopped = f"more than {RETRIES} errors of the demuxer; the last: {pending}"
+
+
+def decode(packet: av.Packet, seen: Pass) -> list | None:
+    """The frames `packet` decodes to; None when it does not decode, which `seen` counts: a video
+    packet's timestamp in `seen.failed`, an audio packet's duration (s; None when unknown) in
+    `seen.sound_failed`."""
+    try:
+        return packet.decode()
+    except FAULTS:
+        if packet.stream.type == "video":
+            seen.failed.append(packet.pts if packet.pts is not None else packet.dts)
+        elif packet.stream.type == "audio":
+            seen.sound_failed.append(float(packet.duration * packet.time_base) if packet.duration else None)
+        return None
+
+
+def skipped(seen: Pass, time_base: Fraction, fps: Fraction | None) -> list[int]:
+    """The timestamps (`time_base`) of the video frames the demuxer skipped with damaged data: where
+    it reported damage (`seen.marks`), the gaps of more than a frame and a half at `fps` between
+    consecutive presentation times of the frames whose packets lie within `REORDER` packets of that
+    place (a decoder shows a frame up to that many packets after it reads it), each filled with the
+    frames it holds at `fps`, evenly spaced. None without timestamps or a frame rate."""
+    stamps = seen.stamps
+    if not seen.marks or not fps or None in stamps:
+        return []
+    order, gaps = sorted(stamps), set()
+    for k in seen.marks:
+        if 0 < k < len(stamps):
+            near = stamps[max(0, k - REORDER) : k + REORDER]
+            ends = order[bisect.bisect_left(order, min(near)) : bisect.bisect_right(order, max(near))]
+            gaps |= {(a, b) for a, b in itertools.pairwise(ends) if (b - a) * time_base * fps > Fraction(3, 2)}
+    out: list[int] = []
+    for a, b in sorted(gaps):
+        missing = round((b - a) * time_base * fps) - 1
+        out += [a + round((b - a) * j / (missing + 1)) for j in range(1, missing + 1)]
+    return out
+
+
+@dataclass(frozen=True)
+class Frames:
+    """A video's frames, the lost ones in their places: frame i (1-based) at `times[i - 1]`."""
+
+    times: list[Fraction]  # s: each frame's presentation time, ascending; (i - 1) / fps when not `timed`
+    timed: bool  # the times are the frames' timestamps
+    lost: int  # frames in `times` that did not decode, or that the demuxer skipped
+    numbers: dict[int, int]  # a frame's timestamp (stream time base) -> its number, 1-based; {} when not `timed`
+
+
+def from_packets(seen: Pass, time_base: Fraction, fps: Fraction | None) -> Frames:
+    """The frames that `seen`'s video packets are (their timestamps in presentation order) and those
+    the demuxer skipped (`skipped`); lost: the skipped ones and the packets that did not decode."""
+    extra = skipped(seen, time_base, fps)
+    stamps = sorted([*seen.stamps, *extra])
+    return Frames([Fraction(t) * time_base for t in stamps], True, len(extra) + len(seen.failed), {})
+
+
+def from_decoded(
+    decoded: list[int | None], seen: Pass, time_base: Fraction, fps: Fraction | None, cut: bool = False
+) -> Frames:
+    """The frames that decoded (`decoded`: their timestamps, in the decoder's order) and the frames
+    lost in `seen`'s pass over the same video: those of the packets whose timestamps no decoded frame
+    has, when any packet failed (and every packet has a timestamp), and those the demuxer skipped
+    (`skipped`). A file `cut` off (or whose pass stopped early, `seen.stopped`) loses none after its
+    last decoded frame: a packet broken off at the cut lies past its end. Frames without timestamps
+    are numbered in order, at (i - 1) / fps; the lost ones are then only counted."""
+    if None in decoded or not decoded:
+        rate = fps or ASSUMED_FPS
+        return Frames([Fraction(i) / rate for i in range(len(decoded))], False, len(seen.failed), {})
+    have = set(decoded)
+    missing = sorted({t for t in seen.stamps if t not in have}) if seen.failed and None not in seen.stamps else []
+    extra = skipped(seen, time_base, fps)
+    if cut or seen.stopped:
+        missing, extra = [t for t in missing if t < max(decoded)], [t for t in extra if t < max(decoded)]
+    stamps = sorted([*decoded, *missing, *extra])
+    numbers = {t: i + 1 for i, t in enumerate(stamps)}
+    return Frames([Fraction(t) * time_base for t in stamps], True, len(missing) + len(extra), numbers)
+
+
+def video_packets(path: Path, front_to_back: bool = False, format: str | None = None) -> tuple[int, Pass]:
+    """The frame count the header of `path`'s video stream states (0: none), and a demuxing pass over
+    its video packets, none decoded (`packets`). Raises `FAULTS` and OSError when it cannot be opened
+    or holds no video stream (ValueError)."""
+    with opened(path, front_to_back, format) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        video, seen = container.streams.video[0], Pass()
+        collections.deque(packets(container, [video], seen), maxlen=0)
+        return int(video.frames), seen
+
+
+def index_cut_short(path: Path) -> str | None:
+    """The format (PyAV's name) to read `path` in front to back (`opened`), when its index is cut
+    short: the video packets read through it fall short of the count the header states though the
+    demuxer met no error, and read as they lie they are more (an AVI's index lists only the packets
+    it indexes, the others are never read); None otherwise, and when the file cannot be read."""
+    try:
+        header, first = video_packets(path)
+        if header <= len(first.stamps) or first.stopped:
+            return None
+        _, again = video_packets(path, True, first.format)
+    except (*FAULTS, OSError):
+        return None
+    return first.format if len(again.stamps) > len(first.stamps) else None

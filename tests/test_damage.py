@@ -1,0 +1,314 @@
+"""Files damaged part way, made from `fer-dist synth` videos with PyAV and plain byte writes: an MP4
+with random bytes written over 2 % of it in its middle (8 of its 333 frames and 0.28 s of its sound
+then do not decode; fer-dist used to stop at the first, packing the 153 frames after it as past the
+video's end, silent), the same kind of file in Matroska damaged alike (its demuxer drops the damaged
+clusters, 54 frames and 1.8 s of sound, with no error but a line in FFmpeg's log), an AVI whose index
+is cut short (it lists half the packets, and FFmpeg reads no more through it), a file cut off. Each
+is held to the right value, taken from the intact file: every frame keeps its number and timestamp,
+the sound that decodes lies at its own time, what is lost is counted (and warned once by `fer-dist
+shard`, shown by `fer-dist inspect`), and `fer-dist crop`, `annotate` and `extract` read past the
+damage as packing does."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+from types import SimpleNamespace
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from fer_dist.data.packing import crop, demux
+from fer_dist.data.packing.audio import ProsodyParams, prosody, read_media, seconds
+from fer_dist.data.packing.faces import TEMPLATE, Face, align
+from fer_dist.data.packing.features import prosody_job
+from fer_dist.data.packing.layout import discover
+from fer_dist.data.packing.synth import TEST_LIST, synthesize
+from fer_dist.data.shards.format import SampleMeta, read_manifest
+from fer_dist.data.shards.windows import SILENCE
+from fer_dist.jobs.annotate import Faces, render
+from helpers import REPO, samples
+
+RATE = 16000  # Hz: the sound compared
+QUIET = float(np.float16(SILENCE))
+
+
+def garble(path: Path, share: float = 0.02) -> None:
+    """Random bytes written over `share` of the file's bytes, from its middle on."""
+    data = bytearray(path.read_bytes())
+    size, at = int(len(data) * share), len(data) // 2
+    data[at : at + size] = np.random.default_rng(0).bytes(size)
+    path.write_bytes(bytes(data))
+
+
+def remux(src: Path, dst: Path, **options) -> None:
+    """The same packets in another container (by `dst`'s suffix; `options` as `av.open` takes them)."""
+    with av.open(str(src)) as i, av.open(str(dst), "w", **options) as o:
+        streams = {s.index: o.add_stream_from_template(s) for s in i.streams}
+        for packet in i.demux():
+            if packet.dts is not None:
+                packet.stream = streams[packet.stream.index]
+                o.mux(packet)
+
+
+def cut_index(path: Path) -> None:
+    """An AVI with the second half of its index (`idx1`, at the file's end) cut off."""
+    data = path.read_bytes()
+    at = data.rfind(b"idx1")
+    path.write_bytes(data[: at + (len(data) - at) // 2])
+
+
+def truth(path: Path) -> SimpleNamespace:
+    """What plain PyAV finds in a file decoded packet by packet, past packets that do not decode:
+    the video's frames decoded (their timestamps, s) and its packets; the sound's frames decoded
+    (timestamp s, mono samples) and its rate (Hz)."""
+    times, packets, sound, rate = [], 0, [], 0
+    with av.open(str(path)) as container:
+        for packet in container.demux():
+            packets += bool(packet.size and packet.stream.type == "video")
+            try:
+                frames = packet.decode()
+            except av.error.InvalidDataError:
+                continue
+            if packet.stream.type == "video":
+                times += [Fraction(f.pts) * f.time_base for f in frames]
+            for f in frames if packet.stream.type == "audio" else []:
+                sound.append((float(f.pts * f.time_base), f.to_ndarray()[0]))
+                rate = f.sample_rate
+    return SimpleNamespace(times=sorted(times), packets=packets, sound=sound, rate=rate)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> SimpleNamespace:
+    """The intact videos of a synthetic challenge (`intact/`) and the challenge with its videos
+    damaged (`data/`): 4-30 an MP4 garbled in its middle, 5-30 (a test video) its packets in
+    Matroska garbled alike, 2-25 an AVI whose index is cut short; the _left/_right pair's video and
+    3-30's (silent) are left whole."""
+    root = tmp_path_factory.mktemp("damage")
+    data, intact = root / "data", root / "intact"
+    synthesize(data, 4, seed=1, workers=2, length=300, test_videos=1)
+    videos = {v.name: v for v in discover(data, test_list=data / TEST_LIST)}
+    intact.mkdir()
+    for v in videos.values():
+        shutil.copy(v.media, intact / v.media.name)
+    mkv = videos["5-30-640x360"].media
+    remux(mkv, intact / f"{mkv.stem}.mkv")
+    (intact / mkv.name).unlink()
+    mkv.unlink()
+    shutil.copy(intact / f"{mkv.stem}.mkv", mkv.with_suffix(".mkv"))
+    for path in (videos["4-30-640x360"].media, mkv.with_suffix(".mkv")):
+        garble(path)
+    cut_index(videos["2-25-640x360"].media)
+    media = {v.name: v.media for v in discover(data, test_list=data / TEST_LIST)}
+    return SimpleNamespace(root=root, data=data, intact=intact, media=media)
+
+
+def whole(files, name: str) -> Path:
+    """The intact file of video `name`."""
+    return next(files.intact.glob(f"{name}.*"))
+
+
+@pytest.mark.parametrize("name", ["4-30-640x360", "5-30-640x360"], ids=["mp4", "mkv"])
+def test_a_damaged_file_is_read_past_its_damage_every_frame_at_its_number(files, name):
+    """Decoding goes on past the damage: the frames are the intact file's, each at its own time (to
+    Matroska's millisecond), those whose packets are lost counted; the sound after the damage is the
+    intact file's at the same time, silence only where it was lost (not counted as gaps)."""
+    damaged, intact = read_media(files.media[name], RATE), read_media(whole(files, name), RATE)
+    decoded = truth(files.media[name]).times
+    assert damaged.damage is None and damaged.header_frames == intact.header_frames
+    assert damaged.frames == intact.frames and damaged.frames_lost == intact.frames - len(decoded)
+    assert 0 < damaged.frames_lost < 0.2 * intact.frames  # Matroska drops whole clusters: 54 of 390 frames
+    assert np.abs(seconds(damaged.times) - seconds(intact.times)).max() < 0.0011  # Matroska: whole ms
+    assert 0.04 < damaged.sound_lost < 2.5 and damaged.sound_gaps < 1e-6
+    assert damaged.sound_heard == pytest.approx(intact.sound_heard - damaged.sound_lost, abs=0.03)
+    a, b = intact.audio, damaged.audio
+    assert len(b) == pytest.approx(len(a), abs=16)
+    silent = np.abs(b) < 1e-7
+    assert silent.sum() / RATE == pytest.approx(damaged.sound_lost + (np.abs(a) < 1e-7).sum() / RATE, abs=0.05)
+    found = truth(files.media[name])
+    heard = read_media(files.media[name], found.rate).audio  # at the sound's own rate: its samples as decoded
+    slack = round(0.001 * found.rate) if name == "5-30-640x360" else 0  # Matroska: whole milliseconds
+    for t, pcm in found.sound:  # every frame of sound that decodes lies at its own time
+        at, n = round(t * found.rate), len(pcm)
+        if slack <= at <= len(heard) - n - slack:
+            assert min(np.abs(heard[at + k : at + k + n] - pcm).max() for k in range(-slack, slack + 1)) < 1e-6
+
+
+def test_an_avi_whose_index_is_cut_short_is_read_as_it_lies(files):
+    """Its index lists half the packets (FFmpeg reads no more through it, with no error): read as
+    the file lies, every frame and all of the sound are there, nothing counted lost."""
+    name = "2-25-640x360"
+    assert len(truth(files.media[name]).times) < 0.6 * len(truth(whole(files, name)).times)
+    damaged, intact = read_media(files.media[name], RATE), read_media(whole(files, name), RATE)
+    assert damaged.times == intact.times and damaged.frames == damaged.header_frames
+    assert damaged.damage is None and damaged.frames_lost == 0 and damaged.sound_lost == 0
+    assert np.array_equal(damaged.audio, intact.audio)
+
+
+def test_a_file_cut_off_keeps_what_precedes_the_cut_and_loses_nothing_else(files, tmp_path):
+    """A broken download (the index first, cut at 60 %): the frames before the cut, their sound; the
+    packet broken off at the cut is the cut's, not sound lost."""
+    faststart = tmp_path / "faststart.mp4"
+    remux(whole(files, "4-30-640x360"), faststart, options={"movflags": "faststart"})
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(faststart.read_bytes()[: int(faststart.stat().st_size * 0.6)])
+    media = read_media(cut, RATE)
+    assert 0 < media.frames == len(truth(cut).times) < media.header_frames and media.damage
+    assert media.frames_lost == 0 and media.sound_lost == 0
+
+
+class Container:
+    """A stand-in for a PyAV container whose demuxer raises its `errors` (at those packet counts)."""
+
+    def __init__(self, packets: int, errors: list[int]) -> None:
+        self.format = SimpleNamespace(name="stub")
+        self.left, self.errors, self.read = packets, list(errors), 0
+
+    def demux(self, streams):
+        while True:
+            if self.errors and self.errors[0] == self.read:
+                self.errors.pop(0)
+                raise av.error.InvalidDataError(1094995529, "Invalid data found when processing input")
+            if not self.left:
+                yield SimpleNamespace(size=0, is_corrupt=False, stream=streams[0])  # the decoders' flush
+                return
+            self.left, self.read = self.left - 1, self.read + 1
+            yield SimpleNamespace(
+                size=100, is_corrupt=False, is_discard=False, stream=streams[0], pts=self.read, dts=self.read
+            )
+
+
+@pytest.mark.parametrize(
+    "errors, read, gone_past, stopped",
+    [([], 10, 0, False), ([3, 7], 10, 2, False), ([0], 10, 1, False), ([3, 3], 3, 0, True), ([10], 10, 0, True)],
+    ids=["whole", "two-errors-gone-past", "one-at-the-start", "twice-in-one-place", "at-the-end"],
+)
+def test_the_demuxer_goes_on_past_its_errors_and_stops_where_nothing_follows(
+    errors, read, gone_past, stopped, monkeypatch
+):
+    """An error with packets after it is gone past (and marks the packet after it); one with none
+    after it (again at once, or at the end) ends the pass, the decoders drained either way."""
+    monkeypatch.setattr(demux, "flush_packet", lambda s: SimpleNamespace(size=0, is_corrupt=False, stream=s))
+    seen, stream = demux.Pass(), SimpleNamespace(type="video")
+    got = list(demux.packets(Container(10, errors), [stream], seen))
+    assert seen.stamps == list(range(1, read + 1)) and got[-1].size == 0  # the decoders are flushed
+    assert seen.errors == gone_past and bool(seen.stopped) == stopped
+    assert seen.marks == errors[:gone_past]  # an error gone past marks the packet after it
+
+
+def test_matroska_frames_skipped_by_the_demuxer_are_counted_in_at_the_rate(files):
+    """Matroska drops the damaged cluster's packets without an error (it logs one): the frames the
+    timestamps jump over are counted in, at the stream's rate, so every later frame keeps its number."""
+    name = "5-30-640x360"
+    assert truth(files.media[name]).packets < truth(whole(files, name)).packets - 30
+    header, seen = demux.video_packets(files.media[name])
+    assert header == 0 and seen.skips >= 1 and seen.marks and not seen.stopped
+
+
+def whole_frame(image: np.ndarray) -> list[Face]:
+    """A 'face' that is the whole frame, its five points the template's, scaled to it."""
+    h, w = image.shape[:2]
+    return [Face(np.array([0, 0, w, h], float), TEMPLATE * [w / 112, h / 112], 1.0, 0)]
+
+
+@pytest.mark.parametrize("name", ["4-30-640x360", "5-30-640x360", "2-25-640x360"], ids=["mp4", "mkv", "avi"])
+def test_crop_reads_past_the_damage_and_numbers_frames_as_packing_does(files, name, tmp_path):
+    """`fer-dist crop`'s decoding: a frame lost gets no crop, every other frame its number (packing's
+    for the same file), and a crop after the damage is the intact file's crop of that frame."""
+    seen = crop.track_video(files.media[name], whole_frame, tmp_path / "work", 95)
+    media = read_media(files.media[name], RATE)
+    assert seen.error is None and not seen.damage and seen.lost == media.frames_lost
+    assert np.allclose(seen.times, seconds(media.times)) and len(seen.faces) == media.frames
+    assert sum(bool(f) for f in seen.faces) == media.frames - media.frames_lost == len(seen.files)
+    last = max(seen.files)
+    with av.open(str(whole(files, name))) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    mine = np.asarray(Image.open(tmp_path / "work" / "0" / f"{seen.files[last]:05d}.jpg").convert("RGB"), float)
+    theirs = np.asarray(align(frames[last - 1], whole_frame(frames[last - 1])[0].points), float)
+    assert np.abs(mine - theirs).mean() < 4  # JPEG's error, not another frame
+
+
+def test_annotate_renders_a_damaged_video_with_each_frame_at_its_place(files, tmp_path):
+    path = files.media["4-30-640x360"]
+    media = read_media(path, RATE)
+    n = media.frames
+    times = seconds(media.times)
+    faces = Faces("x", "x", times, np.tile([2.0, 2.0, 30.0, 30.0], (n, 1)), np.full((n, 8), 1 / 8), np.zeros(n, int))
+    render(tmp_path / "x.mp4", path, [faces])
+    with av.open(str(tmp_path / "x.mp4")) as container:
+        shown = [float(f.time) for f in container.decode(video=0)]
+    assert len(shown) == n - media.frames_lost and shown[-1] == pytest.approx(times[-1], abs=0.04)
+
+
+def test_extract_hears_the_sound_after_the_damage(files, tmp_path):
+    """`fer-dist extract`'s audio features of a damaged video: after the damage, the intact file's
+    (to the decoder's noise); silence only on the frames shown while the sound was lost."""
+    name, params = "4-30-640x360", ProsodyParams()
+    video = SimpleNamespace(name=name, media=files.media[name])
+    damaged = read_media(files.media[name], params.sample_rate)
+    n = damaged.frames
+    prosody_job((video, n, params, tmp_path))
+    got = np.load(tmp_path / f"{name}.afeat.npy")
+    intact = read_media(whole(files, name), params.sample_rate)
+    want = prosody(intact.audio, seconds(intact.times), params)
+    late = slice(n - 90, n - 30)  # MFCC and energy; pitch detection is too fine for the decoder's noise
+    assert np.allclose(got[late, :13], want[late, :13], atol=1.5)
+    assert np.allclose(got[late, -1], want[late, -1], atol=0.2)
+    silent = got[:, -1] <= np.log(1e-10) + 1e-3  # a frame's 25 ms of silence: the energy's floor
+    assert 0 < silent.sum() <= damaged.sound_lost * float(damaged.fps) + 2 and not silent[: n // 3].any()
+
+
+@pytest.fixture(scope="module")
+def packed(files) -> SimpleNamespace:
+    shards = files.root / "shards"
+    cmd = [sys.executable, "-m", "fer_dist.cli", "shard", "--root", str(files.data), "--out", str(shards)]
+    cmd += ["--test-list", str(files.data / TEST_LIST), "--n-folds", "2", "--samples-per-shard", "200"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    by_video: dict[str, dict[int, dict]] = {}
+    for s in samples(shards):
+        meta = SampleMeta.from_bytes(s["json"])
+        by_video.setdefault(meta.video, {})[meta.frame] = {
+            "meta": meta,
+            "mel": np.load(io.BytesIO(s["mel.npy"]), allow_pickle=False),
+        }
+    return SimpleNamespace(shards=shards, result=result, manifest=read_manifest(shards), samples=by_video)
+
+
+@pytest.mark.slow  # packs a small dataset
+def test_shard_packs_a_damaged_file_past_its_damage_counts_the_loss_and_warns_once(files, packed):
+    """The issue's input: every labelled frame after the damage is packed at its own number, with
+    its sound (not as "past the end" with silence); the frames and seconds lost are counted in the
+    quality record, named in one warning, and shown by `fer-dist inspect`."""
+    stderr = " ".join(packed.result.stderr.split())
+    rows = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "fer_dist.cli", "inspect", str(packed.shards), "--json"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        ).stdout
+    )["quality"]
+    found = {r["video"]: r["found"] for r in rows}
+    for name in ("4-30-640x360", "5-30-640x360"):
+        record, q = packed.manifest.videos[name], packed.manifest.videos[name].quality
+        intact = read_media(whole(files, name), RATE)
+        assert q.video_frames == intact.frames and not q.damage and q.labels_past_end == 0
+        assert 0 < q.frames_lost < 0.2 * intact.frames and q.sound_lost_s > 0.04
+        assert record.samples == (record.labelled if record.split != "test" else intact.frames)
+        lines = [line for line in packed.manifest.problems if line.startswith(f"{name}:") and "damaged" in line]
+        assert len(lines) == 1 and f"{q.frames_lost} frame(s) and {q.sound_lost_s:.2f} s of sound" in lines[0]
+        assert lines[0] in stderr and lines[0].removeprefix(f"{name}: ") in found[name]
+        late = [s for f, s in packed.samples[name].items() if 0.75 * intact.frames < f <= intact.frames - 32]
+        assert late and all(s["mel"][:, 32].max() > QUIET and s["meta"].pad == [0, 0] for s in late)
+    avi = packed.manifest.videos["2-25-640x360"].quality
+    assert avi.video_frames == avi.header_frames and avi.frames_lost == 0 and not avi.damage
+    assert not any("damaged" in line for line in packed.manifest.problems if line.startswith("1-30-640x360"))
