@@ -37,8 +37,8 @@ def scores(p: preds_lib.Predictions) -> dict:
         metrics[t.metric] = by_head[p.output][t.metric]
         metrics[PARTS[name]] = by_head[p.output]["parts"]
         metrics[f"{t.metric}_by_head"] = {h: s[t.metric] for h, s in by_head.items()}
-        if name == "au":
-            labels = p.labels(name)
+        labels = p.labels(name)
+        if name == "au" and t.annotated(labels).any():  # not of the test group, which is not labelled
             metrics["always_positive_au_f1"] = float(always_positive_f1(labels[t.annotated(labels)]).mean())
     metrics["score"] = sum(metrics[TRACKS[name].metric] for name in p.tracks)
     return metrics

@@ -33,14 +33,6 @@ from fer_dist.engine.rundir import PROVENANCE, REPORT, SUMMARY, RunDir
 from fer_dist.tracks import TRACKS
 
 LIBRARIES = ("torch", "torchvision", "torchaudio", "timm", "accelerate", "av", "webdataset", "numpy", "deepspeed")
-
-
-def by_head(metrics: dict) -> dict[str, float]:
-    """An epoch's figure per head: its track's metric (macro-F1, mean AU F1, P_VA; lines written
-    before runs had tracks are expressions')."""
-    return metrics[f"{TRACKS[metrics.get('track', 'expr')].metric}_by_head"]
-
-
 CHECKOUT = Path(fer_dist.__file__).resolve().parents[1]  # the top of the checkout, when fer-dist runs from one
 
 
@@ -140,24 +132,32 @@ def stamps(entry: dict) -> list[dict]:
     return []
 
 
+def metric_of(figures: dict) -> str:
+    """The key of the track's metric (`macro_f1`, `au_f1`, `p_va`) of a metrics line or an ensemble
+    report (their `track`; expressions where they name none, as files of earlier versions)."""
+    return TRACKS[figures.get("track", "expr").split(",")[0]].metric
+
+
 def figures(folder: Path) -> dict[str, dict[str, float]]:
-    """The folder's figures: a run's last epoch and best model per head (its track's metric), an ensemble
-    report's rows on the held-out folds and, apart, on the test videos, a demo summary's test figures."""
+    """The folder's figures on its track's metric (macro-F1, mean AU F1, P_VA): a run's last epoch
+    and best model per head, an ensemble report's rows on the held-out folds and, apart, on the test
+    videos, a demo summary's test figures."""
     folder, run = Path(folder), RunDir(Path(folder))
     if run.metrics_file.exists():
         lines = run.metrics()
         found = {}
         if lines:
-            found[f"epoch {lines[-1]['epoch']} (last)"] = by_head(lines[-1])
+            found[f"epoch {lines[-1]['epoch']} (last)"] = lines[-1][f"{metric_of(lines[-1])}_by_head"]
         if run.best.exists():
             best = run.best.metrics()
-            found[f"epoch {best['epoch']} (best)"] = by_head(best)
+            found[f"epoch {best['epoch']} (best)"] = best[f"{metric_of(best)}_by_head"]
         return found
     if (folder / REPORT).exists():  # a member's row is in both: its held-out fold, then the test videos
         report = json.loads((folder / REPORT).read_text())
-        found = {"on the held-out folds": {r["name"]: r["macro_f1"] for r in report["validation"]}}
+        metric = metric_of(report)
+        found = {"on the held-out folds": {r["name"]: r[metric] for r in report["validation"]}}
         if report.get("test"):
-            found["on the test videos"] = {r["name"]: r["macro_f1"] for r in report["test"]}
+            found["on the test videos"] = {r["name"]: r[metric] for r in report["test"]}
         return found
     if (folder / SUMMARY).exists():
         return {"test macro-F1": json.loads((folder / SUMMARY).read_text())["test"]}

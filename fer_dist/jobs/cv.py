@@ -6,7 +6,8 @@ folder as its `train.run_dir`), writes the fold's config there and trains it thr
 `accelerate launch -m fer_dist.train --resume` (so on whatever GPUs or CPU processes there are),
 one fold after another; a fold whose last epoch is done is not trained again, and an interrupted
 one resumes from its checkpoint. Then, with test videos in the shards, `fer_dist.jobs.predict`
-runs every fold's best model over them, ensembles and writes the submissions. `slurm/cv5.sh` trains the
+runs every fold's best model over them, ensembles and writes the submissions of the config's track
+(`tracks`: expressions, action units or valence-arousal). `slurm/cv5.sh` trains the
 same fold folders on a cluster and ends with this command, which then finds every fold finished.
 """
 
@@ -32,12 +33,12 @@ def fold_config(cfg: Config, k: int, run: RunDir) -> Config:
 
 def train_folds(cfg: Config, manifest: Manifest, cv: CrossValidation, launch: str | None) -> list[RunDir]:
     """Each fold's config, resolved here and written into its run folder, trained from there.
-    Raises ConfigError, before any fold is trained, for shards with fewer than two folds or an
-    empty one."""
+    Raises ConfigError, before any fold is trained, for shards with fewer than two folds or one
+    without a frame of the run's track."""
     folds = manifest.folds()
     if len(folds) < 2:
         raise ConfigError(f"{cfg.data.shards} has {len(folds)} fold group(s); cross-validation needs at least 2")
-    empty = manifest.empty(manifest.fold_groups())
+    empty = manifest.empty(manifest.fold_groups(), tuple(cfg.tracks))
     if empty:  # every fold is checked before any is trained
         raise ConfigError(
             f"{cfg.data.shards}: cross-validation holds out every fold group, but {empty}; pack with fewer "

@@ -9,7 +9,8 @@ The weights folder is a run's exported model (`model.safetensors` with the `conf
 builds it); every frame of the group is predicted once over all ranks and rank 0 writes the
 predictions file (`engine/predictions.py`). `fer-dist predict` (and `fer-dist cv` after its
 folds) runs it for each member into `<out>/test/<run>.npz`, ensembles the members, post-processes
-and writes both ABAW submission formats.
+and writes both ABAW submission formats of the members' track (expressions, action units or
+valence-arousal).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from fer_dist.errors import InputError, one_line
 from fer_dist.jobs.launch import run_module
 from fer_dist.labels import NUM_CLASSES
 from fer_dist.results import ensemble, postprocess, submission
-from fer_dist.tracks import TRACKS
+from fer_dist.tracks import ACTION_UNITS, TRACKS
 
 
 def predict_group(trained: TrainedModel, shards: Path, group: str, out: Path) -> dict | None:
@@ -93,17 +94,19 @@ def predict_members(
         atomic_write(stamp, json.dumps(made_from).encode())
 
 
-def required_frames(shards: Path, template: Path | None) -> tuple[dict[str, int], list[tuple[str, int]]]:
+def required_frames(
+    shards: Path, template: Path | None, track: str = "expr"
+) -> tuple[dict[str, int], list[tuple[str, int]]]:
     """Each test video's frame count (ABAW3: one line per frame) and the (video, frame) rows of the
     ABAW5/6 file (the template's, else every frame of every test video), checked against what the
     shards hold before any prediction is made. A row of a video the test shards do not hold in
     full is refused, naming why; a template row past its video's last frame (a template one line
     longer than the video, as annotation files often are) is warned about: it takes the label of
-    the video's last frame."""
+    the video's last frame. The template must be one of `track`'s (`submission.read_template`)."""
     videos = read_manifest(shards).videos
     frames = {v: r.frames for v, r in videos.items() if r.split == "test"}
     required = (
-        submission.read_template(template)
+        submission.read_template(template, track)
         if template
         else [(v, f) for v, n in sorted(frames.items()) for f in range(1, n + 1)]
     )
@@ -132,15 +135,21 @@ def required_frames(shards: Path, template: Path | None) -> tuple[dict[str, int]
 def submission_files(
     test: preds_lib.Predictions, params: postprocess.PostParams, frames: dict[str, int], required: list[tuple[str, int]]
 ) -> tuple[dict[str, bytes], dict]:
-    """Both submission formats (file name -> bytes) from the ensemble's `test` predictions
-    post-processed with `params`, and what they hold; raises SubmissionError when a required
-    frame has no prediction. Writes nothing (`submission.write` does)."""
-    labels = postprocess.apply(test.key, test.logits["ensemble"], params)
-    files = {f"abaw3/{name}": data for name, data in submission.abaw3(test.key, labels, frames).items()}
+    """Both submission formats of the track `params` post-processes (file name -> bytes) from the
+    ensemble's `test` predictions (`ensemble.ensemble_values`) post-processed with `params`, and
+    what they hold (the frames per class, or each AU's frames on); raises SubmissionError when a
+    required frame has no prediction. Writes nothing (`submission.write` does)."""
+    track = params.track
+    labels = postprocess.apply(test.key, ensemble.ensemble_values(test), params)
+    files = {f"abaw3/{name}": data for name, data in submission.abaw3(test.key, labels, frames, track).items()}
     within = [(v, min(f, frames.get(v, f))) for v, f in required]  # a row past a video's end: its last frame
-    files["abaw5.csv"] = submission.abaw5(test.key, labels, within, named=required)
-    counts = np.bincount(labels, minlength=NUM_CLASSES).tolist()
-    return files, {"abaw3_files": len(files) - 1, "abaw5_rows": len(required), "labels": counts}
+    files["abaw5.csv"] = submission.abaw5(test.key, labels, within, named=required, track=track)
+    made = {"abaw3_files": len(files) - 1, "abaw5_rows": len(required)}
+    if track == "expr":
+        made["labels"] = np.bincount(labels, minlength=NUM_CLASSES).tolist()
+    elif track == "au":
+        made["au_on"] = dict(zip(ACTION_UNITS, labels.sum(0).tolist(), strict=True))
+    return files, made
 
 
 def predict(
@@ -163,8 +172,8 @@ def predict(
         raise ConfigError(f"{shards} holds no test videos (pack them with fer-dist shard --test-list)")
     if manifest.empty(["test"]):
         raise ConfigError(f"{shards}: {manifest.empty(['test'])}; there is nothing to predict")
-    frames, required = required_frames(shards, template)
-    ms = ensemble.members(specs)  # every member a finished run, before anything is written
+    ms = ensemble.members(specs)  # every member a finished run of one track, before anything is written
+    frames, required = required_frames(shards, template, ensemble.track_of(ms))
     if truth is not None and not Path(truth).is_dir():
         raise ConfigError(f"--truth {truth}: not a folder of annotation files")
     folder = EnsembleDir(out)
