@@ -177,7 +177,10 @@ def cmd_crop(args: argparse.Namespace) -> int:
 
 
 def add_annotate(sub: Subparsers) -> None:
-    s = sub.add_parser("annotate", help="a trained model's expression for every frame of any video")
+    s = sub.add_parser(
+        "annotate",
+        help="a trained model's track (expressions, action units or valence-arousal) for every frame of any video",
+    )
     s.add_argument("videos", nargs="+", help="video files, or folders of them")
     s.add_argument("--model", required=True, help="a training run (its checkpoints/best and config)")
     s.add_argument("--out", required=True, help="where <face>.csv, .txt, .png (and .mp4) go")

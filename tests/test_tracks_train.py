@@ -5,6 +5,7 @@ frame labelled for it, scored once, the same on 1, 2 and 3 ranks."""
 from __future__ import annotations
 
 import collections
+import csv
 import json
 import math
 
@@ -204,6 +205,23 @@ def test_a_run_of_a_track_learns_it_and_scores_each_held_out_frame_once_on_any_n
             if flipped.any():
                 continue
         assert scores(other)[t.metric] == pytest.approx(best[t.metric], abs=1e-5)
+
+    video = sorted((tracked.parent / "data").rglob("*.mp4"))[0]
+    assert cli.main(["annotate", str(video), "--model", str(run), "--out", str(tmp_path / "annotated")]) == 0
+    rows = list(csv.DictReader((tmp_path / "annotated" / f"{video.stem}.csv").read_text().splitlines()))
+    abaw3 = (tmp_path / "annotated" / f"{video.stem}.txt").read_text().splitlines()
+    assert len(rows) == len(abaw3) - 1 > 0 and abaw3[0] == ",".join(t.columns)
+    assert (tmp_path / "annotated" / f"{video.stem}.png").stat().st_size > 0
+    if track == "au":  # no post-processing beside the run: each AU on from probability 0.5
+        on = np.array([[int(r[au]) for au in t.columns] for r in rows])
+        probs = np.array([[float(r[f"p_{au}"]) for au in t.columns] for r in rows])
+        clear = np.abs(probs - 0.5) > 1e-4  # the CSV's probabilities have 4 decimals
+        assert np.array_equal(on[clear], (probs[clear] >= 0.5).astype(int))
+        assert [line.split(",") for line in abaw3[1:]] == [[r[au] for au in t.columns] for r in rows]
+    else:
+        values = np.array([[float(r[d]) for d in t.columns] for r in rows])
+        assert np.abs(values).max() < 1
+        np.testing.assert_allclose(np.array([line.split(",") for line in abaw3[1:]], float), values, atol=1e-4)
 
 
 def test_rare_aus_are_resampled_by_the_square_root_of_their_rarity_when_asked():

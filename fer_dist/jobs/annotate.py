@@ -1,4 +1,5 @@
-"""`fer-dist annotate`: a trained model's expression for every frame of any video.
+"""`fer-dist annotate`: a trained model's track (expression, action units or valence-arousal) for
+every frame of any video.
 
 One pipeline with the rest of fer-dist: the videos are cropped as `fer-dist crop` crops them
 (`data/packing/crop.py`), packed as test videos as `fer-dist shard` packs them (`data/packing/pack.py`: one
@@ -12,10 +13,12 @@ manifest (the run's `data.shards`) can be read, else by the video's own, with a 
 For each face (`<video>`, or `<video>_left` / `<video>_right`) it writes into OUT:
 
     <face>.csv   one row per frame: frame (1-based), time (s, the frame's own timestamp),
-                 face (1 when the frame has its own crop), label (0-7), expression, and the
-                 eight class probabilities of the model's output head
-    <face>.txt   the ABAW3 format: the class header, then one label per frame
-    <face>.png   a timeline of the eight probabilities and the chosen label; frames without a face
+                 face (1 when the frame has its own crop), then the run's track: label (0-7),
+                 expression and the eight class probabilities of the model's output head; or each
+                 AU's 0/1 and its probability (`p_AU1`, ...); or valence and arousal
+    <face>.txt   the ABAW3 format of the track: its header, then one row per frame
+    <face>.png   a timeline: the eight probabilities and the chosen label; the twelve AUs'
+                 probabilities and which are on; or valence and arousal; frames without a face
                  shaded
     <video>.mp4  with --render: the video with each face's box and label drawn (no sound)
 
@@ -56,7 +59,8 @@ from fer_dist.engine.rundir import CrossValidation, RunDir, TrainedModel
 from fer_dist.jobs.predict import predict_group
 from fer_dist.labels import CLASSES, NUM_CLASSES
 from fer_dist.models import build
-from fer_dist.results import ensemble, postprocess, submission
+from fer_dist.results import postprocess, submission
+from fer_dist.tracks import ACTION_UNITS, DIMENSIONS, TRACKS
 
 COLOURS = ("#bcbd22", "#d62728", "#8c564b", "#9467bd", "#ff7f0e", "#1f77b4", "#17becf", "#2ca02c")  # per class
 
@@ -69,8 +73,9 @@ class Faces:
     video: str
     times: np.ndarray  # [frames] s, NaN where the container gave none
     boxes: np.ndarray  # [frames, 4] px, NaN where no face
-    probs: np.ndarray | None  # [frames, 8], None when the video has no face at all
-    labels: np.ndarray | None  # [frames] 0..7 after post-processing
+    probs: np.ndarray | None  # [frames, 8 | 12 | 2] the track's values (`Track.values`); None: no face at all
+    labels: np.ndarray | None  # [frames] 0..7, [frames, 12] 0/1, [frames, 2] after post-processing
+    track: str = "expr"
 
     @property
     def found(self) -> np.ndarray:
@@ -108,6 +113,11 @@ class Run:
     post: postprocess.PostParams
     post_path: Path | None
 
+    @property
+    def track(self) -> str:
+        """The track the run learnt (expr, au, va)."""
+        return self.cfg.tracks[0]
+
 
 def load_run(run_dir: Path) -> Run:
     """The run in `run_dir`, checked before any video is touched, as `fer-dist predict` checks its
@@ -121,10 +131,14 @@ def load_run(run_dir: Path) -> Run:
         shards = read_manifest(cfg.data.shards)
     except (ManifestError, OSError):
         shards = None
-    inputs = build(cfg.model, cfg.data.image_size, cfg.data.audio_size, shards.feature_dims() if shards else {}).inputs
+    features = shards.feature_dims() if shards else {}
+    inputs = build(cfg.model, cfg.data.image_size, cfg.data.audio_size, features, TRACKS[cfg.tracks[0]].outputs).inputs
     mel = shards.params.mel if shards else MelParams()
     params = PackParams(mel=mel, audio_wave="wave" in inputs)
-    return Run(trained, cfg, params, shards, *postprocessing(run))
+    post, post_path = postprocessing(run)
+    if post.track != cfg.tracks[0]:  # none: the identity of the run's own track
+        post, post_path = postprocess.PostParams(track=cfg.tracks[0]), None
+    return Run(trained, cfg, params, shards, post, post_path)
 
 
 def predict_faces(reports: list[dict], run: Run, work: Path, workers: int) -> tuple[list[Faces], list[str]]:
@@ -150,7 +164,7 @@ def predict_faces(reports: list[dict], run: Run, work: Path, workers: int) -> tu
         predict_group(run.trained, shards, "test", out)
         shutil.rmtree(shards)  # the crops stay, for a rerun with another model
         p = preds_lib.load(out)
-        all_probs = ensemble.probabilities(p)
+        all_probs = p.values(p.output, run.track)
         all_labels = postprocess.apply(p.key, all_probs, run.post)
         names, frames = preds_lib.split_keys(p.key)
         for name in np.unique(names).tolist():
@@ -168,24 +182,43 @@ def predict_faces(reports: list[dict], run: Run, work: Path, workers: int) -> tu
                 probs[name], labels[name] = probs[name][: r["frames"]], labels[name][: r["frames"]]
             if name in probs and len(probs[name]) != r["frames"]:
                 raise RuntimeError(f"{name}: {len(probs[name])} frames predicted, {r['frames']} decoded")
-            faces.append(Faces(name, r["video"], times, box, probs.get(name), labels.get(name)))
+            faces.append(Faces(name, r["video"], times, box, probs.get(name), labels.get(name), run.track))
     if run.post_path is not None:
         console.print(f"post-processing from {run.post_path}: {postprocess.describe(run.post.to_dict())}")
     return faces, warnings
 
 
+def csv_columns(track: str) -> list[str]:
+    """A face's CSV columns after frame, time and face: the track's label(s) and values."""
+    if track == "expr":
+        return ["label", "expression", *CLASSES]
+    if track == "au":
+        return [*ACTION_UNITS, *(f"p_{au}" for au in ACTION_UNITS)]
+    return list(DIMENSIONS)
+
+
+def csv_cells(track: str, label, values: np.ndarray) -> list:
+    """One frame's cells of `csv_columns`: its label after post-processing and the model's values."""
+    if track == "expr":
+        return [int(label), CLASSES[int(label)], *(f"{v:.4f}" for v in values)]
+    if track == "au":
+        return [*(int(v) for v in label), *(f"{v:.4f}" for v in values)]
+    return [f"{v:.4f}" for v in label]
+
+
 def write_csv(path: Path, f: Faces) -> None:
-    """One row per frame: frame, time, face, label, expression, the eight probabilities."""
+    """One row per frame: frame, time, face, then the track's cells (`csv_columns`), blank for a
+    video without any face."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["frame", "time", "face", "label", "expression", *CLASSES])
+    columns = csv_columns(f.track)
+    writer.writerow(["frame", "time", "face", *columns])
     for i in range(len(f.times)):
         time = "" if np.isnan(f.times[i]) else f"{f.times[i]:.4f}"
         if f.probs is None:
-            writer.writerow([i + 1, time, 0, "", "", *[""] * NUM_CLASSES])
+            writer.writerow([i + 1, time, 0, *[""] * len(columns)])
         else:
-            label = int(f.labels[i])
-            writer.writerow([i + 1, time, int(f.found[i]), label, CLASSES[label], *(f"{v:.4f}" for v in f.probs[i])])
+            writer.writerow([i + 1, time, int(f.found[i]), *csv_cells(f.track, f.labels[i], f.probs[i])])
     atomic_write(path, buffer.getvalue().encode())
 
 
@@ -195,9 +228,54 @@ def runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
 
 
+def draw_expressions(top, bottom, t: np.ndarray, step: float, f: Faces) -> None:
+    """The eight probabilities stacked over time (`top`), the chosen label's bars below."""
+    edges, held = np.r_[t, t[-1] + step], np.vstack([f.probs, f.probs[-1:]]).T  # each frame until the next
+    top.stackplot(edges, held, colors=COLOURS, labels=CLASSES, alpha=0.85, linewidth=0, step="post")
+    top.set_ylim(0, 1)
+    top.set_ylabel("probability")
+    changes = np.flatnonzero(np.r_[True, f.labels[1:] != f.labels[:-1]])
+    ends = np.r_[changes[1:], len(t)]
+    for a, b in zip(changes.tolist(), ends.tolist(), strict=True):
+        c = int(f.labels[a])
+        bottom.broken_barh([(t[a], t[b - 1] - t[a] + step)], (c - 0.4, 0.8), color=COLOURS[c])
+    bottom.set_yticks(range(NUM_CLASSES), CLASSES)
+    bottom.set_ylim(NUM_CLASSES - 0.5, -0.5)
+    bottom.set_ylabel("label")
+
+
+def draw_action_units(top, bottom, t: np.ndarray, step: float, f: Faces) -> None:
+    """Each AU's probability over time as a row of shades (`top`), the AUs on as bars below."""
+    n = len(ACTION_UNITS)
+    top.imshow(
+        f.probs.T, aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest",
+        extent=(t[0], t[-1] + step, n - 0.5, -0.5),
+    )  # fmt: skip
+    for ax in (top, bottom):
+        ax.set_yticks(range(n), ACTION_UNITS)
+        ax.set_ylim(n - 0.5, -0.5)
+    top.set_ylabel("probability")
+    for k in range(n):
+        spans = [(t[a], t[b - 1] - t[a] + step) for a, b in runs(f.labels[:, k] == 1)]
+        bottom.broken_barh(spans, (k - 0.4, 0.8), color="#1f77b4")
+    bottom.set_ylabel("on")
+
+
+def draw_valence_arousal(top, bottom, t: np.ndarray, step: float, f: Faces) -> None:
+    """Valence (`top`) and arousal over time, after post-processing."""
+    for d, ax in enumerate((top, bottom)):
+        ax.step(t, f.labels[:, d], where="post", color=("#2ca02c", "#d62728")[d], linewidth=1.2)
+        ax.axhline(0, color="#999999", linewidth=0.5)
+        ax.set_ylim(-1.05, 1.05)
+        ax.set_ylabel(DIMENSIONS[d])
+
+
+DRAW = {"expr": draw_expressions, "au": draw_action_units, "va": draw_valence_arousal}
+
+
 def timeline_png(path: Path, f: Faces, title: str) -> None:
-    """The eight probabilities over time (stacked), the chosen label below, frames without a face
-    shaded in both."""
+    """The face's track over time (`DRAW`: the eight probabilities and the chosen label; the AUs'
+    probabilities and which are on; valence and arousal), frames without a face shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,19 +288,8 @@ def timeline_png(path: Path, f: Faces, title: str) -> None:
     fig, (top, bottom) = plt.subplots(
         2, 1, figsize=(14, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]}, layout="constrained"
     )
-    edges, held = np.r_[t, t[-1] + step], np.vstack([f.probs, f.probs[-1:]]).T  # each frame until the next
-    top.stackplot(edges, held, colors=COLOURS, labels=CLASSES, alpha=0.85, linewidth=0, step="post")
-    top.set_ylim(0, 1)
-    top.set_ylabel("probability")
+    DRAW[f.track](top, bottom, t, step, f)
     top.set_title(title, loc="left")
-    changes = np.flatnonzero(np.r_[True, f.labels[1:] != f.labels[:-1]])
-    ends = np.r_[changes[1:], n]
-    for a, b in zip(changes.tolist(), ends.tolist(), strict=True):
-        c = int(f.labels[a])
-        bottom.broken_barh([(t[a], t[b - 1] - t[a] + step)], (c - 0.4, 0.8), color=COLOURS[c])
-    bottom.set_yticks(range(NUM_CLASSES), CLASSES)
-    bottom.set_ylim(NUM_CLASSES - 0.5, -0.5)
-    bottom.set_ylabel("label")
     bottom.set_xlabel("time (s)")
     bottom.grid(axis="y", color="#dddddd", linewidth=0.5)
     shade = {"facecolor": "#e0e0e0", "edgecolor": "#606060", "hatch": "//", "alpha": 0.55, "linewidth": 0}
@@ -236,6 +303,18 @@ def timeline_png(path: Path, f: Faces, title: str) -> None:
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     atomic_write(path, buffer.getvalue())
+
+
+def caption(f: Faces, i: int) -> tuple[str, str]:
+    """What a rendered frame says of face `f` at frame index `i`, and its colour: the expression
+    and its probability; the AUs on; or valence and arousal."""
+    if f.track == "expr":
+        label = int(f.labels[i])
+        return f"{CLASSES[label]} {f.probs[i, label]:.2f}", COLOURS[label]
+    if f.track == "au":
+        on = [au for au, v in zip(ACTION_UNITS, f.labels[i], strict=True) if v == 1]
+        return " ".join(on) or "no AU", "#1f77b4"
+    return f"V {f.labels[i, 0]:+.2f}  A {f.labels[i, 1]:+.2f}", "#1f77b4"
 
 
 def frame_at(times: np.ndarray, time: float | None, k: int) -> int | None:
@@ -274,12 +353,11 @@ def render(path: Path, source: Path, faces: list[Faces]) -> None:
             for f in faces:
                 if f.labels is None or i >= len(f.labels) or not f.found[i]:
                     continue
-                label = int(f.labels[i])
+                text, colour = caption(f, i)
                 x0, y0, x1, y1 = f.boxes[i].tolist()
-                draw.rectangle((x0, y0, x1, y1), outline=COLOURS[label], width=3)
-                text = f"{CLASSES[label]} {f.probs[i, label]:.2f}"
+                draw.rectangle((x0, y0, x1, y1), outline=colour, width=3)
                 corner = (x0, max(0.0, y0 - 24))
-                draw.rectangle(draw.textbbox(corner, text, font=font), fill=COLOURS[label])
+                draw.rectangle(draw.textbbox(corner, text, font=font), fill=colour)
                 draw.text(corner, text, fill="white", font=font)
             picture = av.VideoFrame.from_image(image.crop((0, 0, out.width, out.height)))
             picture.pts, picture.time_base = i, Fraction(1) / Fraction(rate)
@@ -309,7 +387,8 @@ def annotate(
     keys = np.array([sample_key(name, i + 1) for name in sorted(labels) for i in range(len(labels[name]))], str)
     flat = np.concatenate([labels[name] for name in sorted(labels)]) if labels else np.zeros(0, np.int64)
     out.mkdir(parents=True, exist_ok=True)
-    for name, data in submission.abaw3(keys, flat, {name: len(labels[name]) for name in written}).items():
+    frames = {name: len(labels[name]) for name in written}
+    for name, data in submission.abaw3(keys, flat, frames, run.track).items():
         atomic_write(out / name, data)
     summaries = []
     sources = {r["video"]: Path(r["source"]) for r in readable}
@@ -317,14 +396,7 @@ def annotate(
         write_csv(out / f"{f.name}.csv", f)
         if f.probs is not None:
             timeline_png(out / f"{f.name}.png", f, f"{f.name}: {run_dir}")
-        summaries.append(
-            {
-                "face": f.name,
-                "frames": len(f.times),
-                "with_face": int(f.found.sum()),
-                "labels": np.bincount(f.labels, minlength=NUM_CLASSES).tolist() if f.labels is not None else None,
-            }
-        )
+        summaries.append({"face": f.name, "frames": len(f.times), "with_face": int(f.found.sum()), **summary(f)})
     if render_video:
         for video, source in sources.items():
             mine = [f for f in faces if f.video == video and f.probs is not None]
@@ -336,17 +408,25 @@ def annotate(
     return summaries
 
 
+def summary(f: Faces) -> dict:
+    """A face's labels in short: `labels`, the frames per class (expressions), the share of frames
+    each AU is on, or the mean valence and arousal (None without a face); `most`, in words."""
+    if f.labels is None:
+        return {"labels": None, "most": "-"}
+    if f.track == "expr":
+        counts = np.bincount(f.labels, minlength=NUM_CLASSES)
+        return {"labels": counts.tolist(), "most": CLASSES[int(np.argmax(counts))]}
+    if f.track == "au":
+        shares = f.labels.mean(0)
+        k = int(np.argmax(shares))
+        return {"labels": shares.round(4).tolist(), "most": f"{ACTION_UNITS[k]} on in {shares[k]:.0%}"}
+    mean = f.labels.mean(0)
+    return {"labels": mean.round(4).tolist(), "most": f"mean valence {mean[0]:+.2f}, arousal {mean[1]:+.2f}"}
+
+
 def show(summaries: list[dict]) -> None:
-    """One line per face: frames, frames with a face, the commonest label."""
-    rows = [
-        {
-            "face": s["face"],
-            "frames": s["frames"],
-            "with_face": s["with_face"],
-            "label": CLASSES[int(np.argmax(s["labels"]))] if s["labels"] else "-",
-        }
-        for s in summaries
-    ]
+    """One line per face: frames, frames with a face, its labels in short (`summary`)."""
+    rows = [{k: s[k] for k in ("face", "frames", "with_face", "most")} for s in summaries]
     print_table(
-        "annotated", {"face": "face", "frames": "frames", "with_face": "with a face", "label": "most frames"}, rows
+        "annotated", {"face": "face", "frames": "frames", "with_face": "with a face", "most": "most frames"}, rows
     )
