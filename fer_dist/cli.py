@@ -511,6 +511,7 @@ def add_demo(sub: Subparsers) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--seeds", type=int, nargs="+", help="one job per seed in WORKDIR/seed<s>, then mean ± sd")
     s.add_argument("--epochs", type=int, default=None)
+    s.add_argument("--track", default="expr", choices=list(TRACKS), help="the track learnt: expr (default), au or va")
     s.set_defaults(func=cmd_demo)
 
 
@@ -518,8 +519,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fer_dist.jobs.demo import main_job, seeds_job
 
     if args.seeds:
-        return seeds_job(Path(args.workdir), args.seeds, args.videos, args.epochs)
-    return main_job(Path(args.workdir), args.videos, args.seed, args.epochs)
+        return seeds_job(Path(args.workdir), args.seeds, args.videos, args.epochs, args.track)
+    return main_job(Path(args.workdir), args.videos, args.seed, args.epochs, track=args.track)
 
 
 COMMANDS = (

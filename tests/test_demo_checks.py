@@ -3,6 +3,7 @@
 from fer_dist.jobs.demo import checks
 
 TEST = {"mean of members": 0.90, "ensemble (vote)": 0.92, "ensemble (vote) + post-processing": 0.93}
+MEAN = {"mean of members": 0.50, "ensemble (mean)": 0.52, "ensemble (mean) + post-processing": 0.53}
 
 
 def fold(name: str, image: float, audio: float, ensemble: float) -> dict:
@@ -30,3 +31,18 @@ def test_a_main_job_of_no_epochs_is_refused_before_anything_is_made(tmp_path, ca
     assert cli.main(["demo", "--workdir", str(tmp_path / "demo"), "--epochs", "0"]) == 2
     assert "train.epochs must be positive" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def test_the_au_job_asks_every_head_for_the_baseline_plus_0_20_and_ties_with_a_head_pass():
+    base = {"fold": "fold0", "image": 0.50, "audio": 0.46, "fusion": 0.48, "ensemble": 0.50, "always_positive": 0.26}
+    assert checks([base], MEAN, "mean", "au") == []  # the prediction ties the image head: at least as high
+    low = {**base, "fold": "fold1", "audio": 0.45}  # 0.45 < 0.26 + 0.20
+    failed = checks([base, low], MEAN, "mean", "au")
+    assert failed == ["fold1: the audio head's mean AU F1 (0.450) is below always positive + 0.20 (0.460)"]
+    under = {**base, "ensemble": 0.49}
+    assert checks([under], MEAN, "mean", "au")[0].startswith("fold0: the prediction (0.490) is not above the image")
+
+
+def test_the_va_job_asks_the_prediction_for_a_p_va_of_0_50():
+    assert checks([fold("fold0", 0.40, 0.45, 0.55)], MEAN, "mean", "va") == []
+    assert checks([fold("fold0", 0.40, 0.45, 0.49)], MEAN, "mean", "va") == ["fold0: P_VA 0.490 is below 0.50"]
