@@ -159,7 +159,7 @@ def test_a_run_of_a_track_learns_it_and_scores_each_held_out_frame_once_on_any_n
 ):
     """The fusion model's CPU config, two short epochs on the videos of the other folds: the
     prediction's mean AU F1 well above calling every AU on (the always-positive baseline, what a
-    model that learnt only the AUs' shares scores), its P_VA well above 0 (a constant prediction's).
+    model that learnt only the AUs' shares scores), its P_VA at least 0.50 (0 for a constant prediction).
     Its held-out predictions hold every frame labelled for the track once, and predicting them
     again on 2 and 3 ranks gives the same frames, outputs and figure."""
     manifest = read_manifest(tracked)
@@ -174,7 +174,7 @@ def test_a_run_of_a_track_learns_it_and_scores_each_held_out_frame_once_on_any_n
     if track == "au":
         assert metrics["au_f1"] >= metrics["always_positive_au_f1"] + 0.10, metrics["au_f1_by_head"]
     else:
-        assert metrics["p_va"] >= 0.40, metrics["ccc"]
+        assert metrics["p_va"] >= 0.50, metrics["ccc"]
     trained = predictions.load(run / "predictions" / f"epoch{metrics['epoch']:03d}.npz")
     assert trained.tracks == (track,) and trained.logits["ensemble"].shape[1] == t.outputs
     assert t.annotated(trained.labels(track)).all()
