@@ -99,3 +99,36 @@ def tiny_mfm(audio_size: tuple[int, int] = (32, 32), **kwargs):
 
     args = {"image_backbone_args": TINY, "audio_backbone_args": TINY, "fusion_heads": 2, **kwargs}
     return build({"name": "mfm", **args}, 32, list(audio_size))
+
+
+def remux(src: Path, dst: Path, **options) -> None:
+    """The same packets in another container, by `dst`'s suffix (`options` as `av.open` takes them:
+    `options={"movflags": "frag_keyframe+empty_moov"}` makes a fragmented MP4, with no frame count
+    in its header)."""
+    import av
+
+    with av.open(str(src)) as i, av.open(str(dst), "w", **options) as o:
+        streams = {s.index: o.add_stream_from_template(s) for s in i.streams}
+        for packet in i.demux():
+            if packet.dts is not None:
+                packet.stream = streams[packet.stream.index]
+                o.mux(packet)
+
+
+def by_video(shards: Path, arrays: tuple[str, ...] = ("mel",), raw: tuple[str, ...] = ()) -> dict[str, dict[int, dict]]:
+    """Every packed sample of `shards`, by video and frame: its metadata (`meta`), the `.npy`
+    members named in `arrays` loaded (`mel` from `mel.npy`, `wave` from `wav.npy`), the members
+    named in `raw` as bytes."""
+    import io
+
+    import numpy as np
+
+    from fer_dist.data.shards.format import SampleMeta
+
+    files = {"mel": "mel.npy", "wave": "wav.npy"}
+    found: dict[str, dict[int, dict]] = {}
+    for s in samples(shards):
+        meta = SampleMeta.from_bytes(s["json"])
+        entry = {"meta": meta, **{a: np.load(io.BytesIO(s[files[a]]), allow_pickle=False) for a in arrays}}
+        found.setdefault(meta.video, {})[meta.frame] = {**entry, **{r: s[r] for r in raw}}
+    return found

@@ -11,7 +11,6 @@ damage as packing does."""
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess
@@ -31,10 +30,10 @@ from fer_dist.data.packing.faces import TEMPLATE, Face, align
 from fer_dist.data.packing.features import prosody_job
 from fer_dist.data.packing.layout import discover
 from fer_dist.data.packing.synth import TEST_LIST, synthesize
-from fer_dist.data.shards.format import SampleMeta, read_manifest
+from fer_dist.data.shards.format import read_manifest
 from fer_dist.data.shards.windows import SILENCE
 from fer_dist.jobs.annotate import Faces, render
-from helpers import REPO, samples
+from helpers import REPO, by_video, remux
 
 RATE = 16000  # Hz: the sound compared
 QUIET = float(np.float16(SILENCE))
@@ -46,16 +45,6 @@ def garble(path: Path, share: float = 0.02) -> None:
     size, at = int(len(data) * share), len(data) // 2
     data[at : at + size] = np.random.default_rng(0).bytes(size)
     path.write_bytes(bytes(data))
-
-
-def remux(src: Path, dst: Path, **options) -> None:
-    """The same packets in another container (by `dst`'s suffix; `options` as `av.open` takes them)."""
-    with av.open(str(src)) as i, av.open(str(dst), "w", **options) as o:
-        streams = {s.index: o.add_stream_from_template(s) for s in i.streams}
-        for packet in i.demux():
-            if packet.dts is not None:
-                packet.stream = streams[packet.stream.index]
-                o.mux(packet)
 
 
 def cut_index(path: Path) -> None:
@@ -273,14 +262,7 @@ def packed(files) -> SimpleNamespace:
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    by_video: dict[str, dict[int, dict]] = {}
-    for s in samples(shards):
-        meta = SampleMeta.from_bytes(s["json"])
-        by_video.setdefault(meta.video, {})[meta.frame] = {
-            "meta": meta,
-            "mel": np.load(io.BytesIO(s["mel.npy"]), allow_pickle=False),
-        }
-    return SimpleNamespace(shards=shards, result=result, manifest=read_manifest(shards), samples=by_video)
+    return SimpleNamespace(shards=shards, result=result, manifest=read_manifest(shards), samples=by_video(shards))
 
 
 @pytest.mark.slow  # packs a small dataset

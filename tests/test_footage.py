@@ -28,7 +28,7 @@ from fer_dist.data.packing.synth import TEST_LIST, TEST_TEMPLATE, synthesize
 from fer_dist.data.shards.format import SampleMeta, read_manifest
 from fer_dist.data.shards.windows import SILENCE
 from fer_dist.models.contract import IMAGENET
-from helpers import REPO, samples, tiny_run
+from helpers import REPO, by_video, remux, tiny_run
 
 pytestmark = pytest.mark.slow  # the module packs its own dataset once
 QUIET = float(np.float16(SILENCE))  # a silent log-mel column as the shards store it
@@ -62,16 +62,6 @@ def write_video(path: Path, times: list[float], sound: list[tuple[float, np.ndar
 
 def tone(seconds: float, rate: int, channels: int = 1) -> np.ndarray:
     return np.repeat((0.3 * np.sin(np.arange(round(seconds * rate)) * 0.2)).astype(np.float32)[None], channels, 0)
-
-
-def remux(src: Path, dst: Path, **options) -> None:
-    """The same packets in another container (or a fragmented MP4: no frame count in its header)."""
-    with av.open(str(src)) as i, av.open(str(dst), "w", **options) as o:
-        streams = {s.index: o.add_stream_from_template(s) for s in i.streams}
-        for packet in i.demux():
-            if packet.dts is not None:
-                packet.stream = streams[packet.stream.index]
-                o.mux(packet)
 
 
 def decoded_times(path: Path) -> list[Fraction]:
@@ -205,17 +195,9 @@ def quirky(tmp_path_factory) -> SimpleNamespace:
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = read_manifest(shards)
-    by_video: dict[str, dict[int, dict]] = {}
-    for s in samples(shards):
-        meta = SampleMeta.from_bytes(s["json"])
-        by_video.setdefault(meta.video, {})[meta.frame] = {
-            "meta": meta,
-            "mel": np.load(io.BytesIO(s["mel.npy"]), allow_pickle=False),
-            "wave": np.load(io.BytesIO(s["wav.npy"]), allow_pickle=False),
-            "jpg": s["jpg"],
-        }
+    packed = by_video(shards, ("mel", "wave"), ("jpg",))
     videos = {v.name: v for v in discover(data, test_list=data / TEST_LIST)}
-    return SimpleNamespace(data=data, shards=shards, result=result, manifest=manifest, samples=by_video, videos=videos)
+    return SimpleNamespace(data=data, shards=shards, result=result, manifest=manifest, samples=packed, videos=videos)
 
 
 def warning(quirky, *words: str) -> str:
