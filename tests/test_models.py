@@ -201,7 +201,7 @@ def test_regnet_transformer_residual_fusion():
         last.weight.zero_()
         last.bias.zero_()
         x = model.backbone(image.flatten(0, 1)).unflatten(0, (2, 4))
-        assert torch.allclose(model(image)["expr"], model.head(x), atol=1e-6)
+        assert torch.allclose(model(image)["output"], model.head(x), atol=1e-6)
 
 
 def test_regnet_transformer_attends_across_the_run_not_its_padding():
@@ -213,13 +213,13 @@ def test_regnet_transformer_attends_across_the_run_not_its_padding():
     mask = torch.ones(1, length, dtype=torch.bool)
     mask[0, 40:] = False
     with torch.no_grad():
-        base = model(image, mask)["expr"]
+        base = model(image, mask)["output"]
         changed = image.clone()
         changed[0, 39] += 1  # the last real frame
-        assert not torch.allclose(model(changed, mask)["expr"][0, 0], base[0, 0])
+        assert not torch.allclose(model(changed, mask)["output"][0, 0], base[0, 0])
         padding = image.clone()
         padding[0, 50] += 1  # a padded frame
-        assert torch.allclose(model(padding, mask)["expr"][0, :40], base[0, :40], atol=1e-5)
+        assert torch.allclose(model(padding, mask)["output"][0, :40], base[0, :40], atol=1e-5)
 
 
 def test_lstm_carries_its_state_across_segments():
@@ -256,10 +256,10 @@ def test_feature_transformer_keeps_segments_apart():
     ).eval()
     emb, aud = torch.randn(1, 8, 6), torch.randn(1, 8, 3)
     with torch.no_grad():
-        base = model(emb, aud)["expr"]
+        base = model(emb, aud)["output"]
         emb2 = emb.clone()
         emb2[0, 5] += 1  # a frame of the second segment
-        out = model(emb2, aud)["expr"]
+        out = model(emb2, aud)["output"]
     assert torch.allclose(out[0, :4], base[0, :4], atol=1e-6)
     assert not torch.allclose(out[0, 4:], base[0, 4:])
 
@@ -304,7 +304,7 @@ def test_decoder_fusion_words_are_optional():
     )
     assert model.inputs == ("image", "embedding", "audio_features", "words") and "words" in model.gru
     out = model(torch.randn(1, 3, 3, 32, 32), torch.randn(1, 3, 6), torch.randn(1, 3, 3), torch.randn(1, 3, 5))
-    assert out["expr"].shape == (1, 3, 8)
+    assert out["output"].shape == (1, 3, 8)
 
 
 def test_feature_models_need_feature_shards():

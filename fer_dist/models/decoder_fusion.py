@@ -98,4 +98,4 @@ class DecoderFusionNet(RunScorer):
             padding = ~real & real.any(1, keepdim=True)  # a window of padding only attends to all of it, finitely
             out = self.decoder[name](h, memory, tgt_key_padding_mask=padding)  # cross-attention: K = V = h_s
             fused.append((out * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp_min(1))
-        return {"expr": self.mlp(torch.cat(fused, dim=-1)).unflatten(0, (b, length))}
+        return {"output": self.mlp(torch.cat(fused, dim=-1)).unflatten(0, (b, length))}

@@ -12,11 +12,12 @@ from fer_dist.models.contract import ExpressionModel
 
 
 class RunScorer(ExpressionModel):
-    """A sequence model with one head, `expr`, that scores every frame of a clip-mode run."""
+    """A sequence model with one head, `output`, that scores every frame of a clip-mode run (the run's
+    track: expression logits, AU logits or valence-arousal)."""
 
     sequences = True
-    heads = ("expr",)
-    output = "expr"
+    heads = ("output",)
+    output = "output"
 
 
 def mlp(dims: list[int], outputs: int, dropout: float) -> nn.Sequential:

@@ -79,4 +79,4 @@ class RegNetTransformer(RunScorer):
         b, length = image.shape[:2]
         x = self.backbone(image.flatten(0, 1)).unflatten(0, (b, length))  # pooled features [B, L, D]
         y = x + self.encode(x, real_frames(x, mask))  # residual fusion
-        return {"expr": self.head(self.dropout(y))}
+        return {"output": self.head(self.dropout(y))}

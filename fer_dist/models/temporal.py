@@ -46,7 +46,7 @@ class FeatureEncoder(RunScorer):
         self, embedding: torch.Tensor, audio_features: torch.Tensor, mask: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         f = self.affine(torch.cat([embedding, audio_features], dim=-1))
-        return {"expr": self.head(self.encode(f, real_frames(f, mask)))}
+        return {"output": self.head(self.encode(f, real_frames(f, mask)))}
 
 
 class FeatureLSTM(FeatureEncoder):
