@@ -245,7 +245,7 @@ class Quality:
     frames_from: str = "annotation"  # what sets the frames packed: annotation | video | header | crops (test)
     crops_past_end: int = 0  # crop files numbered past the video's last frame
     not_jpeg_crops: int = 0  # crop files that are not JPEG (`NNNNN.png`, a PNG named .jpg): never packed
-    frames_lost: int = 0  # of video_frames: frames whose packets do not decode or that the demuxer skipped
+    frames_lost: int = 0  # of video_frames: frames whose packets give no picture or that the demuxer skipped
     sound_lost_s: float = 0.0  # seconds of sound whose packets do not decode or that the demuxer skipped
 
     def quirks(self, fps: float) -> dict[str, str]:
@@ -267,8 +267,9 @@ class Quality:
             ),
             "damaged packets": (
                 self.frames_lost or self.sound_lost_s,
-                f"damaged packets: {self.frames_lost} frame(s) and {self.sound_lost_s:.2f} s of sound do not decode; "
-                "the frames and sound that do are used, each at its own time: the frames lost keep their numbers "
+                f"damaged packets: {self.frames_lost} frame(s) and {self.sound_lost_s:.2f} s of sound are lost (their "
+                "packets do not decode or give no picture, or the demuxer skipped them); the frames and sound that "
+                "decode are used, each at its own time: the frames lost keep their numbers "
                 "(their crops and labels are packed), silence is put where the sound was lost",
             ),
             "frame count": (
