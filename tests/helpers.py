@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -99,3 +100,31 @@ def tiny_mfm(audio_size: tuple[int, int] = (32, 32), **kwargs):
 
     args = {"image_backbone_args": TINY, "audio_backbone_args": TINY, "fusion_heads": 2, **kwargs}
     return build({"name": "mfm", **args}, 32, list(audio_size))
+
+
+def mirror(synthetic: Path, root: Path) -> Path:
+    """The synthetic set's layout under `root`, every video and crop folder a link to the set's and
+    its annotations a copy, so that a test can add clashing names and change labels; every video
+    folder exists."""
+    from fer_dist.data.packing.layout import CROP_DIRS, VIDEO_DIRS
+
+    for folder in (*VIDEO_DIRS, *CROP_DIRS):
+        (root / folder).mkdir(parents=True)
+        if (synthetic / folder).is_dir():
+            for item in (synthetic / folder).iterdir():
+                (root / folder / item.name).symlink_to(item)
+    for entry in synthetic.iterdir():  # the annotations copied: a test may change them
+        if entry.is_dir() and not (root / entry.name).exists():
+            shutil.copytree(entry, root / entry.name)
+        elif not (root / entry.name).exists():
+            (root / entry.name).symlink_to(entry)
+    return root
+
+
+def clash(root: Path, first: str, second: str) -> tuple[Path, Path]:
+    """The first name of folder `first` also in `second` (a second copy, as in the public reports of
+    batches whose names collide); returns both paths."""
+    kept = sorted((root / first).iterdir())[0]
+    twin = root / second / kept.name
+    twin.symlink_to(kept.resolve())
+    return kept, twin

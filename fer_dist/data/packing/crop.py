@@ -48,7 +48,7 @@ from fer_dist.data.packing.faces import DETECTORS, Detector, Face, Tracker, alig
 from fer_dist.data.packing.layout import CROP_DIRS, VIDEO_DIRS, VIDEO_SUFFIXES
 from fer_dist.data.packing.workers import completed
 from fer_dist.data.packing.workers import pool as workers_pool
-from fer_dist.data.shards.format import atomic_write
+from fer_dist.data.shards.format import atomic_write, writing
 from fer_dist.errors import InputError
 
 CROPS = CROP_DIRS[0]  # cropped_aligned
@@ -228,7 +228,9 @@ def decode_faces(container, seen: demux.Pass, tracker: Tracker, work: Path, qual
             for f in found:  # every face is cropped now; who it is becomes known at the end
                 folder = work / str(f.track)
                 folder.mkdir(parents=True, exist_ok=True)
-                align(image, f.points).save(folder / f"{len(out.faces):05d}.jpg", quality=quality)
+                path = folder / f"{len(out.faces):05d}.jpg"
+                with writing(path):
+                    align(image, f.points).save(path, quality=quality)
     return out
 
 
