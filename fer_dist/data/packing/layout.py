@@ -184,6 +184,13 @@ def names_folder(prefer: str, folder: Path) -> bool:
     return Path(prefer).resolve() == folder.resolve()
 
 
+def recorded_prefer(prefer: list[str]) -> list[str]:
+    """`--prefer` values as a packing records them (`Manifest.prefer`), for a later command that
+    finds the videos again: folder names as given, paths made absolute (the same folders from any
+    working folder)."""
+    return [p if "/" not in p.rstrip("/") and not Path(p).is_absolute() else str(Path(p).resolve()) for p in prefer]
+
+
 def check_prefer(prefer: list[str], dirs: list[Path]) -> None:
     """Refuses (LayoutError) a `--prefer` value that names none of the video and crop folders
     searched, or that names two of them by the name they share."""

@@ -30,7 +30,14 @@ from torchvision.io import decode_jpeg
 
 from fer_dist.console import console, out, print_table
 from fer_dist.data.packing import audio
-from fer_dist.data.packing.layout import VIDEO_SUFFIXES, Video, list_crops, other_images, read_annotation
+from fer_dist.data.packing.layout import (
+    VIDEO_SUFFIXES,
+    Video,
+    list_crops,
+    other_images,
+    read_annotation,
+    recorded_prefer,
+)
 from fer_dist.data.packing.workers import completed, in_order
 from fer_dist.data.packing.workers import pool as workers_pool
 from fer_dist.data.shards.format import (
@@ -750,8 +757,11 @@ def pack(
     params: PackParams,
     workers: int = 1,
     progress: Callable[[str, int], None] | None = None,
+    prefer: list[str] | None = None,
 ) -> Manifest:
-    """Packs `videos` into shards under `out`; returns the manifest (also written to manifest.json).
+    """Packs `videos` into shards under `out`; returns the manifest (also written to manifest.json),
+    whose stamp records `prefer` (the `--prefer` folders `videos` were found with, `layout.discover`)
+    when given, for the commands that find the videos again.
     Every annotation file is read first (`check_annotations`): a refused one writes nothing. Work
     left in `out` by a run that stopped is resumed, or started over when the inputs or settings
     changed since (`format.claim`). Raises LayoutError for an input that cannot be read, InputError
@@ -760,7 +770,8 @@ def pack(
     check_annotations(videos)
     out.mkdir(parents=True, exist_ok=True)
     names = sorted(v.name for v in videos)
-    stamp = json.loads(json.dumps({"params": asdict(params), "videos": names, "inputs": fingerprint(videos)}))
+    stamp = {"params": asdict(params), "videos": names, "inputs": fingerprint(videos)}
+    stamp = json.loads(json.dumps({**stamp, "prefer": recorded_prefer(prefer)} if prefer else stamp))
     done = claim(out, "stamp", stamp, InputError, "shards")
     if done is not None:
         console.print(f"{out} holds the shards of these very inputs and settings: kept, nothing packed again")

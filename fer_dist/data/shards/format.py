@@ -14,7 +14,8 @@ Every reader and writer of shards goes through this module. A shard folder holds
                             and per track its labelled and packed frames and their counts
     videos                  per video: split, fold, frame rate, audio, per-class and per-window counts,
                             and per track its official split and counts (`TrackCounts`)
-    stamp                   what the packing was made from (a rerun with other inputs is refused)
+    stamp                   what the packing was made from (a rerun with other inputs is refused),
+                            with the --prefer folders that chose between videos of one name
     members                 the model inputs the samples hold: image and audio, and wave when packed
                             with --audio-wave (format 2); for feature shards, what extract wrote
     features, feature_stats feature shards (`fer-dist extract`): what each feature is, and its
@@ -447,6 +448,12 @@ class Manifest:
     def fold_groups(self, holdout: int | None = None) -> list[str]:
         """The fold groups (not the test group), without `holdout`'s, in fold order."""
         return [fold_group(k) for k in self.folds() if k != holdout]
+
+    @property
+    def prefer(self) -> list[str]:
+        """The `--prefer` folders the videos were packed with (names, or absolute paths), which a
+        command that finds them again under the dataset's root takes; [] when none was given."""
+        return list((self.stamp or {}).get("prefer", []))
 
     def shard_paths(self, root: str | Path, groups: list[str]) -> list[str]:
         return [str(Path(root) / s.name) for g in groups for s in self.groups[g].shards]
