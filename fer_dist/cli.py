@@ -71,6 +71,17 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_prefer(s: argparse.ArgumentParser, default: str = "") -> None:
+    """`--prefer`, the same for `shard` and `extract`."""
+    s.add_argument(
+        "--prefer",
+        nargs="+",
+        action="extend",
+        default=[],
+        help="folders (names or paths) whose video files and crop folders win when a name is in several" + default,
+    )
+
+
 def add_shard(sub: Subparsers) -> None:
     s = sub.add_parser("shard", help="pack a dataset into WebDataset shards")
     s.add_argument("--src", default="affwild2", choices=["affwild2"], help="the dataset's layout")
@@ -81,13 +92,7 @@ def add_shard(sub: Subparsers) -> None:
     s.add_argument("--crops", nargs="*", default=[], help="crop folders (default: cropped_aligned*)")
     s.add_argument("--video-dirs", nargs="*", default=[], help="video folders (default: batch1, batch2, new_vids)")
     s.add_argument("--test-list", help="file listing the test videos, one name per line")
-    s.add_argument(
-        "--prefer",
-        nargs="+",
-        action="extend",
-        default=[],
-        help="folders (names or paths) whose video files and crop folders win when a name is in several",
-    )
+    add_prefer(s)
     s.add_argument("--folds", default="video5", choices=FOLD_SCHEMES, help="how videos are dealt into fold groups")
     s.add_argument("--n-folds", type=int, default=5)
     s.add_argument("--seed", type=int, default=0)
@@ -130,7 +135,9 @@ def cmd_shard(args: argparse.Namespace) -> int:
     )
     with progress() as bar:
         task = bar.add_task("packing videos", total=len(videos), info="")
-        manifest = pack.pack(videos, Path(args.out), params, args.workers, lambda _, n: bar.advance(task))
+        manifest = pack.pack(
+            videos, Path(args.out), params, args.workers, lambda _, n: bar.advance(task), prefer=args.prefer
+        )
     pack.show(manifest)
     return 0
 
@@ -216,6 +223,7 @@ def add_extract(sub: Subparsers) -> None:
     s.add_argument("--words", help="folder of <video>.npy word embeddings [frames, dim] (optional)")
     s.add_argument("--video-dirs", nargs="*", default=[], help="video folders (default: batch1, batch2, new_vids)")
     s.add_argument("--test-list", help="the test list the shards were packed with, if any (their test videos' audio)")
+    add_prefer(s, " (default: those the shards were packed with)")
     s.add_argument("--batch-size", type=int, default=128)
     s.add_argument("--workers", type=int, default=2, help="processes computing the audio features")
     s.add_argument("--speech-encoder", help="also each layer of this frozen speech encoder (wavlm_base, ...)")
@@ -225,15 +233,17 @@ def add_extract(sub: Subparsers) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from fer_dist.data.packing.layout import discover
     from fer_dist.data.shards.format import read_manifest
     from fer_dist.jobs import extract
 
     source = read_manifest(args.shards)
-    videos = discover(
+    videos = extract.dataset_videos(
+        source,
+        Path(args.shards),
         Path(args.root),
         video_dirs=[Path(p) for p in args.video_dirs] or None,
         test_list=optional_path(args.test_list),
+        prefer=args.prefer,
     )
     with progress() as bar:
         task = bar.add_task("extracting", total=source.totals.samples, info="audio features")

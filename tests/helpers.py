@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -132,3 +133,31 @@ def by_video(shards: Path, arrays: tuple[str, ...] = ("mel",), raw: tuple[str, .
         entry = {"meta": meta, **{a: np.load(io.BytesIO(s[files[a]]), allow_pickle=False) for a in arrays}}
         found.setdefault(meta.video, {})[meta.frame] = {**entry, **{r: s[r] for r in raw}}
     return found
+
+
+def mirror(synthetic: Path, root: Path) -> Path:
+    """The synthetic set's layout under `root`, every video and crop folder a link to the set's and
+    its annotations a copy, so that a test can add clashing names and change labels; every video
+    folder exists."""
+    from fer_dist.data.packing.layout import CROP_DIRS, VIDEO_DIRS
+
+    for folder in (*VIDEO_DIRS, *CROP_DIRS):
+        (root / folder).mkdir(parents=True)
+        if (synthetic / folder).is_dir():
+            for item in (synthetic / folder).iterdir():
+                (root / folder / item.name).symlink_to(item)
+    for entry in synthetic.iterdir():  # the annotations copied: a test may change them
+        if entry.is_dir() and not (root / entry.name).exists():
+            shutil.copytree(entry, root / entry.name)
+        elif not (root / entry.name).exists():
+            (root / entry.name).symlink_to(entry)
+    return root
+
+
+def clash(root: Path, first: str, second: str) -> tuple[Path, Path]:
+    """The first name of folder `first` also in `second` (a second copy, as in the public reports of
+    batches whose names collide); returns both paths."""
+    kept = sorted((root / first).iterdir())[0]
+    twin = root / second / kept.name
+    twin.symlink_to(kept.resolve())
+    return kept, twin

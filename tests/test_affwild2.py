@@ -1,6 +1,4 @@
 import itertools
-import shutil
-from pathlib import Path
 
 import pytest
 
@@ -10,6 +8,7 @@ from fer_dist.data.packing.pack import pack
 from fer_dist.data.shards.format import PackParams, read_manifest
 from fer_dist.errors import InputError
 from fer_dist.labels import CLASSES
+from helpers import clash, mirror
 
 
 def test_labels_crlf_and_unannotated(tmp_path):
@@ -56,32 +55,6 @@ def test_blank_line_before_more_labels_is_malformed(tmp_path):
     f.write_text(",".join(CLASSES) + "\n0\n\n5\n\n")
     with pytest.raises(LayoutError, match=r"v\.txt:3: malformed label ''"):
         read_annotation(f)
-
-
-def mirror(synthetic: Path, root: Path) -> Path:
-    """The synthetic set's layout under `root`, every video and crop folder a link to the set's and
-    its annotations a copy, so that a test can add clashing names and change labels; every video
-    folder exists."""
-    for folder in (*VIDEO_DIRS, *CROP_DIRS):
-        (root / folder).mkdir(parents=True)
-        if (synthetic / folder).is_dir():
-            for item in (synthetic / folder).iterdir():
-                (root / folder / item.name).symlink_to(item)
-    for entry in synthetic.iterdir():  # the annotations copied: a test may change them
-        if entry.is_dir() and not (root / entry.name).exists():
-            shutil.copytree(entry, root / entry.name)
-        elif not (root / entry.name).exists():
-            (root / entry.name).symlink_to(entry)
-    return root
-
-
-def clash(root: Path, first: str, second: str) -> tuple[Path, Path]:
-    """The first name of folder `first` also in `second` (a second copy, as in the public reports of
-    batches whose names collide); returns both paths."""
-    kept = sorted((root / first).iterdir())[0]
-    twin = root / second / kept.name
-    twin.symlink_to(kept.resolve())
-    return kept, twin
 
 
 @pytest.mark.parametrize(
@@ -131,7 +104,7 @@ def test_prefer_takes_a_folder_by_name_or_any_path_and_refuses_one_naming_none_o
     assert args.prefer == ["a", "b", "c"]  # a repeated option adds to the list
 
 
-def test_a_packing_stopped_by_a_bad_file_before_it_finished_anything_starts_over_once_it_is_mended(synthetic, tmp_path):
+def test_a_bad_annotation_file_is_refused_before_anything_is_written_and_the_mended_rerun_packs(synthetic, tmp_path):
     root = mirror(synthetic, tmp_path / "root")
     videos = discover(root)
     first = videos[0].annotation
@@ -141,7 +114,7 @@ def test_a_packing_stopped_by_a_bad_file_before_it_finished_anything_starts_over
     out = tmp_path / "shards"
     with pytest.raises(InputError, match="not text in UTF-8"):
         pack(discover(root), out, PackParams(), workers=1)
-    assert (out / ".work" / "stamp.json").exists()
+    assert not out.exists()
     first.write_bytes(good)
     assert pack(discover(root), out, PackParams(), workers=1).totals.videos == len(videos)
 

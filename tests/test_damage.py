@@ -3,7 +3,10 @@ with random bytes written over 2 % of it in its middle (8 of its 333 frames and 
 then do not decode; fer-dist used to stop at the first, packing the 153 frames after it as past the
 video's end, silent), the same kind of file in Matroska damaged alike (its demuxer drops the damaged
 clusters, 54 frames and 1.8 s of sound, with no error but a line in FFmpeg's log), an AVI whose index
-is cut short (it lists half the packets, and FFmpeg reads no more through it), a file cut off. Each
+is cut short (it lists half the packets, and FFmpeg reads no more through it), a file cut off, and a
+Matroska copy with bytes written over three places (99 packets dropped by its demuxer; 13 after them
+come with timestamps but give no picture and no error: fer-dist counted 320 of its 333 frames and
+placed every frame after frame 151 13 frames late). Each
 is held to the right value, taken from the intact file: every frame keeps its number and timestamp,
 the sound that decodes lies at its own time, what is lost is counted (and warned once by `fer-dist
 shard`, shown by `fer-dist inspect`), and `fer-dist crop`, `annotate` and `extract` read past the
@@ -11,6 +14,8 @@ damage as packing does."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import shutil
 import subprocess
@@ -29,11 +34,12 @@ from fer_dist.data.packing.audio import ProsodyParams, prosody, read_media, seco
 from fer_dist.data.packing.faces import TEMPLATE, Face, align
 from fer_dist.data.packing.features import prosody_job
 from fer_dist.data.packing.layout import discover
+from fer_dist.data.packing.pack import pack, timing_drift
 from fer_dist.data.packing.synth import TEST_LIST, synthesize
-from fer_dist.data.shards.format import read_manifest
+from fer_dist.data.shards.format import PackParams, SampleMeta, read_manifest
 from fer_dist.data.shards.windows import SILENCE
 from fer_dist.jobs.annotate import Faces, render
-from helpers import REPO, by_video, remux
+from helpers import REPO, by_video, remux, samples
 
 RATE = 16000  # Hz: the sound compared
 QUIET = float(np.float16(SILENCE))
@@ -192,6 +198,19 @@ def test_the_demuxer_goes_on_past_its_errors_and_stops_where_nothing_follows(
     assert seen.marks == errors[:gone_past]  # an error gone past marks the packet after it
 
 
+def test_frames_are_counted_by_their_packets_and_pictures_by_the_decoder_after_its_flush():
+    """Packets in decode order (B-frames); the decoder's pictures after its flush, two packets giving
+    none without an error: those two frames are lost at their packets' times, every other frame keeps
+    its number. Pictures whose times no packet has (another clock) are not matched: none is lost."""
+    seen = demux.Pass(stamps=[0, 3, 1, 2, 6, 4, 5, 7])
+    shown = [0, 1, 2, 3, 5, 7]  # 4 and 6 gave no picture
+    frames = demux.from_decoded(shown, seen, Fraction(1, 30), Fraction(30))
+    assert frames.times == [Fraction(k, 30) for k in range(8)] and frames.lost == 2
+    assert [frames.numbers[t] for t in shown] == [1, 2, 3, 4, 6, 8]
+    apart = demux.from_decoded([t + 100 for t in shown], seen, Fraction(1, 30), Fraction(30))
+    assert len(apart.times) == len(shown) and apart.lost == 0
+
+
 def test_matroska_frames_skipped_by_the_demuxer_are_counted_in_at_the_rate(files):
     """Matroska drops the damaged cluster's packets without an error (it logs one): the frames the
     timestamps jump over are counted in, at the stream's rate, so every later frame keeps its number."""
@@ -222,6 +241,101 @@ def test_crop_reads_past_the_damage_and_numbers_frames_as_packing_does(files, na
     mine = np.asarray(Image.open(tmp_path / "work" / "0" / f"{seen.files[last]:05d}.jpg").convert("RGB"), float)
     theirs = np.asarray(align(frames[last - 1], whole_frame(frames[last - 1])[0].points), float)
     assert np.abs(mine - theirs).mean() < 4  # JPEG's error, not another frame
+
+
+OVERWRITES = {  # random bytes written over a Matroska copy of 4-30 at these (offset, length) places
+    "three": ((60000, 400), (75000, 400), (90000, 300)),  # the issue's file: 99 packets dropped, 13 give no picture
+    "one": ((30000, 400),),  # 84 packets dropped, 10 give no picture
+}
+
+
+def pictures(path: Path) -> SimpleNamespace:
+    """What plain PyAV finds in a file's video: its packets' timestamps, the timestamps of the
+    pictures they decode to (the decoder drained at the end) and how many packets raise an error."""
+    stamps, shown, raised = [], set(), 0
+    with av.open(str(path)) as container:
+        for packet in container.demux(video=0):
+            stamps += [packet.pts] if packet.size else []
+            try:
+                shown |= {f.pts for f in packet.decode()}
+            except av.error.InvalidDataError:
+                raised += 1
+    return SimpleNamespace(stamps=stamps, shown=shown, raised=raised)
+
+
+@pytest.fixture(scope="module")
+def pictureless(files) -> dict[str, Path]:
+    """4-30's packets in Matroska (`intact`), and copies with bytes written over them (`OVERWRITES`):
+    the demuxer drops the damaged clusters, and packets after them come through with timestamps but
+    give no picture and no error (P-frames whose reference frame was lost)."""
+    folder = files.root / "pictureless"
+    folder.mkdir()
+    made = {"intact": folder / "intact.mkv"}
+    remux(whole(files, "4-30-640x360"), made["intact"])
+    for name, places in OVERWRITES.items():
+        data, rng = bytearray(made["intact"].read_bytes()), np.random.default_rng(0)
+        for at, size in places:
+            data[at : at + size] = rng.bytes(size)
+        made[name] = folder / f"{name}.mkv"
+        made[name].write_bytes(bytes(data))
+    return made
+
+
+@pytest.mark.parametrize("name", list(OVERWRITES))
+def test_packets_that_give_no_picture_are_frames_lost_at_their_own_times(pictureless, name, tmp_path):
+    """Packets that decode to nothing without an error are frames lost, each at its packet's time,
+    as are the frames of the clusters the demuxer dropped: every frame keeps its number and time, in
+    packing's reading and in `fer-dist crop`'s (which crops every picture at its own frame)."""
+    found, intact = pictures(pictureless[name]), read_media(pictureless["intact"], RATE)
+    assert found.raised == 0 and len(set(found.stamps) - found.shown) >= 10  # the kind of damage
+    assert len(found.stamps) < intact.frames - 30  # and clusters dropped
+    damaged = read_media(pictureless[name], RATE)
+    assert damaged.frames == intact.frames and damaged.damage is None
+    assert damaged.frames_lost == intact.frames - len(found.shown)
+    assert np.abs(seconds(damaged.times) - seconds(intact.times)).max() < 0.0011  # Matroska: whole ms
+    assert timing_drift(damaged.times) < 0.0011  # not a variable frame rate
+    seen = crop.track_video(pictureless[name], whole_frame, tmp_path / "work", 95)
+    assert seen.error is None and not seen.damage and seen.lost == damaged.frames_lost
+    assert np.allclose(seen.times, seconds(intact.times), atol=0.0011) and len(seen.faces) == intact.frames
+    shown = {k + 1 for k, t in enumerate(intact.times) if round(t * 1000) in found.shown}  # ms: Matroska's time base
+    assert set(seen.files) == shown
+    with av.open(str(pictureless["intact"])) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    for frame in sorted(shown)[-60::20]:  # after the damage: the intact file's picture of that frame
+        mine = Image.open(tmp_path / "work" / "0" / f"{seen.files[frame]:05d}.jpg").convert("RGB")
+        theirs = align(frames[frame - 1], whole_frame(frames[frame - 1])[0].points)
+        assert np.abs(np.asarray(mine, float) - np.asarray(theirs, float)).mean() < 4, frame
+
+
+@pytest.mark.slow  # packs one video twice
+def test_packing_a_file_whose_packets_give_no_picture_keeps_each_frame_with_its_sound(files, pictureless, tmp_path):
+    """The issue's file packed as 4-30's video: its frame count is the intact file's, with no false
+    warning (a variable frame rate, labels or crops past the end), and every frame after the damage
+    gets the intact file's sound window, not one 0.43 s late."""
+    video = next(v for v in discover(files.data, test_list=files.data / TEST_LIST) if v.name == "4-30-640x360")
+    packed = {}
+    for name in ("intact", "three"):
+        params = PackParams(n_folds=1, samples_per_shard=100000)
+        manifest = pack([dataclasses.replace(video, media=pictureless[name])], tmp_path / name, params, workers=1)
+        frames = {SampleMeta.from_bytes(s["json"]).frame: s for s in samples(tmp_path / name)}
+        packed[name] = SimpleNamespace(manifest=manifest, frames=frames, quality=manifest.videos[video.name].quality)
+    damaged, intact = packed["three"], packed["intact"]
+    assert damaged.quality.video_frames == intact.quality.video_frames and damaged.quality.frames_lost > 0
+    assert damaged.quality.labels_past_end == damaged.quality.crops_past_end == intact.quality.labels_past_end
+    assert damaged.quality.timing_drift_s < 0.0011 and damaged.frames.keys() == intact.frames.keys()
+    warned = [line for line in damaged.manifest.problems if line not in intact.manifest.problems]
+    assert len(warned) == 1 and "damaged packets: 112 frame(s)" in warned[0], warned  # the intact file's, and this
+    found = pictures(pictureless["three"])
+    times = read_media(pictureless["intact"], RATE).times
+    last_lost = max(k + 1 for k, t in enumerate(times) if round(t * 1000) not in found.shown)
+    late = [f for f in intact.frames if f > last_lost + 2 * 32]
+    assert len(late) > 10
+    for f in late:  # the same sound to Matroska's millisecond; 13 frames late is a hundred times further off
+        got, want, late_by_13 = (
+            np.load(io.BytesIO(packed.frames[k]["mel.npy"])).astype(float)
+            for packed, k in ((damaged, f), (intact, f), (intact, f - 13))
+        )
+        assert np.abs(got - want).mean() < 0.1 < 0.1 * np.abs(late_by_13 - want).mean(), f
 
 
 def test_annotate_renders_a_damaged_video_with_each_frame_at_its_place(files, tmp_path):

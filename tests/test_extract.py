@@ -171,3 +171,36 @@ def test_shards_with_test_videos_extract_with_their_test_list(challenge, tmp_pat
     videos = discover(data, test_list=data / TEST_LIST)
     manifest = extract(shards, tmp_path / "b", videos, "test_convnext", image_size=32)
     assert manifest.groups["test"].samples == read_manifest(shards).groups["test"].samples > 0
+
+
+def test_extract_finds_the_videos_with_the_folders_the_packing_preferred(synthetic, tmp_path, capsys):
+    """Shards packed with `--prefer batch2` (a video file's name in batch1 and batch2): the manifest
+    records it, and `fer-dist extract` without `--prefer` takes the same file, where it used to
+    refuse the clash; its own `--prefer` wins, and a recorded folder it cannot find is said to be the
+    packing's."""
+    from fer_dist import cli
+    from fer_dist.data.packing.layout import LayoutError
+    from fer_dist.jobs.extract import dataset_videos
+    from helpers import clash, mirror
+
+    root = mirror(synthetic, tmp_path / "root")
+    kept, twin = clash(root, "batch1", "batch2")
+    for other in [v.annotation for v in discover(root, prefer=["batch2"]) if v.parent != kept.stem]:
+        other.unlink()  # the clashed video alone (its two faces): packed and extracted in seconds
+    shards, out = tmp_path / "shards", tmp_path / "features"
+    assert cli.main(["shard", "--root", str(root), "--out", str(shards), "--prefer", "batch2", "--n-folds", "1"]) == 0
+    source = read_manifest(shards)
+    assert source.prefer == ["batch2"]
+    argv = ["extract", "--shards", str(shards), "--root", str(root), "--out", str(out), "--backbone", "test_convnext"]
+    assert cli.main([*argv, "--image-size", "32"]) == 0, capsys.readouterr().err
+    assert read_manifest(out).totals.samples == source.totals.samples
+    media = {v.name: v.media for v in dataset_videos(source, shards, root) if kept.stem in (v.name, v.parent)}
+    assert set(media.values()) == {twin}
+    mine = dataset_videos(source, shards, root, prefer=[str(root / "batch1")])
+    assert {v.media for v in mine if v.parent == kept.stem} == {kept}
+    with pytest.raises(
+        LayoutError, match=r"names none of the folders searched .*that .* were packed with; give --prefer"
+    ):
+        dataset_videos(source, shards, root, video_dirs=[root / "batch1", root / "new_vids"])
+    parsed = cli.parser().parse_args([*argv, "--prefer", "batch1", "new_vids"])
+    assert parsed.prefer == ["batch1", "new_vids"]

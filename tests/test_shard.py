@@ -9,12 +9,14 @@ from fractions import Fraction
 
 import av
 import numpy as np
+import pytest
 
 from fer_dist.data.packing.audio import frame_columns, frame_times, log_mel, read_media, seconds, window
 from fer_dist.data.packing.layout import discover, list_crops, read_annotation
-from fer_dist.data.shards.format import MelParams, SampleMeta, read_manifest
+from fer_dist.data.shards.format import MelParams, SampleMeta, claim, is_shard_name, read_manifest
 from fer_dist.data.shards.survey import compare, survey
 from fer_dist.data.shards.windows import purity_flags
+from fer_dist.errors import InputError
 from helpers import samples
 
 
@@ -219,3 +221,34 @@ def test_the_shard_command_packs_the_waveforms_when_asked(synthetic, wave_shards
     assert main(args) == 0
     assert (out / "manifest.json").read_bytes() == (wave_shards / "manifest.json").read_bytes()
     assert all((out / p.name).read_bytes() == p.read_bytes() for p in wave_shards.glob("*.tar"))
+
+
+def test_unfinished_work_of_other_inputs_starts_over_and_another_commands_is_refused(tmp_path, capsys):
+    """`claim` on a folder holding the scratch of a run that stopped: of the same stamp it is
+    resumed, kept; of the same command with other inputs (mended since) it is removed, shards begun
+    and all, and started over, said so; of another command, or unreadable, it is refused; what is
+    not the command's (a file of another name) is left alone."""
+    out, old, new = tmp_path / "out", {"inputs": "a", "videos": ["v"]}, {"inputs": "b", "videos": ["v"]}
+
+    def scratch(recorded: bytes) -> None:
+        (out / ".work").mkdir(parents=True, exist_ok=True)
+        (out / ".work" / "stamp.json").write_bytes(recorded)
+        for name in (".work/v.json", ".work/v.tar", "fold0-000000.tar", "test-000001.tar.tmp", "notes.txt"):
+            (out / name).write_bytes(b"x")
+
+    scratch(json.dumps({"stamp": old}).encode())
+    assert claim(out, "stamp", old, InputError, "shards") is None and (out / "fold0-000000.tar").exists()
+    assert "starting over" not in capsys.readouterr().err  # the same stamp: resumed
+    for recorded in ({"stamp": old}, old):  # as recorded now, and a stamp recorded bare, as before
+        scratch(json.dumps(recorded).encode())
+        assert claim(out, "stamp", new, InputError, "shards") is None
+        assert "held the unfinished shards of other inputs or settings" in " ".join(capsys.readouterr().err.split())
+        assert sorted(p.name for p in out.rglob("*")) == [".work", "notes.txt", "stamp.json"]
+        assert json.loads((out / ".work" / "stamp.json").read_text()) == {"stamp": new}
+    for recorded in (json.dumps({"extract_stamp": old}).encode(), json.dumps({"backbone": "x"}).encode(), b"\xff"):
+        scratch(recorded)
+        with pytest.raises(InputError, match=r"holds work begun by another command, or unreadable"):
+            claim(out, "stamp", new, InputError, "shards")
+        assert (out / "fold0-000000.tar").exists() and (out / ".work" / "v.json").exists()
+    names = ("fold3-000012.tar", "test-000000.tar.tmp", "fold-000000.tar", "a.tar", "fold0-000000.tar.idx")
+    assert [is_shard_name(n) for n in names] == [True, True, False, False, False]

@@ -282,7 +282,13 @@ def test_every_text_file_a_user_hands_over_reads_the_same_in_utf16_or_with_a_bom
     latin.write_bytes(text.replace("\r\n", "é\r\n", 1).encode("latin-1"))
     with pytest.raises(InputError, match=r"latin.txt: not text in UTF-8, or UTF-16 with a byte-order mark"):
         read(latin)
-    for unmarked in ("utf-16-le", "utf-32"):  # UTF-16 without a mark decodes as UTF-8 full of NULs
+    for unmarked in ("utf-16-le", "utf-32-le"):  # UTF-16 without a mark decodes as UTF-8 full of NULs
         latin.write_bytes(text.encode(unmarked))
         with pytest.raises(InputError, match=r"latin.txt: .*a NUL character at byte \d+: UTF-16 or UTF-32"):
+            read(latin)
+    for utf32 in ("utf-32-le", "utf-32-be"):  # with its mark, UTF-32 is named (its LE mark begins as UTF-16's)
+        latin.write_bytes(("\ufeff" + text).encode(utf32))
+        with pytest.raises(
+            InputError, match=r"latin.txt: text in UTF-32 \(its byte-order mark says so\), which is not"
+        ):
             read(latin)

@@ -20,7 +20,7 @@ def teams_items(root: Path, manifest: Manifest, holdout: int, mel_dir: Path) -> 
     mel_dir.mkdir(parents=True, exist_ok=True)
     params = MelParams()
     items = []
-    for video in discover(root):
+    for video in discover(root, prefer=manifest.prefer):
         record = manifest.videos.get(video.name)
         if record is None or record.fold in ("test", fold_group(holdout)):
             continue

@@ -28,13 +28,36 @@ from fer_dist.config import DataConfig
 from fer_dist.console import console
 from fer_dist.data.packing import audio
 from fer_dist.data.packing.features import ExtractError, inputs_of, write_features
-from fer_dist.data.packing.layout import Video
+from fer_dist.data.packing.layout import LayoutError, Video, discover
 from fer_dist.data.shards.format import MEMBERS, Manifest, load_npy, read_manifest
 from fer_dist.data.shards.windows import NAMES, PCM_SCALE, wave_span
 from fer_dist.data.stream.transforms import one_size, prepare_image
 from fer_dist.models.backbones import create_backbone
 from fer_dist.models.contract import normalisation_of
 from fer_dist.models.speech import SpeechEncoder
+
+
+def dataset_videos(
+    source: Manifest,
+    shards: Path,
+    root: Path,
+    video_dirs: list[Path] | None = None,
+    test_list: Path | None = None,
+    prefer: list[str] | None = None,
+) -> list[Video]:
+    """The videos of the dataset under `root` that the shards `source` (read from `shards`) were
+    packed from (`layout.discover`), a name in several folders taken from the `prefer` folders or,
+    without them, from those the packing was given (`Manifest.prefer`). Raises LayoutError as
+    `discover` does, naming the packing's folders when they were the ones taken."""
+    if prefer or not source.prefer:
+        return discover(root, video_dirs=video_dirs, test_list=test_list, prefer=prefer)
+    try:
+        return discover(root, video_dirs=video_dirs, test_list=test_list, prefer=source.prefer)
+    except LayoutError as exc:
+        raise LayoutError(
+            f"{exc} (with the --prefer {' '.join(source.prefer)} that {shards} were packed with; give --prefer to "
+            "choose otherwise)"
+        ) from None
 
 
 @torch.no_grad()

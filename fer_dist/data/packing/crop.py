@@ -12,10 +12,11 @@ detector's time; `ROOT/crop_reports/<video>.npz` holds each frame's presentation
 (`times` [frames]) and each face's box in px (`box/<name>` [frames, 4]: x0, y0, x1, y1, NaN where
 no face). A finished video is not cropped again by a rerun with the same settings.
 
-A video damaged part way is read past the damage (`data/packing/demux.py`): a frame that does not
-decode gets no crop, and every other frame keeps its number, as `fer-dist shard` numbers the same
-file's frames; the report counts the frames lost (`frames_lost`) and says where a file cut off
-ends (`damage`), and a warning names each.
+A video damaged part way is read past the damage (`data/packing/demux.py`): a frame lost (its
+packet does not decode or gives no picture, or the demuxer skipped it) gets no crop, and every
+other frame keeps its number and time, as `fer-dist shard` numbers the same file's frames; the
+report counts the frames lost (`frames_lost`) and says where a file cut off ends (`damage`), and a
+warning names each.
 
 Who is a person: the tracks that last at least `min_track` frames (shorter ones are passing faces
 or false detections, counted in the report). When two such tracks share at least `min_track`
@@ -47,7 +48,7 @@ from fer_dist.data.packing.faces import DETECTORS, Detector, Face, Tracker, alig
 from fer_dist.data.packing.layout import CROP_DIRS, VIDEO_DIRS, VIDEO_SUFFIXES
 from fer_dist.data.packing.workers import completed
 from fer_dist.data.packing.workers import pool as workers_pool
-from fer_dist.data.shards.format import atomic_write
+from fer_dist.data.shards.format import atomic_write, writing
 from fer_dist.errors import InputError
 
 CROPS = CROP_DIRS[0]  # cropped_aligned
@@ -190,7 +191,7 @@ class Tracked:
     seconds: float  # s spent in the detector and tracker
     error: str | None  # why the video could not be read (`ExceptionName: message`); None if it could
     files: dict[int, int]  # frame (1-based) -> the decoded picture (1-based) whose crops are `work/<track>/<k>.jpg`
-    lost: int = 0  # frames that do not decode (damaged packets) or that the demuxer skipped: no faces, no crops
+    lost: int = 0  # frames that give no picture (damaged packets) or that the demuxer skipped: no faces, no crops
     damage: str = ""  # why reading stopped before the file's end (a file cut off); "" when it did not
 
 
@@ -227,7 +228,9 @@ def decode_faces(container, seen: demux.Pass, tracker: Tracker, work: Path, qual
             for f in found:  # every face is cropped now; who it is becomes known at the end
                 folder = work / str(f.track)
                 folder.mkdir(parents=True, exist_ok=True)
-                align(image, f.points).save(folder / f"{len(out.faces):05d}.jpg", quality=quality)
+                path = folder / f"{len(out.faces):05d}.jpg"
+                with writing(path):
+                    align(image, f.points).save(path, quality=quality)
     return out
 
 
@@ -402,8 +405,8 @@ def problems(reports: list[dict]) -> list[str]:
             out.append(f"{r['source']}: no frames decoded")
         if r.get("frames_lost"):
             out.append(
-                f"{r['video']}: {r['frames_lost']} of its {r['frames']} frames do not decode (damaged packets): no "
-                "crops for them; every other frame keeps its number"
+                f"{r['video']}: {r['frames_lost']} of its {r['frames']} frames are lost (damaged packets: they give no "
+                "picture, or the demuxer skipped them): no crops for them; every other frame keeps its number"
             )
         if r.get("damage"):
             out.append(

@@ -8,12 +8,15 @@ ends (a download cut off): what precedes it is kept.
 
 The frames lost keep their places. A frame's number is its rank among the video's presentation
 timestamps (the order in which the decoder gives its pictures, as `cropped_aligned` numbers them),
-and the timestamps of the packets that do not decode are known from the demuxer, so their frames
-are counted in at their own times. Where the demuxer reports that it skipped damaged data (Matroska
-drops a damaged cluster, packets and all) and the video's timestamps jump across that place by more
-than a frame and a half, the frames the jump holds at the stream's average rate are counted in as
-lost, evenly spaced. So the frames after the damage keep the numbers that their crops, cut from an
-intact copy or by `fer-dist crop` from this one, have.
+and the timestamps of the packets that give no picture are known from the demuxer, so their frames
+are counted in at their own times: a packet that does not decode, and one that decodes to nothing
+without an error (a frame whose reference frame was lost). The frames are counted by the packets'
+timestamps and the pictures by what the decoder gives, its flush at the end included, so a decoder
+that holds pictures back is reconciled with once it is drained. Where the demuxer reports that it
+skipped damaged data (Matroska drops a damaged cluster, packets and all) and the video's timestamps
+jump across that place by more than a frame and a half, the frames the jump holds at the stream's
+average rate are counted in as lost, evenly spaced. So the frames after the damage keep the numbers
+that their crops, cut from an intact copy or by `fer-dist crop` from this one, have.
 """
 
 from __future__ import annotations
@@ -203,32 +206,47 @@ class Frames:
 
     times: list[Fraction]  # s: each frame's presentation time, ascending; (i - 1) / fps when not `timed`
     timed: bool  # the times are the frames' timestamps
-    lost: int  # frames in `times` that did not decode, or that the demuxer skipped
+    lost: int  # frames in `times` that gave no picture (did not decode, or decoded to nothing) or the demuxer skipped
     numbers: dict[int, int]  # a frame's timestamp (stream time base) -> its number, 1-based; {} when not `timed`
 
 
 def from_packets(seen: Pass, time_base: Fraction, fps: Fraction | None) -> Frames:
     """The frames that `seen`'s video packets are (their timestamps in presentation order) and those
-    the demuxer skipped (`skipped`); lost: the skipped ones and the packets that did not decode."""
+    the demuxer skipped (`skipped`); lost: the skipped ones and the packets that did not decode (the
+    frames are numbered by the packets alone: `from_decoded` counts those that gave no picture)."""
     extra = skipped(seen, time_base, fps)
     stamps = sorted([*seen.stamps, *extra])
     return Frames([Fraction(t) * time_base for t in stamps], True, len(extra) + len(seen.failed), {})
 
 
+def unpictured(decoded: set[int], seen: Pass) -> list[int]:
+    """The timestamps of `seen`'s video packets that no picture the decoder gave (`decoded`, after
+    its flush) has, ascending: frames lost, each at its own time, whether its packet failed to
+    decode or decoded to nothing (a frame whose reference was lost gives no picture and no error).
+    None when a packet has no timestamp, or when the pictures' timestamps are not the packets' (a
+    picture at a time no packet has) and no packet failed: the two then cannot be matched."""
+    stamps = set(seen.stamps)
+    if None in stamps or not (seen.failed or decoded <= stamps):
+        return []
+    return sorted(stamps - decoded)
+
+
 def from_decoded(
     decoded: list[int | None], seen: Pass, time_base: Fraction, fps: Fraction | None, cut: bool = False
 ) -> Frames:
-    """The frames that decoded (`decoded`: their timestamps, in the decoder's order) and the frames
-    lost in `seen`'s pass over the same video: those of the packets whose timestamps no decoded frame
-    has, when any packet failed (and every packet has a timestamp), and those the demuxer skipped
-    (`skipped`). A file `cut` off (or whose pass stopped early, `seen.stopped`) loses none after its
-    last decoded frame: a packet broken off at the cut lies past its end. Frames without timestamps
-    are numbered in order, at (i - 1) / fps; the lost ones are then only counted."""
+    """The frames that decoded (`decoded`: their pictures' timestamps, in the decoder's order, its
+    flush included) and the frames lost in `seen`'s pass over the same video: those of the packets
+    whose timestamps no picture has (`unpictured`: the frames are counted by the packets'
+    timestamps, the pictures by the decoder's output, so a decoder that holds pictures back is
+    reconciled with at the end), and those the demuxer skipped (`skipped`). A file `cut` off (or
+    whose pass stopped early, `seen.stopped`) loses none after its last decoded frame: a packet
+    broken off at the cut lies past its end. Frames without timestamps are numbered in order, at
+    (i - 1) / fps; the lost ones are then only counted."""
     if None in decoded or not decoded:
         rate = fps or ASSUMED_FPS
         return Frames([Fraction(i) / rate for i in range(len(decoded))], False, len(seen.failed), {})
     have = set(decoded)
-    missing = sorted({t for t in seen.stamps if t not in have}) if seen.failed and None not in seen.stamps else []
+    missing = unpictured(have, seen)
     extra = skipped(seen, time_base, fps)
     if cut or seen.stopped:
         missing, extra = [t for t in missing if t < max(decoded)], [t for t in extra if t < max(decoded)]

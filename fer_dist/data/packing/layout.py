@@ -57,9 +57,11 @@ def read_text(path: Path) -> str:
     """The text of a user's text file (annotations, test lists, labels CSVs, templates,
     submissions): UTF-8, with or without a byte-order mark, or UTF-16 with one (what Windows
     Notepad saves as "Unicode"), line ends as written. Raises InputError naming the file when it is
-    neither."""
+    neither: UTF-32 (named when its byte-order mark says so) is not read."""
     path = Path(path)
     data = path.read_bytes()
+    if data[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):  # before UTF-16's, whose mark begins UTF-32 LE's
+        raise InputError(f"{path}: text in UTF-32 (its byte-order mark says so), which is not read; save it as UTF-8")
     encoding = "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
     try:
         text = data.decode(encoding)
@@ -180,6 +182,13 @@ def names_folder(prefer: str, folder: Path) -> bool:
     if "/" not in prefer.rstrip("/") and not Path(prefer).is_absolute():
         return folder.name == prefer.rstrip("/")
     return Path(prefer).resolve() == folder.resolve()
+
+
+def recorded_prefer(prefer: list[str]) -> list[str]:
+    """`--prefer` values as a packing records them (`Manifest.prefer`), for a later command that
+    finds the videos again: folder names as given, paths made absolute (the same folders from any
+    working folder)."""
+    return [p if "/" not in p.rstrip("/") and not Path(p).is_absolute() else str(Path(p).resolve()) for p in prefer]
 
 
 def check_prefer(prefer: list[str], dirs: list[Path]) -> None:

@@ -30,7 +30,14 @@ from torchvision.io import decode_jpeg
 
 from fer_dist.console import console, out, print_table
 from fer_dist.data.packing import audio
-from fer_dist.data.packing.layout import VIDEO_SUFFIXES, Video, list_crops, other_images, read_annotation
+from fer_dist.data.packing.layout import (
+    VIDEO_SUFFIXES,
+    Video,
+    list_crops,
+    other_images,
+    read_annotation,
+    recorded_prefer,
+)
 from fer_dist.data.packing.workers import completed, in_order
 from fer_dist.data.packing.workers import pool as workers_pool
 from fer_dist.data.shards.format import (
@@ -58,6 +65,7 @@ from fer_dist.data.shards.format import (
     sample_key,
     shard_name,
     whole_jpeg,
+    writing,
 )
 from fer_dist.data.shards.survey import show_quality, show_tracks
 from fer_dist.data.shards.tars import TAR_END, tar_record
@@ -389,7 +397,7 @@ def write_spool(work: Path, name: str, samples: Iterable[tuple[int, dict[str, by
     Each file appears under its name only when complete."""
     extents = []
     tmp = work / f"{name}.tar.tmp"
-    with open(tmp, "wb") as fh:
+    with writing(tmp), open(tmp, "wb") as fh:
         for f, members in samples:
             record = tar_record(sample_key(name, f), members)
             extents.append((f, fh.tell(), len(record)))
@@ -550,7 +558,7 @@ def write_group(job: tuple[str, dict[str, VideoRecord], PackParams, Path, Path])
                 collections.deque(chunk, maxlen=0)  # already written by an earlier run
                 continue
             tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "wb") as fh:
+            with writing(tmp), open(tmp, "wb") as fh:
                 for name, i in chunk:
                     if name not in spools:
                         spools[name] = stack.enter_context(open(work / f"{name}.tar", "rb"))
@@ -734,18 +742,36 @@ def fingerprint(videos: list[Video]) -> str:
     return digest.hexdigest()
 
 
+def check_annotations(videos: list[Video]) -> None:
+    """Reads every annotation file of `videos` (each track's), so that one that cannot be read is
+    refused before anything is written, not after some videos were packed. Raises LayoutError
+    (`read_annotation`) for the first, in the videos' order."""
+    for video in videos:
+        for name, path in video.annotations.items():
+            read_annotation(path, TRACKS[name])
+
+
 def pack(
     videos: list[Video],
     out: Path,
     params: PackParams,
     workers: int = 1,
     progress: Callable[[str, int], None] | None = None,
+    prefer: list[str] | None = None,
 ) -> Manifest:
-    """Packs `videos` into shards under `out`; returns the manifest (also written to manifest.json)."""
+    """Packs `videos` into shards under `out`; returns the manifest (also written to manifest.json),
+    whose stamp records `prefer` (the `--prefer` folders `videos` were found with, `layout.discover`)
+    when given, for the commands that find the videos again.
+    Every annotation file is read first (`check_annotations`): a refused one writes nothing. Work
+    left in `out` by a run that stopped is resumed, or started over when the inputs or settings
+    changed since (`format.claim`). Raises LayoutError for an input that cannot be read, InputError
+    for a folder holding other shards, and OSError (one a worker met too) with the work kept."""
     out = Path(out)
+    check_annotations(videos)
     out.mkdir(parents=True, exist_ok=True)
     names = sorted(v.name for v in videos)
-    stamp = json.loads(json.dumps({"params": asdict(params), "videos": names, "inputs": fingerprint(videos)}))
+    stamp = {"params": asdict(params), "videos": names, "inputs": fingerprint(videos)}
+    stamp = json.loads(json.dumps({**stamp, "prefer": recorded_prefer(prefer)} if prefer else stamp))
     done = claim(out, "stamp", stamp, InputError, "shards")
     if done is not None:
         console.print(f"{out} holds the shards of these very inputs and settings: kept, nothing packed again")

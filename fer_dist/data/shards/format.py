@@ -14,7 +14,8 @@ Every reader and writer of shards goes through this module. A shard folder holds
                             and per track its labelled and packed frames and their counts
     videos                  per video: split, fold, frame rate, audio, per-class and per-window counts,
                             and per track its official split and counts (`TrackCounts`)
-    stamp                   what the packing was made from (a rerun with other inputs is refused)
+    stamp                   what the packing was made from (a rerun with other inputs is refused),
+                            with the --prefer folders that chose between videos of one name
     members                 the model inputs the samples hold: image and audio, and wave when packed
                             with --audio-wave (format 2); for feature shards, what extract wrote
     features, feature_stats feature shards (`fer-dist extract`): what each feature is, and its
@@ -23,15 +24,19 @@ Every reader and writer of shards goes through this module. A shard folder holds
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from fer_dist.console import console
 from fer_dist.errors import InputError
 from fer_dist.tracks import DEFAULT, TRACKS
 
@@ -245,7 +250,7 @@ class Quality:
     frames_from: str = "annotation"  # what sets the frames packed: annotation | video | header | crops (test)
     crops_past_end: int = 0  # crop files numbered past the video's last frame
     not_jpeg_crops: int = 0  # crop files that are not JPEG (`NNNNN.png`, a PNG named .jpg): never packed
-    frames_lost: int = 0  # of video_frames: frames whose packets do not decode or that the demuxer skipped
+    frames_lost: int = 0  # of video_frames: frames whose packets give no picture or that the demuxer skipped
     sound_lost_s: float = 0.0  # seconds of sound whose packets do not decode or that the demuxer skipped
 
     def quirks(self, fps: float) -> dict[str, str]:
@@ -267,8 +272,9 @@ class Quality:
             ),
             "damaged packets": (
                 self.frames_lost or self.sound_lost_s,
-                f"damaged packets: {self.frames_lost} frame(s) and {self.sound_lost_s:.2f} s of sound do not decode; "
-                "the frames and sound that do are used, each at its own time: the frames lost keep their numbers "
+                f"damaged packets: {self.frames_lost} frame(s) and {self.sound_lost_s:.2f} s of sound are lost (their "
+                "packets do not decode or give no picture, or the demuxer skipped them); the frames and sound that "
+                "decode are used, each at its own time: the frames lost keep their numbers "
                 "(their crops and labels are packed), silence is put where the sound was lost",
             ),
             "frame count": (
@@ -443,6 +449,12 @@ class Manifest:
         """The fold groups (not the test group), without `holdout`'s, in fold order."""
         return [fold_group(k) for k in self.folds() if k != holdout]
 
+    @property
+    def prefer(self) -> list[str]:
+        """The `--prefer` folders the videos were packed with (names, or absolute paths), which a
+        command that finds them again under the dataset's root takes; [] when none was given."""
+        return list((self.stamp or {}).get("prefer", []))
+
     def shard_paths(self, root: str | Path, groups: list[str]) -> list[str]:
         return [str(Path(root) / s.name) for g in groups for s in self.groups[g].shards]
 
@@ -526,17 +538,68 @@ def read_manifest(shards: str | Path) -> Manifest:
         raise ManifestError(f"{path}: not a manifest of format {raw['format']} ({exc}); repack") from exc
 
 
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Runs a block that writes `path`: an OSError it raises without a file's name (a write that
+    finds the disk full says only "No space left on device") is raised again naming `path`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+
+
 def atomic_write(path: Path, data: bytes) -> None:
+    """`data` as the file `path`, which appears only when whole (written as `<path>.tmp`, then
+    renamed). Raises OSError naming the file (`writing`)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
+    with writing(tmp):
+        tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def is_shard_name(name: str) -> bool:
+    """Whether `name` is a shard file's (`shard_name`), finished or being written (`.tmp`)."""
+    group, _, rest = name.removesuffix(".tmp").rpartition("-")
+    return (group == "test" or group_fold(group) is not None) and rest[:6].isdigit() and rest[6:] == ".tar"
+
+
+def begun_by(recorded: dict, key: str, stamp: dict) -> dict | None:
+    """The stamp of unfinished work recorded as `recorded` (`out/.work/stamp.json`) when the same
+    command began it, whose stamps sit under `key` (`{key: stamp}`; a stamp recorded bare, as
+    before, is taken to be the command's when it has the same fields as `stamp`); None when another
+    command began it."""
+    if len(recorded) == 1 and isinstance(next(iter(recorded.values())), dict):
+        return recorded.get(key)
+    return recorded if recorded.keys() == stamp.keys() else None
+
+
+def start_over(out: Path, work: Path, what: str) -> None:
+    """Removes the unfinished work of a command of other inputs or settings: the files in `work`
+    and the shards begun beside it in `out` (`is_shard_name`), and says so."""
+    for path in work.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    for path in out.iterdir():
+        if path.is_file() and is_shard_name(path.name):
+            path.unlink()
+    console.print(
+        f"{out} held the unfinished {what} of other inputs or settings (a run stopped before it finished, its "
+        "inputs changed or mended since): removed, starting over"
+    )
 
 
 def claim(out: Path, key: str, stamp: dict, error: type[InputError], what: str) -> Manifest | None:
     """The finished manifest under `out` when it was made with `stamp` (under `key`), else None
-    after recording `stamp` for the work in `out/.work`; other settings, finished or begun, are an
-    `error` naming `what` was made there, but for work begun that finished nothing (a run that
-    stopped at once, e.g. on a bad input since mended): it starts over."""
+    after recording `stamp` for the work in `out/.work`; a finished manifest of other settings is an
+    `error` naming `what` was made there. Unfinished work is scratch: of the same stamp it is
+    resumed; of the same command (`begun_by`) with another stamp (a run stopped on an input since
+    mended, or changed) it is removed and started over (`start_over`, said so); of another
+    command, or recorded in a stamp that cannot be read, it is an `error`. Work begun that finished
+    nothing starts over."""
     if manifest_path(out).exists():
         if json.loads(manifest_path(out).read_text()).get(key) != stamp:
             raise error(f"{out} holds {what} made from other inputs or settings; remove it or use another folder")
@@ -545,9 +608,19 @@ def claim(out: Path, key: str, stamp: dict, error: type[InputError], what: str) 
     work.mkdir(parents=True, exist_ok=True)
     stamp_path = work / "stamp.json"
     finished = [p for p in work.iterdir() if p.name != stamp_path.name and not p.name.endswith(".tmp")]
-    if stamp_path.exists() and json.loads(stamp_path.read_text()) != stamp and finished:
-        raise error(f"{out} holds {what} started from other inputs or settings; remove it or use another folder")
-    atomic_write(stamp_path, json.dumps(stamp).encode())
+    if stamp_path.exists() and finished:
+        try:
+            recorded = json.loads(stamp_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            recorded = None
+        begun = begun_by(recorded, key, stamp) if isinstance(recorded, dict) else None
+        if begun is None:
+            raise error(
+                f"{out} holds work begun by another command, or unreadable ({work}); remove it or use another folder"
+            )
+        if begun != stamp:
+            start_over(out, work, what)
+    atomic_write(stamp_path, json.dumps({key: stamp}).encode())
     return None
 
 
