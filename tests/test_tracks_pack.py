@@ -195,7 +195,7 @@ def test_a_run_is_refused_before_training_when_its_track_is_missing_from_the_sha
     assert "Neutral" not in capsys.readouterr().out
     run = ["train", "--config", "mfm_cpu", f"train.run_dir={tmp_path / 'run'}"]
     assert cli.main([*run, f"data.shards={au}"]) == 2
-    assert "carry action units alone; a run learns expressions" in " ".join(capsys.readouterr().err.split())
+    assert "carry action units alone; the run learns expressions" in " ".join(capsys.readouterr().err.split())
     lacking = [k for k in manifest.folds() if not manifest.frames_of(fold_group(k), ("expr",))]
     assert lacking, "the plan deals some fold only videos without expression labels"
     named = ", ".join(fold_group(k) for k in lacking)
