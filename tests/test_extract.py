@@ -176,7 +176,8 @@ def test_shards_with_test_videos_extract_with_their_test_list(challenge, tmp_pat
 def test_extract_finds_the_videos_with_the_folders_the_packing_preferred(synthetic, tmp_path, capsys):
     """Shards packed with `--prefer batch2` (a video file's name in batch1 and batch2): the manifest
     records it, and `fer-dist extract` without `--prefer` takes the same file, where it used to
-    refuse the clash; its own `--prefer` wins, and a recorded folder it cannot find is said to be the
+    refuse the clash; its own `--prefer` may name the same folder otherwise but is refused when it
+    takes another file than the packing took, and a recorded folder it cannot find is said to be the
     packing's."""
     from fer_dist import cli
     from fer_dist.data.packing.layout import LayoutError
@@ -196,8 +197,10 @@ def test_extract_finds_the_videos_with_the_folders_the_packing_preferred(synthet
     assert read_manifest(out).totals.samples == source.totals.samples
     media = {v.name: v.media for v in dataset_videos(source, shards, root) if kept.stem in (v.name, v.parent)}
     assert set(media.values()) == {twin}
-    mine = dataset_videos(source, shards, root, prefer=[str(root / "batch1")])
-    assert {v.media for v in mine if v.parent == kept.stem} == {kept}
+    same = dataset_videos(source, shards, root, prefer=[str(root / "batch2")])  # the packing's folder by its path
+    assert {v.media for v in same if v.parent == kept.stem} == {twin}
+    with pytest.raises(LayoutError, match=rf"takes {kept} for .* but .* were packed from {twin} .*drop --prefer"):
+        dataset_videos(source, shards, root, prefer=[str(root / "batch1")])  # features of frames not packed
     with pytest.raises(
         LayoutError, match=r"names none of the folders searched .*that .* were packed with; give --prefer"
     ):

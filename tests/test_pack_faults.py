@@ -209,3 +209,17 @@ def test_a_packing_stopped_then_given_mended_inputs_starts_over_and_says_so(synt
     assert sorted(p.name for p in out.glob("*.tar")) == sorted(
         s.name for g in manifest.groups.values() for s in g.shards
     )
+
+
+def test_a_write_that_fails_removes_what_it_wrote_and_names_the_file(tmp_path):
+    """A full disk mid-write: the partial file goes (the disk is not left fuller for the rerun), and
+    the error, which the system gives without a name, names it."""
+    import errno
+
+    from fer_dist.data.shards.format import writing
+
+    path = tmp_path / "video.tar.tmp"
+    with pytest.raises(OSError) as raised, writing(path), open(path, "wb") as fh:
+        fh.write(b"x" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(path) and not path.exists()

@@ -48,16 +48,29 @@ def dataset_videos(
     """The videos of the dataset under `root` that the shards `source` (read from `shards`) were
     packed from (`layout.discover`), a name in several folders taken from the `prefer` folders or,
     without them, from those the packing was given (`Manifest.prefer`). Raises LayoutError as
-    `discover` does, naming the packing's folders when they were the ones taken."""
-    if prefer or not source.prefer:
+    `discover` does, naming the packing's folders when they were the ones taken, and when `prefer`
+    takes another file for a video than the packing took (its features would not be its frames')."""
+    if not source.prefer:
         return discover(root, video_dirs=video_dirs, test_list=test_list, prefer=prefer)
     try:
-        return discover(root, video_dirs=video_dirs, test_list=test_list, prefer=source.prefer)
+        packed = discover(root, video_dirs=video_dirs, test_list=test_list, prefer=source.prefer)
     except LayoutError as exc:
         raise LayoutError(
             f"{exc} (with the --prefer {' '.join(source.prefer)} that {shards} were packed with; give --prefer to "
             "choose otherwise)"
         ) from None
+    if not prefer:
+        return packed
+    chosen = discover(root, video_dirs=video_dirs, test_list=test_list, prefer=prefer)
+    was = {v.name: v.media for v in packed}
+    other = next((v for v in chosen if v.name in was and v.media != was[v.name]), None)
+    if other is not None:
+        raise LayoutError(
+            f"--prefer {' '.join(prefer)} takes {other.media} for {other.name}, but {shards} were packed from "
+            f"{was[other.name]} (--prefer {' '.join(source.prefer)}): features must come from the files packed; drop "
+            "--prefer, or pack again with it"
+        )
+    return chosen
 
 
 @torch.no_grad()

@@ -540,11 +540,14 @@ def read_manifest(shards: str | Path) -> Manifest:
 
 @contextlib.contextmanager
 def writing(path: Path) -> Iterator[None]:
-    """Runs a block that writes `path`: an OSError it raises without a file's name (a write that
-    finds the disk full says only "No space left on device") is raised again naming `path`."""
+    """Runs a block that writes `path` (a scratch or `.tmp` file, whole or nothing): an OSError it
+    raises removes what was written of `path`, so that a full disk is not left fuller, and one
+    without a file's name (a write that finds the disk full says only "No space left on device") is
+    raised again naming `path`."""
     try:
         yield
     except OSError as exc:
+        Path(path).unlink(missing_ok=True)
         if exc.filename is not None or exc.errno is None:
             raise
         raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
