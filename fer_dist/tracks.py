@@ -115,6 +115,17 @@ class Track:
             return e / e.sum(1, keepdims=True)
         return 1 / (1 + np.exp(-outputs)) if self.name == "au" else np.tanh(outputs)
 
+    def raw(self, values: np.ndarray) -> np.ndarray:
+        """`values`' raw outputs again, as a head gives them (the inverse of `values`): AU
+        probabilities as logits, valence-arousal as atanh (clipped off 0, 1 and +-1); expression
+        probabilities as they are (their argmax is the label, as files of earlier versions hold)."""
+        if self.name == "expr":
+            return np.asarray(values)
+        if self.name == "au":
+            p = np.clip(values, 1e-9, 1 - 1e-9)
+            return np.log(p) - np.log1p(-p)
+        return np.arctanh(np.clip(values, -1 + 1e-12, 1 - 1e-12))
+
     def decide(self, values: np.ndarray, thresholds: np.ndarray | float = 0.5) -> np.ndarray:
         """[N, outputs] `values` as labels in the annotation's convention: the most probable class
         [N]; each AU on where its probability reaches its threshold ([12] or one for all) [N, 12];

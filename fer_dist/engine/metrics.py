@@ -123,17 +123,18 @@ def confusion_png(cm: np.ndarray, classes: list[str], path: Path, title: str) ->
     image.save(path)
 
 
-def figure():
-    """A matplotlib figure and axes drawn off screen (Agg)."""
+def figure(panels: int = 1):
+    """A matplotlib figure of `panels` axes side by side, drawn off screen (Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(9, 4.5), layout="constrained")
+    return plt.subplots(1, panels, figsize=(9, 4.5), layout="constrained")
 
 
 def saved(fig, path: Path) -> None:
+    """`fig` as the PNG `path` (written whole or not at all), then closed."""
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
@@ -162,9 +163,7 @@ def va_png(pred: np.ndarray, true: np.ndarray, path: Path, title: str) -> None:
     over [-1, 1], log-shaded), with the diagonal a perfect prediction lies on."""
     import matplotlib.colors
 
-    fig, axes = figure()
-    fig.clf()
-    axes = fig.subplots(1, 2)
+    fig, axes = figure(2)
     edges = np.linspace(-1, 1, 41)
     for d, ax in enumerate(axes):
         ax.hist2d(true[:, d], pred[:, d], bins=[edges, edges], cmap="Blues", norm=matplotlib.colors.LogNorm(), cmin=1)

@@ -35,8 +35,11 @@ class Predictions:
         return len(self.key)
 
     def labels(self, track: str) -> np.ndarray:
-        """The frames' labels of `track` ([N], [N, 12] or [N, 2]; `missing` where not labelled)."""
-        return self.label if track == "expr" else self.truth[track]
+        """The frames' labels of `track` ([N] int64, [N, 12] or [N, 2]; `missing` where not
+        labelled, and everywhere when the file holds none of the track's)."""
+        if track == "expr":
+            return self.label.astype(np.int64)
+        return self.truth[track] if track in self.truth else TRACKS[track].empty(len(self))
 
     def values(self, head: str, track: str) -> np.ndarray:
         """`head`'s values of `track` per frame (`Track.values`: probabilities, or valence-arousal)."""

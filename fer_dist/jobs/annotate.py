@@ -55,12 +55,14 @@ from fer_dist.data.shards.format import (
     sample_key,
 )
 from fer_dist.engine import predictions as preds_lib
+from fer_dist.engine.metrics import saved
 from fer_dist.engine.rundir import CrossValidation, RunDir, TrainedModel
+from fer_dist.engine.task import width
 from fer_dist.jobs.predict import predict_group
 from fer_dist.labels import CLASSES, NUM_CLASSES
 from fer_dist.models import build
 from fer_dist.results import postprocess, submission
-from fer_dist.tracks import ACTION_UNITS, DIMENSIONS, TRACKS
+from fer_dist.tracks import ACTION_UNITS, DIMENSIONS
 
 COLOURS = ("#bcbd22", "#d62728", "#8c564b", "#9467bd", "#ff7f0e", "#1f77b4", "#17becf", "#2ca02c")  # per class
 
@@ -132,7 +134,7 @@ def load_run(run_dir: Path) -> Run:
     except (ManifestError, OSError):
         shards = None
     features = shards.feature_dims() if shards else {}
-    inputs = build(cfg.model, cfg.data.image_size, cfg.data.audio_size, features, TRACKS[cfg.tracks[0]].outputs).inputs
+    inputs = build(cfg.model, cfg.data.image_size, cfg.data.audio_size, features, width(cfg.tracks)).inputs
     mel = shards.params.mel if shards else MelParams()
     params = PackParams(mel=mel, audio_wave="wave" in inputs)
     post, post_path = postprocessing(run)
@@ -299,10 +301,7 @@ def timeline_png(path: Path, f: Faces, title: str) -> None:
     handles = [*top.get_legend_handles_labels()[0], Patch(**shade, label="no face")]
     top.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     top.set_xlim(t[0], t[-1] + step)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(path, buffer.getvalue())
+    saved(fig, path)
 
 
 def caption(f: Faces, i: int) -> tuple[str, str]:

@@ -143,11 +143,7 @@ def as_predictions(
     them back. `labels`: the track's labels of the frames; `label`: the frames' expressions."""
     if track == "expr":
         return preds_lib.Predictions(keys, labels, {"ensemble": values}, "ensemble")
-    if track == "au":
-        p = np.clip(values, 1e-9, 1 - 1e-9)
-        raw = np.log(p) - np.log1p(-p)
-    else:
-        raw = np.arctanh(np.clip(values, -1 + 1e-12, 1 - 1e-12))
+    raw = TRACKS[track].raw(values)
     return preds_lib.Predictions(keys, label, {"ensemble": raw}, "ensemble", (track,), {track: labels})
 
 
@@ -202,13 +198,6 @@ def truth_labels(keys: np.ndarray, truth: Path, track: str = "expr") -> np.ndarr
     return labels
 
 
-def given_labels(p: preds_lib.Predictions, track: str) -> np.ndarray:
-    """The labels of `track` a predictions file holds (none annotated where it holds none)."""
-    if track == "expr":
-        return p.label.astype(np.int64)
-    return p.truth[track] if track in p.truth else TRACKS[track].empty(len(p))
-
-
 def row(name: str, labels: np.ndarray, predicted: np.ndarray, track: str = "expr", **extra) -> dict:
     """One row of the report: the track's parts (`per_class_f1`, `per_au_f1` or `ccc`) and metric
     (`macro_f1`, `au_f1` or `p_va`) of `predicted` against `labels` (`metrics.track_scores`)."""
@@ -250,7 +239,7 @@ def out_of_fold(ms: list[Member], track: str, how: str) -> tuple[preds_lib.Predi
     keys, labels, values, expressions, fold_rows = [], [], [], [], []
     for fold, group in sorted(folds.items()):
         keys.append(aligned({m.name: val[m.name] for m in group}))
-        labels.append(given_labels(val[group[0].name], track))
+        labels.append(val[group[0].name].labels(track))
         expressions.append(val[group[0].name].label)
         values.append(combine([member_values[m.name] for m in group], how, track))
         fold_rows += [row(m.name, labels[-1], t.decide(member_values[m.name]), track, fold=fold) for m in group]
@@ -275,7 +264,7 @@ def combined(ms: list[Member], out: EnsembleDir, how: str = "vote", truth: Path 
     track = track_of(ms)
     t, how = TRACKS[track], how if track == "expr" else "mean"
     oof, fold_rows = out_of_fold(ms, track, how)
-    keys, labels, values = oof.key, given_labels(oof, track), ensemble_values(oof)
+    keys, labels, values = oof.key, oof.labels(track), ensemble_values(oof)
     params, before, after = postprocess.tune_track(track, keys, values, labels)
     report = {
         "how": how,
@@ -340,7 +329,7 @@ def test_report(
     keys = aligned(test)
     member_values = {m.name: track_values(test[m.run.name], track, m.head, m.name) for m in ms}
     first = test[ms[0].run.name]
-    labels = truth_labels(keys, truth, track) if truth else given_labels(first, track)
+    labels = truth_labels(keys, truth, track) if truth else first.labels(track)
     combined = as_predictions(track, keys, labels, combine(list(member_values.values()), how, track), first.label)
     values = ensemble_values(combined)
     if not t.annotated(labels).any():

@@ -120,10 +120,10 @@ def rare_au_copies(positives: np.ndarray, max_repeat: float) -> np.ndarray:
     return np.minimum(np.maximum(ratio, 1.0), max_repeat)
 
 
-def frame_copies(au: list[int] | None, au_copies: np.ndarray) -> float:
+def frame_copies(au: list[int] | None, au_copies) -> float:
     """The expected copies of a frame whose AUs are `au` (12 of 0/1): the largest of `au_copies`
-    over the AUs it has on, 1 with none on."""
-    on = [c for c, v in zip(au_copies.tolist(), au or (), strict=False) if v == 1]
+    ([12], a list on the stream's path) over the AUs it has on, 1 with none on."""
+    on = [c for c, v in zip(au_copies, au or (), strict=False) if v == 1]
     return max(on, default=1.0)
 
 

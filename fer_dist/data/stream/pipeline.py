@@ -218,10 +218,11 @@ def balanced(src, copies: dict[str, np.ndarray], base: str, counter: Counter, au
     an expression run, per (video, class); of another track's run, one copy each, or with
     `au_copies` by the rarest AU a frame has on (`balance.frame_copies`)."""
     rng = worker_rng(base, "balance")
+    per_au = None if au_copies is None else au_copies.tolist()  # once, not per frame
     for sample in src:
         frames = frames_of(sample)
-        if au_copies is not None:
-            each = [balance.frame_copies(f["meta"].au, au_copies) for f in frames]
+        if per_au is not None:
+            each = [balance.frame_copies(f["meta"].au, per_au) for f in frames]
         else:
             each = [float(copies[f["meta"].video][max(f["label"], 0)]) for f in frames]
         mean = sum(each) / len(frames)
