@@ -29,7 +29,6 @@ import numpy as np
 from fer_dist.config import DataConfig
 from fer_dist.data.shards.format import PACKED, Manifest
 from fer_dist.data.shards.windows import NAMES
-from fer_dist.labels import NUM_CLASSES
 
 EXPONENT = {"natural": 1.0, "sqrt": 0.5, "uniform": 0.0}
 FAMILIES = (*EXPONENT, "weights")
@@ -37,7 +36,7 @@ FAMILIES = (*EXPONENT, "weights")
 
 @dataclass(frozen=True)
 class Plan:
-    copies: dict[str, np.ndarray]  # video -> expected copies of a read sample, per class
+    copies: dict[str, np.ndarray]  # video -> expected copies of a read sample, per class ({}: one each)
     read: np.ndarray  # usable frames per class, one pass over the source
     emitted: np.ndarray  # expected copies emitted per class for one pass
     target: np.ndarray  # the configured target class distribution
@@ -138,7 +137,7 @@ def natural_plan(manifest: Manifest, groups: list[str], track: str, cfg: DataCon
     au_copies = None
     if track == "au" and cfg.au_balance == "rare":
         au_copies = rare_au_copies(np.sum([c.counts for c in counts if c], 0), cfg.max_repeat)
-    return Plan({name: np.ones(NUM_CLASSES) for name in videos}, read, read, np.ones(1), 0.0, au_copies)
+    return Plan({}, read, read, np.ones(1), 0.0, au_copies)
 
 
 def resampling_plan(

@@ -214,17 +214,19 @@ def runs(src, length: int):
 
 
 def balanced(src, copies: dict[str, np.ndarray], base: str, counter: Counter, au_copies: np.ndarray | None = None):
-    """Stochastic copies of each read sample (a run: the mean of its frames' expected copies); of
-    an expression run, per (video, class); of another track's run, one copy each, or with
-    `au_copies` by the rarest AU a frame has on (`balance.frame_copies`)."""
+    """Stochastic copies of each read sample (a run: the mean of its frames' expected copies): of
+    an expression run, per (video, class) (`copies`); of another track's run (`copies` empty), one
+    copy each, or with `au_copies` by the rarest AU a frame has on (`balance.frame_copies`)."""
     rng = worker_rng(base, "balance")
     per_au = None if au_copies is None else au_copies.tolist()  # once, not per frame
     for sample in src:
         frames = frames_of(sample)
         if per_au is not None:
             each = [balance.frame_copies(f["meta"].au, per_au) for f in frames]
+        elif copies:
+            each = [float(copies[f["meta"].video][f["label"]]) for f in frames]
         else:
-            each = [float(copies[f["meta"].video][max(f["label"], 0)]) for f in frames]
+            each = [1.0] * len(frames)
         mean = sum(each) / len(frames)
         n = balance.draw_copies(mean, rng)
         counter.add("discarded", len(frames) * (n == 0))
