@@ -32,14 +32,14 @@ def scores(p: preds_lib.Predictions) -> dict:
     always-positive baseline. `score` is the track's metric, what picks the best epoch."""
     metrics: dict = {"track": ",".join(p.tracks), "eval_frames": len(p)}
     for name in p.tracks:
-        t = TRACKS[name]
-        by_head = {h: track_scores(t, p.labels(name), t.decide(p.values(h, name))) for h in p.logits}
+        t, labels = TRACKS[name], p.labels(name)
+        by_head = {h: track_scores(t, labels, t.decide(p.values(h, name))) for h in p.logits}
         metrics[t.metric] = by_head[p.output][t.metric]
         metrics[PARTS[name]] = by_head[p.output]["parts"]
         metrics[f"{t.metric}_by_head"] = {h: s[t.metric] for h, s in by_head.items()}
-        labels = p.labels(name)
-        if name == "au" and t.annotated(labels).any():  # not of the test group, which is not labelled
-            metrics["always_positive_au_f1"] = float(always_positive_f1(labels[t.annotated(labels)]).mean())
+        labelled = t.annotated(labels)
+        if name == "au" and labelled.any():  # not of the test group, which is not labelled
+            metrics["always_positive_au_f1"] = float(always_positive_f1(labels[labelled]).mean())
     metrics["score"] = sum(metrics[TRACKS[name].metric] for name in p.tracks)
     return metrics
 
