@@ -101,7 +101,8 @@ def random_step(cfg, device, batch_size: int):
     }
     if cfg.train.channels_last:
         inputs = {k: v.contiguous(memory_format=torch.channels_last) for k, v in inputs.items()}
-    return Step(inputs, torch.randint(0, 8, (batch_size,), generator=g, device=device), None, batch_size)
+    labels = torch.randint(0, 8, (batch_size,), generator=g, device=device)
+    return Step(inputs, {"expr": labels}, None, batch_size)
 
 
 def time_gpu_step(precision: str, channels_last: bool, compile: bool, batch_size: int, steps: int) -> dict:

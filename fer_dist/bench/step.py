@@ -97,7 +97,7 @@ def loop_step(
     def step(inputs, target):
         nonlocal total
         loss, stepped = train_step(
-            accelerator, net, optimizer, scheduler, task, Step(inputs, target, None, len(target)), clip
+            accelerator, net, optimizer, scheduler, task, Step(inputs, {"expr": target}, None, len(target)), clip
         )
         total += loss
         if stepped:
