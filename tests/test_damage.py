@@ -6,8 +6,11 @@ clusters, 54 frames and 1.8 s of sound, with no error but a line in FFmpeg's log
 is cut short (it lists half the packets, and FFmpeg reads no more through it), a file cut off, and a
 Matroska copy with bytes written over three places (99 packets dropped by its demuxer; 13 after them
 come with timestamps but give no picture and no error: fer-dist counted 320 of its 333 frames and
-placed every frame after frame 151 13 frames late). Each
-is held to the right value, taken from the intact file: every frame keeps its number and timestamp,
+placed every frame after frame 151 13 frames late), Matroska copies damaged near their end (the
+demuxer drops the last cluster with nothing after it: fer-dist ended the video at the last frame it
+read, 512 of 530, with nothing counted lost and false warnings of labels past the end) and cut off
+(its demuxer raises no error: fer-dist took it for a whole, shorter video). Each is held to the
+right value, taken from the intact file: every frame keeps its number and timestamp,
 the sound that decodes lies at its own time, what is lost is counted (and warned once by `fer-dist
 shard`, shown by `fer-dist inspect`), and `fer-dist crop`, `annotate` and `extract` read past the
 damage as packing does."""
@@ -148,22 +151,24 @@ def test_an_avi_whose_index_is_cut_short_is_read_as_it_lies(files):
 
 
 def test_a_file_cut_off_keeps_what_precedes_the_cut_and_loses_nothing_else(files, tmp_path):
-    """A broken download (the index first, cut at 60 %): the frames before the cut, their sound; the
-    packet broken off at the cut is the cut's, not sound lost."""
+    """A broken download (the index first, cut at 60 %): the frames up to the last picture before
+    the cut, each at its place (one shown before that picture whose packet came after the cut is
+    lost), their sound; the packet broken off at the cut is the cut's, not sound lost."""
     faststart = tmp_path / "faststart.mp4"
     remux(whole(files, "4-30-640x360"), faststart, options={"movflags": "faststart"})
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(faststart.read_bytes()[: int(faststart.stat().st_size * 0.6)])
-    media = read_media(cut, RATE)
-    assert 0 < media.frames == len(truth(cut).times) < media.header_frames and media.damage
-    assert media.frames_lost == 0 and media.sound_lost == 0
+    media, shown = read_media(cut, RATE), truth(cut).times
+    assert media.times == [t for t in read_media(faststart, RATE).times if t <= shown[-1]]
+    assert 0 < media.frames < media.header_frames and media.damage
+    assert media.frames_lost == media.frames - len(shown) <= 2 and media.sound_lost == 0
 
 
 class Container:
     """A stand-in for a PyAV container whose demuxer raises its `errors` (at those packet counts)."""
 
     def __init__(self, packets: int, errors: list[int]) -> None:
-        self.format = SimpleNamespace(name="stub")
+        self.format, self.duration = SimpleNamespace(name="stub"), None
         self.left, self.errors, self.read = packets, list(errors), 0
 
     def demux(self, streams):
@@ -191,7 +196,7 @@ def test_the_demuxer_goes_on_past_its_errors_and_stops_where_nothing_follows(
     """An error with packets after it is gone past (and marks the packet after it); one with none
     after it (again at once, or at the end) ends the pass, the decoders drained either way."""
     monkeypatch.setattr(demux, "flush_packet", lambda s: SimpleNamespace(size=0, is_corrupt=False, stream=s))
-    seen, stream = demux.Pass(), SimpleNamespace(type="video")
+    seen, stream = demux.Pass(), SimpleNamespace(type="video", duration=None, metadata={})
     got = list(demux.packets(Container(10, errors), [stream], seen))
     assert seen.stamps == list(range(1, read + 1)) and got[-1].size == 0  # the decoders are flushed
     assert seen.errors == gone_past and bool(seen.stopped) == stopped
@@ -307,24 +312,31 @@ def test_packets_that_give_no_picture_are_frames_lost_at_their_own_times(picture
         assert np.abs(np.asarray(mine, float) - np.asarray(theirs, float)).mean() < 4, frame
 
 
-@pytest.mark.slow  # packs one video twice
-def test_packing_a_file_whose_packets_give_no_picture_keeps_each_frame_with_its_sound(files, pictureless, tmp_path):
-    """The issue's file packed as 4-30's video: its frame count is the intact file's, with no false
+@pytest.mark.slow  # packs one video three times
+def test_packing_a_file_whose_packets_give_no_picture_keeps_each_frame_with_its_sound(
+    files, pictureless, tails, tmp_path
+):
+    """The issue's files packed as 4-30's video, the one with packets that give no picture and the
+    one whose last cluster was dropped: each one's frame count is the intact file's, with no false
     warning (a variable frame rate, labels or crops past the end), and every frame after the damage
     gets the intact file's sound window, not one 0.43 s late."""
     video = next(v for v in discover(files.data, test_list=files.data / TEST_LIST) if v.name == "4-30-640x360")
     packed = {}
-    for name in ("intact", "three"):
+    for name, path in {"intact": pictureless["intact"], "three": pictureless["three"], "tail": tails["zeros"]}.items():
         params = PackParams(n_folds=1, samples_per_shard=100000)
-        manifest = pack([dataclasses.replace(video, media=pictureless[name])], tmp_path / name, params, workers=1)
+        manifest = pack([dataclasses.replace(video, media=path)], tmp_path / name, params, workers=1)
         frames = {SampleMeta.from_bytes(s["json"]).frame: s for s in samples(tmp_path / name)}
         packed[name] = SimpleNamespace(manifest=manifest, frames=frames, quality=manifest.videos[video.name].quality)
-    damaged, intact = packed["three"], packed["intact"]
-    assert damaged.quality.video_frames == intact.quality.video_frames and damaged.quality.frames_lost > 0
-    assert damaged.quality.labels_past_end == damaged.quality.crops_past_end == intact.quality.labels_past_end
-    assert damaged.quality.timing_drift_s < 0.0011 and damaged.frames.keys() == intact.frames.keys()
-    warned = [line for line in damaged.manifest.problems if line not in intact.manifest.problems]
-    assert len(warned) == 1 and "damaged packets: 112 frame(s)" in warned[0], warned  # the intact file's, and this
+    intact = packed["intact"]
+    for name, lost in (("three", 112), ("tail", packed["tail"].quality.frames_lost)):  # three: the intact file's count
+        damaged = packed[name]
+        assert damaged.quality.video_frames == intact.quality.video_frames and damaged.quality.frames_lost > 0
+        assert damaged.quality.labels_past_end == damaged.quality.crops_past_end == intact.quality.labels_past_end
+        assert damaged.quality.timing_drift_s < 0.0011 and damaged.frames.keys() == intact.frames.keys()
+        warned = [line for line in damaged.manifest.problems if line not in intact.manifest.problems]
+        assert len(warned) == 1 and f"damaged packets: {lost} frame(s)" in warned[0], warned
+    assert packed["tail"].quality.sound_lost_s > 0.04
+    damaged = packed["three"]
     found = pictures(pictureless["three"])
     times = read_media(pictureless["intact"], RATE).times
     last_lost = max(k + 1 for k, t in enumerate(times) if round(t * 1000) not in found.shown)
@@ -336,6 +348,85 @@ def test_packing_a_file_whose_packets_give_no_picture_keeps_each_frame_with_its_
             for packed, k in ((damaged, f), (intact, f), (intact, f - 13))
         )
         assert np.abs(got - want).mean() < 0.1 < 0.1 * np.abs(late_by_13 - want).mean(), f
+
+
+TAILS = {  # bytes written over a Matroska copy of 4-30 (offset from the end, length, random or zeros)
+    "zeros": (-8000, 400, False),  # the issue's file: its last cluster dropped, 18 frames and 0.67 s of sound with it
+    "random": (-3000, 300, True),
+    "earlier": (-20000, 400, True),
+}
+CUTS = (0.6, 0.97)  # shares of the Matroska copy kept: a download cut off
+
+
+@pytest.fixture(scope="module")
+def tails(pictureless) -> dict[str, Path]:
+    """Copies of `pictureless["intact"]` damaged near their end (`TAILS`), and cut off (`CUTS`)."""
+    data, made = pictureless["intact"].read_bytes(), {}
+    for name, (at, size, noise) in TAILS.items():
+        copy = bytearray(data)
+        copy[len(data) + at : len(data) + at + size] = np.random.default_rng(1).bytes(size) if noise else bytes(size)
+        made[name] = pictureless["intact"].with_name(f"tail-{name}.mkv")
+        made[name].write_bytes(bytes(copy))
+    for share in CUTS:
+        made[f"cut{share}"] = pictureless["intact"].with_name(f"cut-{share}.mkv")
+        made[f"cut{share}"].write_bytes(data[: int(len(data) * share)])
+    return made
+
+
+@pytest.mark.parametrize("name", list(TAILS))
+def test_a_matroska_file_damaged_near_its_end_keeps_every_frame_to_its_stated_end(pictureless, tails, name, tmp_path):
+    """Matroska drops a damaged last cluster with nothing after it: its frames are lost, counted up to
+    where the file states the video ends (each at its place, at the stream's rate), and its sound is
+    lost up to the sound's stated end; fer-dist used to end the video at the last frame it read, with
+    neither counted. `fer-dist crop` reads it alike."""
+    found, intact = truth(tails[name]), read_media(pictureless["intact"], RATE)
+    damaged = read_media(tails[name], RATE)
+    assert len(found.times) < intact.frames  # the kind of damage: frames lost
+    assert damaged.frames == intact.frames and damaged.damage is None
+    assert damaged.frames_lost == intact.frames - len(found.times)
+    assert np.abs(seconds(damaged.times) - seconds(intact.times)).max() < 0.0011  # Matroska: whole ms
+    assert damaged.sound_lost > 0.04
+    assert damaged.sound_heard + damaged.sound_lost == pytest.approx(intact.sound_heard, abs=0.03)
+    assert len(damaged.audio) == pytest.approx(len(intact.audio), abs=0.03 * RATE)
+    seen = crop.track_video(tails[name], whole_frame, tmp_path / "work", 95)
+    assert seen.error is None and not seen.damage and seen.lost == damaged.frames_lost
+    assert np.allclose(seen.times, seconds(intact.times), atol=0.0011)
+
+
+@pytest.mark.parametrize("share", CUTS)
+def test_a_matroska_file_cut_off_is_said_to_be_cut_and_keeps_what_precedes(pictureless, tails, share, tmp_path):
+    """A Matroska download cut off: its demuxer logs that the file ended prematurely and raises
+    nothing. The frames up to the last picture before the cut are kept at their places, the file is
+    said to be cut off (`damage`), and nothing past the cut is counted lost (fer-dist used to take it
+    for a whole, shorter video)."""
+    path, intact = tails[f"cut{share}"], read_media(pictureless["intact"], RATE)
+    media, shown = read_media(path, RATE), truth(path).times
+    assert 0 < media.frames < intact.frames and "ended prematurely" in media.damage
+    assert np.abs(seconds(media.times) - seconds(intact.times[: media.frames])).max() < 0.0011
+    assert media.times[-1] == shown[-1] and media.frames_lost == media.frames - len(shown) <= 2
+    assert media.sound_lost == 0
+    seen = crop.track_video(path, whole_frame, tmp_path / "work", 95)
+    assert "ended prematurely" in seen.damage and len(seen.faces) == media.frames
+    assert seen.lost == media.frames_lost
+
+
+def test_the_end_a_file_states_is_its_stream_duration_else_its_tag_else_the_containers():
+    """`demux.stated_end` and the frames `demux.skipped` counts after damage past the last packet."""
+    container = SimpleNamespace(duration=14_000_000)  # microseconds (FFmpeg's AV_TIME_BASE)
+    stream = SimpleNamespace(duration=None, time_base=Fraction(1, 1000), start_time=0, metadata={})
+    assert demux.stated_end(container, stream) == 14
+    stream.metadata = {"DURATION": "00:00:13.689000000"}
+    assert demux.stated_end(container, stream) == Fraction(13689, 1000)
+    stream.duration, stream.start_time = 13000, 500
+    assert demux.stated_end(container, stream) == Fraction(27, 2)
+    assert demux.stated_end(SimpleNamespace(duration=None), SimpleNamespace(duration=None, metadata={})) is None
+
+    tb, fps = Fraction(1, 1000), Fraction(30)
+    stamps = [round(k * 1000 / 30) for k in range(20)]  # frames 0..19 read; the file states 25 frames
+    seen = demux.Pass(stamps=stamps, marks=[20], video_end=Fraction(25, 30))
+    assert [round(t * 30 / 1000) for t in demux.skipped(seen, tb, fps)] == [20, 21, 22, 23, 24]
+    assert demux.skipped(dataclasses.replace(seen, video_end=None), tb, fps) == []
+    assert demux.skipped(dataclasses.replace(seen, video_end=Fraction(20, 30)), tb, fps) == []  # nothing lost
 
 
 def test_annotate_renders_a_damaged_video_with_each_frame_at_its_place(files, tmp_path):

@@ -104,6 +104,18 @@ class AudioTimeline:
         for r, resampler in self.resamplers.items():
             self.chunks[r] += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
 
+    def finish(self, end: Fraction | None) -> None:
+        """The sound's end, once the last frame was added and flushed: sound the demuxer skipped after
+        the last frame (Matroska dropping a damaged last cluster) is lost up to where the file states
+        the sound ends (`end`, s; None: unstated, nothing counted), silence there."""
+        if not self.skipped or end is None or self.start is None or float(end) - self.end <= GAP:
+            return
+        jump = float(end) - self.end
+        self.lost += max(0.0, jump - self.pending)
+        for r in self.rates:
+            self.chunks[r].append(np.zeros(round(jump * r), np.float32))
+        self.end, self.skipped = float(end), False
+
     def cut(self) -> None:
         """The file is cut off: the packets lost after the last frame are the cut's (a packet broken
         off at the end), past the file's end, not sound lost."""
@@ -139,6 +151,8 @@ def read_packets(
             timeline.lose(seen.sound_failed[-1])
         for frame in frames or []:
             timeline.add(frame)
+    if seen.skips > skips:  # damaged data after the last sound packet
+        timeline.lose(None)
     timeline.flush()
     return seen
 
@@ -247,6 +261,8 @@ def read_media(path: Path | None, sample_rate: int, also: tuple[int, ...] = ()) 
     timeline = read.timeline
     if damage:
         timeline.cut()
+    else:
+        timeline.finish(read.seen.sound_end)
     heard = read.sound and timeline.start is not None
     return Media(
         read.fps,

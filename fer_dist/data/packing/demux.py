@@ -15,8 +15,12 @@ timestamps and the pictures by what the decoder gives, its flush at the end incl
 that holds pictures back is reconciled with once it is drained. Where the demuxer reports that it
 skipped damaged data (Matroska drops a damaged cluster, packets and all) and the video's timestamps
 jump across that place by more than a frame and a half, the frames the jump holds at the stream's
-average rate are counted in as lost, evenly spaced. So the frames after the damage keep the numbers
-that their crops, cut from an intact copy or by `fer-dist crop` from this one, have.
+average rate are counted in as lost, evenly spaced; where it reports damage after the last video
+packet (a damaged last cluster), the frames up to where the file states the video ends
+(`stated_end`) are. So the frames after the damage keep the numbers that their crops, cut from an
+intact copy or by `fer-dist crop` from this one, have. A file that the demuxer says ended
+prematurely (a Matroska download cut off, which raises no error) is cut off, like one whose demuxer
+stops with an error.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import collections
 import contextlib
 import io
 import itertools
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -37,6 +41,7 @@ import av.logging
 ASSUMED_FPS = Fraction(30)  # the frame rate of a file that cannot be read, or whose frames carry no times
 FAULTS = (av.error.FFmpegError, IndexError, ValueError)  # what PyAV raises on a damaged or unknown file
 RETRIES = 1000  # the most errors of the demuxer one pass goes on past (each with packets after it)
+PREMATURE = "ended prematurely"  # FFmpeg's log line for a file cut off inside an element ("File ended prematurely")
 REORDER = 16  # packets: the most a decoder reorders frames by (H.264 holds at most 16 in its buffer)
 
 
@@ -87,12 +92,15 @@ class Pass:
     format: str = ""  # the container's format (PyAV's name): the demuxer's own error lines carry it
     stamps: list[int | None] = field(default_factory=list)  # each video packet's pts (else dts), stream time base
     marks: list[int] = field(default_factory=list)  # the demuxer skipped damaged data just before video packet k
+    # (k = len(stamps): after the last one)
+    video_end: Fraction | None = None  # s: where the video ends, as the file states (`stated_end`); None: unstated
+    sound_end: Fraction | None = None  # s: where the sound ends, likewise
     failed: list[int | None] = field(default_factory=list)  # stamps of the video packets that did not decode
     sound_failed: list[float | None] = field(default_factory=list)  # s: audio packets that did not decode
     corrupt: int = 0  # packets the demuxer flagged corrupt
     errors: int = 0  # errors the demuxer raised and went on past (packets followed them)
     skips: int = 0  # the demuxer's reports of damaged data skipped, so far: its errors, raised or logged
-    stopped: str = ""  # the error that ended the pass before the file's end; "" when none did
+    stopped: str = ""  # the error that ended the pass before the file's end, or the demuxer's "ended prematurely"
 
     @property
     def damaged(self) -> bool:
@@ -125,21 +133,43 @@ def flush_packet(stream) -> av.Packet:
     return packet
 
 
+def stated_end(container: av.container.InputContainer, stream) -> Fraction | None:
+    """Where `stream` ends (s), as `container` states it: the stream's duration after its start, else
+    its `DURATION` tag (Matroska's muxers, FFmpeg and mkvmerge, write one per stream), else the
+    container's duration (its longest stream's); None when none is stated."""
+    if stream.duration and stream.time_base:
+        return (stream.start_time or 0) * stream.time_base + stream.duration * stream.time_base
+    tag = stream.metadata.get("DURATION") or stream.metadata.get("duration") or ""
+    parts = tag.split(":")
+    if len(parts) == 3:
+        try:
+            hours, minutes = int(parts[0]), int(parts[1])
+            whole, _, fraction = parts[2].partition(".")
+            return 3600 * hours + 60 * minutes + int(whole) + Fraction(int(fraction or 0), 10 ** len(fraction))
+        except ValueError:
+            pass
+    return Fraction(container.duration, av.time_base) if container.duration else None
+
+
 def packets(container: av.container.InputContainer, streams: list, seen: Pass) -> Iterator[av.Packet]:
     """`container`'s packets of `streams`, as they lie in the file, then the flush packets (size 0)
     that drain the decoders. An error of the demuxer is gone past when a packet follows it (counted
     in `seen.errors`); one after which none follows ends the pass (`seen.stopped`). Each video packet's
     timestamp is added to `seen.stamps`, with a mark where the demuxer reported damaged data before
     it (`seen.marks`, `seen.skips`). Raises nothing of PyAV's."""
-    yield from demuxed(container, streams, seen)
-    if seen.stopped:  # the demuxer gave no flush packets
+    drained = yield from demuxed(container, streams, seen)
+    if not drained:  # the demuxer stopped with an error: it gave no flush packets
         yield from (flush_packet(s) for s in streams)
 
 
-def demuxed(container: av.container.InputContainer, streams: list, seen: Pass) -> Iterator[av.Packet]:
-    """`packets` but for the flush packets of a pass that stopped early."""
+def demuxed(container: av.container.InputContainer, streams: list, seen: Pass) -> Generator[av.Packet, None, bool]:
+    """`packets` but for the flush packets of a pass that stopped with an error; returns whether the
+    demuxer ran to its end (and gave its own flush packets)."""
     video = next((s for s in streams if s.type == "video"), None)
-    seen.format, read, noted, pending = container.format.name, 0, 0, ""
+    seen.format, read, noted, since, pending, drained = container.format.name, 0, 0, 0, "", False
+    sound = next((s for s in streams if s.type == "audio"), None)
+    seen.video_end = stated_end(container, video) if video else None
+    seen.sound_end = stated_end(container, sound) if sound else None
     with ffmpeg_errors() as logs:
         for _ in range(RETRIES + 1):
             try:
@@ -152,16 +182,25 @@ def demuxed(container: av.container.InputContainer, streams: list, seen: Pass) -
                     if packet.stream is video and packet.size and not packet.is_discard:
                         seen.marks += [len(seen.stamps)] if seen.skips > noted else []
                         seen.stamps.append(packet.pts if packet.pts is not None else packet.dts)
-                        noted = seen.skips
+                        noted, since = seen.skips, len(logs)
                     yield packet
-                seen.stopped = pending
-                return
+                seen.stopped, drained = pending, True
+                break
             except FAULTS as exc:
                 if pending:  # an error again, nothing between: where the file ends
                     seen.stopped = pending
-                    return
+                    break
                 pending = fault(exc)
-        seen.stopped = f"more than {RETRIES} errors of the demuxer; the last: {pending}"
+        else:
+            seen.stopped = f"more than {RETRIES} errors of the demuxer; the last: {pending}"
+        seen.skips += sum(entry[1] == seen.format for entry in logs[read:])
+        late = [entry[2].strip() for entry in logs[since:] if entry[1] == seen.format]
+        ended = next((line for line in late if PREMATURE in line.lower()), "")
+        if ended and not seen.stopped:  # cut off inside an element: the file ends there
+            seen.stopped = f"{seen.format}: {ended}"
+        if seen.skips > noted and seen.stamps:  # damaged data after the last video packet
+            seen.marks.append(len(seen.stamps))
+    return drained
 
 
 def decode(packet: av.Packet, seen: Pass) -> list | None:
@@ -183,15 +222,19 @@ def skipped(seen: Pass, time_base: Fraction, fps: Fraction | None) -> list[int]:
     it reported damage (`seen.marks`), the gaps of more than a frame and a half at `fps` between
     consecutive presentation times of the frames whose packets lie within `REORDER` packets of that
     place (a decoder shows a frame up to that many packets after it reads it), each filled with the
-    frames it holds at `fps`, evenly spaced. None without timestamps or a frame rate."""
+    frames it holds at `fps`, evenly spaced. Damage after the last video packet (the rest of a last
+    cluster that Matroska dropped) also leaves a gap from the last presentation time to where the
+    file states the video ends (`Pass.video_end`). None without timestamps or a frame rate."""
     stamps = seen.stamps
     if not seen.marks or not fps or None in stamps:
         return []
     order, gaps = sorted(stamps), set()
     for k in seen.marks:
-        if 0 < k < len(stamps):
+        if 0 < k <= len(stamps):
             near = stamps[max(0, k - REORDER) : k + REORDER]
             ends = order[bisect.bisect_left(order, min(near)) : bisect.bisect_right(order, max(near))]
+            if k == len(stamps) and seen.video_end is not None:
+                ends.append(round(seen.video_end / time_base))
             gaps |= {(a, b) for a, b in itertools.pairwise(ends) if (b - a) * time_base * fps > Fraction(3, 2)}
     out: list[int] = []
     for a, b in sorted(gaps):
