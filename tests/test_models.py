@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from fer_dist import config
 from fer_dist.config import CONFIGS, ConfigError, LossConfig
-from fer_dist.engine.losses import focal, objective, symmetric_kl
+from fer_dist.engine.losses import consistency, focal, objective, symmetric_kl
 from fer_dist.engine.task import ensembled, width
 from fer_dist.models import build, create_model
 from fer_dist.models.backbones import tokens
@@ -172,6 +172,28 @@ def test_rdrop_loss_by_hand():
     ce = 0.5 * (-math.log(pa[0]) - math.log(pb[0]))
     got = objective({"expr": a}, target, ("expr",), cfg, again={"expr": b})
     assert got.item() == pytest.approx(ce + 5.0 * 0.5 * (kl_ab + kl_ba), rel=1e-6)
+
+
+def test_rdrop_terms_of_action_units_and_valence_arousal_are_on_their_losses_scale():
+    """Each AU's symmetric Bernoulli KL, averaged over the AUs as their binary cross-entropy is (summed,
+    12 AUs would weigh twelve times what they weigh for expressions); the squared difference of the
+    values, averaged over valence and arousal as 1 - CCC is."""
+    a = torch.tensor([[2.0, -1.0] * 6, [0.5, 0.0] * 6])
+    b = torch.tensor([[-1.0, 1.0] * 6, [0.5, 3.0] * 6])
+
+    def bernoulli_kl(p: float, q: float) -> float:
+        return p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+
+    pa, pb = torch.sigmoid(a).tolist(), torch.sigmoid(b).tolist()
+    by_hand = [
+        sum(0.5 * (bernoulli_kl(x, y) + bernoulli_kl(y, x)) for x, y in zip(ra, rb, strict=True)) / 12
+        for ra, rb in zip(pa, pb, strict=True)
+    ]
+    assert consistency("au", a, b).item() == pytest.approx(sum(by_hand) / 2, rel=1e-5)
+    assert consistency("au", a[:, :2], b[:, :2]).item() == pytest.approx(sum(by_hand) / 2, rel=1e-5)
+    va_a, va_b = torch.tensor([[0.3, -0.2], [1.0, 0.0]]), torch.tensor([[0.0, 0.2], [0.0, 0.5]])
+    diffs = (torch.tanh(va_a) - torch.tanh(va_b)).tolist()
+    assert consistency("va", va_a, va_b).item() == pytest.approx(sum(d * d for r in diffs for d in r) / 4, rel=1e-5)
 
 
 def test_cross_entropy_weights_smoothing_and_mask():

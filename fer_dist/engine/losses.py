@@ -94,15 +94,17 @@ def valence_arousal(outputs: torch.Tensor, y: torch.Tensor, cfg: LossConfig) -> 
 
 
 def consistency(track: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """R-Drop's term between two passes' outputs of `track`: the symmetric KL of the class
-    distributions (expressions), of each AU's Bernoulli, (p_a - p_b)(s_a - s_b) / 2 summed over AUs,
-    or the squared distance of the values (valence-arousal); averaged over frames."""
+    """R-Drop's term between two passes' outputs of `track`, on the scale of the track's loss: the
+    symmetric KL of the class distributions (expressions, whose cross-entropy sums over classes),
+    of each AU's Bernoulli, (p_a - p_b)(s_a - s_b) / 2, averaged over AUs as the binary
+    cross-entropy is, or the squared difference of the values, averaged over valence and arousal as
+    their loss is; averaged over frames."""
     if track == "expr":
         return symmetric_kl(a, b)
     a, b = a.float(), b.float()
     if track == "au":
-        return 0.5 * ((torch.sigmoid(a) - torch.sigmoid(b)) * (a - b)).sum(-1).mean()
-    return (torch.tanh(a) - torch.tanh(b)).pow(2).sum(-1).mean()
+        return 0.5 * ((torch.sigmoid(a) - torch.sigmoid(b)) * (a - b)).mean()
+    return (torch.tanh(a) - torch.tanh(b)).pow(2).mean()
 
 
 def track_term(
