@@ -152,6 +152,14 @@ def tracked_features(tracked, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def tracked_wave(tracked, tmp_path_factory):
+    """`tracked`'s videos packed with each frame's waveform window as well (`--audio-wave`)."""
+    out = tmp_path_factory.mktemp("tracked_wave")
+    pack(discover(tracked.parent / "data"), out, PackParams(samples_per_shard=150, n_folds=3, audio_wave=True), 2)
+    return out
+
+
 def held_out_fold(manifest, track: str) -> int:
     """A fold holding frames of `track` with frames of it in the other folds too."""
     return next(
@@ -295,22 +303,23 @@ def test_a_clip_mode_model_trains_on_runs_of_a_tracks_frames_and_scores_each_onc
         ("feature_lstm_cpu", "au", []),
         ("feature_transformer_cpu", "va", []),
         ("decoder_fusion_cpu", "va", ["data.mix=none"]),
+        ("face_voice_temporal_cpu", "au", []),
     ],
 )
-def test_the_feature_configs_train_on_a_track_and_score_each_held_out_frame_once(
-    tracked_features, config, track, extra, tmp_path
-):
-    """The feature-shard configs of papers 001, 002 and 004 on another track than expressions (a few
-    steps: too few to learn, which docs/tracks.md measures with the configs as shipped): one head as
-    wide as the track, and every held-out frame labelled for it scored once."""
-    manifest = read_manifest(tracked_features)
+def test_the_other_configs_train_on_a_track_and_score_each_held_out_frame_once(config, track, extra, request, tmp_path):
+    """The feature-shard configs of papers 001, 002 and 004 and the recipe's CPU config on another
+    track than expressions (a few steps: too few to learn, which docs/tracks.md measures with the
+    feature configs as shipped): each head as wide as the track, and every held-out frame labelled
+    for it scored once."""
+    shards = request.getfixturevalue("tracked_wave" if config.startswith("face_voice") else "tracked_features")
+    manifest = read_manifest(shards)
     fold, run, t = held_out_fold(manifest, track), tmp_path / "run", TRACKS[track]
-    args = [f"data.shards={tracked_features}", f"train.run_dir={run}", f"tracks=[{track}]", f"data.holdout_fold={fold}"]
+    args = [f"data.shards={shards}", f"train.run_dir={run}", f"tracks=[{track}]", f"data.holdout_fold={fold}"]
     args += ["train.log_with=[]", "data.epoch_samples=256", "train.epochs=1", *extra]
     assert cli.main(["train", "--config", config, *args]) == 0
     metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     held = predictions.load(run / "predictions" / "epoch001.npz")
-    assert held.tracks == (track,) and held.logits["output"].shape[1] == t.outputs
+    assert held.tracks == (track,) and {v.shape[1] for v in held.logits.values()} == {t.outputs}
     assert len(held) == len(set(held.key)) == metrics["eval_frames"] == manifest.frames_of(fold_group(fold), (track,))
-    assert t.annotated(held.labels(track)).all() and set(metrics[f"{t.metric}_by_head"]) == {"output"}
+    assert t.annotated(held.labels(track)).all() and set(metrics[f"{t.metric}_by_head"]) == set(held.logits)
     assert math.isfinite(metrics["train_loss"]) and metrics["score"] == metrics[t.metric]
