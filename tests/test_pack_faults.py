@@ -37,6 +37,34 @@ if os.environ.get("FULL_DISK_AFTER"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(key, members)
     pack.tar_record = tar_record
+if os.environ.get("FULL_DISK_SHARDS"):
+    import contextlib
+    import fer_dist.data.packing.pack as pack
+    class Full:  # a shard file that finds the disk full after its first bytes
+        def __init__(self, fh):
+            self.fh = fh
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            self.fh.close()
+        def write(self, data):
+            self.fh.write(data[:100])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    def full_open(path, mode="r", *args, **kwargs):
+        fh = open(path, mode, *args, **kwargs)
+        return Full(fh) if mode == "wb" and str(path).endswith(".tar.tmp") and ".work" not in str(path) else fh
+    pack.open = full_open
+    pack.writing = lambda path: contextlib.nullcontext()  # as a worker killed mid-write: its file stays
+if os.environ.get("FULL_DISK_CROPS"):
+    from PIL import Image
+    real_save, saved = Image.Image.save, []
+    def save(self, fp, *args, **kwargs):  # a crop's JPEG written, after so many, finds the disk full
+        if str(fp).endswith(".jpg"):
+            saved.append(fp)
+            if len(saved) > int(os.environ["FULL_DISK_CROPS"]):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(self, fp, *args, **kwargs)
+    Image.Image.save = save
 """
 
 
@@ -169,6 +197,33 @@ def test_crops_forkserver_killed_before_its_workers_ends_the_cropping_with_one_l
         time.sleep(0.005)
     status, err = ended(proc)
     assert status == 2 and "lost" in one_line(err, "a worker process", tmp_path, kept=False)
+
+
+def test_a_full_disk_while_the_shards_are_written_leaves_no_part_of_one_and_says_what_room_is_needed(
+    synthetic, tmp_path
+):
+    """The shards, written after every video was packed, find the disk full, and their workers'
+    unfinished files are left as a worker killed mid-write leaves them: the packing removes them
+    (they filled the disk until a later run), says that it needs room for the packed videos and the
+    shards together, and with room again resumes with every video packed."""
+    env = {**full_disk(tmp_path), "FULL_DISK_AFTER": "", "FULL_DISK_SHARDS": "1"}
+    out = tmp_path / "shards"
+    status, err = ended(shard(synthetic, out, env))
+    assert status == 2 and one_line(err, "No space left on device", out)
+    assert not list(out.glob("*.tmp")) and not list((out / ".work").glob("*.tmp"))
+    assert "about twice the shards' size" in " ".join(err.split())
+    status, err = ended(shard(synthetic, out))
+    assert status == 0 and "resuming: 7 of 7 videos were packed before" in " ".join(err.split()), err
+
+
+def test_a_full_disk_ends_the_cropping_with_one_line_not_as_unreadable_videos(synthetic, tmp_path):
+    """`fer-dist crop` whose crops find the disk full (each worker's 20th JPEG): one line naming the
+    crop being written, status 2; the videos are not reported unreadable and skipped (they were, and
+    the cropping went on and ended with status 0 when one video had been cropped)."""
+    env = {**full_disk(tmp_path), "FULL_DISK_AFTER": "", "FULL_DISK_CROPS": "20"}
+    status, err = ended(shard(synthetic, tmp_path / "root", env, command="crop"))
+    said = one_line(err, "No space left on device", tmp_path, kept=False)
+    assert status == 2 and said.rstrip("'").endswith(".jpg") and "unreadable" not in err, err
 
 
 def test_an_unreadable_annotation_is_refused_before_any_video_is_packed(synthetic, tmp_path):

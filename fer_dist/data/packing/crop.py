@@ -48,7 +48,7 @@ from fer_dist.data.packing.faces import DETECTORS, Detector, Face, Tracker, alig
 from fer_dist.data.packing.layout import CROP_DIRS, VIDEO_DIRS, VIDEO_SUFFIXES
 from fer_dist.data.packing.workers import completed
 from fer_dist.data.packing.workers import pool as workers_pool
-from fer_dist.data.shards.format import atomic_write, writing
+from fer_dist.data.shards.format import WriteError, atomic_write, writing
 from fer_dist.errors import InputError
 
 CROPS = CROP_DIRS[0]  # cropped_aligned
@@ -226,10 +226,9 @@ def decode_faces(container, seen: demux.Pass, tracker: Tracker, work: Path, qual
             out.faces.append(found)
             out.stamps.append(frame.pts)
             for f in found:  # every face is cropped now; who it is becomes known at the end
-                folder = work / str(f.track)
-                folder.mkdir(parents=True, exist_ok=True)
-                path = folder / f"{len(out.faces):05d}.jpg"
+                path = work / str(f.track) / f"{len(out.faces):05d}.jpg"
                 with writing(path):
+                    path.parent.mkdir(parents=True, exist_ok=True)
                     align(image, f.points).save(path, quality=quality)
     return out
 
@@ -240,7 +239,7 @@ def track_video(path: Path, tracker: Tracker, work: Path, quality: int) -> Track
     the frames lost (`demux.from_decoded`) having no faces and no crops; a file whose index is cut
     short is read as it lies (`demux.index_cut_short`); a file cut off keeps the frames before the
     cut (`damage`). A file without a video stream, or that PyAV cannot open, gives `error`; nothing
-    is raised for it."""
+    is raised for it. Raises WriteError when a crop cannot be written (a full disk)."""
     seen, error, header = demux.Pass(), None, 0
     decoded, tb, rate = Decoded(), Fraction(1), None
     format = demux.index_cut_short(path)
@@ -250,6 +249,8 @@ def track_video(path: Path, tracker: Tracker, work: Path, quality: int) -> Track
                 video = container.streams.video[0]
                 header, tb, rate = int(video.frames), video.time_base, video.average_rate or video.guessed_rate
             decoded = decode_faces(container, seen, tracker, work, quality)
+    except WriteError:  # the crops' disk, not the video: the job stops
+        raise
     except (*demux.FAULTS, OSError) as exc:
         error = demux.fault(exc)
     cut = header > len(seen.stamps)  # (or the demuxer stopped early: `seen.stopped`)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -793,8 +794,15 @@ def pack(
             names = sorted(set(groups.values()))
             jobs2 = [(g, records, params, work, out) for g in names]
             shards = dict(zip(names, in_order(pool, write_group, jobs2), strict=True))
-    except OSError:
+    except OSError as exc:
+        for tmp in [*out.glob("*.tmp"), *work.glob("*.tmp")]:  # a worker's unfinished file, killed mid-write
+            tmp.unlink(missing_ok=True)
         console.print(f"[yellow]packing stopped:[/] {work} keeps each video packed so far; the same command resumes")
+        if exc.errno == errno.ENOSPC:
+            console.print(
+                "[yellow]packing needs room for the videos packed so far (in .work) and the shards together: "
+                "about twice the shards' size, until the shards are written and .work is removed[/]"
+            )
         raise
     manifest = manifest_of(records, sums, shards, params, stamp)
     manifest.problems += [

@@ -538,19 +538,27 @@ def read_manifest(shards: str | Path) -> Manifest:
         raise ManifestError(f"{path}: not a manifest of format {raw['format']} ({exc}); repack") from exc
 
 
+class WriteError(OSError):
+    """An output that could not be written (a full disk, a read-only folder): the job's fault, never
+    its input's, so a job that skips unreadable inputs stops at it instead."""
+
+
 @contextlib.contextmanager
 def writing(path: Path) -> Iterator[None]:
     """Runs a block that writes `path` (a scratch or `.tmp` file, whole or nothing): an OSError it
-    raises removes what was written of `path`, so that a full disk is not left fuller, and one
-    without a file's name (a write that finds the disk full says only "No space left on device") is
-    raised again naming `path`."""
+    raises removes what was written of `path`, so that a full disk is not left fuller, and is raised
+    again as a WriteError naming the file (a write that finds the disk full says only "No space left
+    on device")."""
     try:
         yield
+    except WriteError:
+        Path(path).unlink(missing_ok=True)
+        raise
     except OSError as exc:
         Path(path).unlink(missing_ok=True)
-        if exc.filename is not None or exc.errno is None:
-            raise
-        raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+        if exc.errno is None:
+            raise WriteError(f"{path}: {exc}") from exc
+        raise WriteError(exc.errno, exc.strerror, exc.filename or str(path)) from exc
 
 
 def atomic_write(path: Path, data: bytes) -> None:
