@@ -354,6 +354,7 @@ TAILS = {  # bytes written over a Matroska copy of 4-30 (offset from the end, le
     "zeros": (-8000, 400, False),  # the file: its last cluster dropped, 18 frames and 0.67 s of sound with it
     "random": (-3000, 300, True),
     "earlier": (-20000, 400, True),
+    "last-packets": (-1000, 400, False),  # a packet that does not decode: frame threading hid its error, and 2 pictures
 }
 CUTS = (0.6, 0.97)  # shares of the Matroska copy kept: a download cut off
 

@@ -218,7 +218,7 @@ def video_frames(path: Path, read: Demuxed) -> tuple[demux.Frames, str]:
     try:
         with demux.opened(path, read.front_to_back, seen.format) as container:
             video = container.streams.video[0]
-            video.thread_type = "AUTO"
+            video.thread_type = "SLICE" if seen.damaged else "AUTO"  # frame threading hides a bad packet's error
             for packet in demux.packets(container, [video], again):
                 decoded += [f.pts for f in demux.decode(packet, again) or []]
     except (*FAULTS, OSError) as exc:  # could not open it again

@@ -214,7 +214,7 @@ def decode_faces(container, seen: demux.Pass, tracker: Tracker, work: Path, qual
     if not container.streams.video:
         raise ValueError("no video stream")
     stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
+    stream.thread_type = "SLICE"  # frame threading hides a damaged packet's error and the pictures around it
     out = Decoded()
     for packet in demux.packets(container, [stream], seen):
         for frame in demux.decode(packet, seen) or []:
