@@ -75,6 +75,32 @@ def test_a_name_in_two_folders_is_refused_naming_both_unless_one_is_preferred(sy
         assert (video.crops if kept.is_dir() else video.media) == chosen and video.passed_over == (lost,)
 
 
+def test_clashing_videos_and_crop_folders_are_refused_in_one_line_naming_both_kinds(synthetic, tmp_path):
+    """A video name in two video folders and a crop folder name in two crop folders: one refusal
+    names both clashes (the first run reported only the crop folders', a second the videos')."""
+    root = mirror(synthetic, tmp_path / "root")
+    video, video_twin = clash(root, "batch1", "batch2")
+    crops, crops_twin = clash(root, "cropped_aligned", "cropped_aligned_new_50_vids")
+    with pytest.raises(LayoutError) as refused:
+        discover(root)
+    said = str(refused.value)
+    assert "1 video file name(s) in several folders" in said and "1 crop folder name(s) in several folders" in said
+    assert f"{video} and {video_twin}" in said and f"{crops} and {crops_twin}" in said
+
+
+def test_two_containers_of_a_video_in_one_folder_pack_the_mp4_and_say_so(synthetic, tmp_path, capsys):
+    root = mirror(synthetic, tmp_path / "root")
+    mp4 = sorted((root / "batch1").glob("*.mp4"))[0]
+    mkv = mp4.with_suffix(".mkv")
+    mkv.symlink_to(mp4.resolve())
+    video = next(v for v in discover(root) if v.media in (mp4, mkv))
+    assert video.media == mp4 and video.passed_over == (mkv,)
+    out = tmp_path / "shards"
+    assert cli.main(["shard", "--root", str(root), "--out", str(out)]) == 0
+    said = "".join(capsys.readouterr().err.split())
+    assert "".join(f"{mp4} packed, not {mkv} (the .mp4 beside it)".split()) in said
+
+
 def test_a_preferred_folder_is_packed_and_said_in_a_warning(synthetic, tmp_path, capsys):
     root = mirror(synthetic, tmp_path / "root")
     kept, twin = clash(root, "batch1", "new_vids")

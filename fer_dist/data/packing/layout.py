@@ -36,7 +36,8 @@ class Video:
     crops: Path | None  # folder of NNNNN.jpg, None when the video has no crop folder
     media: Path | None  # the video file the audio comes from
     splits: dict[str, str] = field(default_factory=dict)  # track name -> the video's official split in it
-    passed_over: tuple[Path, ...] = ()  # crop folders and video files of its name in folders --prefer ranks lower
+    passed_over: tuple[Path, ...] = ()  # crop folders and video files of its name not taken: in folders --prefer
+    # ranks lower, or another container beside its .mp4
 
     @property
     def annotation(self) -> Path | None:
@@ -163,18 +164,19 @@ def annotation_splits(challenge: Path) -> dict[str, Path]:
     return splits
 
 
-def _in_folder(d: Path, crops: bool) -> dict[str, Path]:
-    """The crop folders (`crops`) or video files in folder `d`, by name; of two containers of one
-    video in one folder, the .mp4."""
+def _in_folder(d: Path, crops: bool) -> tuple[dict[str, Path], dict[str, list[Path]]]:
+    """The crop folders (`crops`) or video files in folder `d`, by name, and the files that lost to
+    them: of two containers of one video in one folder, the .mp4 is taken."""
     found: dict[str, Path] = {}
+    containers: dict[str, list[Path]] = {}
     for p in sorted(d.iterdir()):
         if crops and p.is_dir():
             found[p.name] = p
         elif not crops and p.suffix.lower() in VIDEO_SUFFIXES:
-            old = found.get(p.stem)
-            if old is None or (old.suffix.lower() != ".mp4" and p.suffix.lower() == ".mp4"):
-                found[p.stem] = p
-    return found
+            containers.setdefault(p.stem, []).append(p)
+    for name, paths in containers.items():
+        found[name] = next((p for p in paths if p.suffix.lower() == ".mp4"), paths[0])
+    return found, {name: [p for p in paths if p != found[name]] for name, paths in containers.items() if len(paths) > 1}
 
 
 def names_folder(prefer: str, folder: Path) -> bool:
@@ -202,14 +204,19 @@ def check_prefer(prefer: list[str], dirs: list[Path]) -> None:
             raise LayoutError(f"--prefer {p} names {' and '.join(map(str, named))}; give the path of the one that wins")
 
 
-def _index(dirs: list[Path], crops: bool, prefer: list[str]) -> tuple[dict[str, Path], dict[str, list[Path]]]:
-    """Each video's file (or crop folder, `crops`) in `dirs`, and the others of its name that lost
-    to it. A name in several folders is taken from the first of them named in `prefer` (folder
-    names or paths); with none named, LayoutError lists the clashes, both paths of each."""
+def _index(dirs: list[Path], crops: bool, prefer: list[str]) -> tuple[dict[str, Path], dict[str, list[Path]], str]:
+    """Each video's file (or crop folder, `crops`) in `dirs`, the others of its name that lost to
+    it, and what clashes: a name in several folders is taken from the first of them named in
+    `prefer` (folder names or paths); with none named, the clashes are listed, both paths of each
+    ("" when none)."""
     places: dict[str, list[Path]] = {}
+    beside: dict[str, list[Path]] = {}
     for d in dirs:
-        for name, path in _in_folder(d, crops).items():
+        found, lost = _in_folder(d, crops)
+        for name, path in found.items():
             places.setdefault(name, []).append(path)
+        for name, paths in lost.items():
+            beside.setdefault(name, []).extend(paths)
 
     def preference(path: Path) -> int:
         return next((i for i, p in enumerate(prefer) if names_folder(p, path.parent)), len(prefer))
@@ -219,15 +226,17 @@ def _index(dirs: list[Path], crops: bool, prefer: list[str]) -> tuple[dict[str, 
         best = min(paths, key=preference)
         if len(paths) > 1 and preference(best) == len(prefer):
             clashes.append(" and ".join(map(str, paths)))
-        chosen[name], passed_over[name] = best, [p for p in paths if p != best]
-    if clashes:
-        kind = "crop folder" if crops else "video file"
-        raise LayoutError(
-            f"{len(clashes)} {kind} name(s) in several folders: {'; '.join(clashes[:3])}"
-            + (f"; and {len(clashes) - 3} more" if len(clashes) > 3 else "")
-            + ("; --prefer names none of a clash's folders" if prefer else "; say which wins with --prefer FOLDER")
-        )
-    return chosen, {name: paths for name, paths in passed_over.items() if paths}
+        chosen[name] = best
+        others = [p for p in beside.get(name, []) if p.parent == best.parent]
+        passed_over[name] = [p for p in paths if p != best] + others
+    kind = "crop folder" if crops else "video file"
+    said = (
+        f"{len(clashes)} {kind} name(s) in several folders: {'; '.join(clashes[:3])}"
+        + (f"; and {len(clashes) - 3} more" if len(clashes) > 3 else "")
+        if clashes
+        else ""
+    )
+    return chosen, {name: paths for name, paths in passed_over.items() if paths}, said
 
 
 def _track_splits(root: Path, annotations: Path | None, tracks: list[Track] | None) -> dict[str, dict[str, Path]]:
@@ -277,8 +286,11 @@ def discover(
     if not crop_dirs:
         raise LayoutError(f"{root}: no face-crop folder ({' / '.join(CROP_DIRS)})")
     check_prefer(prefer or [], [*crop_dirs, *video_dirs])
-    crops, crops_over = _index(crop_dirs, True, prefer or [])
-    media, media_over = _index(video_dirs, False, prefer or [])
+    crops, crops_over, crop_clashes = _index(crop_dirs, True, prefer or [])
+    media, media_over, media_clashes = _index(video_dirs, False, prefer or [])
+    if crop_clashes or media_clashes:
+        hint = "--prefer names none of a clash's folders" if prefer else "say which wins with --prefer FOLDER"
+        raise LayoutError("; ".join(c for c in (media_clashes, crop_clashes) if c) + f"; {hint}")
 
     files: dict[str, dict[str, Path]] = {}
     splits: dict[str, dict[str, str]] = {}

@@ -806,7 +806,8 @@ def pack(
         raise
     manifest = manifest_of(records, sums, shards, params, stamp)
     manifest.problems += [
-        f"{v.name}: {v.crops if lost.is_dir() else v.media} packed, not {lost} (--prefer)"
+        f"{v.name}: {v.crops if lost.is_dir() else v.media} packed, not {lost} "
+        + ("(--prefer)" if lost.parent != (v.crops if lost.is_dir() else v.media).parent else "(the .mp4 beside it)")
         for v in videos
         for lost in v.passed_over
     ]
