@@ -164,6 +164,25 @@ def test_a_file_cut_off_keeps_what_precedes_the_cut_and_loses_nothing_else(files
     assert media.frames_lost == media.frames - len(shown) <= 2 and media.sound_lost == 0
 
 
+@pytest.mark.parametrize("share", [0.6, 0.97])
+def test_an_mp4_cut_off_before_the_end_of_its_index_is_said_to_be(files, share, tmp_path):
+    """An MP4 whose index (`moov`) is written last, as most encoders write it, cut off: no demuxer
+    can read it, and the reason given is the cut, not FFmpeg's "Invalid data found when processing
+    input"; an intact MP4 and one cut after a first index are not taken for it."""
+    intact = whole(files, "4-30-640x360")
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(intact.read_bytes()[: int(intact.stat().st_size * share)])
+    media = read_media(cut, RATE)
+    assert media.error == "cut off before the end of its index (the moov box an MP4 has last)"
+    assert crop.track_video(cut, whole_frame, tmp_path / "work", 95).error == media.error
+    faststart = tmp_path / "faststart.mp4"
+    remux(intact, faststart, options={"movflags": "faststart"})
+    early = tmp_path / "early.mp4"
+    early.write_bytes(faststart.read_bytes()[: int(faststart.stat().st_size * share)])
+    assert not demux.without_index(intact) and not demux.without_index(early)
+    assert not demux.without_index(files.media["5-30-640x360"])  # Matroska
+
+
 class Container:
     """A stand-in for a PyAV container whose demuxer raises its `errors` (at those packet counts)."""
 

@@ -252,7 +252,7 @@ def read_media(path: Path | None, sample_rate: int, also: tuple[int, ...] = ()) 
     try:
         read = demux_whole(path, (sample_rate, *also))
     except (*FAULTS, OSError) as exc:
-        return Media(None, [], error=fault(exc))
+        return Media(None, [], error=demux.unreadable(path, exc))
     frames, damage = demux.Frames([], True, 0, {}), read.seen.stopped
     if read.time_base is not None:
         frames, late = video_frames(path, read)

@@ -71,6 +71,35 @@ class FrontToBack(io.RawIOBase):
         super().close()
 
 
+def without_index(path: Path) -> bool:
+    """Whether `path` is an MP4 (ISO base media: its first box is `ftyp`) whose index, the `moov`
+    box that most encoders write last, is missing from its top-level boxes (walked to the file's
+    end) or runs past the file's end: a file cut off before or inside its index, which no demuxer
+    can read."""
+    size, at, boxes = Path(path).stat().st_size, 0, {}
+    with open(path, "rb") as fh:
+        while at + 8 <= size:
+            fh.seek(at)
+            head = fh.read(16)
+            length, kind = int.from_bytes(head[:4], "big"), head[4:8]
+            if length == 1 and len(head) == 16:
+                length = int.from_bytes(head[8:16], "big")
+            boxes.setdefault(kind, at + length)
+            if length < 8:
+                break
+            at += length
+    return next(iter(boxes), None) == b"ftyp" and boxes.get(b"moov", size + 1) > size
+
+
+def unreadable(path: Path, exc: Exception) -> str:
+    """Why the file at `path` could not be opened (`exc`, what opening it raised), as one line: an
+    MP4 cut off before the end of its index said so (`without_index`), else the error itself."""
+    with contextlib.suppress(OSError):
+        if without_index(path):
+            return "cut off before the end of its index (the moov box an MP4 has last)"
+    return fault(exc)
+
+
 @contextlib.contextmanager
 def opened(path: Path, front_to_back: bool = False, format: str | None = None) -> Iterator[av.container.InputContainer]:
     """`path` opened with PyAV, closed after the block; `front_to_back`: read as it lies, without the
