@@ -259,25 +259,19 @@ class Quality:
         width, height = (f"{a}" if a == b else f"{a}-{b}" for a, b in (self.crop_width, self.crop_height))
         stated = f"states {self.header_frames} frames" if self.header_frames else "states no frame count"
         lost = f"{self.frames_lost} frame(s) and {self.sound_lost_s:.2f} s of sound"
+        before = f", {lost} before it lost to damaged packets" if self.frames_lost or self.sound_lost_s else ""
+        header = f"; the submission counts the header's {self.header_frames} frames, the rest filled from the nearest"
         found = {
             "damaged file": (
                 self.damage,
                 f"the file is cut off or damaged after frame {self.video_frames} ({self.damage}); what precedes "
-                "is packed"
-                + (f", {lost} before it lost to damaged packets" if self.frames_lost or self.sound_lost_s else "")
-                + (
-                    f"; the submission counts the header's {self.header_frames} frames, the rest filled from the "
-                    "nearest crop, with silence"
-                    if self.frames_from == "header"
-                    else ""
-                ),
+                f"is packed{before}" + (f"{header} crop, with silence" if self.frames_from == "header" else ""),
             ),
             "damaged packets": (
                 (self.frames_lost or self.sound_lost_s) and not self.damage,
-                f"damaged packets: {lost} are lost (their "
-                "packets do not decode or give no picture, or the demuxer skipped them); the frames and sound that "
-                "decode are used, each at its own time: the frames lost keep their numbers "
-                "(their crops and labels are packed), silence is put where the sound was lost",
+                f"damaged packets: {lost} are lost (their packets do not decode or give no picture, or the demuxer "
+                "skipped them); the frames and sound that decode are used, each at its own time: the frames lost "
+                "keep their numbers (their crops and labels are packed), silence is put where the sound was lost",
             ),
             "frame count": (
                 self.video_frames and self.header_frames != self.video_frames and not self.damage,
