@@ -252,7 +252,7 @@ def track_video(path: Path, tracker: Tracker, work: Path, quality: int) -> Track
     except WriteError:  # the crops' disk, not the video: the job stops
         raise
     except (*demux.FAULTS, OSError) as exc:
-        error = demux.unreadable(path, exc) if not decoded.stamps else demux.fault(exc)
+        error = demux.unreadable(path, exc)
     cut = header > len(seen.stamps)  # (or the demuxer stopped early: `seen.stopped`)
     frames = demux.from_decoded(decoded.stamps, seen, tb, Fraction(rate) if rate else None, cut)
     number = [frames.numbers.get(t, k + 1) if frames.numbers else k + 1 for k, t in enumerate(decoded.stamps)]

@@ -805,12 +805,11 @@ def pack(
             )
         raise
     manifest = manifest_of(records, sums, shards, params, stamp)
-    manifest.problems += [
-        f"{v.name}: {v.crops if lost.is_dir() else v.media} packed, not {lost} "
-        + ("(--prefer)" if lost.parent != (v.crops if lost.is_dir() else v.media).parent else "(the .mp4 beside it)")
-        for v in videos
-        for lost in v.passed_over
-    ]
+    for v in videos:
+        for lost in v.passed_over:
+            taken = v.crops if lost.is_dir() else v.media
+            why = "(the .mp4 beside it)" if lost.parent == taken.parent else "(--prefer)"
+            manifest.problems.append(f"{v.name}: {taken} packed, not {lost} {why}")
     manifest.write(out)
     shutil.rmtree(work)
     return manifest

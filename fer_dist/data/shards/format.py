@@ -547,11 +547,10 @@ def writing(path: Path) -> Iterator[None]:
     on device")."""
     try:
         yield
-    except WriteError:
-        Path(path).unlink(missing_ok=True)
-        raise
     except OSError as exc:
         Path(path).unlink(missing_ok=True)
+        if isinstance(exc, WriteError):
+            raise
         if exc.errno is None:
             raise WriteError(f"{path}: {exc}") from exc
         raise WriteError(exc.errno, exc.strerror, exc.filename or str(path)) from exc
