@@ -32,6 +32,7 @@ from fer_dist.data.packing.layout import LayoutError, Video, discover
 from fer_dist.data.shards.format import MEMBERS, Manifest, load_npy, read_manifest
 from fer_dist.data.shards.windows import NAMES, PCM_SCALE, wave_span
 from fer_dist.data.stream.transforms import one_size, prepare_image
+from fer_dist.engine.distributed import keep_freed_memory
 from fer_dist.models.backbones import create_backbone
 from fer_dist.models.contract import normalisation_of
 from fer_dist.models.speech import SpeechEncoder
@@ -129,6 +130,7 @@ def extract(
     if speech_window not in NAMES:
         raise ExtractError(f"the speech window is one of {', '.join(NAMES)}, not {speech_window!r}")
     inputs_of(shards, videos, words)
+    keep_freed_memory()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)  # without --weights the backbone is a fixed random projection, the same on a resume
     model = create_backbone(backbone, in_chans=3, img_size=None, pretrained=weights or False).eval().to(device)
