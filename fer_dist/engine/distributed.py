@@ -22,6 +22,7 @@ from fer_dist.engine.rundir import RunDir
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (glibc's malloc.h)
 MMAP_THRESHOLD = 32 << 20  # bytes: glibc's largest (HEAP_MAX_SIZE / 2 on 64-bit)
+TRIM_THRESHOLD = 1 << 30  # bytes free at the heap's top before glibc gives them back
 CU126 = "https://download.pytorch.org/whl/cu126"  # PyTorch's CUDA 12.6 builds: compute capability 5.0 to 9.0
 
 
@@ -104,14 +105,14 @@ def accumulation_steps(effective: int, micro: int, world: int) -> int:
 
 
 def keep_freed_memory() -> bool:
-    """Has glibc's malloc keep the blocks a training step frees (up to 32 MiB each, and however
-    much is free at the heap's top) for the next step, instead of handing them back to the kernel
+    """Has glibc's malloc keep the blocks a training step frees (up to 32 MiB each, and up to 1 GiB
+    free at the heap's top) for the next step, instead of handing them back to the kernel
     and faulting their pages in again; returns whether it could (not on other C libraries).
 
     glibc serves a block above its mmap threshold with a fresh mapping and unmaps it on free; the
     threshold grows with what is freed, but a CPU step's activations and gradients of many sizes
-    keep going through mmap. For the recipe's CPU config on 2 cores this cost a third of the
-    step's time, nearly all of it system time (docs/performance.md, "The allocator"). This is
+    keep going through mmap. For the recipe's CPU config on 2 cores this cost a quarter of a run's
+    time, nearly all of it system time (docs/performance.md, "The allocator"). This is
     what the PyTorch CPU performance tuning guide gets by preloading jemalloc or TCMalloc,
     without a library to install. The process's resident memory then stays at its peak."""
     if not sys.platform.startswith("linux"):
@@ -120,7 +121,7 @@ def keep_freed_memory() -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # musl and others: no mallopt with these parameters
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def make_accelerator(cfg: Config, track: bool = False) -> Accelerator:
