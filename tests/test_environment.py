@@ -125,7 +125,7 @@ print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_training_steps_keep_the_memory_they_free_instead_of_faulting_it_in_again():
     """A CPU step's activations and gradients (batches of varying size) freed and allocated again:
     with glibc's defaults every step faults tens of thousands of pages in (the system time that
-    cost the recipe's CPU config a third of its step), with `keep_freed_memory` next to none."""
+    cost the recipe's CPU config a quarter of its run's time), with `keep_freed_memory` next to none."""
     faults = {}
     for mode in ("default", "kept"):
         out = subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True, timeout=300)
